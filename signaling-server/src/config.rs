@@ -1,0 +1,251 @@
+//! Server settings: the command line of `signaling-server`, and the same struct for
+//! embedding (`Config::default()` is exactly the command line with no flags).
+//!
+//! Defaults are chosen for a public host: the protocol's message and rate limits, a
+//! connection cap, pings every 10 s with a 30 s timeout, and TURN credentials that expire.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::rate_limit::RateLimit;
+use crate::turn::{IceConfig, TurnCredentials};
+
+/// Duet signaling server: rooms of two, SDP/ICE relay, direct calls by name, and
+/// time-limited TURN credentials, over one WebSocket endpoint (`/ws`) plus a small
+/// HTTP API (`/healthz`, `/api/ice-servers`), all on one port.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "signaling-server", version, about, long_about = None)]
+pub struct Config {
+    /// Address and port to listen on (HTTP and WebSocket). Use 0.0.0.0:8787 to accept
+    /// connections from other machines; port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:8787")]
+    pub listen: SocketAddr,
+
+    /// How long a room stays after its last member left (e.g. 10m, 1h). An ended room
+    /// keeps refusing joins for the same time.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub room_ttl: Duration,
+
+    /// Largest accepted message in bytes; larger ones are refused with error/too_large
+    /// without being buffered.
+    #[arg(long, default_value_t = 65_536)]
+    pub max_message_bytes: usize,
+
+    /// Rate limit: token bucket size (messages) per connection.
+    #[arg(long, default_value_t = 200.0)]
+    pub rate_burst: f64,
+
+    /// Rate limit: tokens refilled per second per connection; 0 turns rate limiting off
+    /// (for benchmarks only).
+    #[arg(long, default_value_t = 50.0)]
+    pub rate_per_second: f64,
+
+    /// Rate limit: dropped messages in a row (without a 1 s pause) before the connection
+    /// is closed with 1008.
+    #[arg(long, default_value_t = 50)]
+    pub rate_max_dropped: u32,
+
+    /// Most WebSocket connections held at once; more get HTTP 503.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// Messages queued for one slow client before it is disconnected.
+    #[arg(long, default_value_t = 1024)]
+    pub send_queue: usize,
+
+    /// Interval between WebSocket pings.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub ping_interval: Duration,
+
+    /// A client silent for this long (no pong, no message) is dropped (peer_left/disconnected).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ping_timeout: Duration,
+
+    /// How long a direct call rings before call_rejected/no_answer.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ring_timeout: Duration,
+
+    /// How often ring timeouts and room expiry are checked.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub sweep_interval: Duration,
+
+    /// ICE server URL handed to clients in `welcome` (repeatable): stun:HOST:PORT,
+    /// turn:HOST:PORT?transport=udp, turns:... TURN URLs need --turn-secret(-file) or
+    /// --turn-username/--turn-password.
+    #[arg(long = "ice-server", value_name = "URL")]
+    pub ice_servers: Vec<String>,
+
+    /// Shared secret for minting TURN REST credentials (coturn `use-auth-secret`).
+    /// Prefer --turn-secret-file or the environment: command lines are visible to others.
+    #[arg(long, env = "DUET_TURN_SECRET", hide_env_values = true)]
+    pub turn_secret: Option<String>,
+
+    /// File holding the TURN shared secret (surrounding whitespace ignored).
+    #[arg(long, conflicts_with = "turn_secret")]
+    pub turn_secret_file: Option<PathBuf>,
+
+    /// Lifetime of minted TURN credentials.
+    #[arg(long, default_value = "12h", value_parser = humantime::parse_duration)]
+    pub turn_credential_lifetime: Duration,
+
+    /// Fixed TURN username for everybody (instead of a shared secret).
+    #[arg(long, requires = "turn_password", conflicts_with_all = ["turn_secret", "turn_secret_file"])]
+    pub turn_username: Option<String>,
+
+    /// Fixed TURN password (with --turn-username).
+    #[arg(long, requires = "turn_username")]
+    pub turn_password: Option<String>,
+
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive such as
+    /// `signaling_server=debug`. RUST_LOG overrides it.
+    #[arg(long, default_value = "info")]
+    pub log: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // Every flag has a default, so parsing an empty command line cannot fail.
+        Config::try_parse_from(["signaling-server"]).expect("defaults parse")
+    }
+}
+
+/// A setting that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("ICE server URL `{0}` must start with stun:, stuns:, turn: or turns:")]
+    BadIceUrl(String),
+    #[error(
+        "TURN URL `{0}` needs --turn-secret, --turn-secret-file or --turn-username/--turn-password"
+    )]
+    TurnWithoutCredentials(String),
+    #[error("cannot read the TURN secret file {path}: {source}")]
+    SecretFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the TURN secret is empty")]
+    EmptySecret,
+    #[error("--max-message-bytes must be at least 1024")]
+    MessageLimitTooSmall,
+    #[error("--ping-interval must be shorter than --ping-timeout")]
+    PingTiming,
+}
+
+impl Config {
+    /// A configuration for tests and embedding: listen on `127.0.0.1:0`, defaults otherwise.
+    pub fn ephemeral() -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..Config::default()
+        }
+    }
+
+    /// Checks the settings and builds what `welcome` hands out.
+    pub fn ice_config(&self) -> Result<IceConfig, ConfigError> {
+        if self.max_message_bytes < 1024 {
+            return Err(ConfigError::MessageLimitTooSmall);
+        }
+        if self.ping_interval >= self.ping_timeout {
+            return Err(ConfigError::PingTiming);
+        }
+        let mut ice = IceConfig::default();
+        for url in &self.ice_servers {
+            let scheme = url.split(':').next().unwrap_or_default();
+            match scheme {
+                "stun" | "stuns" => ice.stun_urls.push(url.clone()),
+                "turn" | "turns" => ice.turn_urls.push(url.clone()),
+                _ => return Err(ConfigError::BadIceUrl(url.clone())),
+            }
+        }
+        let secret = match (&self.turn_secret, &self.turn_secret_file) {
+            (Some(s), _) => Some(s.trim().to_owned()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::SecretFile {
+                        path: path.clone(),
+                        source,
+                    })?
+                    .trim()
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        ice.credentials = match (secret, &self.turn_username, &self.turn_password) {
+            (Some(s), _, _) if s.is_empty() => return Err(ConfigError::EmptySecret),
+            (Some(secret), _, _) => TurnCredentials::Secret {
+                secret: secret.into_bytes(),
+                lifetime: self.turn_credential_lifetime,
+            },
+            (None, Some(username), Some(password)) => TurnCredentials::Static {
+                username: username.clone(),
+                password: password.clone(),
+            },
+            _ => TurnCredentials::None,
+        };
+        if let (Some(url), TurnCredentials::None) = (ice.turn_urls.first(), &ice.credentials) {
+            return Err(ConfigError::TurnWithoutCredentials(url.clone()));
+        }
+        Ok(ice)
+    }
+
+    /// The per-connection token bucket.
+    pub fn rate_limit(&self) -> RateLimit {
+        RateLimit {
+            burst: self.rate_burst,
+            per_second: self.rate_per_second,
+            max_dropped: self.rate_max_dropped,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_protocol() {
+        let c = Config::default();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8787");
+        assert_eq!(c.max_message_bytes, 65_536);
+        assert_eq!(c.room_ttl, Duration::from_secs(600));
+        assert_eq!(c.ping_timeout, Duration::from_secs(30));
+        assert_eq!(c.rate_limit().burst, 200.0);
+        assert!(c.ice_config().unwrap().stun_urls.is_empty());
+    }
+
+    #[test]
+    fn turn_needs_credentials_and_urls_are_checked() {
+        let mut c = Config::default();
+        c.ice_servers = vec!["turn:127.0.0.1:3478".into()];
+        assert!(matches!(
+            c.ice_config(),
+            Err(ConfigError::TurnWithoutCredentials(_))
+        ));
+        c.turn_secret = Some("k".into());
+        assert!(c.ice_config().is_ok());
+        c.ice_servers.push("http://x".into());
+        assert!(matches!(c.ice_config(), Err(ConfigError::BadIceUrl(_))));
+    }
+
+    #[test]
+    fn flags_parse() {
+        let c = Config::try_parse_from([
+            "signaling-server",
+            "--listen",
+            "0.0.0.0:9000",
+            "--room-ttl",
+            "1h",
+            "--ice-server",
+            "stun:example.invalid:3478",
+            "--rate-per-second",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.room_ttl, Duration::from_secs(3600));
+        assert_eq!(c.rate_per_second, 0.0);
+    }
+}

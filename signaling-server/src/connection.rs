@@ -1,0 +1,265 @@
+//! One WebSocket connection after the HTTP upgrade: a single task that reads frames,
+//! enforces the limits, hands parsed messages to the [`Hub`], writes what the hub queues
+//! for it, and pings.
+//!
+//! Memory is the design constraint here (thousands of mostly idle connections): the
+//! task waits for socket readiness instead of parking a read buffer, frees its buffers
+//! whenever they are empty, and keeps one reusable timer. The `ping_timeout` rule is
+//! "any byte from the client proves it alive"; pings give an idle client a reason to send.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
+use tokio::time::{Duration, sleep_until, timeout};
+use tracing::{Instrument as _, debug, info, info_span};
+
+use crate::hub::Hub;
+use crate::protocol::{ClientMessage, ErrorCode, PROTOCOL_VERSION, ServerMessage};
+use crate::rate_limit::{RateLimiter, Verdict};
+use crate::server::Shared;
+use crate::websocket::{Decoder, Event, Opcode, close_code, encode_close, encode_frame};
+
+/// How much to ask the kernel for per read.
+const READ_CHUNK: usize = 4096;
+/// Most queued messages written in one batch.
+const WRITE_BATCH: usize = 64;
+
+/// Why the loop ended: close with this code and reason, or just drop the socket.
+enum Exit {
+    Close(u16, &'static str),
+    Drop(&'static str),
+}
+
+/// Runs the connection until it ends; `read_ahead` is what the HTTP layer had already
+/// read past the upgrade request.
+pub(crate) async fn run(stream: TcpStream, read_ahead: bytes::Bytes, shared: Arc<Shared>) {
+    let registration = shared.hub.connect();
+    let span = info_span!("ws", peer = %registration.peer_id);
+    let conn = registration.conn;
+    async move {
+        let remote = stream.peer_addr().ok();
+        info!(?remote, "connected");
+        let exit = Connection::new(stream, read_ahead, &shared, &registration.peer_id)
+            .serve(&shared, registration)
+            .await;
+        match exit {
+            Exit::Close(code, reason) if code != close_code::NORMAL => {
+                info!(code, reason, "closed by the server");
+            }
+            Exit::Close(_, reason) | Exit::Drop(reason) => info!(reason, "disconnected"),
+        }
+        shared.hub.disconnect(conn);
+    }
+    .instrument(span)
+    .await;
+}
+
+struct Connection {
+    stream: TcpStream,
+    /// Bytes read but not yet decoded (empty and unallocated when idle).
+    inbox: BytesMut,
+    /// Frames to write (empty and unallocated when idle).
+    outbox: Vec<u8>,
+    decoder: Decoder,
+    limiter: RateLimiter,
+    last_heard: Instant,
+}
+
+impl Connection {
+    fn new(stream: TcpStream, read_ahead: bytes::Bytes, shared: &Shared, peer_id: &str) -> Self {
+        let now = Instant::now();
+        let mut outbox = Vec::new();
+        let welcome = ServerMessage::Welcome {
+            protocol: PROTOCOL_VERSION,
+            server: format!("signaling-server {}", env!("CARGO_PKG_VERSION")),
+            ice_servers: shared.ice.ice_servers(peer_id, SystemTime::now()),
+        };
+        encode_frame(&mut outbox, Opcode::Text, welcome.to_json().as_bytes());
+        Connection {
+            stream,
+            inbox: BytesMut::from(&read_ahead[..]),
+            outbox,
+            decoder: Decoder::new(shared.config.max_message_bytes),
+            limiter: RateLimiter::new(shared.config.rate_limit(), now),
+            last_heard: now,
+        }
+    }
+
+    async fn serve(mut self, shared: &Shared, registration: crate::hub::Registration) -> Exit {
+        let config = &shared.config;
+        let hub = &shared.hub;
+        let conn = registration.conn;
+        let mut outgoing = registration.outgoing;
+        let ping = sleep_until((Instant::now() + config.ping_interval).into());
+        tokio::pin!(ping);
+
+        // Anything the HTTP layer read ahead is processed before waiting for more.
+        if let Err(exit) = self.process_inbox(hub, conn) {
+            return self.finish(exit).await;
+        }
+        loop {
+            if let Err(exit) = self.flush(config.ping_timeout).await {
+                return self.finish(exit).await;
+            }
+            let step = tokio::select! {
+                _ = shared.shutdown.cancelled() => {
+                    Err(Exit::Close(close_code::GOING_AWAY, "server shutting down"))
+                }
+                queued = outgoing.recv() => match queued {
+                    Some(text) => {
+                        self.queue_text(&text);
+                        for _ in 1..WRITE_BATCH {
+                            match outgoing.try_recv() {
+                                Ok(text) => self.queue_text(&text),
+                                Err(_) => break,
+                            }
+                        }
+                        Ok(())
+                    }
+                    None => Err(Exit::Close(
+                        close_code::TRY_AGAIN_LATER,
+                        "too slow reading messages",
+                    )),
+                },
+                ready = self.stream.readable() => match ready {
+                    Ok(()) => self.read(hub, conn),
+                    Err(_) => Err(Exit::Drop("socket error")),
+                },
+                () = &mut ping => {
+                    let now = Instant::now();
+                    if now.duration_since(self.last_heard) >= config.ping_timeout {
+                        Err(Exit::Drop("no answer to pings"))
+                    } else {
+                        encode_frame(&mut self.outbox, Opcode::Ping, b"");
+                        ping.as_mut().reset((now + config.ping_interval).into());
+                        Ok(())
+                    }
+                }
+            };
+            if let Err(exit) = step {
+                return self.finish(exit).await;
+            }
+        }
+    }
+
+    /// One non-blocking read, then decoding of everything complete.
+    fn read(&mut self, hub: &Hub, conn: u64) -> Result<(), Exit> {
+        self.inbox.reserve(READ_CHUNK);
+        match self.stream.try_read_buf(&mut self.inbox) {
+            Ok(0) => return Err(Exit::Drop("connection closed without a close frame")),
+            Ok(_) => self.last_heard = Instant::now(),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return Err(Exit::Drop("socket error")),
+        }
+        let result = self.process_inbox(hub, conn);
+        if self.inbox.is_empty() {
+            self.inbox = BytesMut::new();
+        }
+        result
+    }
+
+    fn process_inbox(&mut self, hub: &Hub, conn: u64) -> Result<(), Exit> {
+        loop {
+            let event = match self.decoder.decode(&mut self.inbox) {
+                Ok(Some(event)) => event,
+                Ok(None) => return Ok(()),
+                Err(violation) => {
+                    debug!(%violation, "closing");
+                    return Err(Exit::Close(close_code::PROTOCOL_ERROR, violation.0));
+                }
+            };
+            match event {
+                Event::Ping(payload) => encode_frame(&mut self.outbox, Opcode::Pong, &payload),
+                Event::Pong => {}
+                Event::Close(_) => return Err(Exit::Close(close_code::NORMAL, "bye")),
+                Event::Text(text) => {
+                    if self.admit()? {
+                        match ClientMessage::parse(&text) {
+                            Ok(msg) => {
+                                debug!(kind = msg.kind(), bytes = text.len(), "message");
+                                hub.handle(conn, msg);
+                            }
+                            Err(e) => self.queue_error(e.code, &e.message),
+                        }
+                    }
+                }
+                Event::Binary => {
+                    if self.admit()? {
+                        self.queue_error(ErrorCode::BadJson, "binary frames are not accepted");
+                    }
+                }
+                Event::InvalidUtf8 => {
+                    if self.admit()? {
+                        self.queue_error(ErrorCode::BadJson, "text frame is not valid UTF-8");
+                    }
+                }
+                Event::TooLarge => {
+                    if self.admit()? {
+                        let message = format!(
+                            "message larger than {} bytes was dropped",
+                            self.decoder.max_message()
+                        );
+                        self.queue_error(ErrorCode::TooLarge, &message);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies the rate limit to one message: `Ok(true)` to process it.
+    fn admit(&mut self) -> Result<bool, Exit> {
+        match self.limiter.check(Instant::now()) {
+            Verdict::Allow => Ok(true),
+            Verdict::Drop { notify } => {
+                if notify {
+                    self.queue_error(
+                        ErrorCode::RateLimited,
+                        "too many messages: this one was dropped",
+                    );
+                }
+                Ok(false)
+            }
+            Verdict::Close => Err(Exit::Close(
+                close_code::POLICY_VIOLATION,
+                "rate limit exceeded",
+            )),
+        }
+    }
+
+    fn queue_text(&mut self, text: &str) {
+        encode_frame(&mut self.outbox, Opcode::Text, text.as_bytes());
+    }
+
+    fn queue_error(&mut self, code: ErrorCode, message: &str) {
+        debug!(%code, message, "error to client");
+        self.queue_text(&ServerMessage::error(code, message).to_json());
+    }
+
+    /// Writes everything queued; a client that does not take it in time is dropped.
+    async fn flush(&mut self, limit: Duration) -> Result<(), Exit> {
+        if self.outbox.is_empty() {
+            return Ok(());
+        }
+        match timeout(limit, self.stream.write_all(&self.outbox)).await {
+            Ok(Ok(())) => {
+                self.outbox = Vec::new();
+                Ok(())
+            }
+            Ok(Err(_)) => Err(Exit::Drop("socket error while writing")),
+            Err(_) => Err(Exit::Drop("client stopped reading")),
+        }
+    }
+
+    /// Sends what is still queued plus a close frame, then shuts the socket.
+    async fn finish(mut self, exit: Exit) -> Exit {
+        if let Exit::Close(code, reason) = exit {
+            encode_close(&mut self.outbox, code, reason);
+            let _ = self.flush(Duration::from_secs(2)).await;
+            let _ = timeout(Duration::from_secs(2), self.stream.shutdown()).await;
+        }
+        exit
+    }
+}

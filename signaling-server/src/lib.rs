@@ -1,0 +1,52 @@
+//! Duet's signaling server: rooms of two, offer/answer/candidate relay, direct calls by
+//! name with ringing, host-only room termination, room expiry, and time-limited TURN
+//! credentials. The wire contract is `shared/spec/signaling-protocol.md`; what this
+//! code actually does is written up in `docs/PROTOCOL.md`.
+//!
+//! # Layout
+//! - [`protocol`]: the JSON messages as serde types, shared with the Duet client.
+//! - [`config`]: command-line flags and defaults (also the embedding API's settings).
+//! - [`server`]: start/stop, HTTP routes and the WebSocket upgrade.
+//! - [`connection`] (private): one task per WebSocket; limits, pings, reading, writing.
+//! - [`websocket`]: RFC 6455 frame decoding/encoding that can skip oversized messages.
+//! - [`hub`]: the room state behind one mutex, and delivery to connection queues.
+//! - [`rooms`]: the room and direct-call state machine, without any I/O.
+//! - [`rate_limit`]: the per-connection token bucket.
+//! - [`turn`]: TURN REST credentials and the `ice_servers` list.
+//! - [`ids`]: random, read-aloud-friendly identifiers.
+//!
+//! # Embedding
+//! ```no_run
+//! # async fn demo() -> Result<(), signaling_server::StartError> {
+//! let server = signaling_server::Server::start(signaling_server::Config::ephemeral()).await?;
+//! println!("clients connect to {}", server.ws_url());
+//! server.stop().await;
+//! # Ok(()) }
+//! ```
+
+mod connection;
+
+pub mod config;
+pub mod hub;
+pub mod ids;
+pub mod protocol;
+pub mod rate_limit;
+pub mod rooms;
+pub mod server;
+pub mod turn;
+pub mod websocket;
+
+pub use config::Config;
+pub use server::{Server, StartError};
+
+/// Sets up `tracing` output to stderr with `filter` (RUST_LOG wins when set). For binaries.
+pub fn init_logging(filter: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(filter))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

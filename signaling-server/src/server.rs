@@ -1,0 +1,265 @@
+//! Starting and stopping a server: the HTTP routes (axum), the WebSocket upgrade, and
+//! the background sweeper.
+//!
+//! axum serves HTTP because the meetings API grows here; its `ws` extractor is not used
+//! because the server does its own framing (see `websocket.rs`). The upgrade is the
+//! RFC 6455 handshake on top of hyper's upgrade mechanism, after which the raw
+//! `TcpStream` is taken back so an idle connection can wait on readiness with no buffer.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::SystemTime;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, ConfigError};
+use crate::hub::Hub;
+use crate::rooms::RoomsConfig;
+use crate::turn::IceConfig;
+use crate::{connection, ids, websocket};
+
+/// What every request handler and connection task shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub config: Config,
+    pub ice: IceConfig,
+    pub hub: Hub,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+    pub connections: AtomicUsize,
+}
+
+/// The server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running server. Dropping it does not stop it; call [`Server::stop`].
+#[derive(Debug)]
+pub struct Server {
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    serve: JoinHandle<()>,
+}
+
+impl Server {
+    /// Binds `config.listen` and starts serving in the current tokio runtime.
+    pub async fn start(config: Config) -> Result<Server, StartError> {
+        let ice = config.ice_config()?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let shared = Arc::new(Shared {
+            hub: Hub::new(
+                RoomsConfig {
+                    room_ttl: config.room_ttl,
+                    ring_timeout: config.ring_timeout,
+                },
+                config.send_queue,
+            ),
+            ice,
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            connections: AtomicUsize::new(0),
+            config,
+        });
+        shared.tasks.spawn(sweep(Arc::clone(&shared)));
+        let app = router(Arc::clone(&shared));
+        let shutdown = shared.shutdown.clone();
+        let serve = tokio::spawn(async move {
+            let result = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await;
+            if let Err(e) = result {
+                warn!(error = %e, "HTTP server stopped");
+            }
+        });
+        info!(%local_addr, "signaling server listening");
+        Ok(Server {
+            local_addr,
+            shared,
+            serve,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// `ws://ADDR/ws`.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.local_addr)
+    }
+
+    /// `http://ADDR`.
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.local_addr)
+    }
+
+    /// (open WebSocket connections, rooms including empty ones not yet expired).
+    pub fn counts(&self) -> (usize, usize) {
+        self.shared.hub.counts()
+    }
+
+    /// Members of `room` right now, if it exists.
+    pub fn room_members(&self, room: &str) -> Option<usize> {
+        self.shared.hub.members(room)
+    }
+
+    /// Closes every connection (code 1001), stops listening and waits until every task
+    /// of this server has ended.
+    pub async fn stop(self) {
+        self.shared.shutdown.cancel();
+        self.shared.tasks.close();
+        self.shared.tasks.wait().await;
+        let _ = self.serve.await;
+        info!(addr = %self.local_addr, "signaling server stopped");
+    }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/ws", get(upgrade))
+        .route("/api/ice-servers", get(ice_servers))
+        .with_state(shared)
+}
+
+async fn ice_servers(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let list = shared
+        .ice
+        .ice_servers(&ids::random_chars(13), SystemTime::now());
+    axum::Json(serde_json::json!({ "ice_servers": list }))
+}
+
+/// Counts a connection for `--max-connections`; the slot is freed on drop.
+struct Slot(Arc<Shared>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response {
+    (status, text).into_response()
+}
+
+/// The RFC 6455 opening handshake.
+async fn upgrade(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    let headers = request.headers();
+    if !header_has_token(headers, header::UPGRADE, "websocket")
+        || !header_has_token(headers, header::CONNECTION, "upgrade")
+    {
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "this endpoint speaks WebSocket only (Upgrade: websocket)\n",
+        );
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        let mut response = plain(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported WebSocket version; use 13\n",
+        );
+        response.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return response;
+    }
+    let Some(key) = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return plain(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
+    };
+    let Ok(accept) = HeaderValue::from_str(&websocket::accept_key(key)) else {
+        return plain(StatusCode::BAD_REQUEST, "bad Sec-WebSocket-Key\n");
+    };
+    if shared.shutdown.is_cancelled() {
+        return plain(StatusCode::SERVICE_UNAVAILABLE, "server shutting down\n");
+    }
+    let held = shared.connections.fetch_add(1, Ordering::Relaxed);
+    let slot = Slot(Arc::clone(&shared));
+    if held >= shared.config.max_connections {
+        warn!(held, "connection limit reached; refusing a WebSocket");
+        return plain(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
+    }
+
+    let on_upgrade = hyper::upgrade::on(request);
+    shared.tasks.spawn(async move {
+        let _slot = slot;
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                let shared = Arc::clone(&_slot.0);
+                connection::run(parts.io.into_inner(), parts.read_buf, shared).await;
+            }
+            Err(_) => warn!("upgraded connection is not a TCP stream; dropping it"),
+        }
+    });
+
+    let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let h = response.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    response
+}
+
+/// Drives time-based rules: ring timeouts and room expiry.
+async fn sweep(shared: Arc<Shared>) {
+    let mut every = tokio::time::interval(shared.config.sweep_interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = every.tick() => shared.hub.tick(),
+        }
+    }
+}
