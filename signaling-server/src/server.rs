@@ -1,22 +1,24 @@
 //! Starting and stopping a server: the HTTP routes (axum), the WebSocket upgrade, and
 //! the background sweeper.
 //!
-//! axum serves HTTP because the meetings API grows here; its `ws` extractor is not used
-//! because the server does its own framing (see `websocket.rs`). The upgrade is the
-//! RFC 6455 handshake on top of hyper's upgrade mechanism, after which the raw
-//! `TcpStream` is taken back so an idle connection can wait on readiness with no buffer.
+//! axum routes HTTP because the meetings API grows here; its `ws` extractor is not used
+//! because the server does its own framing (see `websocket.rs`). Connections are accepted
+//! by our own loop over hyper's HTTP/1 server (not `axum::serve`, whose protocol-sniffing
+//! wrapper hides the socket): after the RFC 6455 handshake the raw `TcpStream` is taken
+//! back from hyper, so an idle connection can wait on readiness with no buffer.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -90,16 +92,7 @@ impl Server {
             config,
         });
         shared.tasks.spawn(sweep(Arc::clone(&shared)));
-        let app = router(Arc::clone(&shared));
-        let shutdown = shared.shutdown.clone();
-        let serve = tokio::spawn(async move {
-            let result = axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await;
-            if let Err(e) = result {
-                warn!(error = %e, "HTTP server stopped");
-            }
-        });
+        let serve = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
         info!(%local_addr, "signaling server listening");
         Ok(Server {
             local_addr,
@@ -141,6 +134,48 @@ impl Server {
         self.shared.tasks.wait().await;
         let _ = self.serve.await;
         info!(addr = %self.local_addr, "signaling server stopped");
+    }
+}
+
+/// Accepts TCP connections and serves HTTP/1.1 on each until shutdown.
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let app = router(Arc::clone(&shared));
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                // Typically out of file descriptors: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let shutdown = shared.shutdown.clone();
+        shared.tasks.spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(e) = result {
+                        debug!(error = %e, "HTTP connection ended with an error");
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
     }
 }
 

@@ -1,0 +1,310 @@
+//! Rooms: every row of the protocol's Rooms tables, against a real server on loopback.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Client, pair, server, start_server};
+use serde_json::json;
+
+#[tokio::test]
+async fn first_member_is_host_and_second_sees_the_first() {
+    let s = server().await;
+    let mut a = Client::connect(&s).await;
+    let mut b = Client::connect(&s).await;
+    assert_eq!(a.welcome["protocol"], 1);
+    assert!(a.welcome["ice_servers"].is_array());
+    assert!(
+        a.welcome["server"]
+            .as_str()
+            .unwrap()
+            .starts_with("signaling-server ")
+    );
+
+    let ja = a.join_named("  standup  ", "Ann").await;
+    assert_eq!(ja["room"], "standup", "room names are trimmed");
+    assert_eq!(ja["members"], 1);
+    assert_eq!(ja["host"], true);
+    assert_eq!(ja["peers"], json!([]));
+    let a_id = ja["peer_id"].as_str().unwrap().to_owned();
+
+    let jb = b.join_named("standup", "Bob").await;
+    assert_eq!(jb["members"], 2);
+    assert_eq!(jb["host"], false);
+    assert_eq!(jb["peers"], json!([{"peer_id": a_id, "name": "Ann"}]));
+    let pj = a.expect("peer_joined").await;
+    assert_eq!(pj["peer_id"], jb["peer_id"]);
+    assert_eq!(pj["name"], "Bob");
+    assert_ne!(a_id, jb["peer_id"].as_str().unwrap());
+    assert_eq!(s.room_members("standup"), Some(2));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn third_member_gets_room_full_and_changes_nothing() {
+    let s = server().await;
+    let (mut a, mut b, _, _) = pair(&s, "r").await;
+    let mut c = Client::connect(&s).await;
+    c.send(json!({"type":"join","room":"r"})).await;
+    let full = c.expect("room_full").await;
+    assert_eq!(full, json!({"type":"room_full","room":"r","members":2}));
+    a.expect_silence(Duration::from_millis(100)).await;
+    b.expect_silence(Duration::from_millis(1)).await;
+    // c is in no room: relaying is refused.
+    c.send(json!({"type":"offer","sdp":"v=0"})).await;
+    c.expect_error("not_in_call").await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn offer_answer_candidates_are_relayed_in_order_with_from() {
+    let s = server().await;
+    let (mut a, mut b, a_id, b_id) = pair(&s, "relay").await;
+    a.send(json!({"type":"offer","sdp":"v=0 offer"})).await;
+    let offer = b.expect("offer").await;
+    assert_eq!(offer, json!({"type":"offer","from":a_id,"sdp":"v=0 offer"}));
+    b.send(json!({"type":"answer","sdp":"v=0 answer","ignored":true}))
+        .await;
+    let answer = a.expect("answer").await;
+    assert_eq!(
+        answer,
+        json!({"type":"answer","from":b_id,"sdp":"v=0 answer"})
+    );
+
+    for i in 0..150 {
+        let mid = if i % 2 == 0 { json!("0") } else { json!(null) };
+        a.send(json!({"type":"candidate","candidate":{
+            "candidate": format!("candidate:{i} 1 udp 2130706431 127.0.0.1 {} typ host", 5000 + i),
+            "sdp_mid": mid, "sdp_mline_index": 0}}))
+            .await;
+    }
+    a.send(json!({"type":"candidate","candidate":null})).await;
+    for i in 0..150 {
+        let c = b.expect("candidate").await;
+        assert_eq!(c["from"], a_id.as_str());
+        let text = c["candidate"]["candidate"].as_str().unwrap();
+        assert!(
+            text.starts_with(&format!("candidate:{i} ")),
+            "out of order: {text}"
+        );
+        if i % 2 == 1 {
+            assert!(c["candidate"]["sdp_mid"].is_null());
+        }
+    }
+    let end = b.expect("candidate").await;
+    assert!(
+        end["candidate"].is_null(),
+        "end-of-candidates relayed as null: {end}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn relay_refused_when_alone_or_outside_a_room() {
+    let s = server().await;
+    let mut a = Client::connect(&s).await;
+    for msg in [
+        json!({"type":"offer","sdp":"x"}),
+        json!({"type":"answer","sdp":"x"}),
+        json!({"type":"candidate","candidate":null}),
+        json!({"type":"leave"}),
+        json!({"type":"end_room"}),
+    ] {
+        a.send(msg).await;
+        a.expect_error("not_in_call").await;
+    }
+    a.join("alone").await;
+    a.send(json!({"type":"offer","sdp":"x"})).await;
+    a.expect_error("not_in_call").await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn leave_says_left_and_disconnect_says_disconnected() {
+    let s = server().await;
+    let (mut a, mut b, a_id, b_id) = pair(&s, "bye").await;
+    b.send(json!({"type":"leave"})).await;
+    let left = a.expect("peer_left").await;
+    assert_eq!(
+        left,
+        json!({"type":"peer_left","peer_id":b_id,"reason":"left"})
+    );
+    // After leaving, b may not relay.
+    b.send(json!({"type":"offer","sdp":"x"})).await;
+    b.expect_error("not_in_call").await;
+
+    let mut c = Client::connect(&s).await;
+    let jc = c.join("bye").await;
+    assert_eq!(jc["members"], 2);
+    a.expect("peer_joined").await;
+    drop(c); // TCP connection closed without `leave` or a close frame
+    let gone = a.expect("peer_left").await;
+    assert_eq!(gone["peer_id"], jc["peer_id"]);
+    assert_eq!(gone["reason"], "disconnected");
+
+    let mut d = Client::connect(&s).await;
+    d.join("bye").await;
+    a.expect("peer_joined").await;
+    d.close().await; // a clean WebSocket close without `leave` is still "disconnected"
+    assert_eq!(a.expect("peer_left").await["reason"], "disconnected");
+    assert_eq!(s.room_members("bye"), Some(1));
+    let _ = a_id;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn host_leaving_hands_over_and_only_host_ends_the_room() {
+    let s = server().await;
+    let (mut a, mut b, _, b_id) = pair(&s, "hosted").await;
+    b.send(json!({"type":"end_room"})).await;
+    b.expect_error("not_host").await;
+    a.expect_silence(Duration::from_millis(50)).await;
+
+    a.send(json!({"type":"leave"})).await;
+    assert_eq!(b.expect("peer_left").await["reason"], "left");
+    let hc = b.expect("host_changed").await;
+    assert_eq!(hc, json!({"type":"host_changed","peer_id":b_id}));
+
+    // The newcomer is not host; b (now host) ends the room for both.
+    let mut c = Client::connect(&s).await;
+    assert_eq!(c.join("hosted").await["host"], false);
+    b.expect("peer_joined").await;
+    b.send(json!({"type":"end_room"})).await;
+    let ended = json!({"type":"room_ended","room":"hosted","reason":"host_ended"});
+    assert_eq!(b.expect("room_ended").await, ended);
+    assert_eq!(c.expect("room_ended").await, ended);
+    // Nobody is in it any more, and it cannot be re-entered.
+    c.send(json!({"type":"offer","sdp":"x"})).await;
+    c.expect_error("not_in_call").await;
+    a.send(json!({"type":"join","room":"hosted"})).await;
+    a.expect_error("room_ended").await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn join_while_in_a_room_leaves_the_old_one() {
+    let s = server().await;
+    let (mut a, mut b, a_id, _) = pair(&s, "one").await;
+    let j = a.join("two").await;
+    assert_eq!(j["members"], 1);
+    let left = b.expect("peer_left").await;
+    assert_eq!(
+        left,
+        json!({"type":"peer_left","peer_id":a_id,"reason":"left"})
+    );
+    assert_eq!(b.expect("host_changed").await["type"], "host_changed");
+    assert_eq!(s.room_members("one"), Some(1));
+    assert_eq!(s.room_members("two"), Some(1));
+    // A refused join (full room) keeps the old membership.
+    let (_c, _d, _, _) = pair(&s, "full").await;
+    a.send(json!({"type":"join","room":"full"})).await;
+    a.expect("room_full").await;
+    assert_eq!(s.room_members("two"), Some(1));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn nothing_crosses_rooms() {
+    let s = server().await;
+    let (mut a, mut b, _, _) = pair(&s, "room-a").await;
+    let (mut c, mut d, _, _) = pair(&s, "room-b").await;
+    for i in 0..20 {
+        a.send(json!({"type":"offer","sdp":format!("a{i}")})).await;
+        c.send(json!({"type":"offer","sdp":format!("c{i}")})).await;
+    }
+    for i in 0..20 {
+        assert_eq!(b.expect("offer").await["sdp"], format!("a{i}"));
+        assert_eq!(d.expect("offer").await["sdp"], format!("c{i}"));
+    }
+    a.send(json!({"type":"leave"})).await;
+    b.expect("peer_left").await;
+    for client in [&mut a, &mut c, &mut d] {
+        client.expect_silence(Duration::from_millis(100)).await;
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn ten_simultaneous_joins_give_two_joined_and_eight_room_full() {
+    let s = server().await;
+    for round in 0..10 {
+        let room = format!("race-{round}");
+        let mut clients = Vec::new();
+        for _ in 0..10 {
+            clients.push(Client::connect(&s).await);
+        }
+        // All ten joins go out together, from ten tasks.
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(10));
+        let mut tasks = Vec::new();
+        for mut c in clients {
+            let barrier = barrier.clone();
+            let room = room.clone();
+            tasks.push(tokio::spawn(async move {
+                barrier.wait().await;
+                c.send(json!({"type":"join","room":room})).await;
+                let reply = c.recv().await;
+                (reply["type"].as_str().unwrap().to_owned(), c)
+            }));
+        }
+        let mut joined = 0;
+        let mut full = 0;
+        for t in tasks {
+            match t.await.unwrap().0.as_str() {
+                "joined" => joined += 1,
+                "room_full" => full += 1,
+                other => panic!("unexpected {other}"),
+            }
+        }
+        assert_eq!((joined, full), (2, 8), "round {round}");
+        assert_eq!(s.room_members(&room), Some(2));
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn bad_join_fields_are_refused() {
+    let s = server().await;
+    let mut a = Client::connect(&s).await;
+    for bad in [
+        json!({"type":"join"}),
+        json!({"type":"join","room":""}),
+        json!({"type":"join","room":"   "}),
+        json!({"type":"join","room":"x".repeat(65)}),
+        json!({"type":"join","room":"tab\there"}),
+        json!({"type":"join","room":17}),
+        json!({"type":"join","room":"ok","name":"n".repeat(65)}),
+        json!({"type":"join","room":"ok","name":5}),
+    ] {
+        a.send(bad.clone()).await;
+        let e = a.expect_error("bad_field").await;
+        assert!(!e["message"].as_str().unwrap().is_empty(), "{bad}");
+    }
+    // 64 characters (not bytes) is fine.
+    let j = a.join(&"é".repeat(64)).await;
+    assert_eq!(j["members"], 1);
+    assert_eq!(s.room_members("ok"), None, "refused joins created nothing");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn empty_rooms_expire_after_the_ttl() {
+    let s = start_server(|c| c.room_ttl = Duration::from_millis(300)).await;
+    let mut a = Client::connect(&s).await;
+    let first = a.join("brief").await;
+    assert_eq!(first["host"], true);
+    a.send(json!({"type":"leave"})).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        s.room_members("brief"),
+        Some(0),
+        "kept while within its ttl"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.room_members("brief"), None, "removed after its ttl");
+    // A room that is not empty does not expire.
+    let (_b, _c, _, _) = pair(&s, "busy").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.room_members("busy"), Some(2));
+    s.stop().await;
+}
