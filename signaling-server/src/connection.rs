@@ -11,12 +11,14 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio::time::{Duration, sleep_until, timeout};
 use tracing::{Instrument as _, debug, info, info_span};
 
-use crate::hub::Hub;
+use crate::hub::{Hub, Registration};
+use crate::rooms::ConnId;
 use crate::protocol::{ClientMessage, ErrorCode, PROTOCOL_VERSION, ServerMessage};
 use crate::rate_limit::{RateLimiter, Verdict};
 use crate::server::Shared;
@@ -42,8 +44,8 @@ pub(crate) async fn run(stream: TcpStream, read_ahead: bytes::Bytes, shared: Arc
     async move {
         let remote = stream.peer_addr().ok();
         info!(?remote, "connected");
-        let exit = Connection::new(stream, read_ahead, &shared, &registration.peer_id)
-            .serve(&shared, registration)
+        let exit = Connection::new(stream, read_ahead, &shared, registration)
+            .serve(&shared, conn)
             .await;
         match exit {
             Exit::Close(code, reason) if code != close_code::NORMAL => {
@@ -63,36 +65,44 @@ struct Connection {
     inbox: BytesMut,
     /// Frames to write (empty and unallocated when idle).
     outbox: Vec<u8>,
+    /// What the hub queued for this connection.
+    outgoing: mpsc::Receiver<String>,
     decoder: Decoder,
     limiter: RateLimiter,
     last_heard: Instant,
 }
 
 impl Connection {
-    fn new(stream: TcpStream, read_ahead: bytes::Bytes, shared: &Shared, peer_id: &str) -> Self {
+    fn new(
+        stream: TcpStream,
+        read_ahead: bytes::Bytes,
+        shared: &Shared,
+        registration: Registration,
+    ) -> Self {
         let now = Instant::now();
         let mut outbox = Vec::new();
         let welcome = ServerMessage::Welcome {
             protocol: PROTOCOL_VERSION,
             server: format!("signaling-server {}", env!("CARGO_PKG_VERSION")),
-            ice_servers: shared.ice.ice_servers(peer_id, SystemTime::now()),
+            ice_servers: shared
+                .ice
+                .ice_servers(&registration.peer_id, SystemTime::now()),
         };
         encode_frame(&mut outbox, Opcode::Text, welcome.to_json().as_bytes());
         Connection {
             stream,
             inbox: BytesMut::from(&read_ahead[..]),
             outbox,
+            outgoing: registration.outgoing,
             decoder: Decoder::new(shared.config.max_message_bytes),
             limiter: RateLimiter::new(shared.config.rate_limit(), now),
             last_heard: now,
         }
     }
 
-    async fn serve(mut self, shared: &Shared, registration: crate::hub::Registration) -> Exit {
+    async fn serve(mut self, shared: &Shared, conn: ConnId) -> Exit {
         let config = &shared.config;
         let hub = &shared.hub;
-        let conn = registration.conn;
-        let mut outgoing = registration.outgoing;
         let ping = sleep_until((Instant::now() + config.ping_interval).into());
         tokio::pin!(ping);
 
@@ -108,15 +118,10 @@ impl Connection {
                 _ = shared.shutdown.cancelled() => {
                     Err(Exit::Close(close_code::GOING_AWAY, "server shutting down"))
                 }
-                queued = outgoing.recv() => match queued {
+                queued = self.outgoing.recv() => match queued {
                     Some(text) => {
                         self.queue_text(&text);
-                        for _ in 1..WRITE_BATCH {
-                            match outgoing.try_recv() {
-                                Ok(text) => self.queue_text(&text),
-                                Err(_) => break,
-                            }
-                        }
+                        self.drain_outgoing();
                         Ok(())
                     }
                     None => Err(Exit::Close(
@@ -146,7 +151,7 @@ impl Connection {
     }
 
     /// One non-blocking read, then decoding of everything complete.
-    fn read(&mut self, hub: &Hub, conn: u64) -> Result<(), Exit> {
+    fn read(&mut self, hub: &Hub, conn: ConnId) -> Result<(), Exit> {
         self.inbox.reserve(READ_CHUNK);
         match self.stream.try_read_buf(&mut self.inbox) {
             Ok(0) => return Err(Exit::Drop("connection closed without a close frame")),
@@ -161,7 +166,7 @@ impl Connection {
         result
     }
 
-    fn process_inbox(&mut self, hub: &Hub, conn: u64) -> Result<(), Exit> {
+    fn process_inbox(&mut self, hub: &Hub, conn: ConnId) -> Result<(), Exit> {
         loop {
             let event = match self.decoder.decode(&mut self.inbox) {
                 Ok(Some(event)) => event,
@@ -181,6 +186,9 @@ impl Connection {
                             Ok(msg) => {
                                 debug!(kind = msg.kind(), bytes = text.len(), "message");
                                 hub.handle(conn, msg);
+                                // Replies go out in the order of the messages they answer,
+                                // before any error this loop raises for a later message.
+                                self.drain_outgoing();
                             }
                             Err(e) => self.queue_error(e.code, &e.message),
                         }
@@ -229,6 +237,16 @@ impl Connection {
         }
     }
 
+    /// Moves what the hub queued into the write buffer.
+    fn drain_outgoing(&mut self) {
+        for _ in 0..WRITE_BATCH {
+            match self.outgoing.try_recv() {
+                Ok(text) => self.queue_text(&text),
+                Err(_) => break,
+            }
+        }
+    }
+
     fn queue_text(&mut self, text: &str) {
         encode_frame(&mut self.outbox, Opcode::Text, text.as_bytes());
     }
@@ -256,9 +274,24 @@ impl Connection {
     /// Sends what is still queued plus a close frame, then shuts the socket.
     async fn finish(mut self, exit: Exit) -> Exit {
         if let Exit::Close(code, reason) = exit {
+            self.drain_outgoing();
             encode_close(&mut self.outbox, code, reason);
             let _ = self.flush(Duration::from_secs(2)).await;
             let _ = timeout(Duration::from_secs(2), self.stream.shutdown()).await;
+            // Drop the socket only once the client has closed its side (or after a
+            // second): closing with unread input would send a TCP reset, which can
+            // destroy our close frame before the client reads it. (Not at shutdown,
+            // where the server should not be held up by clients that do not answer.)
+            let linger = if code == close_code::GOING_AWAY { 0 } else { 1000 };
+            let mut sink = [0u8; 512];
+            let _ = timeout(Duration::from_millis(linger), async {
+                while let Ok(n) = self.stream.read(&mut sink).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            })
+            .await;
         }
         exit
     }
