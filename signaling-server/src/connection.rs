@@ -18,9 +18,9 @@ use tokio::time::{Duration, sleep_until, timeout};
 use tracing::{Instrument as _, debug, info, info_span};
 
 use crate::hub::{Hub, Registration};
-use crate::rooms::ConnId;
 use crate::protocol::{ClientMessage, ErrorCode, PROTOCOL_VERSION, ServerMessage};
 use crate::rate_limit::{RateLimiter, Verdict};
+use crate::rooms::ConnId;
 use crate::server::Shared;
 use crate::websocket::{Decoder, Event, Opcode, close_code, encode_close, encode_frame};
 
@@ -108,11 +108,11 @@ impl Connection {
 
         // Anything the HTTP layer read ahead is processed before waiting for more.
         if let Err(exit) = self.process_inbox(hub, conn) {
-            return self.finish(exit).await;
+            return Box::pin(self.finish(exit)).await;
         }
         loop {
             if let Err(exit) = self.flush(config.ping_timeout).await {
-                return self.finish(exit).await;
+                return Box::pin(self.finish(exit)).await;
             }
             let step = tokio::select! {
                 _ = shared.shutdown.cancelled() => {
@@ -145,7 +145,7 @@ impl Connection {
                 }
             };
             if let Err(exit) = step {
-                return self.finish(exit).await;
+                return Box::pin(self.finish(exit)).await;
             }
         }
     }
@@ -261,6 +261,23 @@ impl Connection {
         if self.outbox.is_empty() {
             return Ok(());
         }
+        // Fast path without a timer: the socket usually takes everything at once.
+        match self.stream.try_write(&self.outbox) {
+            Ok(n) if n == self.outbox.len() => {
+                self.outbox = Vec::new();
+                return Ok(());
+            }
+            Ok(n) => {
+                self.outbox.drain(..n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return Err(Exit::Drop("socket error while writing")),
+        }
+        // Boxed so that an idle connection's task does not carry the timer's memory.
+        Box::pin(self.flush_slowly(limit)).await
+    }
+
+    async fn flush_slowly(&mut self, limit: Duration) -> Result<(), Exit> {
         match timeout(limit, self.stream.write_all(&self.outbox)).await {
             Ok(Ok(())) => {
                 self.outbox = Vec::new();
@@ -282,7 +299,11 @@ impl Connection {
             // second): closing with unread input would send a TCP reset, which can
             // destroy our close frame before the client reads it. (Not at shutdown,
             // where the server should not be held up by clients that do not answer.)
-            let linger = if code == close_code::GOING_AWAY { 0 } else { 1000 };
+            let linger = if code == close_code::GOING_AWAY {
+                0
+            } else {
+                1000
+            };
             let mut sink = [0u8; 512];
             let _ = timeout(Duration::from_millis(linger), async {
                 while let Ok(n) = self.stream.read(&mut sink).await {

@@ -5,10 +5,30 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use signaling_server::{Config, Server, init_logging};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let config = Config::parse();
     init_logging(&config.log);
+    let runtime = if config.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if config.threads > 1 {
+            builder.worker_threads(config.threads);
+        }
+        builder.enable_all().build()
+    };
+    match runtime {
+        Ok(runtime) => runtime.block_on(serve(config)),
+        Err(e) => {
+            eprintln!("signaling-server: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> ExitCode {
     let server = match Server::start(config).await {
         Ok(server) => server,
         Err(e) => {

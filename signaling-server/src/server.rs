@@ -261,7 +261,7 @@ async fn upgrade(State(shared): State<Arc<Shared>>, request: Request) -> Respons
     }
 
     let on_upgrade = hyper::upgrade::on(request);
-    shared.tasks.spawn(async move {
+    let fut = async move {
         let _slot = slot;
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
@@ -277,7 +277,8 @@ async fn upgrade(State(shared): State<Arc<Shared>>, request: Request) -> Respons
             }
             Err(_) => warn!("upgraded connection is not a TCP stream; dropping it"),
         }
-    });
+    };
+    shared.tasks.spawn(fut);
 
     let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
     let h = response.headers_mut();

@@ -138,14 +138,20 @@ async fn caller_giving_up_cancels_the_ringing() {
     let mut bob = registered(&s, "bob").await;
     let call_id = ring(&mut alice, &mut bob).await;
     alice.send(json!({"type":"leave"})).await;
-    assert_eq!(bob.expect("call_cancelled").await["call_id"], call_id.as_str());
+    assert_eq!(
+        bob.expect("call_cancelled").await["call_id"],
+        call_id.as_str()
+    );
     bob.send(json!({"type":"accept","call_id":call_id})).await;
     bob.expect_error("unknown_call").await;
 
     // Hanging up by dropping the connection cancels too.
     let call_id = ring(&mut alice, &mut bob).await;
     drop(alice);
-    assert_eq!(bob.expect("call_cancelled").await["call_id"], call_id.as_str());
+    assert_eq!(
+        bob.expect("call_cancelled").await["call_id"],
+        call_id.as_str()
+    );
     s.stop().await;
 }
 
@@ -203,9 +209,13 @@ async fn call_requires_registration_and_a_valid_target() {
     alice.expect_error("bad_field").await;
     alice.send(json!({"type":"call"})).await;
     alice.expect_error("bad_field").await;
-    alice.send(json!({"type":"accept","call_id":"call-nothing"})).await;
+    alice
+        .send(json!({"type":"accept","call_id":"call-nothing"}))
+        .await;
     alice.expect_error("unknown_call").await;
-    alice.send(json!({"type":"reject","call_id":"call-nothing"})).await;
+    alice
+        .send(json!({"type":"reject","call_id":"call-nothing"}))
+        .await;
     alice.expect_error("unknown_call").await;
     alice.send(json!({"type":"accept"})).await;
     alice.expect_error("bad_field").await;

@@ -29,7 +29,10 @@ async fn every_bad_input_gets_its_error_code_and_the_connection_stays_open() {
         ("{\"type\":\"offer\"}", "bad_field"),
         ("{\"type\":\"offer\",\"sdp\":7}", "bad_field"),
         ("{\"type\":\"candidate\"}", "bad_field"),
-        ("{\"type\":\"candidate\",\"candidate\":{\"sdp_mid\":\"0\"}}", "bad_field"),
+        (
+            "{\"type\":\"candidate\",\"candidate\":{\"sdp_mid\":\"0\"}}",
+            "bad_field",
+        ),
         ("{\"type\":\"register\",\"name\":[\"x\"]}", "bad_field"),
     ] {
         c.send_text(text).await;
@@ -79,7 +82,8 @@ async fn one_mebibyte_frame_is_refused_before_it_is_even_sent_whole() {
             .await
             .unwrap();
     }
-    raw.send_json(json!({"type":"join","room":"after-big"})).await;
+    raw.send_json(json!({"type":"join","room":"after-big"}))
+        .await;
     assert_eq!(raw.recv_json().await["type"], "joined");
 
     // Through a normal WebSocket library too, and relaying is unaffected.
@@ -100,7 +104,10 @@ async fn message_at_the_limit_passes_and_fragments_count_together() {
     let text = json!({"type":"offer","sdp":sdp}).to_string();
     assert_eq!(text.len(), 65_536);
     a.send_text(&text).await;
-    assert_eq!(b.expect("offer").await["sdp"].as_str().unwrap().len(), sdp.len());
+    assert_eq!(
+        b.expect("offer").await["sdp"].as_str().unwrap().len(),
+        sdp.len()
+    );
     a.send_text(&format!("{text} ")).await;
     a.expect_error("too_large").await;
 
@@ -158,7 +165,10 @@ async fn a_flooding_client_is_limited_then_closed_while_others_carry_on() {
     }
     assert!(started.elapsed() < Duration::from_secs(2));
     let (not_in_call, rate_limited, code) = flooding.await.unwrap();
-    assert!((200..=202).contains(&not_in_call), "{not_in_call} processed");
+    assert!(
+        (200..=202).contains(&not_in_call),
+        "{not_in_call} processed"
+    );
     assert_eq!(rate_limited, 1, "at most one rate_limited per second");
     assert_eq!(code, Some(1008));
     s.stop().await;
@@ -218,18 +228,27 @@ async fn welcome_mints_turn_credentials_that_verify() {
         c.turn_credential_lifetime = Duration::from_secs(3600);
     })
     .await;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let mut usernames = Vec::new();
     for _ in 0..2 {
         let c = Client::connect(&s).await;
         let servers = c.welcome["ice_servers"].as_array().unwrap().clone();
         assert_eq!(servers[0], json!({"urls":["stun:127.0.0.1:3478"]}));
-        assert_eq!(servers[1]["urls"], json!(["turn:127.0.0.1:3478?transport=udp"]));
+        assert_eq!(
+            servers[1]["urls"],
+            json!(["turn:127.0.0.1:3478?transport=udp"])
+        );
         let username = servers[1]["username"].as_str().unwrap().to_owned();
         let credential = servers[1]["credential"].as_str().unwrap();
         let (expiry, id) = username.split_once(':').unwrap();
         let expiry: u64 = expiry.parse().unwrap();
-        assert!((now + 3595..=now + 3605).contains(&expiry), "{expiry} vs {now}");
+        assert!(
+            (now + 3595..=now + 3605).contains(&expiry),
+            "{expiry} vs {now}"
+        );
         assert!(!id.is_empty());
         // Recompute as coturn does: base64(HMAC-SHA1(secret, username)).
         let mut mac = hmac::Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes()).unwrap();
@@ -265,7 +284,9 @@ async fn connection_cap_refuses_with_503() {
     let s = start_server(|c| c.max_connections = 2).await;
     let _a = Client::connect(&s).await;
     let b = Client::connect(&s).await;
-    let err = tokio_tungstenite::connect_async(s.ws_url()).await.unwrap_err();
+    let err = tokio_tungstenite::connect_async(s.ws_url())
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("503"), "{err}");
     b.close().await;
     tokio::time::sleep(Duration::from_millis(100)).await;

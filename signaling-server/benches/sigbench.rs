@@ -1,0 +1,403 @@
+//! `sigbench`: load benchmark for the signaling server. Prints one JSON object.
+//!
+//! Runs the release `signaling-server` binary as a child process (so its RSS and CPU
+//! are its own, read from /proc) and drives it from this process with real WebSocket
+//! clients on loopback:
+//! 1. memory: N idle connections, joined two by two into rooms -> RSS per connection;
+//! 2. throughput: P pairs relay ~200-byte `candidate` messages as fast as the server
+//!    takes them -> messages/s and server CPU microseconds per relayed message;
+//! 3. latency: P pairs at a fixed total rate -> relay latency p50/p99.
+//!
+//! `cargo bench -p signaling-server --bench sigbench -- --help` lists the knobs.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures_util::{SinkExt as _, StreamExt as _};
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sigbench",
+    about = "Signaling server load benchmark (JSON on stdout)"
+)]
+struct Args {
+    /// Idle connections to hold for the memory measurement.
+    #[arg(long, default_value_t = 10_000)]
+    connections: usize,
+    /// Pairs relaying in the throughput and latency phases.
+    #[arg(long, default_value_t = 200)]
+    pairs: usize,
+    /// Seconds of the maximum-throughput phase.
+    #[arg(long, default_value_t = 5.0)]
+    throughput_seconds: f64,
+    /// Total relayed messages per second in the latency phase.
+    #[arg(long, default_value_t = 8_000.0)]
+    rate: f64,
+    /// Seconds of the latency phase.
+    #[arg(long, default_value_t = 10.0)]
+    latency_seconds: f64,
+    /// Server binary; default: target/release/signaling-server (built if missing).
+    #[arg(long)]
+    server: Option<std::path::PathBuf>,
+    /// Server runtime threads (its --threads; 0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    server_threads: usize,
+    /// Load generator runtime threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    client_threads: usize,
+    /// Bench's own bench-harness flag (ignored).
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+struct ServerProcess {
+    child: Child,
+    url: String,
+}
+
+impl ServerProcess {
+    fn start(binary: &std::path::Path, threads: usize) -> ServerProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(binary)
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--rate-per-second",
+                "0",
+                "--max-connections",
+                "100000",
+                "--log",
+                "warn",
+                "--threads",
+                &threads.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start signaling-server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ServerProcess {
+            child,
+            url: format!("ws://127.0.0.1:{port}/ws"),
+        }
+    }
+
+    fn proc_file(&self, name: &str) -> String {
+        std::fs::read_to_string(format!("/proc/{}/{name}", self.child.id())).unwrap()
+    }
+
+    /// Resident set size in bytes.
+    fn rss(&self) -> u64 {
+        let status = self.proc_file("status");
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        kb * 1024
+    }
+
+    /// User + system CPU time in microseconds.
+    fn cpu_us(&self) -> f64 {
+        let stat = self.proc_file("stat");
+        // Fields after the parenthesised command name; utime and stime are 14 and 15.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        let hz = 100.0; // USER_HZ on Linux
+        ticks / hz * 1e6
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn connect(url: &str) -> Ws {
+    let mut config = WebSocketConfig::default();
+    config.read_buffer_size = 4096;
+    config.write_buffer_size = 0;
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true)
+        .await
+        .expect("connect");
+    let welcome = next_json(&mut ws).await;
+    assert_eq!(welcome["type"], "welcome");
+    ws
+}
+
+async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        match ws.next().await.expect("open").expect("ok") {
+            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            Message::Close(c) => panic!("closed: {c:?}"),
+            _ => continue,
+        }
+    }
+}
+
+async fn join(ws: &mut Ws, room: &str) {
+    ws.send(Message::text(
+        json!({"type":"join","room":room}).to_string(),
+    ))
+    .await
+    .unwrap();
+    loop {
+        let m = next_json(ws).await;
+        match m["type"].as_str() {
+            Some("joined") => return,
+            Some("peer_joined") => continue,
+            _ => panic!("join failed: {m}"),
+        }
+    }
+}
+
+/// Two connected clients in one room, after the `peer_joined` notice.
+async fn pair(url: &str, room: &str) -> (Ws, Ws) {
+    let mut a = connect(url).await;
+    let mut b = connect(url).await;
+    join(&mut a, room).await;
+    join(&mut b, room).await;
+    let pj = next_json(&mut a).await;
+    assert_eq!(pj["type"], "peer_joined");
+    (a, b)
+}
+
+/// A ~200-byte candidate message carrying a send timestamp (microseconds since `epoch`).
+fn candidate(epoch: Instant, seq: u64) -> String {
+    let t = epoch.elapsed().as_micros();
+    json!({"type":"candidate","candidate":{
+        "candidate": format!("candidate:{seq} 1 udp 2122260223 192.0.2.{} {} typ host generation 0 ufrag Wq2x network-id 1 t={t}", seq % 250, 40_000 + seq % 20_000),
+        "sdp_mid":"0","sdp_mline_index":0}})
+    .to_string()
+}
+
+fn sent_at(m: &Value) -> Option<u128> {
+    m["candidate"]["candidate"]
+        .as_str()?
+        .rsplit_once("t=")?
+        .1
+        .parse()
+        .ok()
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+/// Memory phase: `n` connections, joined two by two.
+async fn memory(server: &ServerProcess, n: usize) -> Value {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let base = server.rss();
+    let mut held = Vec::with_capacity(n);
+    for i in 0..n / 2 {
+        let (a, b) = pair(&server.url, &format!("mem-{i}")).await;
+        held.push(a);
+        held.push(b);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let loaded = server.rss();
+    let held_count = held.len();
+    drop(held);
+    let per = (loaded.saturating_sub(base)) as f64 / held_count as f64;
+    json!({
+        "connections_held": held_count,
+        "server_rss_before_bytes": base,
+        "server_rss_with_connections_bytes": loaded,
+        "server_rss_per_connection_bytes": per.round(),
+    })
+}
+
+/// One direction of a pair: sends `count` messages (or until `stop`) keeping at most
+/// `window` in flight; the receiver returns the permits.
+async fn relay_phase(
+    server: &ServerProcess,
+    pairs: usize,
+    seconds: f64,
+    per_pair_direction_rate: Option<f64>,
+) -> Value {
+    let epoch = Instant::now();
+    let mut conns = Vec::new();
+    for i in 0..pairs {
+        conns.push(
+            pair(
+                &server.url,
+                &format!("relay-{i}-{}", epoch.elapsed().as_nanos()),
+            )
+            .await,
+        );
+    }
+    let relayed = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    let cpu_before = server.cpu_us();
+    let started = Instant::now();
+    let stop_at = started + Duration::from_secs_f64(seconds);
+    let mut receivers = Vec::new();
+    let mut senders = Vec::new();
+    let senders_total = pairs * 2;
+    for (pair_index, (a, b)) in conns.into_iter().enumerate() {
+        let (a_tx, a_rx) = a.split();
+        let (b_tx, b_rx) = b.split();
+        for (direction, (mut tx, mut rx)) in [(a_tx, b_rx), (b_tx, a_rx)].into_iter().enumerate() {
+            // Spread the senders' phases over one period, so a fixed rate is an even
+            // stream rather than every sender firing in the same millisecond.
+            let phase = (pair_index * 2 + direction) as f64 / senders_total as f64;
+            let window = Arc::new(Semaphore::new(64));
+            let w = window.clone();
+            let relayed = relayed.clone();
+            let latencies = latencies.clone();
+            receivers.push(tokio::spawn(async move {
+                let mut local = Vec::new();
+                while let Some(Ok(msg)) = rx.next().await {
+                    if let Message::Text(t) = msg {
+                        let v: Value = serde_json::from_str(&t).unwrap();
+                        if v["type"] == "candidate" {
+                            if let Some(t0) = sent_at(&v) {
+                                local.push((epoch.elapsed().as_micros() - t0) as u64);
+                            }
+                            relayed.fetch_add(1, Ordering::Relaxed);
+                            w.add_permits(1);
+                        } else if v["type"] == "offer" {
+                            break; // end marker
+                        }
+                    }
+                }
+                latencies.lock().unwrap().extend(local);
+            }));
+            senders.push(tokio::spawn(async move {
+                let mut seq = 0u64;
+                let period = per_pair_direction_rate.map(|r| Duration::from_secs_f64(1.0 / r));
+                let mut next = started + period.unwrap_or_default().mul_f64(phase);
+                while Instant::now() < stop_at {
+                    if let Some(period) = period {
+                        tokio::time::sleep_until(next.into()).await;
+                        next += period;
+                    }
+                    window.acquire().await.unwrap().forget();
+                    tx.send(Message::text(candidate(epoch, seq))).await.unwrap();
+                    seq += 1;
+                }
+                let _ = window.acquire_many(64).await; // all delivered
+                let end = json!({"type":"offer","sdp":"end"}).to_string();
+                tx.send(Message::text(end)).await.unwrap();
+                tx
+            }));
+        }
+    }
+    // The write halves stay open until every receiver has seen its end marker.
+    let mut open = Vec::new();
+    for t in senders {
+        open.push(t.await.unwrap());
+    }
+    for t in receivers {
+        t.await.unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = server.cpu_us() - cpu_before;
+    let n = relayed.load(Ordering::Relaxed);
+    let mut lat = std::mem::take(&mut *latencies.lock().unwrap());
+    lat.sort_unstable();
+    json!({
+        "pairs": pairs,
+        "seconds": (elapsed * 100.0).round() / 100.0,
+        "messages_relayed": n,
+        "messages_per_s": (n as f64 / elapsed).round(),
+        "server_cpu_us_per_message": ((cpu / n.max(1) as f64) * 100.0).round() / 100.0,
+        "server_cpu_cores": ((cpu / 1e6 / elapsed) * 100.0).round() / 100.0,
+        "latency_us": {"p50": percentile(&lat, 0.5), "p99": percentile(&lat, 0.99),
+                        "max": lat.last().copied().unwrap_or(0)},
+    })
+}
+
+fn server_binary(args: &Args) -> std::path::PathBuf {
+    if let Some(p) = &args.server {
+        return p.clone();
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--release",
+            "-q",
+            "-p",
+            "signaling-server",
+            "--bin",
+            "signaling-server",
+        ])
+        .current_dir(&root)
+        .status()
+        .expect("cargo build");
+    assert!(status.success());
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    target.join("release/signaling-server")
+}
+
+fn main() {
+    let args = Args::parse();
+    let binary = server_binary(&args);
+    let runtime = match args.client_threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap(),
+        0 => tokio::runtime::Runtime::new().unwrap(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()
+            .unwrap(),
+    };
+    let report = runtime.block_on(async {
+        let server = ServerProcess::start(&binary, args.server_threads);
+        let memory = memory(&server, args.connections).await;
+        drop(server);
+        let server = ServerProcess::start(&binary, args.server_threads);
+        let throughput = relay_phase(&server, args.pairs, args.throughput_seconds, None).await;
+        let per_direction = args.rate / (args.pairs as f64 * 2.0);
+        let fixed = relay_phase(
+            &server,
+            args.pairs,
+            args.latency_seconds,
+            Some(per_direction),
+        )
+        .await;
+        json!({
+            "benchmark": "sigbench",
+            "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "server_threads": args.server_threads,
+            "client_threads": args.client_threads,
+            "memory": memory,
+            "max_throughput": throughput,
+            "fixed_rate": {"target_messages_per_s": args.rate, "result": fixed},
+        })
+    });
+    println!("{}", serde_json::to_string_pretty(&report).unwrap());
+}
