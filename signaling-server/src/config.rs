@@ -223,8 +223,10 @@ mod tests {
 
     #[test]
     fn turn_needs_credentials_and_urls_are_checked() {
-        let mut c = Config::default();
-        c.ice_servers = vec!["turn:127.0.0.1:3478".into()];
+        let mut c = Config {
+            ice_servers: vec!["turn:127.0.0.1:3478".into()],
+            ..Config::default()
+        };
         assert!(matches!(
             c.ice_config(),
             Err(ConfigError::TurnWithoutCredentials(_))
