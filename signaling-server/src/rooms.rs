@@ -598,3 +598,121 @@ impl Rooms {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CFG: RoomsConfig = RoomsConfig {
+        room_ttl: Duration::from_secs(600),
+        ring_timeout: Duration::from_secs(30),
+    };
+
+    fn kinds(out: &Outbox) -> Vec<(ConnId, &'static str)> {
+        out.iter()
+            .map(|(c, m)| {
+                let kind = match m {
+                    ServerMessage::Joined { .. } => "joined",
+                    ServerMessage::PeerJoined { .. } => "peer_joined",
+                    ServerMessage::RoomFull { .. } => "room_full",
+                    ServerMessage::PeerLeft { .. } => "peer_left",
+                    ServerMessage::HostChanged { .. } => "host_changed",
+                    ServerMessage::Ringing { .. } => "ringing",
+                    ServerMessage::IncomingCall { .. } => "incoming_call",
+                    ServerMessage::CallRejected { .. } => "call_rejected",
+                    ServerMessage::CallCancelled { .. } => "call_cancelled",
+                    ServerMessage::Registered { .. } => "registered",
+                    ServerMessage::RoomEnded { .. } => "room_ended",
+                    ServerMessage::Error { .. } => "error",
+                    _ => "other",
+                };
+                (*c, kind)
+            })
+            .collect()
+    }
+
+    fn rooms_with(n: u64) -> Rooms {
+        let mut r = Rooms::new(CFG);
+        for c in 1..=n {
+            r.connect(c, format!("peer{c}"));
+        }
+        r
+    }
+
+    fn join(room: &str) -> ClientMessage {
+        ClientMessage::Join {
+            room: room.into(),
+            name: None,
+            host_token: None,
+        }
+    }
+
+    #[test]
+    fn join_order_decides_host_and_fullness() {
+        let t = Instant::now();
+        let mut r = rooms_with(3);
+        let mut out = Outbox::new();
+        for c in 1..=3 {
+            r.handle(c, join("x"), t, &mut out);
+        }
+        assert_eq!(
+            kinds(&out),
+            vec![(1, "joined"), (2, "joined"), (1, "peer_joined"), (3, "room_full")]
+        );
+        assert!(matches!(out[0].1, ServerMessage::Joined { host: true, .. }));
+        assert!(matches!(out[1].1, ServerMessage::Joined { host: false, .. }));
+    }
+
+    #[test]
+    fn ringing_times_out_on_the_clock_not_before() {
+        let t = Instant::now();
+        let mut r = rooms_with(2);
+        let mut out = Outbox::new();
+        r.handle(1, ClientMessage::Register { name: "a".into() }, t, &mut out);
+        r.handle(2, ClientMessage::Register { name: "b".into() }, t, &mut out);
+        r.handle(1, ClientMessage::Call { to: "b".into() }, t, &mut out);
+        out.clear();
+        r.tick(t + Duration::from_secs(29), &mut out);
+        assert!(out.is_empty());
+        r.tick(t + Duration::from_secs(30), &mut out);
+        assert_eq!(kinds(&out), vec![(1, "call_rejected"), (2, "call_cancelled")]);
+        assert_eq!(r.room_count(), 0);
+    }
+
+    #[test]
+    fn empty_and_ended_rooms_expire_after_the_ttl() {
+        let t = Instant::now();
+        let mut r = rooms_with(2);
+        let mut out = Outbox::new();
+        r.handle(1, join("empty"), t, &mut out);
+        r.handle(1, ClientMessage::Leave, t, &mut out);
+        r.handle(2, join("ended"), t, &mut out);
+        r.handle(2, ClientMessage::EndRoom, t, &mut out);
+        out.clear();
+        r.tick(t + Duration::from_secs(599), &mut out);
+        assert_eq!(r.room_count(), 2);
+        // An ended room refuses joins until it expires, then the name is free again.
+        r.handle(1, join("ended"), t, &mut out);
+        assert_eq!(kinds(&out), vec![(1, "error")]);
+        r.tick(t + Duration::from_secs(600), &mut out);
+        assert_eq!(r.room_count(), 0);
+    }
+
+    #[test]
+    fn disconnect_cleans_everything() {
+        let t = Instant::now();
+        let mut r = rooms_with(2);
+        let mut out = Outbox::new();
+        r.handle(1, ClientMessage::Register { name: "a".into() }, t, &mut out);
+        r.handle(1, join("x"), t, &mut out);
+        r.handle(2, join("x"), t, &mut out);
+        out.clear();
+        r.disconnect(1, t, &mut out);
+        assert_eq!(kinds(&out), vec![(2, "peer_left"), (2, "host_changed")]);
+        assert_eq!(r.connection_count(), 1);
+        r.connect(3, "peer3".into());
+        out.clear();
+        r.handle(3, ClientMessage::Register { name: "a".into() }, t, &mut out);
+        assert_eq!(kinds(&out), vec![(3, "registered")], "name freed");
+    }
+}
