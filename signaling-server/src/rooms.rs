@@ -657,10 +657,18 @@ mod tests {
         }
         assert_eq!(
             kinds(&out),
-            vec![(1, "joined"), (2, "joined"), (1, "peer_joined"), (3, "room_full")]
+            vec![
+                (1, "joined"),
+                (2, "joined"),
+                (1, "peer_joined"),
+                (3, "room_full")
+            ]
         );
         assert!(matches!(out[0].1, ServerMessage::Joined { host: true, .. }));
-        assert!(matches!(out[1].1, ServerMessage::Joined { host: false, .. }));
+        assert!(matches!(
+            out[1].1,
+            ServerMessage::Joined { host: false, .. }
+        ));
     }
 
     #[test]
@@ -675,7 +683,10 @@ mod tests {
         r.tick(t + Duration::from_secs(29), &mut out);
         assert!(out.is_empty());
         r.tick(t + Duration::from_secs(30), &mut out);
-        assert_eq!(kinds(&out), vec![(1, "call_rejected"), (2, "call_cancelled")]);
+        assert_eq!(
+            kinds(&out),
+            vec![(1, "call_rejected"), (2, "call_cancelled")]
+        );
         assert_eq!(r.room_count(), 0);
     }
 
