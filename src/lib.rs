@@ -3,7 +3,10 @@
 //! # Layout
 //! - [`signaling`]: the wire messages (re-exported from `signaling-server`, defined once)
 //!   and the embedded-server helper the app uses when no server is configured.
-//!
-//! The call engine, media pipeline and desktop UI arrive with their issues.
+//! - [`call`]: the call as a sans-I/O state machine (`CallState`, events in, actions out).
+//! - [`media`]: frames, sources, codecs (openh264, Opus) and sinks; each stage a trait
+//!   with real and synthetic implementations.
 
+pub mod call;
+pub mod media;
 pub mod signaling;

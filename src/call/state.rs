@@ -1,0 +1,527 @@
+//! The call as a plain state machine: events in, actions out, no I/O.
+//!
+//! `idle -> joining -> waiting for peer -> connecting -> in call -> ended(reason)`.
+//! The machine decides *what* happens (send `join`, start the peer connection as the
+//! offerer, forward a candidate, hang up); [`super::Session`] does it with sockets and
+//! the peer connection. Because it knows nothing of either, every path, including the
+//! odd ones (peer leaves while connecting, server error while joining), is unit-tested
+//! here in microseconds.
+
+use signaling_server::protocol::{
+    ClientMessage, ErrorCode, IceCandidate, IceServer, LeaveReason, ServerMessage,
+};
+
+/// Who makes the offer. The spec: the member already in the room offers, the newcomer
+/// answers (and is the polite peer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Offerer,
+    Answerer,
+}
+
+/// Why a call ended, in words a person understands.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EndReason {
+    /// We hung up.
+    HungUp,
+    /// The other person left or their connection dropped.
+    PeerLeft { disconnected: bool },
+    /// The room already has two people.
+    RoomFull,
+    /// The host ended the room (or it expired).
+    RoomEnded,
+    /// The media connection could not be established or was lost.
+    ConnectionFailed,
+    /// The signaling server refused something (`error` message).
+    Refused { code: String, message: String },
+    /// The signaling server could not be reached or went away before the call started.
+    ServerLost { detail: String },
+}
+
+impl std::fmt::Display for EndReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EndReason::HungUp => write!(f, "you hung up"),
+            EndReason::PeerLeft {
+                disconnected: false,
+            } => write!(f, "peer left"),
+            EndReason::PeerLeft { disconnected: true } => {
+                write!(f, "peer left (their connection dropped)")
+            }
+            EndReason::RoomFull => write!(f, "the room is full: two people are already in it"),
+            EndReason::RoomEnded => write!(f, "the host ended the meeting"),
+            EndReason::ConnectionFailed => write!(f, "the media connection failed"),
+            EndReason::Refused { code, message } => write!(f, "server refused: {message} ({code})"),
+            EndReason::ServerLost { detail } => write!(f, "signaling server unreachable: {detail}"),
+        }
+    }
+}
+
+/// Where the call is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallState {
+    Idle,
+    /// `join` sent, waiting for `joined`.
+    Joining {
+        room: String,
+    },
+    /// In the room alone.
+    WaitingForPeer {
+        room: String,
+        peer_id: String,
+    },
+    /// The other person is there; the peer connection is being set up.
+    Connecting {
+        room: String,
+        role: Role,
+    },
+    /// Media connection up.
+    InCall {
+        room: String,
+        role: Role,
+    },
+    Ended(EndReason),
+}
+
+impl CallState {
+    /// A short status line for the UI and logs.
+    pub fn describe(&self) -> String {
+        match self {
+            CallState::Idle => "idle".into(),
+            CallState::Joining { room } => format!("joining {room}"),
+            CallState::WaitingForPeer { room, .. } => {
+                format!("waiting for the other person in {room}")
+            }
+            CallState::Connecting { .. } => "connecting".into(),
+            CallState::InCall { .. } => "connected".into(),
+            CallState::Ended(reason) => format!("ended: {reason}"),
+        }
+    }
+
+    pub fn is_ended(&self) -> bool {
+        matches!(self, CallState::Ended(_))
+    }
+
+    fn in_room(&self) -> bool {
+        matches!(
+            self,
+            CallState::WaitingForPeer { .. }
+                | CallState::Connecting { .. }
+                | CallState::InCall { .. }
+        )
+    }
+}
+
+/// The peer connection's state, as far as the call cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerState {
+    Connected,
+    /// ICE failed or the connection closed under us.
+    Failed,
+}
+
+/// Something that happened.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The user wants to join `room`.
+    Join {
+        room: String,
+        name: Option<String>,
+    },
+    /// A message from the signaling server.
+    Server(ServerMessage),
+    /// The signaling connection ended or could not be opened.
+    ServerClosed {
+        detail: String,
+    },
+    /// Our peer connection produced its offer or answer.
+    LocalDescription {
+        sdp: String,
+        role: Role,
+    },
+    /// Our peer connection found a candidate (`None`: gathering complete).
+    LocalCandidate(Option<IceCandidate>),
+    Peer(PeerState),
+    HangUp,
+}
+
+/// Something to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Send(ClientMessage),
+    /// Create the peer connection with these ICE servers; an offerer starts negotiating.
+    StartPeer {
+        role: Role,
+        ice_servers: Vec<IceServer>,
+    },
+    RemoteOffer(String),
+    RemoteAnswer(String),
+    /// Candidates are handed over in arrival order; the peer queues them until it has
+    /// the remote description.
+    RemoteCandidate(Option<IceCandidate>),
+    /// Close the peer connection and stop the devices.
+    ClosePeer,
+    /// Close the signaling connection.
+    Disconnect,
+}
+
+/// The machine.
+#[derive(Debug)]
+pub struct Call {
+    state: CallState,
+    ice_servers: Vec<IceServer>,
+    peer_started: bool,
+}
+
+impl Default for Call {
+    fn default() -> Self {
+        Call::new()
+    }
+}
+
+impl Call {
+    pub fn new() -> Call {
+        Call {
+            state: CallState::Idle,
+            ice_servers: Vec::new(),
+            peer_started: false,
+        }
+    }
+
+    pub fn state(&self) -> &CallState {
+        &self.state
+    }
+
+    /// ICE servers from `welcome` (the session adds its own configured ones).
+    pub fn ice_servers(&self) -> &[IceServer] {
+        &self.ice_servers
+    }
+
+    /// Applies one event and returns what to do, in order.
+    pub fn handle(&mut self, event: Event) -> Vec<Action> {
+        if self.state.is_ended() {
+            return Vec::new(); // an ended call stays ended; a new call is a new machine
+        }
+        match event {
+            Event::Join { room, name } => self.join(room, name),
+            Event::Server(msg) => self.server(msg),
+            Event::ServerClosed { detail } => {
+                if matches!(self.state, CallState::InCall { .. }) {
+                    // Media flows peer to peer; losing signaling does not end the call.
+                    Vec::new()
+                } else {
+                    self.end(EndReason::ServerLost { detail }, false)
+                }
+            }
+            Event::LocalDescription { sdp, role } => match role {
+                Role::Offerer => vec![Action::Send(ClientMessage::Offer { sdp })],
+                Role::Answerer => vec![Action::Send(ClientMessage::Answer { sdp })],
+            },
+            Event::LocalCandidate(candidate) => {
+                vec![Action::Send(ClientMessage::Candidate { candidate })]
+            }
+            Event::Peer(PeerState::Connected) => {
+                if let CallState::Connecting { room, role } = &self.state {
+                    self.state = CallState::InCall {
+                        room: room.clone(),
+                        role: *role,
+                    };
+                }
+                Vec::new()
+            }
+            Event::Peer(PeerState::Failed) => {
+                if self.peer_started {
+                    self.end(EndReason::ConnectionFailed, true)
+                } else {
+                    Vec::new()
+                }
+            }
+            Event::HangUp => self.end(EndReason::HungUp, true),
+        }
+    }
+
+    fn join(&mut self, room: String, name: Option<String>) -> Vec<Action> {
+        if self.state != CallState::Idle {
+            return Vec::new();
+        }
+        self.state = CallState::Joining { room: room.clone() };
+        vec![Action::Send(ClientMessage::Join {
+            room,
+            name,
+            host_token: None,
+        })]
+    }
+
+    fn start_peer(&mut self, room: String, role: Role) -> Vec<Action> {
+        self.state = CallState::Connecting { room, role };
+        self.peer_started = true;
+        vec![Action::StartPeer {
+            role,
+            ice_servers: self.ice_servers.clone(),
+        }]
+    }
+
+    fn server(&mut self, msg: ServerMessage) -> Vec<Action> {
+        match msg {
+            ServerMessage::Welcome { ice_servers, .. } => {
+                self.ice_servers = ice_servers;
+                Vec::new()
+            }
+            ServerMessage::Joined {
+                room,
+                peer_id,
+                members,
+                ..
+            } => {
+                if !matches!(self.state, CallState::Joining { .. }) {
+                    return Vec::new();
+                }
+                if members >= 2 {
+                    // We are the newcomer: the member already there offers.
+                    self.start_peer(room, Role::Answerer)
+                } else {
+                    self.state = CallState::WaitingForPeer { room, peer_id };
+                    Vec::new()
+                }
+            }
+            ServerMessage::PeerJoined { .. } => match &self.state {
+                CallState::WaitingForPeer { room, .. } => {
+                    let room = room.clone();
+                    self.start_peer(room, Role::Offerer)
+                }
+                _ => Vec::new(),
+            },
+            ServerMessage::RoomFull { .. } => self.end(EndReason::RoomFull, false),
+            ServerMessage::Offer { sdp, .. } if self.peer_started => {
+                vec![Action::RemoteOffer(sdp)]
+            }
+            ServerMessage::Answer { sdp, .. } if self.peer_started => {
+                vec![Action::RemoteAnswer(sdp)]
+            }
+            ServerMessage::Candidate { candidate, .. } if self.peer_started => {
+                vec![Action::RemoteCandidate(candidate)]
+            }
+            ServerMessage::PeerLeft { reason, .. } if self.state.in_room() => self.end(
+                EndReason::PeerLeft {
+                    disconnected: reason == LeaveReason::Disconnected,
+                },
+                true,
+            ),
+            ServerMessage::RoomEnded { .. } => self.end(EndReason::RoomEnded, false),
+            ServerMessage::Error { code, message, .. } => match self.state {
+                // Refusals of the join end the attempt; later errors are logged only
+                // (e.g. a late candidate after the peer left is `not_in_call`).
+                CallState::Joining { .. } => self.end(
+                    EndReason::Refused {
+                        code: code.as_str().to_owned(),
+                        message,
+                    },
+                    false,
+                ),
+                _ => {
+                    if code == ErrorCode::Internal {
+                        tracing::warn!(%message, "signaling server internal error");
+                    } else {
+                        tracing::debug!(%code, %message, "signaling error");
+                    }
+                    Vec::new()
+                }
+            },
+            _ => Vec::new(),
+        }
+    }
+
+    /// Ends the call; `leave` says whether the server still has us in a room.
+    fn end(&mut self, reason: EndReason, leave: bool) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if leave && self.state.in_room() {
+            actions.push(Action::Send(ClientMessage::Leave));
+        }
+        if self.peer_started {
+            actions.push(Action::ClosePeer);
+        }
+        actions.push(Action::Disconnect);
+        self.state = CallState::Ended(reason);
+        actions
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn joined(members: usize) -> Event {
+        Event::Server(ServerMessage::Joined {
+            room: "r".into(),
+            peer_id: "me".into(),
+            members,
+            host: members == 1,
+            peers: Vec::new(),
+        })
+    }
+
+    fn start(call: &mut Call) {
+        let a = call.handle(Event::Join {
+            room: "r".into(),
+            name: None,
+        });
+        assert!(matches!(a[..], [Action::Send(ClientMessage::Join { .. })]));
+    }
+
+    #[test]
+    fn first_in_room_offers_when_the_peer_arrives() {
+        let mut call = Call::new();
+        call.handle(Event::Server(ServerMessage::Welcome {
+            protocol: 1,
+            server: "s".into(),
+            ice_servers: vec![IceServer {
+                urls: vec!["stun:x".into()],
+                username: None,
+                credential: None,
+            }],
+        }));
+        start(&mut call);
+        assert!(call.handle(joined(1)).is_empty());
+        assert!(matches!(call.state(), CallState::WaitingForPeer { .. }));
+        let a = call.handle(Event::Server(ServerMessage::PeerJoined {
+            peer_id: "p".into(),
+            name: None,
+        }));
+        match &a[..] {
+            [
+                Action::StartPeer {
+                    role: Role::Offerer,
+                    ice_servers,
+                },
+            ] => assert_eq!(ice_servers.len(), 1),
+            other => panic!("{other:?}"),
+        }
+        call.handle(Event::Peer(PeerState::Connected));
+        assert!(matches!(call.state(), CallState::InCall { .. }));
+        assert_eq!(call.state().describe(), "connected");
+    }
+
+    #[test]
+    fn newcomer_answers_and_forwards_signaling() {
+        let mut call = Call::new();
+        start(&mut call);
+        let a = call.handle(joined(2));
+        assert!(matches!(
+            a[..],
+            [Action::StartPeer {
+                role: Role::Answerer,
+                ..
+            }]
+        ));
+        let a = call.handle(Event::Server(ServerMessage::Offer {
+            from: "p".into(),
+            sdp: "v=0".into(),
+        }));
+        assert_eq!(a, vec![Action::RemoteOffer("v=0".into())]);
+        let a = call.handle(Event::LocalDescription {
+            sdp: "ans".into(),
+            role: Role::Answerer,
+        });
+        assert_eq!(
+            a,
+            vec![Action::Send(ClientMessage::Answer { sdp: "ans".into() })]
+        );
+        let a = call.handle(Event::Server(ServerMessage::Candidate {
+            from: "p".into(),
+            candidate: None,
+        }));
+        assert_eq!(a, vec![Action::RemoteCandidate(None)]);
+    }
+
+    #[test]
+    fn peer_left_ends_with_reason_and_cleans_up() {
+        let mut call = Call::new();
+        start(&mut call);
+        call.handle(joined(2));
+        call.handle(Event::Peer(PeerState::Connected));
+        let a = call.handle(Event::Server(ServerMessage::PeerLeft {
+            peer_id: "p".into(),
+            reason: LeaveReason::Left,
+        }));
+        assert_eq!(
+            a,
+            vec![
+                Action::Send(ClientMessage::Leave),
+                Action::ClosePeer,
+                Action::Disconnect
+            ]
+        );
+        assert_eq!(call.state().describe(), "ended: peer left");
+        // Ended is final.
+        assert!(call.handle(Event::HangUp).is_empty());
+    }
+
+    #[test]
+    fn refusals_and_failures() {
+        let mut call = Call::new();
+        start(&mut call);
+        let a = call.handle(Event::Server(ServerMessage::RoomFull {
+            room: "r".into(),
+            members: 2,
+        }));
+        assert_eq!(a, vec![Action::Disconnect]);
+        assert_eq!(call.state(), &CallState::Ended(EndReason::RoomFull));
+
+        let mut call = Call::new();
+        start(&mut call);
+        call.handle(Event::Server(ServerMessage::error(
+            ErrorCode::BadField,
+            "bad room",
+        )));
+        assert!(matches!(
+            call.state(),
+            CallState::Ended(EndReason::Refused { .. })
+        ));
+
+        let mut call = Call::new();
+        start(&mut call);
+        call.handle(joined(2));
+        let a = call.handle(Event::Peer(PeerState::Failed));
+        assert_eq!(a.len(), 3);
+        assert_eq!(call.state(), &CallState::Ended(EndReason::ConnectionFailed));
+
+        let mut call = Call::new();
+        start(&mut call);
+        call.handle(Event::ServerClosed {
+            detail: "refused".into(),
+        });
+        assert!(matches!(
+            call.state(),
+            CallState::Ended(EndReason::ServerLost { .. })
+        ));
+    }
+
+    #[test]
+    fn hang_up_while_waiting_leaves_the_room() {
+        let mut call = Call::new();
+        start(&mut call);
+        call.handle(joined(1));
+        let a = call.handle(Event::HangUp);
+        assert_eq!(
+            a,
+            vec![Action::Send(ClientMessage::Leave), Action::Disconnect]
+        );
+    }
+
+    #[test]
+    fn losing_signaling_mid_call_keeps_the_call() {
+        let mut call = Call::new();
+        start(&mut call);
+        call.handle(joined(2));
+        call.handle(Event::Peer(PeerState::Connected));
+        assert!(
+            call.handle(Event::ServerClosed {
+                detail: "gone".into()
+            })
+            .is_empty()
+        );
+        assert!(matches!(call.state(), CallState::InCall { .. }));
+    }
+}
