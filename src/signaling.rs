@@ -1,4 +1,5 @@
-//! Talking to a signaling server.
+//! Talking to a signaling server: a WebSocket client that sends [`ClientMessage`]s and
+//! delivers [`ServerMessage`]s, plus the embedded-server helper.
 //!
 //! The protocol types are the server crate's own ([`protocol`]), so client and server
 //! cannot disagree about the wire format.
@@ -6,6 +7,12 @@
 pub use signaling_server::protocol;
 
 use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use protocol::{ClientMessage, ServerMessage};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
 
 /// The address the app uses when no server is configured.
 pub const DEFAULT_SERVER: &str = "127.0.0.1:8787";
@@ -20,4 +27,120 @@ pub async fn start_embedded(
         ..signaling_server::Config::default()
     };
     signaling_server::Server::start(config).await
+}
+
+/// `ws://HOST:PORT/ws` from what a person may type: `HOST:PORT`, `ws://HOST:PORT`,
+/// `http://HOST:PORT`, with or without `/ws`.
+pub fn ws_url(server: &str) -> String {
+    let s = server.trim().trim_end_matches('/');
+    let rest = s
+        .strip_prefix("ws://")
+        .or_else(|| s.strip_prefix("http://"))
+        .unwrap_or(s);
+    if let Some(secure) = s
+        .strip_prefix("wss://")
+        .or_else(|| s.strip_prefix("https://"))
+    {
+        let path = if secure.contains('/') { "" } else { "/ws" };
+        return format!("wss://{secure}{path}");
+    }
+    let path = if rest.contains('/') { "" } else { "/ws" };
+    format!("ws://{rest}{path}")
+}
+
+/// Why the signaling connection could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SignalingError {
+    #[error("cannot reach the signaling server at {url}: {detail}")]
+    Unreachable { url: String, detail: String },
+    #[error("the signaling server connection is closed")]
+    Closed,
+}
+
+/// What the connection reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    Message(ServerMessage),
+    /// The connection ended; `detail` says how.
+    Closed {
+        detail: String,
+    },
+}
+
+/// A connected client. Messages are sent in order by a background task; what arrives
+/// goes to the channel given to [`Client::connect`].
+#[derive(Debug, Clone)]
+pub struct Client {
+    outgoing: mpsc::UnboundedSender<ClientMessage>,
+}
+
+impl Client {
+    /// Connects (with a timeout) and starts the reader and writer tasks.
+    pub async fn connect(
+        server: &str,
+        incoming: mpsc::UnboundedSender<Incoming>,
+    ) -> Result<Client, SignalingError> {
+        let url = ws_url(server);
+        let unreachable = |detail: String| SignalingError::Unreachable {
+            url: url.clone(),
+            detail,
+        };
+        let connecting = tokio_tungstenite::connect_async(url.as_str());
+        let (ws, _) = tokio::time::timeout(Duration::from_secs(5), connecting)
+            .await
+            .map_err(|_| unreachable("timed out after 5 s".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        let (mut sink, mut stream) = ws.split();
+        let (outgoing, mut to_send) = mpsc::unbounded_channel::<ClientMessage>();
+        tokio::spawn(async move {
+            while let Some(msg) = to_send.recv().await {
+                if sink.send(Message::text(msg.to_json())).await.is_err() {
+                    break;
+                }
+            }
+            let _ = sink.close().await;
+        });
+        tokio::spawn(async move {
+            let detail = loop {
+                match stream.next().await {
+                    Some(Ok(Message::Text(text))) => match text.parse::<ServerMessage>() {
+                        Ok(msg) => {
+                            if incoming.send(Incoming::Message(msg)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "unreadable server message"),
+                    },
+                    Some(Ok(Message::Close(frame))) => {
+                        break frame.map_or("closed by the server".to_owned(), |f| {
+                            format!("closed by the server ({}: {})", u16::from(f.code), f.reason)
+                        });
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => break e.to_string(),
+                    None => break "connection closed".to_owned(),
+                }
+            };
+            let _ = incoming.send(Incoming::Closed { detail });
+        });
+        Ok(Client { outgoing })
+    }
+
+    /// Queues a message; fails only when the connection is gone.
+    pub fn send(&self, msg: ClientMessage) -> Result<(), SignalingError> {
+        self.outgoing.send(msg).map_err(|_| SignalingError::Closed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_from_what_people_type() {
+        assert_eq!(ws_url("127.0.0.1:8787"), "ws://127.0.0.1:8787/ws");
+        assert_eq!(ws_url("ws://h:1/ws"), "ws://h:1/ws");
+        assert_eq!(ws_url("http://h:1/"), "ws://h:1/ws");
+        assert_eq!(ws_url("wss://example.org"), "wss://example.org/ws");
+    }
 }

@@ -1,0 +1,739 @@
+//! `call::Session`: one call, end to end. It owns the signaling connection, the
+//! [`Call`] state machine, the [`Peer`] and the media [`Pipelines`], runs the machine's
+//! actions, and publishes the state for observers (UI, headless command, tests).
+//!
+//! Everything runs on one task that reacts to inputs (server messages, peer events,
+//! user commands) one at a time, so the order of signaling operations is exactly the
+//! order of events: no locks around the peer connection.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use webrtc::data_channel::{DataChannel, DataChannelEvent};
+use webrtc::peer_connection::RTCPeerConnectionState;
+
+use super::media::{LatestFrame, MediaStats, Pipelines, ReceiveSinks, StatsHandle};
+use super::peer::{Peer, PeerConfig, PeerEvent, PeerStats};
+use super::state::{Action, Call, CallState, EndReason, Event, PeerState, Role};
+use crate::media::audio::{AudioSink, AudioSource, NullSink, Sine, WavFile, WavSink};
+use crate::media::h264::EncoderSettings;
+use crate::media::video::{TestPattern, VideoSource, Y4mFile, Y4mWriter};
+use crate::signaling::protocol::{ClientMessage, IceServer};
+use crate::signaling::{Client, Incoming};
+
+/// Which camera-like source to send.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VideoInput {
+    TestPattern {
+        width: usize,
+        height: usize,
+        fps: f64,
+        noisy: bool,
+    },
+    File(PathBuf),
+}
+
+/// Which microphone-like source to send.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AudioInput {
+    Sine(f64),
+    File(PathBuf),
+}
+
+/// Everything a session needs.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// `HOST:PORT` or a `ws://` URL.
+    pub server: String,
+    pub room: String,
+    pub name: Option<String>,
+    pub video: VideoInput,
+    pub audio: AudioInput,
+    pub encoder: EncoderSettings,
+    /// Added to the server's `ice_servers`.
+    pub extra_ice_servers: Vec<IceServer>,
+    pub relay_only: bool,
+    /// Gather a loopback candidate too (calls within one machine).
+    pub loopback: bool,
+    pub record_video: Option<PathBuf>,
+    pub record_audio: Option<PathBuf>,
+    /// The remote sends the test pattern: measure PSNR against it (`Some(noisy)`).
+    pub reference_pattern: Option<bool>,
+    /// Chat lines to send once the data channel is open.
+    pub chat: Vec<String>,
+    /// Testing aid: hold our offer/answer back this long (candidates go first).
+    pub hold_description: Option<Duration>,
+}
+
+impl SessionConfig {
+    /// A test-pattern + sine call into `room` on `server`.
+    pub fn synthetic(server: &str, room: &str) -> SessionConfig {
+        SessionConfig {
+            server: server.to_owned(),
+            room: room.to_owned(),
+            name: None,
+            video: VideoInput::TestPattern {
+                width: 640,
+                height: 360,
+                fps: 30.0,
+                noisy: false,
+            },
+            audio: AudioInput::Sine(440.0),
+            encoder: EncoderSettings::default(),
+            extra_ice_servers: Vec::new(),
+            relay_only: false,
+            loopback: true,
+            record_video: None,
+            record_audio: None,
+            reference_pattern: None,
+            chat: Vec::new(),
+            hold_description: None,
+        }
+    }
+}
+
+/// What the user can ask of a running session.
+#[derive(Debug, Clone)]
+pub enum Command {
+    HangUp,
+    Chat(String),
+}
+
+/// A running session.
+pub struct SessionHandle {
+    commands: mpsc::UnboundedSender<Command>,
+    state: watch::Receiver<CallState>,
+    stats: StatsHandle,
+    latest: LatestFrame,
+    task: tokio::task::JoinHandle<Report>,
+}
+
+impl SessionHandle {
+    pub fn hang_up(&self) {
+        let _ = self.commands.send(Command::HangUp);
+    }
+
+    pub fn chat(&self, text: &str) {
+        let _ = self.commands.send(Command::Chat(text.to_owned()));
+    }
+
+    /// The current state.
+    pub fn state(&self) -> CallState {
+        self.state.borrow().clone()
+    }
+
+    /// A receiver that changes with the state.
+    pub fn watch_state(&self) -> watch::Receiver<CallState> {
+        self.state.clone()
+    }
+
+    pub fn stats(&self) -> &StatsHandle {
+        &self.stats
+    }
+
+    /// The newest decoded remote picture.
+    pub fn latest_frame(&self) -> &LatestFrame {
+        &self.latest
+    }
+
+    /// Waits until the state satisfies `f` (or the session ends); false on timeout.
+    pub async fn wait_for(&self, timeout: Duration, f: impl Fn(&CallState) -> bool) -> bool {
+        let mut rx = self.state.clone();
+        tokio::time::timeout(timeout, async {
+            loop {
+                if f(&rx.borrow_and_update()) {
+                    return true;
+                }
+                if rx.changed().await.is_err() {
+                    return f(&rx.borrow());
+                }
+            }
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// Waits for the session to end and returns its report.
+    pub async fn finished(self) -> Report {
+        match self.task.await {
+            Ok(report) => report,
+            Err(e) => Report::failed(format!("session task failed: {e}")),
+        }
+    }
+}
+
+/// Starts a session on the current tokio runtime.
+pub fn start(config: SessionConfig) -> SessionHandle {
+    let (commands, command_rx) = mpsc::unbounded_channel();
+    let (state_tx, state) = watch::channel(CallState::Idle);
+    let stats = StatsHandle::default();
+    let latest = LatestFrame::default();
+    let session = Session {
+        config,
+        call: Call::new(),
+        state_tx,
+        stats: stats.clone(),
+        latest: latest.clone(),
+        client: None,
+        peer: None,
+        pipelines: Pipelines::new(),
+        chat: None,
+        chat_open: false,
+        chat_queue: Vec::new(),
+        media_started: false,
+        last_peer_stats: PeerStats::default(),
+        warnings: Vec::new(),
+    };
+    let task = tokio::spawn(session.run(command_rx));
+    SessionHandle {
+        commands,
+        state,
+        stats,
+        latest,
+        task,
+    }
+}
+
+enum Input {
+    Signal(Incoming),
+    Peer(PeerEvent),
+    Command(Command),
+    ChatOpen,
+    ChatMessage(String),
+}
+
+struct Session {
+    config: SessionConfig,
+    call: Call,
+    state_tx: watch::Sender<CallState>,
+    stats: StatsHandle,
+    latest: LatestFrame,
+    client: Option<Client>,
+    peer: Option<Peer>,
+    pipelines: Pipelines,
+    chat: Option<Arc<dyn DataChannel>>,
+    chat_open: bool,
+    chat_queue: Vec<String>,
+    media_started: bool,
+    last_peer_stats: PeerStats,
+    warnings: Vec<String>,
+}
+
+impl Session {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) -> Report {
+        let (signal_tx, mut signal_rx) = mpsc::unbounded_channel();
+        let (peer_tx, mut peer_rx) = mpsc::unbounded_channel();
+        let (chat_tx, mut chat_rx) = mpsc::unbounded_channel::<Input>();
+        self.chat_queue = self.config.chat.clone();
+
+        match Client::connect(&self.config.server, signal_tx).await {
+            Ok(client) => {
+                self.client = Some(client);
+                let join = Event::Join {
+                    room: self.config.room.clone(),
+                    name: self.config.name.clone(),
+                };
+                self.apply(join, &peer_tx, &chat_tx).await;
+            }
+            Err(e) => {
+                let event = Event::ServerClosed {
+                    detail: e.to_string(),
+                };
+                self.apply(event, &peer_tx, &chat_tx).await;
+            }
+        }
+
+        while !self.call.state().is_ended() {
+            let input = tokio::select! {
+                Some(i) = signal_rx.recv() => Input::Signal(i),
+                Some(e) = peer_rx.recv() => Input::Peer(e),
+                Some(i) = chat_rx.recv() => i,
+                c = commands.recv() => Input::Command(c.unwrap_or(Command::HangUp)),
+            };
+            self.input(input, &peer_tx, &chat_tx).await;
+        }
+        self.shut_down().await;
+        self.report()
+    }
+
+    async fn input(
+        &mut self,
+        input: Input,
+        peer_tx: &mpsc::UnboundedSender<PeerEvent>,
+        chat_tx: &mpsc::UnboundedSender<Input>,
+    ) {
+        match input {
+            Input::Signal(Incoming::Message(msg)) => {
+                self.apply(Event::Server(msg), peer_tx, chat_tx).await;
+            }
+            Input::Signal(Incoming::Closed { detail }) => {
+                self.apply(Event::ServerClosed { detail }, peer_tx, chat_tx)
+                    .await;
+            }
+            Input::Peer(PeerEvent::LocalCandidate(c)) => {
+                self.apply(Event::LocalCandidate(c), peer_tx, chat_tx).await;
+            }
+            Input::Peer(PeerEvent::State(state)) => {
+                tracing::info!(%state, "peer connection");
+                match state {
+                    RTCPeerConnectionState::Connected => {
+                        self.apply(Event::Peer(PeerState::Connected), peer_tx, chat_tx)
+                            .await;
+                        self.start_media();
+                    }
+                    RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed => {
+                        self.apply(Event::Peer(PeerState::Failed), peer_tx, chat_tx)
+                            .await;
+                    }
+                    _ => {}
+                }
+            }
+            Input::Peer(PeerEvent::Track(track)) => {
+                let sinks = self.receive_sinks();
+                self.pipelines.start_receiver(track, sinks).await;
+            }
+            Input::Peer(PeerEvent::DataChannel(channel)) => {
+                self.attach_chat(channel, chat_tx);
+            }
+            Input::ChatOpen => {
+                self.chat_open = true;
+                for line in std::mem::take(&mut self.chat_queue) {
+                    self.send_chat(line).await;
+                }
+            }
+            Input::ChatMessage(text) => self.stats.lock().chat_received.push(text),
+            Input::Command(Command::Chat(text)) => {
+                if self.chat_open {
+                    self.send_chat(text).await;
+                } else {
+                    self.chat_queue.push(text);
+                }
+            }
+            Input::Command(Command::HangUp) => {
+                self.apply(Event::HangUp, peer_tx, chat_tx).await;
+            }
+        }
+    }
+
+    /// Feeds the machine and carries out its actions (which may feed it again).
+    async fn apply(
+        &mut self,
+        event: Event,
+        peer_tx: &mpsc::UnboundedSender<PeerEvent>,
+        chat_tx: &mpsc::UnboundedSender<Input>,
+    ) {
+        let mut pending = std::collections::VecDeque::from([event]);
+        while let Some(event) = pending.pop_front() {
+            let joined_both = matches!(
+                &event,
+                Event::Server(crate::signaling::protocol::ServerMessage::PeerJoined { .. })
+                    | Event::Server(crate::signaling::protocol::ServerMessage::Joined {
+                        members: 2,
+                        ..
+                    })
+            );
+            for action in self.call.handle(event) {
+                if let Some(next) = self.act(action, peer_tx, chat_tx).await {
+                    pending.push_back(next);
+                }
+            }
+            if joined_both {
+                self.stats
+                    .lock()
+                    .both_in_room_at
+                    .get_or_insert(Instant::now());
+            }
+            self.publish();
+        }
+    }
+
+    fn publish(&self) {
+        let state = self.call.state().clone();
+        self.state_tx.send_if_modified(|current| {
+            if *current == state {
+                false
+            } else {
+                *current = state;
+                true
+            }
+        });
+    }
+
+    async fn act(
+        &mut self,
+        action: Action,
+        peer_tx: &mpsc::UnboundedSender<PeerEvent>,
+        chat_tx: &mpsc::UnboundedSender<Input>,
+    ) -> Option<Event> {
+        match action {
+            Action::Send(msg) => {
+                self.send(msg);
+                None
+            }
+            Action::StartPeer { role, ice_servers } => {
+                let mut servers = ice_servers;
+                servers.extend(self.config.extra_ice_servers.iter().cloned());
+                let config = PeerConfig {
+                    ice_servers: servers,
+                    relay_only: self.config.relay_only,
+                    loopback: self.config.loopback,
+                };
+                let mut peer = match Peer::new(role, &config, peer_tx.clone()).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot create the peer connection");
+                        return Some(Event::Peer(PeerState::Failed));
+                    }
+                };
+                if let Some(chat) = peer.chat.clone() {
+                    self.attach_chat(chat, chat_tx);
+                }
+                let next = if role == Role::Offerer {
+                    match peer.create_offer().await {
+                        Ok(sdp) => Some(Event::LocalDescription { sdp, role }),
+                        Err(e) => {
+                            tracing::error!(error = %e, "creating the offer");
+                            Some(Event::Peer(PeerState::Failed))
+                        }
+                    }
+                } else {
+                    None
+                };
+                self.peer = Some(peer);
+                next
+            }
+            Action::RemoteOffer(sdp) => {
+                let peer = self.peer.as_mut()?;
+                match peer.accept_offer(sdp).await {
+                    Ok(answer) => Some(Event::LocalDescription {
+                        sdp: answer,
+                        role: Role::Answerer,
+                    }),
+                    Err(e) => {
+                        tracing::error!(error = %e, "answering the offer");
+                        Some(Event::Peer(PeerState::Failed))
+                    }
+                }
+            }
+            Action::RemoteAnswer(sdp) => {
+                let peer = self.peer.as_mut()?;
+                match peer.accept_answer(sdp).await {
+                    Ok(()) => None,
+                    Err(e) => {
+                        tracing::error!(error = %e, "applying the answer");
+                        Some(Event::Peer(PeerState::Failed))
+                    }
+                }
+            }
+            Action::RemoteCandidate(c) => {
+                if let Some(peer) = self.peer.as_mut() {
+                    peer.add_candidate(c).await;
+                }
+                None
+            }
+            Action::ClosePeer => {
+                self.close_peer().await;
+                None
+            }
+            Action::Disconnect => {
+                self.client = None; // the writer sends what is queued (e.g. `leave`), then closes
+                None
+            }
+        }
+    }
+
+    fn send(&mut self, msg: ClientMessage) {
+        let Some(client) = self.client.clone() else {
+            return;
+        };
+        let hold = self.config.hold_description;
+        match (&msg, hold) {
+            (ClientMessage::Offer { .. } | ClientMessage::Answer { .. }, Some(delay)) => {
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = client.send(msg);
+                });
+            }
+            _ => {
+                let _ = client.send(msg);
+            }
+        }
+    }
+
+    fn attach_chat(
+        &mut self,
+        channel: Arc<dyn DataChannel>,
+        chat_tx: &mpsc::UnboundedSender<Input>,
+    ) {
+        self.chat = Some(channel.clone());
+        let tx = chat_tx.clone();
+        // Ends when the peer connection closes (its event streams end).
+        tokio::spawn(async move {
+            while let Some(event) = channel.poll().await {
+                let input = match event {
+                    DataChannelEvent::OnOpen => Input::ChatOpen,
+                    DataChannelEvent::OnMessage(m) => {
+                        Input::ChatMessage(String::from_utf8_lossy(&m.data).into_owned())
+                    }
+                    DataChannelEvent::OnClose => break,
+                    _ => continue,
+                };
+                if tx.send(input).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    async fn send_chat(&mut self, text: String) {
+        let Some(chat) = self.chat.clone() else {
+            self.chat_queue.push(text);
+            return;
+        };
+        match chat.send_text(&text).await {
+            Ok(()) => self.stats.lock().chat_sent.push(text),
+            Err(e) => tracing::warn!(error = %e, "sending a chat message"),
+        }
+    }
+
+    fn receive_sinks(&mut self) -> ReceiveSinks {
+        let record_video = self
+            .config
+            .record_video
+            .as_ref()
+            .map(|p| Arc::new(Mutex::new(Y4mWriter::new(p, 30))));
+        let audio: Box<dyn AudioSink> = match self.config.record_audio.as_ref() {
+            Some(path) => match WavSink::create(path) {
+                Ok(sink) => Box::new(sink),
+                Err(e) => {
+                    self.warnings.push(format!("cannot record audio: {e}"));
+                    Box::new(NullSink)
+                }
+            },
+            None => Box::new(NullSink),
+        };
+        ReceiveSinks {
+            stats: self.stats.clone(),
+            latest: self.latest.clone(),
+            record_video,
+            audio: Some(Arc::new(Mutex::new(audio))),
+            reference_pattern: self.config.reference_pattern,
+        }
+    }
+
+    fn start_media(&mut self) {
+        if self.media_started {
+            return;
+        }
+        let Some(peer) = self.peer.as_ref() else {
+            return;
+        };
+        self.media_started = true;
+        {
+            let mut stats = self.stats.lock();
+            stats.connected_after = Some(stats.started.elapsed());
+        }
+        let (video, audio) = (peer.video.clone(), peer.audio.clone());
+        let source = open_video(&self.config.video, &mut self.warnings);
+        self.pipelines
+            .start_video_sender(source, self.config.encoder, video, self.stats.clone());
+        let source = open_audio(&self.config.audio, &mut self.warnings);
+        self.pipelines
+            .start_audio_sender(source, audio, self.stats.clone());
+    }
+
+    async fn close_peer(&mut self) {
+        if let Some(peer) = self.peer.as_ref() {
+            self.last_peer_stats = peer.stats().await;
+            peer.close().await;
+        }
+        self.peer = None;
+        self.chat = None;
+        self.pipelines.stop().await;
+    }
+
+    async fn shut_down(&mut self) {
+        self.close_peer().await;
+        self.client = None;
+        self.publish();
+    }
+
+    fn report(&self) -> Report {
+        Report::from_stats(
+            &self.stats.lock(),
+            &self.last_peer_stats,
+            self.call.state(),
+            &self.warnings,
+        )
+    }
+}
+
+/// Opens the configured video source; a broken file falls back to the test pattern
+/// with a warning rather than failing the call.
+fn open_video(input: &VideoInput, warnings: &mut Vec<String>) -> Box<dyn VideoSource> {
+    match input {
+        VideoInput::TestPattern {
+            width,
+            height,
+            fps,
+            noisy,
+        } => Box::new(TestPattern::new(*width, *height, *fps, *noisy)),
+        VideoInput::File(path) => match Y4mFile::open(path) {
+            Ok(f) => Box::new(f),
+            Err(e) => {
+                warnings.push(format!("{e}; sending the test pattern instead"));
+                Box::new(TestPattern::new(640, 360, 30.0, false))
+            }
+        },
+    }
+}
+
+fn open_audio(input: &AudioInput, warnings: &mut Vec<String>) -> Box<dyn AudioSource> {
+    match input {
+        AudioInput::Sine(f) => Box::new(Sine::new(*f)),
+        AudioInput::File(path) => match WavFile::open(path) {
+            Ok(f) => Box::new(f),
+            Err(e) => {
+                warnings.push(format!("{e}; sending a 440 Hz tone instead"));
+                Box::new(Sine::new(440.0))
+            }
+        },
+    }
+}
+
+/// The JSON report of a call.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Report {
+    pub end_reason: String,
+    pub ended: Option<EndReason>,
+    pub time_to_connected_ms: Option<f64>,
+    pub time_to_first_frame_ms: Option<f64>,
+    /// From both members being in the room to the first decoded frame.
+    pub setup_to_first_frame_ms: Option<f64>,
+    pub frames_sent: u64,
+    pub frames_skipped_by_encoder: u64,
+    pub keyframes_sent: u64,
+    pub keyframe_requests_received: u64,
+    pub frames_received: u64,
+    pub frames_broken: u64,
+    pub frames_decoded: u64,
+    pub decoded_resolution: Option<(usize, usize)>,
+    pub fps_received: Option<f64>,
+    pub latency_ms_p50: Option<f64>,
+    pub latency_ms_p95: Option<f64>,
+    pub frames_with_strip: u64,
+    pub frames_out_of_order: u64,
+    pub frozen_frames: u64,
+    pub lost_frames: u64,
+    pub psnr_db_mean: Option<f64>,
+    pub psnr_db_min: Option<f64>,
+    pub encode_ms_p50: Option<f64>,
+    pub decode_ms_p50: Option<f64>,
+    pub audio_frames_sent: u64,
+    pub audio_frames_decoded: u64,
+    pub audio_frames_concealed: u64,
+    pub audio_dominant_hz: Option<f64>,
+    pub bitrate_sent_kbps: Option<f64>,
+    pub bitrate_received_kbps: Option<f64>,
+    pub rtt_ms: Option<f64>,
+    pub candidate_type: Option<String>,
+    pub packets_lost: u64,
+    pub chat_sent: Vec<String>,
+    pub chat_received: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+fn percentile_ms(values_us: &[u32], p: f64) -> Option<f64> {
+    if values_us.is_empty() {
+        return None;
+    }
+    let mut v = values_us.to_vec();
+    v.sort_unstable();
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    Some(f64::from(v[i]) / 1000.0)
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e5).round() / 100.0
+}
+
+impl Report {
+    fn failed(reason: String) -> Report {
+        Report {
+            end_reason: reason,
+            ..Report::default()
+        }
+    }
+
+    fn from_stats(
+        s: &MediaStats,
+        peer: &PeerStats,
+        state: &CallState,
+        warnings: &[String],
+    ) -> Report {
+        let (end_reason, ended) = match state {
+            CallState::Ended(r) => (r.to_string(), Some(r.clone())),
+            other => (other.describe(), None),
+        };
+        let active = match (s.first_decoded_at, s.last_decoded_at) {
+            (Some(a), Some(b)) if b > a => Some(b - a),
+            _ => None,
+        };
+        let media_secs = s
+            .connected_after
+            .map(|c| s.started.elapsed().saturating_sub(c).as_secs_f64())
+            .filter(|&x| x > 0.0);
+        Report {
+            end_reason,
+            ended,
+            time_to_connected_ms: s.connected_after.map(ms),
+            time_to_first_frame_ms: s.first_frame_after.map(ms),
+            setup_to_first_frame_ms: match (s.both_in_room_at, s.first_decoded_at) {
+                (Some(a), Some(b)) => Some(ms(b.saturating_duration_since(a))),
+                _ => None,
+            },
+            frames_sent: s.video_frames_sent,
+            frames_skipped_by_encoder: s.video_frames_skipped,
+            keyframes_sent: s.keyframes_sent,
+            keyframe_requests_received: s.keyframe_requests_received,
+            frames_received: s.video_frames_received,
+            frames_broken: s.video_frames_broken,
+            frames_decoded: s.video_frames_decoded,
+            decoded_resolution: (s.decoded_width > 0)
+                .then_some((s.decoded_width, s.decoded_height)),
+            fps_received: active.filter(|d| d.as_secs_f64() > 0.5).map(|d| {
+                ((s.video_frames_decoded - 1) as f64 / d.as_secs_f64() * 10.0).round() / 10.0
+            }),
+            latency_ms_p50: percentile_ms(&s.latencies_us, 0.5),
+            latency_ms_p95: percentile_ms(&s.latencies_us, 0.95),
+            frames_with_strip: s.strip_frames,
+            frames_out_of_order: s.frames_out_of_order,
+            frozen_frames: s.frozen_frames,
+            lost_frames: s.lost_frames,
+            psnr_db_mean: (!s.psnr_db.is_empty())
+                .then(|| s.psnr_db.iter().sum::<f64>() / s.psnr_db.len() as f64),
+            psnr_db_min: s.psnr_db.iter().copied().reduce(f64::min),
+            encode_ms_p50: percentile_ms(&s.encode_us, 0.5),
+            decode_ms_p50: percentile_ms(&s.decode_us, 0.5),
+            audio_frames_sent: s.audio_frames_sent,
+            audio_frames_decoded: s.audio_frames_decoded,
+            audio_frames_concealed: s.audio_frames_concealed,
+            audio_dominant_hz: (s.audio_tail.len() >= 4800).then(|| {
+                let tail: Vec<i16> = s.audio_tail.iter().copied().collect();
+                crate::media::audio::dominant_frequency(&tail)
+            }),
+            bitrate_sent_kbps: media_secs
+                .map(|t| (peer.bytes_sent as f64 * 8.0 / t / 1000.0).round()),
+            bitrate_received_kbps: media_secs
+                .map(|t| (peer.bytes_received as f64 * 8.0 / t / 1000.0).round()),
+            rtt_ms: peer.rtt_ms,
+            candidate_type: peer.candidate_type.clone(),
+            packets_lost: peer.packets_lost,
+            chat_sent: s.chat_sent.clone(),
+            chat_received: s.chat_received.clone(),
+            warnings: warnings.to_vec(),
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Real calls: two headless sessions through an in-process signaling server, with real
+//! WebRTC peer connections on loopback, real H.264 and Opus.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use duet::call::{self, AudioInput, CallState, EndReason, SessionConfig};
+use signaling_server::{Config, Server};
+
+/// Calls share two cores: run them one at a time so timing is realistic.
+static ONE_AT_A_TIME: LazyLock<tokio::sync::Mutex<()>> =
+    LazyLock::new(|| tokio::sync::Mutex::new(()));
+
+fn logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+async fn server() -> Server {
+    logs();
+    Server::start(Config::ephemeral()).await.unwrap()
+}
+
+fn config(server: &Server, room: &str, tone: f64, chat: &str) -> SessionConfig {
+    let mut c = SessionConfig::synthetic(&server.ws_url(), room);
+    c.audio = AudioInput::Sine(tone);
+    c.reference_pattern = Some(false);
+    c.chat = vec![chat.to_owned()];
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_peers_exchange_video_audio_and_chat_then_hang_up() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let s = server().await;
+    let a = call::start(config(&s, "talk", 440.0, "hello from a"));
+    assert!(
+        a.wait_for(Duration::from_secs(5), |st| matches!(
+            st,
+            CallState::WaitingForPeer { .. }
+        ))
+        .await
+    );
+    let b = call::start(config(&s, "talk", 660.0, "hello from b"));
+    for side in [&a, &b] {
+        assert!(
+            side.wait_for(Duration::from_secs(10), |st| matches!(
+                st,
+                CallState::InCall { .. }
+            ))
+            .await,
+            "not connected: {:?}",
+            side.state()
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    a.hang_up();
+    let hung_up = std::time::Instant::now();
+    assert!(
+        b.wait_for(Duration::from_secs(1), |st| st.is_ended()).await,
+        "the other side did not see the hang-up within 1 s: {:?}",
+        b.state()
+    );
+    let b_ended = hung_up.elapsed();
+    let ra = a.finished().await;
+    let rb = b.finished().await;
+    println!("A: {}", serde_json::to_string_pretty(&ra).unwrap());
+    println!("B: {}", serde_json::to_string_pretty(&rb).unwrap());
+    println!("B saw the hang-up after {b_ended:?}");
+
+    assert_eq!(ra.ended, Some(EndReason::HungUp));
+    assert_eq!(
+        rb.ended,
+        Some(EndReason::PeerLeft {
+            disconnected: false
+        })
+    );
+    assert_eq!(rb.end_reason, "peer left");
+    for (me, other, tone) in [(&ra, &rb, 660.0), (&rb, &ra, 440.0)] {
+        assert!(me.time_to_connected_ms.is_some());
+        assert!(other.frames_sent > 60, "{}", other.frames_sent);
+        // Frames still in flight when the call ended may be missing: compare against
+        // what the other side had sent, allowing 10%.
+        assert!(
+            me.frames_decoded as f64 >= 0.9 * other.frames_sent as f64,
+            "decoded {} of {} sent",
+            me.frames_decoded,
+            other.frames_sent
+        );
+        assert!(me.frames_with_strip >= me.frames_decoded * 9 / 10);
+        assert_eq!(
+            me.frames_out_of_order, 0,
+            "strip read back in increasing order"
+        );
+        assert!(
+            me.psnr_db_mean.unwrap() > 30.0,
+            "PSNR {:?}",
+            me.psnr_db_mean
+        );
+        assert_eq!(me.decoded_resolution, Some((640, 360)));
+        let hz = me.audio_dominant_hz.unwrap();
+        assert!((hz - tone).abs() <= 10.0, "heard {hz} Hz, expected {tone}");
+        assert!(me.audio_frames_decoded > 100);
+        assert!(me.latency_ms_p50.unwrap() < 200.0);
+    }
+    assert_eq!(ra.chat_received, vec!["hello from b".to_owned()]);
+    assert_eq!(rb.chat_received, vec!["hello from a".to_owned()]);
+    s.stop().await;
+}
