@@ -113,3 +113,191 @@ async fn two_peers_exchange_video_audio_and_chat_then_hang_up() {
     assert_eq!(rb.chat_received, vec!["hello from a".to_owned()]);
     s.stop().await;
 }
+
+/// Threads this crate started (they are all named `duet-...`).
+fn duet_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("duet-"))
+        .count()
+}
+
+fn open_sockets() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .count()
+}
+
+fn alive_tasks() -> usize {
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
+}
+
+/// Polls until `f` holds (resources are released asynchronously), up to 3 s.
+async fn settles(f: impl Fn() -> bool) -> bool {
+    for _ in 0..60 {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f()
+}
+
+async fn short_call(s: &Server, room: &str) -> (call::Report, call::Report) {
+    let a = call::start(config(s, room, 440.0, "a"));
+    assert!(
+        a.wait_for(Duration::from_secs(5), |st| matches!(
+            st,
+            CallState::WaitingForPeer { .. }
+        ))
+        .await
+    );
+    let b = call::start(config(s, room, 660.0, "b"));
+    for side in [&a, &b] {
+        assert!(
+            side.wait_for(Duration::from_secs(10), |st| matches!(
+                st,
+                CallState::InCall { .. }
+            ))
+            .await
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    a.hang_up();
+    b.hang_up();
+    (a.finished().await, b.finished().await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hang_up_frees_everything_and_a_second_call_works() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let s = server().await;
+    let (threads, sockets, tasks) = (duet_threads(), open_sockets(), alive_tasks());
+    for round in 0..2 {
+        let (ra, rb) = short_call(&s, &format!("again-{round}")).await;
+        for r in [&ra, &rb] {
+            assert!(
+                r.frames_decoded > 20,
+                "round {round}: {} decoded",
+                r.frames_decoded
+            );
+            assert!(r.audio_frames_decoded > 30);
+        }
+        assert!(
+            settles(|| duet_threads() == threads).await,
+            "round {round}: media threads left: {} (before {threads})",
+            duet_threads()
+        );
+        assert!(
+            settles(|| open_sockets() == sockets).await,
+            "round {round}: sockets left: {} (before {sockets})",
+            open_sockets()
+        );
+        assert!(
+            settles(|| alive_tasks() <= tasks).await,
+            "round {round}: tasks left: {} (before {tasks})",
+            alive_tasks()
+        );
+        println!(
+            "after call {round}: {} duet threads, {} sockets, {} tasks (before: {threads}, {sockets}, {tasks})",
+            duet_threads(),
+            open_sockets(),
+            alive_tasks()
+        );
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn candidates_that_arrive_before_the_description_are_not_lost() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let s = server().await;
+    let mut ca = config(&s, "early", 440.0, "a");
+    let mut cb = config(&s, "early", 660.0, "b");
+    // Both sides hold their offer/answer back: every candidate is relayed first.
+    ca.hold_description = Some(Duration::from_millis(400));
+    cb.hold_description = Some(Duration::from_millis(400));
+    let a = call::start(ca);
+    assert!(
+        a.wait_for(Duration::from_secs(5), |st| matches!(
+            st,
+            CallState::WaitingForPeer { .. }
+        ))
+        .await
+    );
+    let b = call::start(cb);
+    for side in [&a, &b] {
+        assert!(
+            side.wait_for(Duration::from_secs(10), |st| matches!(
+                st,
+                CallState::InCall { .. }
+            ))
+            .await,
+            "{:?}",
+            side.state()
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    a.hang_up();
+    let (ra, rb) = (a.finished().await, b.finished().await);
+    assert!(ra.frames_decoded > 10 && rb.frames_decoded > 10);
+    assert!(
+        ra.time_to_connected_ms.unwrap() >= 400.0,
+        "the offer was held back"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_server_and_full_room_end_with_clear_reasons() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let lonely = call::start(SessionConfig::synthetic(&format!("127.0.0.1:{port}"), "x"));
+    let report = lonely.finished().await;
+    assert!(
+        matches!(report.ended, Some(EndReason::ServerLost { .. })),
+        "{report:?}"
+    );
+    assert!(
+        report.end_reason.contains("unreachable"),
+        "{}",
+        report.end_reason
+    );
+
+    let s = server().await;
+    let a = call::start(config(&s, "crowded", 440.0, "a"));
+    assert!(
+        a.wait_for(Duration::from_secs(5), |st| matches!(
+            st,
+            CallState::WaitingForPeer { .. }
+        ))
+        .await
+    );
+    let b = call::start(config(&s, "crowded", 660.0, "b"));
+    assert!(
+        b.wait_for(Duration::from_secs(10), |st| matches!(
+            st,
+            CallState::InCall { .. }
+        ))
+        .await
+    );
+    let third = call::start(config(&s, "crowded", 880.0, "c"));
+    let report = third.finished().await;
+    assert_eq!(report.ended, Some(EndReason::RoomFull));
+    assert_eq!(report.frames_sent, 0);
+    a.hang_up();
+    b.hang_up();
+    a.finished().await;
+    b.finished().await;
+    s.stop().await;
+}
