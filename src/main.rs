@@ -1,12 +1,21 @@
 //! `duet`: the Duet video call app.
 //!
-//! Today it can run the signaling server embedded (`duet server`); the desktop window and
-//! the headless call command are being built (see the issues).
+//! - `duet call --headless ...`: make a real call without a window and write a JSON report.
+//! - `duet server`: run the signaling server in this process.
+//!
+//! The desktop window arrives with its issue; until then `duet` without a subcommand says
+//! so and points at these.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use duet::call::{self, AudioInput, CallState, SessionConfig, VideoInput};
+use duet::media::h264::EncoderSettings;
+use duet::signaling::protocol::IceServer;
 
 /// Duet: two-person peer-to-peer video calls.
 #[derive(Debug, Parser)]
@@ -18,6 +27,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Make a call. With --headless: no window; media from synthetic sources or files,
+    /// a JSON report at the end.
+    Call(Box<CallArgs>),
     /// Run the signaling server in this process (what the app does when none answers).
     Server {
         /// Address to listen on.
@@ -26,29 +38,271 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    signaling_server::init_logging("info");
+#[derive(Debug, Args)]
+struct CallArgs {
+    /// Run without a window (the only mode until the desktop UI lands).
+    #[arg(long)]
+    headless: bool,
+    /// Signaling server (HOST:PORT or ws:// URL). Default: 127.0.0.1:8787, started
+    /// in-process when nothing answers there.
+    #[arg(long)]
+    server: Option<String>,
+    /// Room to join.
+    #[arg(long)]
+    room: String,
+    /// Display name shown to the other person.
+    #[arg(long)]
+    name: Option<String>,
+    /// Video to send: camera, test-pattern, noisy-pattern, or a .y4m file.
+    #[arg(long, default_value = "test-pattern")]
+    video: String,
+    /// Audio to send: mic, sine, sine:FREQ, or a .wav file.
+    #[arg(long, default_value = "sine")]
+    audio: String,
+    /// Width of the test pattern.
+    #[arg(long, default_value_t = 640)]
+    width: usize,
+    /// Height of the test pattern.
+    #[arg(long, default_value_t = 360)]
+    height: usize,
+    /// Frames per second of the test pattern.
+    #[arg(long, default_value_t = 30.0)]
+    fps: f64,
+    /// Video bitrate in kbit/s.
+    #[arg(long, default_value_t = 1500)]
+    bitrate_kbps: u32,
+    /// How long to stay in the call once connected (e.g. 10s, 2m).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// How long to wait for the other person before giving up.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    wait: Duration,
+    /// Record the received video to this Y4M file.
+    #[arg(long)]
+    record_video: Option<PathBuf>,
+    /// Record the received audio to this WAV file.
+    #[arg(long)]
+    record_audio: Option<PathBuf>,
+    /// Write the JSON report here (default: standard output).
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Send this chat message once connected (repeatable).
+    #[arg(long)]
+    chat: Vec<String>,
+    /// The other side sends the test pattern: measure quality (PSNR) against it.
+    #[arg(long)]
+    expect_pattern: bool,
+    /// The expected pattern is the noisy one.
+    #[arg(long)]
+    expect_noisy: bool,
+    /// Extra ICE server URL (stun:/turn:), added to the server's list (repeatable).
+    #[arg(long = "ice-server", value_name = "URL")]
+    ice_servers: Vec<String>,
+    /// Username for the --ice-server TURN URLs.
+    #[arg(long)]
+    turn_user: Option<String>,
+    /// Password for the --ice-server TURN URLs.
+    #[arg(long)]
+    turn_pass: Option<String>,
+    /// Only use TURN relays.
+    #[arg(long)]
+    relay_only: bool,
+}
+
+fn main() -> ExitCode {
+    signaling_server::init_logging("warn");
     let cli = Cli::parse();
-    match cli.command {
-        Some(Command::Server { listen }) => match duet::signaling::start_embedded(listen).await {
-            Ok(server) => {
-                eprintln!("duet: signaling server on {}", server.ws_url());
-                let _ = tokio::signal::ctrl_c().await;
-                server.stop().await;
-                ExitCode::SUCCESS
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("duet: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Some(Command::Server { listen }) => serve(listen).await,
+            Some(Command::Call(args)) => run_call(*args).await,
+            None => {
+                eprintln!(
+                    "duet: the desktop window is not built yet.\n\
+                     Make a call without a window: duet call --headless --room NAME\n\
+                     Run the signaling server:     duet server\n\
+                     More: duet --help"
+                );
+                Ok(ExitCode::from(2))
             }
-            Err(e) => {
-                eprintln!("duet: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        None => {
-            eprintln!(
-                "duet: the desktop window is not built yet. Run `duet server` to start the \
-                 signaling server, or `duet --help`."
-            );
-            ExitCode::from(2)
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("duet: {e:#}");
+            ExitCode::FAILURE
         }
     }
+}
+
+async fn serve(listen: SocketAddr) -> anyhow::Result<ExitCode> {
+    let server = duet::signaling::start_embedded(listen).await?;
+    eprintln!("duet: signaling server on {}", server.ws_url());
+    let _ = tokio::signal::ctrl_c().await;
+    server.stop().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The server to use, starting the embedded one when the default address is silent.
+async fn server_address(
+    given: Option<String>,
+) -> anyhow::Result<(String, Option<signaling_server::Server>)> {
+    if let Some(s) = given {
+        return Ok((s, None));
+    }
+    let default = duet::signaling::DEFAULT_SERVER;
+    let answering = tokio::time::timeout(
+        Duration::from_millis(500),
+        tokio::net::TcpStream::connect(default),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    if answering {
+        return Ok((default.to_owned(), None));
+    }
+    let addr: SocketAddr = default.parse().context("default server address")?;
+    match duet::signaling::start_embedded(addr).await {
+        Ok(server) => {
+            eprintln!("duet: no signaling server answered; started one on {default}");
+            Ok((default.to_owned(), Some(server)))
+        }
+        // Someone else won the race for the port: use theirs.
+        Err(_) => Ok((default.to_owned(), None)),
+    }
+}
+
+fn video_input(args: &CallArgs, warnings: &mut Vec<String>) -> VideoInput {
+    let pattern = |noisy| VideoInput::TestPattern {
+        width: args.width,
+        height: args.height,
+        fps: args.fps,
+        noisy,
+    };
+    match args.video.as_str() {
+        "test-pattern" => pattern(false),
+        "noisy-pattern" => pattern(true),
+        "camera" => {
+            warnings.push("no camera support in this build; sending the test pattern".into());
+            pattern(false)
+        }
+        path => VideoInput::File(PathBuf::from(path)),
+    }
+}
+
+fn audio_input(args: &CallArgs, warnings: &mut Vec<String>) -> anyhow::Result<AudioInput> {
+    Ok(match args.audio.as_str() {
+        "sine" => AudioInput::Sine(440.0),
+        "mic" => {
+            warnings.push("no microphone support in this build; sending a 440 Hz tone".into());
+            AudioInput::Sine(440.0)
+        }
+        other => match other.strip_prefix("sine:") {
+            Some(f) => AudioInput::Sine(
+                f.parse()
+                    .with_context(|| format!("--audio {other}: not a frequency"))?,
+            ),
+            None => AudioInput::File(PathBuf::from(other)),
+        },
+    })
+}
+
+async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
+    if !args.headless {
+        anyhow::bail!("the desktop window is not built yet; add --headless");
+    }
+    let mut warnings = Vec::new();
+    let video = video_input(&args, &mut warnings);
+    let audio = audio_input(&args, &mut warnings)?;
+    for w in &warnings {
+        eprintln!("duet: warning: {w}");
+    }
+    let (server, embedded) = server_address(args.server.clone()).await?;
+    let extra_ice_servers = if args.ice_servers.is_empty() {
+        Vec::new()
+    } else {
+        vec![IceServer {
+            urls: args.ice_servers.clone(),
+            username: args.turn_user.clone(),
+            credential: args.turn_pass.clone(),
+        }]
+    };
+    let config = SessionConfig {
+        server,
+        room: args.room.clone(),
+        name: args.name.clone(),
+        video,
+        audio,
+        encoder: EncoderSettings {
+            bitrate_bps: args.bitrate_kbps.saturating_mul(1000),
+            fps: args.fps as f32,
+            keyframe_interval: (args.fps * 3.0) as u32,
+        },
+        extra_ice_servers,
+        relay_only: args.relay_only,
+        loopback: true,
+        record_video: args.record_video.clone(),
+        record_audio: args.record_audio.clone(),
+        reference_pattern: (args.expect_pattern || args.expect_noisy).then_some(args.expect_noisy),
+        chat: args.chat.clone(),
+        hold_description: None,
+    };
+    let session = call::start(config);
+    let mut state = session.watch_state();
+    eprintln!("duet: {}", session.state().describe());
+
+    // Wait for the call (printing state changes), then stay for --duration.
+    let connected = tokio::time::timeout(args.wait, async {
+        loop {
+            let current = state.borrow_and_update().clone();
+            if matches!(current, CallState::InCall { .. }) || current.is_ended() {
+                return;
+            }
+            if state.changed().await.is_err() {
+                return;
+            }
+            eprintln!("duet: {}", state.borrow().describe());
+        }
+    })
+    .await;
+    if connected.is_err() {
+        eprintln!("duet: nobody joined within {:?}; hanging up", args.wait);
+        session.hang_up();
+    } else if !session.state().is_ended() {
+        eprintln!("duet: connected; staying {:?}", args.duration);
+        let _ = tokio::time::timeout(args.duration, async {
+            while state.changed().await.is_ok() {
+                if state.borrow().is_ended() {
+                    return;
+                }
+            }
+        })
+        .await;
+        session.hang_up();
+    }
+    let was_in_call = session.stats().lock().connected_after.is_some();
+    let mut report = session.finished().await;
+    report.warnings.extend(warnings);
+    eprintln!("duet: ended: {}", report.end_reason);
+    let json = serde_json::to_string_pretty(&report)?;
+    match &args.report {
+        Some(path) => std::fs::write(path, json + "\n")
+            .with_context(|| format!("writing the report to {}", path.display()))?,
+        None => println!("{json}"),
+    }
+    if let Some(server) = embedded {
+        server.stop().await;
+    }
+    Ok(if was_in_call {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

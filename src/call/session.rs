@@ -185,6 +185,7 @@ pub fn start(config: SessionConfig) -> SessionHandle {
         media_started: false,
         last_peer_stats: PeerStats::default(),
         warnings: Vec::new(),
+        sinks: None,
     };
     let task = tokio::spawn(session.run(command_rx));
     SessionHandle {
@@ -219,6 +220,9 @@ struct Session {
     media_started: bool,
     last_peer_stats: PeerStats,
     warnings: Vec<String>,
+    /// Built on the first remote track, shared by both; dropped at close, which
+    /// finishes the recordings.
+    sinks: Option<ReceiveSinks>,
 }
 
 impl Session {
@@ -499,6 +503,9 @@ impl Session {
     }
 
     fn receive_sinks(&mut self) -> ReceiveSinks {
+        if let Some(sinks) = &self.sinks {
+            return sinks.clone();
+        }
         let record_video = self
             .config
             .record_video
@@ -514,13 +521,15 @@ impl Session {
             },
             None => Box::new(NullSink),
         };
-        ReceiveSinks {
+        let sinks = ReceiveSinks {
             stats: self.stats.clone(),
             latest: self.latest.clone(),
             record_video,
             audio: Some(Arc::new(Mutex::new(audio))),
             reference_pattern: self.config.reference_pattern,
-        }
+        };
+        self.sinks = Some(sinks.clone());
+        sinks
     }
 
     fn start_media(&mut self) {
@@ -552,6 +561,7 @@ impl Session {
         self.peer = None;
         self.chat = None;
         self.pipelines.stop().await;
+        self.sinks = None;
     }
 
     async fn shut_down(&mut self) {
