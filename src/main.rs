@@ -179,6 +179,28 @@ async fn server_address(
     }
 }
 
+/// User + system CPU seconds of this process (Linux).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let after = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0) // USER_HZ
+}
+
+/// Peak resident set size of this process in MiB (Linux).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some((kb / 1024.0 * 10.0).round() / 10.0)
+}
+
 fn video_input(args: &CallArgs, warnings: &mut Vec<String>) -> VideoInput {
     let pattern = |noisy| VideoInput::TestPattern {
         width: args.width,
@@ -256,6 +278,7 @@ async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
     };
     let session = call::start(config);
     let mut state = session.watch_state();
+    let mut cpu_start = None;
     eprintln!("duet: {}", session.state().describe());
 
     // Wait for the call (printing state changes), then stay for --duration.
@@ -277,6 +300,7 @@ async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
         session.hang_up();
     } else if !session.state().is_ended() {
         eprintln!("duet: connected; staying {:?}", args.duration);
+        cpu_start = Some((std::time::Instant::now(), process_cpu_seconds()));
         let _ = tokio::time::timeout(args.duration, async {
             while state.changed().await.is_ok() {
                 if state.borrow().is_ended() {
@@ -288,8 +312,14 @@ async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
         session.hang_up();
     }
     let was_in_call = session.stats().lock().connected_after.is_some();
+    let cpu_end = process_cpu_seconds();
     let mut report = session.finished().await;
     report.warnings.extend(warnings);
+    if let (Some((t0, Some(c0))), Some(c1)) = (cpu_start, cpu_end) {
+        let wall = t0.elapsed().as_secs_f64();
+        report.process_cpu_percent = Some(((c1 - c0) / wall * 1000.0).round() / 10.0);
+    }
+    report.process_peak_rss_mib = peak_rss_mib();
     eprintln!("duet: ended: {}", report.end_reason);
     let json = serde_json::to_string_pretty(&report)?;
     match &args.report {

@@ -653,6 +653,10 @@ pub struct Report {
     pub chat_sent: Vec<String>,
     pub chat_received: Vec<String>,
     pub warnings: Vec<String>,
+    /// CPU of the whole process while in the call, percent of one core (headless only).
+    pub process_cpu_percent: Option<f64>,
+    /// Peak resident memory of the process, MiB (headless only).
+    pub process_peak_rss_mib: Option<f64>,
 }
 
 fn percentile_ms(values_us: &[u32], p: f64) -> Option<f64> {
@@ -744,6 +748,8 @@ impl Report {
             chat_sent: s.chat_sent.clone(),
             chat_received: s.chat_received.clone(),
             warnings: warnings.to_vec(),
+            process_cpu_percent: None,
+            process_peak_rss_mib: None,
         }
     }
 }
