@@ -2,11 +2,14 @@
 # Both first install the few Debian packages the build needs (with sudo when not root).
 
 # Debian packages the build and tests need beyond a Rust toolchain and gcc.
-DEBIAN_PACKAGES := pkg-config cmake nasm
+DEBIAN_PACKAGES := pkg-config cmake nasm libasound2-dev pulseaudio pulseaudio-utils libasound2-plugins
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: deps run server test bench
+# PulseAudio needs a runtime directory; tests talk to a null sink (no sound card needed).
+export XDG_RUNTIME_DIR ?= /tmp/duet-runtime-$(shell id -u)
+
+.PHONY: deps audio run server test bench
 
 deps:
 	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -23,11 +26,20 @@ run: deps
 server: deps
 	cargo run --release -p signaling-server -- --listen 127.0.0.1:8787
 
+# A PulseAudio null sink for the audio device tests: starts a daemon if none runs and
+# adds a sink named nullsink if missing (on a desktop it leaves your devices alone).
+audio:
+	@mkdir -p $(XDG_RUNTIME_DIR) && chmod 700 $(XDG_RUNTIME_DIR)
+	@pactl info >/dev/null 2>&1 || { pulseaudio -n --daemonize=yes --exit-idle-time=-1 \
+		-L module-native-protocol-unix -L module-always-sink >/dev/null 2>&1; sleep 1; }
+	@pactl list short sinks | grep -q nullsink || \
+		pactl load-module module-null-sink sink_name=nullsink rate=48000 >/dev/null
+
 # Formatting, lints and every test of the workspace.
-test: deps
+test: deps audio
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
-	cargo test --workspace
+	PULSE_SINK=nullsink PULSE_SOURCE=nullsink.monitor cargo test --workspace
 
 # The signaling load benchmark (prints JSON); see docs/PERFORMANCE.md.
 bench: deps

@@ -56,7 +56,8 @@ struct CallArgs {
     /// Video to send: camera, test-pattern, noisy-pattern, or a .y4m file.
     #[arg(long, default_value = "test-pattern")]
     video: String,
-    /// Audio to send: mic, sine, sine:FREQ, or a .wav file.
+    /// Audio to send: mic (the default microphone; a 440 Hz tone if there is none), sine,
+    /// sine:FREQ, or a .wav file.
     #[arg(long, default_value = "sine")]
     audio: String,
     /// Width of the test pattern.
@@ -80,6 +81,9 @@ struct CallArgs {
     /// Record the received video to this Y4M file.
     #[arg(long)]
     record_video: Option<PathBuf>,
+    /// Play the received audio on the default speaker.
+    #[arg(long)]
+    speaker: bool,
     /// Record the received audio to this WAV file.
     #[arg(long)]
     record_audio: Option<PathBuf>,
@@ -219,13 +223,10 @@ fn video_input(args: &CallArgs, warnings: &mut Vec<String>) -> VideoInput {
     }
 }
 
-fn audio_input(args: &CallArgs, warnings: &mut Vec<String>) -> anyhow::Result<AudioInput> {
+fn audio_input(args: &CallArgs) -> anyhow::Result<AudioInput> {
     Ok(match args.audio.as_str() {
         "sine" => AudioInput::Sine(440.0),
-        "mic" => {
-            warnings.push("no microphone support in this build; sending a 440 Hz tone".into());
-            AudioInput::Sine(440.0)
-        }
+        "mic" => AudioInput::Microphone,
         other => match other.strip_prefix("sine:") {
             Some(f) => AudioInput::Sine(
                 f.parse()
@@ -242,7 +243,7 @@ async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
     }
     let mut warnings = Vec::new();
     let video = video_input(&args, &mut warnings);
-    let audio = audio_input(&args, &mut warnings)?;
+    let audio = audio_input(&args)?;
     for w in &warnings {
         eprintln!("duet: warning: {w}");
     }
@@ -272,6 +273,7 @@ async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
         loopback: true,
         record_video: args.record_video.clone(),
         record_audio: args.record_audio.clone(),
+        play_audio: args.speaker,
         reference_pattern: (args.expect_pattern || args.expect_noisy).then_some(args.expect_noisy),
         chat: args.chat.clone(),
         hold_description: None,

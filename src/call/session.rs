@@ -18,6 +18,7 @@ use super::media::{LatestFrame, MediaStats, Pipelines, ReceiveSinks, StatsHandle
 use super::peer::{Peer, PeerConfig, PeerEvent, PeerStats};
 use super::state::{Action, Call, CallState, EndReason, Event, PeerState, Role};
 use crate::media::audio::{AudioSink, AudioSource, NullSink, Sine, WavFile, WavSink};
+use crate::media::device::{Microphone, Speaker};
 use crate::media::h264::EncoderSettings;
 use crate::media::video::{TestPattern, VideoSource, Y4mFile, Y4mWriter};
 use crate::signaling::protocol::{ClientMessage, IceServer};
@@ -38,6 +39,8 @@ pub enum VideoInput {
 /// Which microphone-like source to send.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AudioInput {
+    /// The default microphone (falls back to a 440 Hz tone, with a warning, if absent).
+    Microphone,
     Sine(f64),
     File(PathBuf),
 }
@@ -59,6 +62,8 @@ pub struct SessionConfig {
     pub loopback: bool,
     pub record_video: Option<PathBuf>,
     pub record_audio: Option<PathBuf>,
+    /// Play received audio on the default speaker (else it is only decoded/recorded).
+    pub play_audio: bool,
     /// The remote sends the test pattern: measure PSNR against it (`Some(noisy)`).
     pub reference_pattern: Option<bool>,
     /// Chat lines to send once the data channel is open.
@@ -87,6 +92,7 @@ impl SessionConfig {
             loopback: true,
             record_video: None,
             record_audio: None,
+            play_audio: false,
             reference_pattern: None,
             chat: Vec::new(),
             hold_description: None,
@@ -511,15 +517,25 @@ impl Session {
             .record_video
             .as_ref()
             .map(|p| Arc::new(Mutex::new(Y4mWriter::new(p, 30))));
-        let audio: Box<dyn AudioSink> = match self.config.record_audio.as_ref() {
-            Some(path) => match WavSink::create(path) {
-                Ok(sink) => Box::new(sink),
-                Err(e) => {
-                    self.warnings.push(format!("cannot record audio: {e}"));
-                    Box::new(NullSink)
-                }
-            },
-            None => Box::new(NullSink),
+        let mut outputs: Vec<Box<dyn AudioSink>> = Vec::new();
+        if let Some(path) = self.config.record_audio.as_ref() {
+            match WavSink::create(path) {
+                Ok(sink) => outputs.push(Box::new(sink)),
+                Err(e) => self.warnings.push(format!("cannot record audio: {e}")),
+            }
+        }
+        if self.config.play_audio {
+            match Speaker::open_default() {
+                Ok(speaker) => outputs.push(Box::new(speaker)),
+                Err(e) => self
+                    .warnings
+                    .push(format!("{e}; received audio is not played")),
+            }
+        }
+        let audio: Box<dyn AudioSink> = match outputs.len() {
+            0 => Box::new(NullSink),
+            1 => outputs.remove(0),
+            _ => Box::new(Tee(outputs)),
         };
         let sinks = ReceiveSinks {
             stats: self.stats.clone(),
@@ -600,8 +616,32 @@ fn open_video(input: &VideoInput, warnings: &mut Vec<String>) -> Box<dyn VideoSo
     }
 }
 
+/// Several sinks fed the same audio (e.g. speaker and recording).
+struct Tee(Vec<Box<dyn AudioSink>>);
+
+impl AudioSink for Tee {
+    fn write(&mut self, pcm: &[i16]) -> Result<(), crate::media::MediaError> {
+        for sink in &mut self.0 {
+            sink.write(pcm)?;
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        let names: Vec<String> = self.0.iter().map(|s| s.describe()).collect();
+        names.join(" + ")
+    }
+}
+
 fn open_audio(input: &AudioInput, warnings: &mut Vec<String>) -> Box<dyn AudioSource> {
     match input {
+        AudioInput::Microphone => match Microphone::open_default() {
+            Ok(mic) => Box::new(mic),
+            Err(e) => {
+                warnings.push(format!("{e}; sending a 440 Hz tone instead"));
+                Box::new(Sine::new(440.0))
+            }
+        },
         AudioInput::Sine(f) => Box::new(Sine::new(*f)),
         AudioInput::File(path) => match WavFile::open(path) {
             Ok(f) => Box::new(f),

@@ -5,8 +5,10 @@
 //! - [`video`]: I420 frames, the `VideoSource` trait, test pattern + strip, Y4M files.
 //! - [`h264`]: H.264 encoding/decoding with openh264, and RTP depacketizing into access units.
 //! - [`audio`]: 48 kHz mono PCM, the `AudioSource` trait, sine and WAV sources, Opus, sinks.
+//! - [`device`]: the real microphone and speaker (cpal) behind the same traits.
 
 pub mod audio;
+pub mod device;
 pub mod h264;
 pub mod video;
 

@@ -1,0 +1,328 @@
+//! Real audio devices through `cpal`: the microphone as an [`AudioSource`] and the
+//! speaker as an [`AudioSink`].
+//!
+//! Each cpal stream lives on a thread of its own (streams are not `Send` on every
+//! platform) and exchanges 48 kHz mono samples with the call through a small shared
+//! buffer. Whatever format and rate the device offers is converted here. Opening fails
+//! with a clear [`MediaError::Device`] when there is no device or it cannot start, so
+//! the caller can fall back to a synthetic source or the null sink.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use cpal::traits::{DeviceTrait as _, HostTrait as _, StreamTrait as _};
+use cpal::{FromSample, SizedSample};
+
+use super::MediaError;
+use super::audio::{AudioSink, AudioSource, FRAME_SAMPLES, SAMPLE_RATE, resample};
+
+/// Most audio buffered between the device and the call (keeps latency bounded when the
+/// device clock and ours drift apart).
+const MAX_BUFFERED: usize = SAMPLE_RATE as usize / 5; // 200 ms
+
+/// Samples shared between a device thread and the call.
+#[derive(Default)]
+struct Shared {
+    samples: Mutex<VecDeque<i16>>,
+    ready: Condvar,
+}
+
+impl Shared {
+    fn push(&self, pcm: impl IntoIterator<Item = i16>) {
+        let mut q = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
+        q.extend(pcm);
+        let excess = q.len().saturating_sub(MAX_BUFFERED);
+        q.drain(..excess);
+        self.ready.notify_one();
+    }
+}
+
+/// A running device thread.
+struct DeviceThread {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for DeviceThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts `open` on a new thread, keeps the stream it returns alive there until stopped,
+/// and reports whether opening worked.
+fn spawn_device(
+    name: &str,
+    open: impl FnOnce() -> Result<(cpal::Stream, String), MediaError> + Send + 'static,
+) -> Result<(DeviceThread, String), MediaError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread_stop = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let stream = match open() {
+                Ok((stream, description)) => {
+                    let _ = tx.send(Ok(description));
+                    stream
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            while !thread_stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            drop(stream);
+        })
+        .map_err(|e| MediaError::Device(format!("cannot start the audio thread: {e}")))?;
+    let mut handle = DeviceThread {
+        stop,
+        thread: Some(thread),
+    };
+    match rx.recv_timeout(Duration::from_secs(5)) {
+        Ok(Ok(description)) => Ok((handle, description)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => {
+            // Do not wait for a thread stuck in the audio system.
+            handle.thread = None;
+            Err(MediaError::Device(
+                "the audio device did not start within 5 s".into(),
+            ))
+        }
+    }
+}
+
+fn device_name(device: &cpal::Device) -> String {
+    device
+        .description()
+        .map(|d| d.name().to_owned())
+        .unwrap_or_else(|_| "unnamed device".into())
+}
+
+/// The default microphone, as 48 kHz mono 20 ms frames.
+pub struct Microphone {
+    shared: Arc<Shared>,
+    description: String,
+    _thread: DeviceThread,
+}
+
+impl Microphone {
+    pub fn open_default() -> Result<Microphone, MediaError> {
+        let shared = Arc::new(Shared::default());
+        let cb_shared = shared.clone();
+        let (thread, description) = spawn_device("duet-mic", move || {
+            let host = cpal::default_host();
+            let device = host
+                .default_input_device()
+                .ok_or_else(|| MediaError::Device("no microphone found".into()))?;
+            let supported = device
+                .default_input_config()
+                .map_err(|e| MediaError::Device(format!("microphone: {e}")))?;
+            let config = supported.config();
+            let stream = match supported.sample_format() {
+                cpal::SampleFormat::F32 => input_stream::<f32>(&device, &config, cb_shared),
+                cpal::SampleFormat::I16 => input_stream::<i16>(&device, &config, cb_shared),
+                cpal::SampleFormat::I32 => input_stream::<i32>(&device, &config, cb_shared),
+                cpal::SampleFormat::U16 => input_stream::<u16>(&device, &config, cb_shared),
+                other => Err(MediaError::Device(format!(
+                    "microphone sample format {other} is not supported"
+                ))),
+            }?;
+            stream
+                .play()
+                .map_err(|e| MediaError::Device(format!("microphone: {e}")))?;
+            Ok((
+                stream,
+                format!(
+                    "microphone {} ({} Hz, {} ch)",
+                    device_name(&device),
+                    config.sample_rate,
+                    config.channels
+                ),
+            ))
+        })?;
+        Ok(Microphone {
+            shared,
+            description,
+            _thread: thread,
+        })
+    }
+}
+
+fn input_stream<T>(
+    device: &cpal::Device,
+    config: &cpal::StreamConfig,
+    shared: Arc<Shared>,
+) -> Result<cpal::Stream, MediaError>
+where
+    T: SizedSample,
+    f32: FromSample<T>,
+{
+    let channels = usize::from(config.channels.max(1));
+    let rate = config.sample_rate;
+    device
+        .build_input_stream(
+            *config,
+            move |data: &[T], _| {
+                let mono: Vec<f32> = data
+                    .chunks(channels)
+                    .map(|c| c.iter().map(|&s| s.to_sample::<f32>()).sum::<f32>() / c.len() as f32)
+                    .collect();
+                let pcm = resample(&mono, rate, SAMPLE_RATE)
+                    .into_iter()
+                    .map(|v| (v.clamp(-1.0, 1.0) * f32::from(i16::MAX)) as i16);
+                shared.push(pcm);
+            },
+            |e| tracing::warn!(error = %e, "microphone stream"),
+            None,
+        )
+        .map_err(|e| MediaError::Device(format!("microphone: {e}")))
+}
+
+impl AudioSource for Microphone {
+    /// Waits for 20 ms of audio; if the device stalls, returns what there is padded
+    /// with silence so the call keeps its pace.
+    fn next_frame(&mut self) -> Result<Vec<i16>, MediaError> {
+        let q = self
+            .shared
+            .samples
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (mut q, _) = self
+            .shared
+            .ready
+            .wait_timeout_while(q, Duration::from_millis(60), |q| q.len() < FRAME_SAMPLES)
+            .unwrap_or_else(PoisonError::into_inner);
+        let take = q.len().min(FRAME_SAMPLES);
+        let mut frame: Vec<i16> = q.drain(..take).collect();
+        frame.resize(FRAME_SAMPLES, 0);
+        Ok(frame)
+    }
+
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+}
+
+/// The default speaker, playing 48 kHz mono.
+pub struct Speaker {
+    shared: Arc<Shared>,
+    description: String,
+    _thread: DeviceThread,
+}
+
+impl Speaker {
+    pub fn open_default() -> Result<Speaker, MediaError> {
+        let shared = Arc::new(Shared::default());
+        let cb_shared = shared.clone();
+        let (thread, description) = spawn_device("duet-speaker", move || {
+            let host = cpal::default_host();
+            let device = host
+                .default_output_device()
+                .ok_or_else(|| MediaError::Device("no speaker found".into()))?;
+            let supported = device
+                .default_output_config()
+                .map_err(|e| MediaError::Device(format!("speaker: {e}")))?;
+            let config = supported.config();
+            let stream = match supported.sample_format() {
+                cpal::SampleFormat::F32 => output_stream::<f32>(&device, &config, cb_shared),
+                cpal::SampleFormat::I16 => output_stream::<i16>(&device, &config, cb_shared),
+                cpal::SampleFormat::I32 => output_stream::<i32>(&device, &config, cb_shared),
+                cpal::SampleFormat::U16 => output_stream::<u16>(&device, &config, cb_shared),
+                other => Err(MediaError::Device(format!(
+                    "speaker sample format {other} is not supported"
+                ))),
+            }?;
+            stream
+                .play()
+                .map_err(|e| MediaError::Device(format!("speaker: {e}")))?;
+            Ok((
+                stream,
+                format!(
+                    "speaker {} ({} Hz, {} ch)",
+                    device_name(&device),
+                    config.sample_rate,
+                    config.channels
+                ),
+            ))
+        })?;
+        Ok(Speaker {
+            shared,
+            description,
+            _thread: thread,
+        })
+    }
+}
+
+fn output_stream<T>(
+    device: &cpal::Device,
+    config: &cpal::StreamConfig,
+    shared: Arc<Shared>,
+) -> Result<cpal::Stream, MediaError>
+where
+    T: SizedSample + FromSample<f32>,
+{
+    let channels = usize::from(config.channels.max(1));
+    let rate = config.sample_rate;
+    device
+        .build_output_stream(
+            *config,
+            move |out: &mut [T], _| {
+                let frames = out.len() / channels;
+                // How many 48 kHz samples make `frames` device samples.
+                let needed = (frames as u64 * u64::from(SAMPLE_RATE))
+                    .div_ceil(u64::from(rate.max(1))) as usize;
+                let pcm: Vec<f32> = {
+                    let mut q = shared
+                        .samples
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    let take = q.len().min(needed);
+                    q.drain(..take)
+                        .map(|s| f32::from(s) / f32::from(i16::MAX))
+                        .collect()
+                };
+                let mut device_rate = resample(&pcm, SAMPLE_RATE, rate);
+                device_rate.resize(frames, 0.0); // underrun: silence
+                for (frame, &v) in out.chunks_mut(channels).zip(&device_rate) {
+                    frame.fill(T::from_sample(v));
+                }
+            },
+            |e| tracing::warn!(error = %e, "speaker stream"),
+            None,
+        )
+        .map_err(|e| MediaError::Device(format!("speaker: {e}")))
+}
+
+impl AudioSink for Speaker {
+    fn write(&mut self, pcm: &[i16]) -> Result<(), MediaError> {
+        self.shared.push(pcm.iter().copied());
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+}
+
+/// Names of the audio devices present (for pickers), input and output.
+pub fn list_audio_devices() -> (Vec<String>, Vec<String>) {
+    let host = cpal::default_host();
+    let inputs = host
+        .input_devices()
+        .map(|d| d.map(|dev| device_name(&dev)).collect())
+        .unwrap_or_default();
+    let outputs = host
+        .output_devices()
+        .map(|d| d.map(|dev| device_name(&dev)).collect())
+        .unwrap_or_default();
+    (inputs, outputs)
+}
