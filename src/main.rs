@@ -53,7 +53,8 @@ struct CallArgs {
     /// Display name shown to the other person.
     #[arg(long)]
     name: Option<String>,
-    /// Video to send: camera, test-pattern, noisy-pattern, or a .y4m file.
+    /// Video to send: camera (the first camera; the test pattern if there is none),
+    /// test-pattern, noisy-pattern, or a .y4m file.
     #[arg(long, default_value = "test-pattern")]
     video: String,
     /// Audio to send: mic (the default microphone; a 440 Hz tone if there is none), sine,
@@ -205,7 +206,7 @@ fn peak_rss_mib() -> Option<f64> {
     Some((kb / 1024.0 * 10.0).round() / 10.0)
 }
 
-fn video_input(args: &CallArgs, warnings: &mut Vec<String>) -> VideoInput {
+fn video_input(args: &CallArgs) -> VideoInput {
     let pattern = |noisy| VideoInput::TestPattern {
         width: args.width,
         height: args.height,
@@ -215,10 +216,7 @@ fn video_input(args: &CallArgs, warnings: &mut Vec<String>) -> VideoInput {
     match args.video.as_str() {
         "test-pattern" => pattern(false),
         "noisy-pattern" => pattern(true),
-        "camera" => {
-            warnings.push("no camera support in this build; sending the test pattern".into());
-            pattern(false)
-        }
+        "camera" => VideoInput::Camera,
         path => VideoInput::File(PathBuf::from(path)),
     }
 }
@@ -241,12 +239,8 @@ async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
     if !args.headless {
         anyhow::bail!("the desktop window is not built yet; add --headless");
     }
-    let mut warnings = Vec::new();
-    let video = video_input(&args, &mut warnings);
+    let video = video_input(&args);
     let audio = audio_input(&args)?;
-    for w in &warnings {
-        eprintln!("duet: warning: {w}");
-    }
     let (server, embedded) = server_address(args.server.clone()).await?;
     let extra_ice_servers = if args.ice_servers.is_empty() {
         Vec::new()
@@ -316,7 +310,9 @@ async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
     let was_in_call = session.stats().lock().connected_after.is_some();
     let cpu_end = process_cpu_seconds();
     let mut report = session.finished().await;
-    report.warnings.extend(warnings);
+    for w in &report.warnings {
+        eprintln!("duet: warning: {w}");
+    }
     if let (Some((t0, Some(c0))), Some(c1)) = (cpu_start, cpu_end) {
         let wall = t0.elapsed().as_secs_f64();
         report.process_cpu_percent = Some(((c1 - c0) / wall * 1000.0).round() / 10.0);

@@ -46,3 +46,54 @@ fn a_missing_device_is_an_error_not_a_crash() {
     let _ = Microphone::open_default().map(|m| m.describe());
     let _ = Speaker::open_default().map(|s| s.describe());
 }
+
+/// With no camera (as on these machines), a call asked to use it falls back to the test
+/// pattern, says so in the report, and the other side still gets video.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_without_a_camera_falls_back_to_the_test_pattern() {
+    use duet::call::{self, CallState, SessionConfig, VideoInput};
+    if !duet::media::camera::list_cameras().is_empty() {
+        eprintln!("not run: this machine has a camera");
+        return;
+    }
+    assert!(duet::media::camera::Camera::open_default().is_err());
+    let server = signaling_server::Server::start(signaling_server::Config::ephemeral())
+        .await
+        .unwrap();
+    let mut with_camera = SessionConfig::synthetic(&server.ws_url(), "cam");
+    with_camera.video = VideoInput::Camera;
+    let a = call::start(with_camera);
+    assert!(
+        a.wait_for(Duration::from_secs(5), |s| matches!(
+            s,
+            CallState::WaitingForPeer { .. }
+        ))
+        .await
+    );
+    let b = call::start(SessionConfig::synthetic(&server.ws_url(), "cam"));
+    assert!(
+        b.wait_for(Duration::from_secs(10), |s| matches!(
+            s,
+            CallState::InCall { .. }
+        ))
+        .await
+    );
+    // Frames flow from the fallback pattern (wait for them rather than a fixed time).
+    for _ in 0..100 {
+        if b.stats().lock().video_frames_decoded > 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.hang_up();
+    let (ra, rb) = (a.finished().await, b.finished().await);
+    assert!(
+        ra.warnings
+            .iter()
+            .any(|w| w.contains("camera") && w.contains("test pattern")),
+        "{:?}",
+        ra.warnings
+    );
+    assert!(rb.frames_decoded > 20, "{ra:?}\n{rb:?}");
+    server.stop().await;
+}

@@ -18,6 +18,7 @@ use super::media::{LatestFrame, MediaStats, Pipelines, ReceiveSinks, StatsHandle
 use super::peer::{Peer, PeerConfig, PeerEvent, PeerStats};
 use super::state::{Action, Call, CallState, EndReason, Event, PeerState, Role};
 use crate::media::audio::{AudioSink, AudioSource, NullSink, Sine, WavFile, WavSink};
+use crate::media::camera::Camera;
 use crate::media::device::{Microphone, Speaker};
 use crate::media::h264::EncoderSettings;
 use crate::media::video::{TestPattern, VideoSource, Y4mFile, Y4mWriter};
@@ -27,6 +28,8 @@ use crate::signaling::{Client, Incoming};
 /// Which camera-like source to send.
 #[derive(Debug, Clone, PartialEq)]
 pub enum VideoInput {
+    /// The first camera (falls back to the test pattern, with a warning, if absent).
+    Camera,
     TestPattern {
         width: usize,
         height: usize,
@@ -600,6 +603,13 @@ impl Session {
 /// with a warning rather than failing the call.
 fn open_video(input: &VideoInput, warnings: &mut Vec<String>) -> Box<dyn VideoSource> {
     match input {
+        VideoInput::Camera => match Camera::open_default() {
+            Ok(camera) => Box::new(camera),
+            Err(e) => {
+                warnings.push(format!("{e}; sending the test pattern instead"));
+                Box::new(TestPattern::new(640, 360, 30.0, false))
+            }
+        },
         VideoInput::TestPattern {
             width,
             height,

@@ -6,8 +6,10 @@
 //! - [`h264`]: H.264 encoding/decoding with openh264, and RTP depacketizing into access units.
 //! - [`audio`]: 48 kHz mono PCM, the `AudioSource` trait, sine and WAV sources, Opus, sinks.
 //! - [`device`]: the real microphone and speaker (cpal) behind the same traits.
+//! - [`camera`]: the real camera (nokhwa) as a `VideoSource`, and pixel format conversion.
 
 pub mod audio;
+pub mod camera;
 pub mod device;
 pub mod h264;
 pub mod video;
