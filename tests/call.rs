@@ -35,11 +35,10 @@ fn config(server: &Server, room: &str, tone: f64, chat: &str) -> SessionConfig {
     c
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_peers_exchange_video_audio_and_chat_then_hang_up() {
-    let _serial = ONE_AT_A_TIME.lock().await;
-    let s = server().await;
-    let a = call::start(config(&s, "talk", 440.0, "hello from a"));
+/// Starts `a`, waits until it is alone in the room, starts `b`, waits until both are in
+/// the call.
+async fn connect(a: SessionConfig, b: SessionConfig) -> (call::SessionHandle, call::SessionHandle) {
+    let a = call::start(a);
     assert!(
         a.wait_for(Duration::from_secs(5), |st| matches!(
             st,
@@ -47,7 +46,7 @@ async fn two_peers_exchange_video_audio_and_chat_then_hang_up() {
         ))
         .await
     );
-    let b = call::start(config(&s, "talk", 660.0, "hello from b"));
+    let b = call::start(b);
     for side in [&a, &b] {
         assert!(
             side.wait_for(Duration::from_secs(10), |st| matches!(
@@ -59,6 +58,18 @@ async fn two_peers_exchange_video_audio_and_chat_then_hang_up() {
             side.state()
         );
     }
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_peers_exchange_video_audio_and_chat_then_hang_up() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let s = server().await;
+    let (a, b) = connect(
+        config(&s, "talk", 440.0, "hello from a"),
+        config(&s, "talk", 660.0, "hello from b"),
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     a.hang_up();
     let hung_up = std::time::Instant::now();
@@ -149,24 +160,7 @@ async fn settles(f: impl Fn() -> bool) -> bool {
 }
 
 async fn short_call(s: &Server, room: &str) -> (call::Report, call::Report) {
-    let a = call::start(config(s, room, 440.0, "a"));
-    assert!(
-        a.wait_for(Duration::from_secs(5), |st| matches!(
-            st,
-            CallState::WaitingForPeer { .. }
-        ))
-        .await
-    );
-    let b = call::start(config(s, room, 660.0, "b"));
-    for side in [&a, &b] {
-        assert!(
-            side.wait_for(Duration::from_secs(10), |st| matches!(
-                st,
-                CallState::InCall { .. }
-            ))
-            .await
-        );
-    }
+    let (a, b) = connect(config(s, room, 440.0, "a"), config(s, room, 660.0, "b")).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     a.hang_up();
     b.hang_up();
@@ -222,26 +216,7 @@ async fn candidates_that_arrive_before_the_description_are_not_lost() {
     // Both sides hold their offer/answer back: every candidate is relayed first.
     ca.hold_description = Some(Duration::from_millis(400));
     cb.hold_description = Some(Duration::from_millis(400));
-    let a = call::start(ca);
-    assert!(
-        a.wait_for(Duration::from_secs(5), |st| matches!(
-            st,
-            CallState::WaitingForPeer { .. }
-        ))
-        .await
-    );
-    let b = call::start(cb);
-    for side in [&a, &b] {
-        assert!(
-            side.wait_for(Duration::from_secs(10), |st| matches!(
-                st,
-                CallState::InCall { .. }
-            ))
-            .await,
-            "{:?}",
-            side.state()
-        );
-    }
+    let (a, b) = connect(ca, cb).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     a.hang_up();
     let (ra, rb) = (a.finished().await, b.finished().await);
@@ -275,22 +250,11 @@ async fn unreachable_server_and_full_room_end_with_clear_reasons() {
     );
 
     let s = server().await;
-    let a = call::start(config(&s, "crowded", 440.0, "a"));
-    assert!(
-        a.wait_for(Duration::from_secs(5), |st| matches!(
-            st,
-            CallState::WaitingForPeer { .. }
-        ))
-        .await
-    );
-    let b = call::start(config(&s, "crowded", 660.0, "b"));
-    assert!(
-        b.wait_for(Duration::from_secs(10), |st| matches!(
-            st,
-            CallState::InCall { .. }
-        ))
-        .await
-    );
+    let (a, b) = connect(
+        config(&s, "crowded", 440.0, "a"),
+        config(&s, "crowded", 660.0, "b"),
+    )
+    .await;
     let third = call::start(config(&s, "crowded", 880.0, "c"));
     let report = third.finished().await;
     assert_eq!(report.ended, Some(EndReason::RoomFull));

@@ -231,13 +231,7 @@ impl Pipelines {
                         Ok(None) => thread_stats.lock().video_frames_skipped += 1,
                         Err(e) => tracing::warn!(error = %e, "encoding a frame failed"),
                     }
-                    next += period;
-                    let now = Instant::now();
-                    if next > now {
-                        std::thread::sleep(next - now);
-                    } else {
-                        next = now; // running late: do not try to catch up in a burst
-                    }
+                    pace(&mut next, period);
                 }
             });
         match spawned {
@@ -313,13 +307,7 @@ impl Pipelines {
                         }
                         Err(e) => tracing::warn!(error = %e, "encoding audio failed"),
                     }
-                    next += period;
-                    let now = Instant::now();
-                    if next > now {
-                        std::thread::sleep(next - now);
-                    } else {
-                        next = now;
-                    }
+                    pace(&mut next, period);
                 }
             });
         match spawned {
@@ -551,6 +539,18 @@ fn video_decode_loop(
         }
         decoded += 1;
         sinks.latest.set(decoded, frame);
+    }
+}
+
+/// Sleeps until the next tick of a `period` clock; a thread running late does not try to
+/// catch up in a burst.
+fn pace(next: &mut Instant, period: Duration) {
+    *next += period;
+    let now = Instant::now();
+    if *next > now {
+        std::thread::sleep(*next - now);
+    } else {
+        *next = now;
     }
 }
 
