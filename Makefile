@@ -2,7 +2,7 @@
 # Both first install the few Debian packages the build needs (with sudo when not root).
 
 # Debian packages the build and tests need beyond a Rust toolchain and gcc.
-DEBIAN_PACKAGES := pkg-config cmake nasm libclang-dev libasound2-dev pulseaudio pulseaudio-utils libasound2-plugins
+DEBIAN_PACKAGES := pkg-config cmake nasm libclang-dev libasound2-dev libwayland-dev pulseaudio pulseaudio-utils libasound2-plugins
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 

@@ -23,6 +23,31 @@ use duet::signaling::protocol::IceServer;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    #[command(flatten)]
+    window: WindowArgs,
+}
+
+/// Options of the desktop window (`duet` without a subcommand).
+#[derive(Debug, Args)]
+struct WindowArgs {
+    /// Signaling server (HOST:PORT or ws:// URL); default: built in.
+    #[arg(long)]
+    server: Option<String>,
+    /// Room to call into.
+    #[arg(long)]
+    room: Option<String>,
+    /// Your display name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Video to send: camera or test-pattern.
+    #[arg(long)]
+    video: Option<String>,
+    /// Audio to send: mic or sine.
+    #[arg(long)]
+    audio: Option<String>,
+    /// Join the room at start-up (for scripts and desktop shortcuts).
+    #[arg(long)]
+    auto_call: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -117,6 +142,9 @@ struct CallArgs {
 fn main() -> ExitCode {
     signaling_server::init_logging("warn");
     let cli = Cli::parse();
+    if cli.command.is_none() {
+        return run_window(cli.window);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -128,15 +156,7 @@ fn main() -> ExitCode {
         match cli.command {
             Some(Command::Server { listen }) => serve(listen).await,
             Some(Command::Call(args)) => run_call(*args).await,
-            None => {
-                eprintln!(
-                    "duet: the desktop window is not built yet.\n\
-                     Make a call without a window: duet call --headless --room NAME\n\
-                     Run the signaling server:     duet server\n\
-                     More: duet --help"
-                );
-                Ok(ExitCode::from(2))
-            }
+            None => Ok(ExitCode::SUCCESS),
         }
     });
     match result {
@@ -148,40 +168,75 @@ fn main() -> ExitCode {
     }
 }
 
+/// The desktop window. The tokio runtime runs the calls; the UI thread only draws.
+fn run_window(args: WindowArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("duet: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let handle = runtime.handle().clone();
+    let options = eframe::NativeOptions {
+        viewport: eframe::egui::ViewportBuilder::default()
+            .with_title("Duet")
+            .with_inner_size([960.0, 640.0]),
+        ..Default::default()
+    };
+    let result = eframe::run_native(
+        "Duet",
+        options,
+        Box::new(move |cc| {
+            let mut lobby: duet::ui::Lobby = cc
+                .storage
+                .and_then(|s| eframe::get_value(s, duet::ui::STORAGE_KEY))
+                .unwrap_or_default();
+            if let Some(v) = args.server {
+                lobby.server = v;
+            }
+            if let Some(v) = args.room {
+                lobby.room = v;
+            }
+            if let Some(v) = args.name {
+                lobby.name = v;
+            }
+            match args.video.as_deref() {
+                Some("test-pattern") => lobby.video = duet::ui::VideoChoice::TestPattern,
+                Some("camera") => lobby.video = duet::ui::VideoChoice::Camera,
+                _ => {}
+            }
+            match args.audio.as_deref() {
+                Some("sine") => lobby.audio = duet::ui::AudioChoice::Tone,
+                Some("mic") => lobby.audio = duet::ui::AudioChoice::Microphone,
+                _ => {}
+            }
+            let mut app = duet::ui::App::new(handle, lobby);
+            if args.auto_call {
+                app.start_call();
+            }
+            Ok(Box::new(duet::ui::DesktopApp { app }))
+        }),
+    );
+    drop(runtime);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "duet: cannot open the window: {e}\n\
+                 (no display? make a call without one: duet call --headless --room NAME)"
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
 async fn serve(listen: SocketAddr) -> anyhow::Result<ExitCode> {
     let server = duet::signaling::start_embedded(listen).await?;
     eprintln!("duet: signaling server on {}", server.ws_url());
     let _ = tokio::signal::ctrl_c().await;
     server.stop().await;
     Ok(ExitCode::SUCCESS)
-}
-
-/// The server to use, starting the embedded one when the default address is silent.
-async fn server_address(
-    given: Option<String>,
-) -> anyhow::Result<(String, Option<signaling_server::Server>)> {
-    if let Some(s) = given {
-        return Ok((s, None));
-    }
-    let default = duet::signaling::DEFAULT_SERVER;
-    let answering = tokio::time::timeout(
-        Duration::from_millis(500),
-        tokio::net::TcpStream::connect(default),
-    )
-    .await
-    .is_ok_and(|r| r.is_ok());
-    if answering {
-        return Ok((default.to_owned(), None));
-    }
-    let addr: SocketAddr = default.parse().context("default server address")?;
-    match duet::signaling::start_embedded(addr).await {
-        Ok(server) => {
-            eprintln!("duet: no signaling server answered; started one on {default}");
-            Ok((default.to_owned(), Some(server)))
-        }
-        // Someone else won the race for the port: use theirs.
-        Err(_) => Ok((default.to_owned(), None)),
-    }
 }
 
 /// User + system CPU seconds of this process (Linux).
@@ -241,7 +296,10 @@ async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
     }
     let video = video_input(&args);
     let audio = audio_input(&args)?;
-    let (server, embedded) = server_address(args.server.clone()).await?;
+    let (server, embedded) = duet::signaling::resolve_server(args.server.as_deref()).await?;
+    if embedded.is_some() {
+        eprintln!("duet: no signaling server answered; started one on 127.0.0.1:8787");
+    }
     let extra_ice_servers = if args.ice_servers.is_empty() {
         Vec::new()
     } else {

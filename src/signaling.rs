@@ -29,6 +29,36 @@ pub async fn start_embedded(
     signaling_server::Server::start(config).await
 }
 
+/// The server to use: `given` when set; otherwise the default address, starting the
+/// signaling server in-process there when nothing answers (the returned handle keeps it
+/// running; stop it when done).
+pub async fn resolve_server(
+    given: Option<&str>,
+) -> Result<(String, Option<signaling_server::Server>), signaling_server::StartError> {
+    if let Some(s) = given.map(str::trim).filter(|s| !s.is_empty()) {
+        return Ok((s.to_owned(), None));
+    }
+    let answering = tokio::time::timeout(
+        Duration::from_millis(500),
+        tokio::net::TcpStream::connect(DEFAULT_SERVER),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    if answering {
+        return Ok((DEFAULT_SERVER.to_owned(), None));
+    }
+    let addr = SocketAddr::from(([127, 0, 0, 1], 8787));
+    match start_embedded(addr).await {
+        Ok(server) => {
+            tracing::info!("no signaling server answered; started one on {DEFAULT_SERVER}");
+            Ok((DEFAULT_SERVER.to_owned(), Some(server)))
+        }
+        // Someone else won the race for the port: use theirs.
+        Err(signaling_server::StartError::Bind { .. }) => Ok((DEFAULT_SERVER.to_owned(), None)),
+        Err(e) => Err(e),
+    }
+}
+
 /// `ws://HOST:PORT/ws` from what a person may type: `HOST:PORT`, `ws://HOST:PORT`,
 /// `http://HOST:PORT`, with or without `/ws`.
 pub fn ws_url(server: &str) -> String {
