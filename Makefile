@@ -18,9 +18,10 @@ deps:
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing; \
 	fi
 
-# The app (for now: the embedded signaling server on 127.0.0.1:8787).
+# The app: the desktop window (starts the signaling server in-process when none answers
+# on 127.0.0.1:8787).
 run: deps
-	cargo run --release -p duet -- server
+	cargo run --release -p duet
 
 # The standalone signaling server.
 server: deps
