@@ -56,7 +56,7 @@ struct InCall {
     texture: Option<egui::TextureHandle>,
     shown_frame: u64,
     /// Kept alive for the call when the app started the server itself.
-    _embedded: Option<signaling_server::Server>,
+    embedded_server: Option<signaling_server::Server>,
 }
 
 /// The app.
@@ -131,7 +131,7 @@ impl App {
                 started: Instant::now(),
                 texture: None,
                 shown_frame: 0,
-                _embedded: embedded,
+                embedded_server: embedded,
             })
         }));
     }
@@ -142,7 +142,7 @@ impl App {
             c.session.hang_up();
             self.runtime.spawn(async move {
                 let _ = c.session.finished().await;
-                if let Some(server) = c._embedded {
+                if let Some(server) = c.embedded_server {
                     server.stop().await;
                 }
             });
