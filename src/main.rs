@@ -33,16 +33,16 @@ struct WindowArgs {
     /// Signaling server (HOST:PORT or ws:// URL); default: built in.
     #[arg(long)]
     server: Option<String>,
-    /// Room to call into.
+    /// Room to call into: a name, a meeting id or a join link.
     #[arg(long)]
     room: Option<String>,
     /// Your display name.
     #[arg(long)]
     name: Option<String>,
-    /// Video to send: camera or test-pattern.
+    /// Video to send: camera, camera:NAME (see `duet devices`) or test-pattern.
     #[arg(long)]
     video: Option<String>,
-    /// Audio to send: mic or sine.
+    /// Audio to send: mic, mic:NAME (see `duet devices`) or sine.
     #[arg(long)]
     audio: Option<String>,
     /// Join the room at start-up (for scripts and desktop shortcuts).
@@ -61,6 +61,8 @@ enum Command {
         #[arg(long, default_value = duet::signaling::DEFAULT_SERVER)]
         listen: SocketAddr,
     },
+    /// List the cameras, microphones and speakers this machine has.
+    Devices,
 }
 
 #[derive(Debug, Args)]
@@ -79,11 +81,11 @@ struct CallArgs {
     #[arg(long)]
     name: Option<String>,
     /// Video to send: camera (the first camera; the test pattern if there is none),
-    /// test-pattern, noisy-pattern, or a .y4m file.
+    /// camera:NAME (as `duet devices` lists it), test-pattern, noisy-pattern, or a .y4m file.
     #[arg(long, default_value = "test-pattern")]
     video: String,
-    /// Audio to send: mic (the default microphone; a 440 Hz tone if there is none), sine,
-    /// sine:FREQ, or a .wav file.
+    /// Audio to send: mic (the default microphone; a 440 Hz tone if there is none),
+    /// mic:NAME, sine, sine:FREQ, or a .wav file.
     #[arg(long, default_value = "sine")]
     audio: String,
     /// Width of the test pattern.
@@ -156,6 +158,22 @@ fn main() -> ExitCode {
         match cli.command {
             Some(Command::Server { listen }) => serve(listen).await,
             Some(Command::Call(args)) => run_call(*args).await,
+            Some(Command::Devices) => {
+                let devices = duet::media::Devices::list();
+                let show = |kind: &str, names: &[String]| {
+                    println!("{kind}:");
+                    if names.is_empty() {
+                        println!("  (none)");
+                    }
+                    for n in names {
+                        println!("  {n}");
+                    }
+                };
+                show("cameras", &devices.cameras);
+                show("microphones", &devices.microphones);
+                show("speakers", &devices.speakers);
+                Ok(ExitCode::SUCCESS)
+            }
             None => Ok(ExitCode::SUCCESS),
         }
     });
@@ -181,7 +199,9 @@ fn run_window(args: WindowArgs) -> ExitCode {
     let options = eframe::NativeOptions {
         viewport: eframe::egui::ViewportBuilder::default()
             .with_title("Duet")
-            .with_inner_size([960.0, 640.0]),
+            .with_inner_size([1024.0, 680.0])
+            .with_min_inner_size([640.0, 420.0])
+            .with_icon(eframe::icon_data::from_png_bytes(duet::ui::ICON_PNG).unwrap_or_default()),
         ..Default::default()
     };
     let result = eframe::run_native(
@@ -203,17 +223,27 @@ fn run_window(args: WindowArgs) -> ExitCode {
             }
             match args.video.as_deref() {
                 Some("test-pattern") => lobby.video = duet::ui::VideoChoice::TestPattern,
-                Some("camera") => lobby.video = duet::ui::VideoChoice::Camera,
-                _ => {}
+                Some("camera") => lobby.video = duet::ui::VideoChoice::Camera(None),
+                Some(other) => match other.strip_prefix("camera:") {
+                    Some(n) => lobby.video = duet::ui::VideoChoice::Camera(Some(n.into())),
+                    None => {
+                        eprintln!("duet: --video {other}: use camera, camera:NAME or test-pattern")
+                    }
+                },
+                None => {}
             }
             match args.audio.as_deref() {
                 Some("sine") => lobby.audio = duet::ui::AudioChoice::Tone,
-                Some("mic") => lobby.audio = duet::ui::AudioChoice::Microphone,
-                _ => {}
+                Some("mic") => lobby.audio = duet::ui::AudioChoice::Microphone(None),
+                Some(other) => match other.strip_prefix("mic:") {
+                    Some(n) => lobby.audio = duet::ui::AudioChoice::Microphone(Some(n.into())),
+                    None => eprintln!("duet: --audio {other}: use mic, mic:NAME or sine"),
+                },
+                None => {}
             }
             let mut app = duet::ui::App::new(handle, lobby);
             if args.auto_call {
-                app.start_call();
+                app.call_on_start();
             }
             Ok(Box::new(duet::ui::DesktopApp { app }))
         }),
@@ -271,21 +301,25 @@ fn video_input(args: &CallArgs) -> VideoInput {
     match args.video.as_str() {
         "test-pattern" => pattern(false),
         "noisy-pattern" => pattern(true),
-        "camera" => VideoInput::Camera,
-        path => VideoInput::File(PathBuf::from(path)),
+        "camera" => VideoInput::Camera(None),
+        other => match other.strip_prefix("camera:") {
+            Some(name) => VideoInput::Camera(Some(name.to_owned())),
+            None => VideoInput::File(PathBuf::from(other)),
+        },
     }
 }
 
 fn audio_input(args: &CallArgs) -> anyhow::Result<AudioInput> {
     Ok(match args.audio.as_str() {
         "sine" => AudioInput::Sine(440.0),
-        "mic" => AudioInput::Microphone,
-        other => match other.strip_prefix("sine:") {
-            Some(f) => AudioInput::Sine(
+        "mic" => AudioInput::Microphone(None),
+        other => match (other.strip_prefix("sine:"), other.strip_prefix("mic:")) {
+            (Some(f), _) => AudioInput::Sine(
                 f.parse()
                     .with_context(|| format!("--audio {other}: not a frequency"))?,
             ),
-            None => AudioInput::File(PathBuf::from(other)),
+            (_, Some(name)) => AudioInput::Microphone(Some(name.to_owned())),
+            _ => AudioInput::File(PathBuf::from(other)),
         },
     })
 }
@@ -311,7 +345,7 @@ async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
     };
     let config = SessionConfig {
         server,
-        room: args.room.clone(),
+        target: call::Target::room(&args.room),
         name: args.name.clone(),
         video,
         audio,
@@ -326,6 +360,9 @@ async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
         record_video: args.record_video.clone(),
         record_audio: args.record_audio.clone(),
         play_audio: args.speaker,
+        speaker: None,
+        show_video: false,
+        notify: None,
         reference_pattern: (args.expect_pattern || args.expect_noisy).then_some(args.expect_noisy),
         chat: args.chat.clone(),
         hold_description: None,

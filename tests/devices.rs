@@ -61,7 +61,7 @@ async fn a_call_without_a_camera_falls_back_to_the_test_pattern() {
         .await
         .unwrap();
     let mut with_camera = SessionConfig::synthetic(&server.ws_url(), "cam");
-    with_camera.video = VideoInput::Camera;
+    with_camera.video = VideoInput::Camera(None);
     let a = call::start(with_camera);
     assert!(
         a.wait_for(Duration::from_secs(5), |s| matches!(

@@ -1,14 +1,37 @@
 //! The desktop UI driven through its real egui code (egui_kittest), against a real
 //! in-process signaling server: the lobby validates, Call opens the call view, the call
-//! connects to a second (headless) participant, Hang up returns to the lobby.
+//! connects to a second (headless) participant, Hang up returns to the lobby; direct
+//! calls ring a signed-in window that declines and accepts; errors show as text.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
-use duet::call::{self, CallState, SessionConfig};
+use duet::call::{self, CallState, SessionConfig, Target};
 use duet::ui::{App, AudioChoice, Lobby, VideoChoice};
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable as _;
+
+/// Steps the UI (it keeps repainting while a spinner or video runs, so `run()` would
+/// never settle) until `done`, for at most `secs`.
+fn step_until(
+    harness: &mut Harness<'_, App>,
+    secs: u64,
+    mut done: impl FnMut(&mut Harness<'_, App>) -> bool,
+) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        harness.run_steps(1);
+        if done(harness) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn shows(harness: &Harness<'_, App>, text: &str) -> bool {
+    harness.query_all_by_label_contains(text).next().is_some()
+}
 
 #[test]
 fn lobby_call_and_hang_up() {
@@ -26,11 +49,11 @@ fn lobby_call_and_hang_up() {
     };
     let app = App::new(runtime.handle().clone(), lobby);
     let mut harness = Harness::new_ui_state(|ui, app: &mut App| app.ui(ui), app);
-    harness.run();
+    harness.run_steps(2);
 
     // No room yet: Call explains instead of calling.
     harness.get_by_label("Call").click();
-    harness.run();
+    harness.run_steps(2);
     assert!(!harness.state().in_call());
     harness.get_by_label_contains("Enter a room name");
 
@@ -96,7 +119,7 @@ fn a_call_that_ends_by_itself_shows_why_in_the_lobby() {
         |ui, app: &mut App| app.ui(ui),
         App::new(runtime.handle().clone(), lobby),
     );
-    harness.run();
+    harness.run_steps(2);
     harness.get_by_label("Call").click();
     let mut shown = false;
     for _ in 0..300 {
@@ -109,4 +132,105 @@ fn a_call_that_ends_by_itself_shows_why_in_the_lobby() {
     }
     assert!(shown, "no error shown for an unreachable server");
     assert!(!harness.state().in_call());
+}
+
+#[test]
+fn incoming_calls_ring_and_can_be_declined_and_accepted() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let server = runtime
+        .block_on(signaling_server::Server::start(
+            signaling_server::Config::ephemeral(),
+        ))
+        .unwrap();
+    let lobby = Lobby {
+        server: server.ws_url(),
+        name: "bob".into(),
+        video: VideoChoice::TestPattern,
+        audio: AudioChoice::Tone,
+        preview: false,
+        ..Lobby::default()
+    };
+    let mut harness = Harness::new_ui_state(
+        |ui, app: &mut App| app.ui(ui),
+        App::new(runtime.handle().clone(), lobby),
+    );
+    harness.run_steps(2);
+    harness.get_by_label("Sign in as bob").click();
+    assert!(step_until(&mut harness, 10, |h| shows(
+        h,
+        "Signed in as bob"
+    )));
+    assert_eq!(harness.state().signed_in_as(), Some("bob"));
+
+    let dial = |name: &str| {
+        let mut config = SessionConfig::synthetic(&server.ws_url(), "");
+        config.target = Target::Dial { to: "bob".into() };
+        config.name = Some(name.into());
+        let _guard = runtime.enter();
+        call::start(config)
+    };
+
+    // Declined: the caller is told.
+    let alice = dial("alice");
+    assert!(step_until(&mut harness, 10, |h| shows(
+        h,
+        "alice is calling"
+    )));
+    assert!(harness.state().is_ringing());
+    harness.get_by_label("Decline").click();
+    harness.run_steps(2);
+    assert!(!harness.state().is_ringing());
+    let report = runtime.block_on(alice.finished());
+    assert_eq!(report.end_reason, "bob declined the call");
+
+    // Accepted: a real call, named after the caller.
+    let carol = dial("carol");
+    assert!(step_until(&mut harness, 10, |h| shows(
+        h,
+        "carol is calling"
+    )));
+    harness.get_by_label("Accept").click();
+    assert!(step_until(&mut harness, 20, |h| shows(h, "connected")));
+    assert!(harness.state().in_call());
+    assert!(shows(&harness, "call with carol"));
+    assert!(
+        runtime.block_on(carol.wait_for(Duration::from_secs(10), |s| matches!(
+            s,
+            CallState::InCall { .. }
+        )))
+    );
+    // kittest clicks without moving the pointer first; the first click after the
+    // dialog closed only moves egui's pointer state, so a person's "move, then click"
+    // is two simulated clicks here.
+    for _ in 0..2 {
+        if harness.state().in_call() {
+            harness.get_by_label("Hang up").click();
+            harness.run_steps(2);
+        }
+    }
+    assert!(!harness.state().in_call());
+    assert_eq!(runtime.block_on(carol.finished()).end_reason, "peer left");
+    // Signed in again afterwards, reachable for the next call.
+    assert!(step_until(&mut harness, 10, |h| h.state().signed_in_as()
+        == Some("bob")));
+
+    // A name someone else holds is a readable error.
+    let mut lobby2 = Lobby {
+        server: server.ws_url(),
+        name: "bob".into(),
+        preview: false,
+        ..Lobby::default()
+    };
+    lobby2.video = VideoChoice::TestPattern;
+    let mut second = Harness::new_ui_state(
+        |ui, app: &mut App| app.ui(ui),
+        App::new(runtime.handle().clone(), lobby2),
+    );
+    second.run_steps(2);
+    second.get_by_label("Sign in as bob").click();
+    assert!(step_until(&mut second, 10, |h| shows(
+        h,
+        "already signed in elsewhere"
+    )));
+    runtime.block_on(server.stop());
 }

@@ -1,7 +1,7 @@
 //! The call's media pipelines and what they measure.
 //!
-//! Sending: a thread per medium captures and encodes (CPU work stays off the async
-//! runtime) and hands access units / Opus packets over a channel to an async writer that
+//! Sending: a thread per medium encodes (CPU work stays off the async runtime; video
+//! frames come from a [`crate::media::capture::Capture`] thread) and hands access units / Opus packets over a channel to an async writer that
 //! puts them on the WebRTC track. Receiving: an async reader depacketizes RTP (H.264
 //! access units are complete at the marker bit, no extra frame of delay) and hands them
 //! to a decoder thread that feeds the sinks. Every stage records into [`MediaStats`].
@@ -27,8 +27,10 @@ use crate::media::audio::{
     AudioSink, AudioSource, JitterBuffer, OpusDecoder, OpusEncoder, Playout, SAMPLE_RATE,
 };
 use crate::media::h264::{EncoderSettings, H264Decoder, H264Encoder};
+use crate::media::pace;
+use crate::media::picture::{Notify, Picture, PictureSlot};
 use crate::media::video::{
-    TestPattern, VideoFrame, VideoSource, Y4mWriter, psnr_luma, read_strip, wall_clock_us32,
+    TestPattern, VideoFrame, Y4mWriter, psnr_luma, read_strip, wall_clock_us32,
 };
 
 /// Everything measured during a call. Locked briefly, a few times per frame.
@@ -125,24 +127,6 @@ impl StatsHandle {
     }
 }
 
-/// The newest decoded remote picture, for a UI to show.
-#[derive(Debug, Clone, Default)]
-pub struct LatestFrame(Arc<Mutex<Option<(u64, VideoFrame)>>>);
-
-impl LatestFrame {
-    fn set(&self, n: u64, frame: VideoFrame) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some((n, frame));
-    }
-
-    /// The newest frame and its sequence number (to tell whether it changed).
-    pub fn get(&self) -> Option<(u64, VideoFrame)> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-}
-
 /// Threads and tasks of the media pipelines, stopped together.
 #[derive(Default)]
 pub struct Pipelines {
@@ -174,9 +158,13 @@ impl Pipelines {
 
     /// Video: capture and encode on a thread, write samples from a task; answer
     /// keyframe requests.
+    ///
+    /// Frames come from a [`crate::media::capture::Capture`] through `frames`. When none
+    /// come (the camera is off), a black frame of the last size goes out every 250 ms so
+    /// the other side sees "no picture" instead of a frozen one.
     pub fn start_video_sender(
         &mut self,
-        mut source: Box<dyn VideoSource>,
+        frames: std::sync::mpsc::Receiver<VideoFrame>,
         settings: EncoderSettings,
         track: LocalTrack,
         stats: StatsHandle,
@@ -196,16 +184,17 @@ impl Pipelines {
                         return;
                     }
                 };
-                let period = Duration::from_secs_f64(1.0 / source.frame_rate().max(1.0));
-                let mut next = Instant::now();
-                let mut carried = Duration::ZERO;
+                // Frames captured before the call connected are stale: skip them.
+                while frames.try_recv().is_ok() {}
+                let mut last_sample = Instant::now();
+                let mut size = (640, 360);
                 while !stop.load(Ordering::Relaxed) {
-                    let frame = match source.next_frame() {
-                        Ok(f) => f,
-                        Err(e) => {
-                            tracing::error!(error = %e, "video source failed");
-                            return;
+                    let frame = match frames.recv_timeout(Duration::from_millis(250)) {
+                        Ok(f) => {
+                            size = (f.width, f.height);
+                            f
                         }
+                        Err(_) => VideoFrame::black(size.0, size.1),
                     };
                     if keyframe_flag.swap(false, Ordering::Relaxed) {
                         encoder.request_keyframe();
@@ -213,7 +202,6 @@ impl Pipelines {
                     let t0 = Instant::now();
                     let encoded = encoder.encode(&frame);
                     let took = t0.elapsed();
-                    carried += period;
                     match encoded {
                         Ok(Some(au)) => {
                             let mut s = thread_stats.lock();
@@ -223,7 +211,9 @@ impl Pipelines {
                             s.keyframes_sent += u64::from(au.keyframe);
                             drop(s);
                             // A skipped frame's duration is carried into the next sample.
-                            let duration = std::mem::take(&mut carried);
+                            let now = Instant::now();
+                            let duration = now - last_sample;
+                            last_sample = now;
                             if tx.blocking_send((Bytes::from(au.data), duration)).is_err() {
                                 return;
                             }
@@ -231,7 +221,6 @@ impl Pipelines {
                         Ok(None) => thread_stats.lock().video_frames_skipped += 1,
                         Err(e) => tracing::warn!(error = %e, "encoding a frame failed"),
                     }
-                    pace(&mut next, period);
                 }
             });
         match spawned {
@@ -270,9 +259,12 @@ impl Pipelines {
     }
 
     /// Audio: a 20 ms clock on a thread, Opus encode, write from a task.
+    /// While `muted` is set, silence is sent instead of the source (which keeps running,
+    /// so unmuting is instant).
     pub fn start_audio_sender(
         &mut self,
         mut source: Box<dyn AudioSource>,
+        muted: Arc<AtomicBool>,
         track: LocalTrack,
         stats: StatsHandle,
     ) {
@@ -291,13 +283,16 @@ impl Pipelines {
                 let period = Duration::from_millis(20);
                 let mut next = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
-                    let pcm = match source.next_frame() {
+                    let mut pcm = match source.next_frame() {
                         Ok(p) => p,
                         Err(e) => {
                             tracing::error!(error = %e, "audio source failed");
                             return;
                         }
                     };
+                    if muted.load(Ordering::Relaxed) {
+                        pcm.fill(0);
+                    }
                     match encoder.encode(&pcm) {
                         Ok(packet) => {
                             stats.lock().audio_frames_sent += 1;
@@ -448,7 +443,9 @@ impl Pipelines {
 #[derive(Clone)]
 pub struct ReceiveSinks {
     pub stats: StatsHandle,
-    pub latest: LatestFrame,
+    /// Where decoded pictures go for display (converted to RGBA on the decoder thread),
+    /// and whom to wake when one arrives. None: nobody looks (headless).
+    pub display: Option<(PictureSlot, Option<Notify>)>,
     pub record_video: Option<Arc<Mutex<Y4mWriter>>>,
     pub audio: Option<Arc<Mutex<Box<dyn AudioSink>>>>,
     /// When the remote sends the test pattern: compare decoded pixels with it (noisy?).
@@ -538,19 +535,12 @@ fn video_decode_loop(
             }
         }
         decoded += 1;
-        sinks.latest.set(decoded, frame);
-    }
-}
-
-/// Sleeps until the next tick of a `period` clock; a thread running late does not try to
-/// catch up in a burst.
-fn pace(next: &mut Instant, period: Duration) {
-    *next += period;
-    let now = Instant::now();
-    if *next > now {
-        std::thread::sleep(*next - now);
-    } else {
-        *next = now;
+        if let Some((slot, notify)) = sinks.display.as_ref() {
+            slot.put(Picture::from_frame(&frame));
+            if let Some(n) = notify {
+                n.notify();
+            }
+        }
     }
 }
 

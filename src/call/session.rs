@@ -7,29 +7,33 @@
 //! order of events: no locks around the peer connection.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
 use webrtc::peer_connection::RTCPeerConnectionState;
 
-use super::media::{LatestFrame, MediaStats, Pipelines, ReceiveSinks, StatsHandle};
+use super::media::{MediaStats, Pipelines, ReceiveSinks, StatsHandle};
 use super::peer::{Peer, PeerConfig, PeerEvent, PeerStats};
 use super::state::{Action, Call, CallState, EndReason, Event, PeerState, Role};
 use crate::media::audio::{AudioSink, AudioSource, NullSink, Sine, WavFile, WavSink};
 use crate::media::camera::Camera;
+use crate::media::capture::Capture;
 use crate::media::device::{Microphone, Speaker};
 use crate::media::h264::EncoderSettings;
-use crate::media::video::{TestPattern, VideoSource, Y4mFile, Y4mWriter};
-use crate::signaling::protocol::{ClientMessage, IceServer};
+use crate::media::picture::{Notify, PictureSlot};
+use crate::media::video::{TestPattern, VideoFrame, VideoSource, Y4mFile, Y4mWriter};
+use crate::signaling::protocol::{ClientMessage, IceServer, ServerMessage};
 use crate::signaling::{Client, Incoming};
 
 /// Which camera-like source to send.
 #[derive(Debug, Clone, PartialEq)]
 pub enum VideoInput {
-    /// The first camera (falls back to the test pattern, with a warning, if absent).
-    Camera,
+    /// The camera with this name, or the first one (falls back to the test pattern, with
+    /// a warning, if absent).
+    Camera(Option<String>),
     TestPattern {
         width: usize,
         height: usize,
@@ -42,10 +46,45 @@ pub enum VideoInput {
 /// Which microphone-like source to send.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AudioInput {
-    /// The default microphone (falls back to a 440 Hz tone, with a warning, if absent).
-    Microphone,
+    /// The microphone with this name, or the default one (falls back to a 440 Hz tone,
+    /// with a warning, if absent).
+    Microphone(Option<String>),
     Sine(f64),
     File(PathBuf),
+}
+
+/// Whom a session calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Join a room (its host when `host_token` is the room's token).
+    Room {
+        room: String,
+        host_token: Option<String>,
+    },
+    /// Ring the person signed in as `to`.
+    Dial { to: String },
+    /// Take the call `call_id` that rang on the [`Connection`] given to [`start_on`].
+    Accept { call_id: String },
+}
+
+impl Target {
+    pub fn room(room: &str) -> Target {
+        Target::Room {
+            room: room.to_owned(),
+            host_token: None,
+        }
+    }
+}
+
+/// An open signaling connection handed to a session (e.g. the one a person is signed in
+/// on, which an incoming call rang).
+pub struct Connection {
+    pub client: Client,
+    pub incoming: mpsc::UnboundedReceiver<Incoming>,
+    /// From that connection's `welcome`.
+    pub ice_servers: Vec<IceServer>,
+    /// The connection already holds a name (`register`ed).
+    pub registered: bool,
 }
 
 /// Everything a session needs.
@@ -53,7 +92,7 @@ pub enum AudioInput {
 pub struct SessionConfig {
     /// `HOST:PORT` or a `ws://` URL.
     pub server: String,
-    pub room: String,
+    pub target: Target,
     pub name: Option<String>,
     pub video: VideoInput,
     pub audio: AudioInput,
@@ -65,8 +104,15 @@ pub struct SessionConfig {
     pub loopback: bool,
     pub record_video: Option<PathBuf>,
     pub record_audio: Option<PathBuf>,
-    /// Play received audio on the default speaker (else it is only decoded/recorded).
+    /// Play received audio on the speaker (else it is only decoded/recorded).
     pub play_audio: bool,
+    /// Speaker by name (None: the default one).
+    pub speaker: Option<String>,
+    /// Fill [`SessionHandle::local_picture`] and [`SessionHandle::remote_picture`] with
+    /// RGBA pictures for a window (headless runs skip the conversion).
+    pub show_video: bool,
+    /// Called when there is something new to show (picture, state, chat).
+    pub notify: Option<Notify>,
     /// The remote sends the test pattern: measure PSNR against it (`Some(noisy)`).
     pub reference_pattern: Option<bool>,
     /// Chat lines to send once the data channel is open.
@@ -80,7 +126,7 @@ impl SessionConfig {
     pub fn synthetic(server: &str, room: &str) -> SessionConfig {
         SessionConfig {
             server: server.to_owned(),
-            room: room.to_owned(),
+            target: Target::room(room),
             name: None,
             video: VideoInput::TestPattern {
                 width: 640,
@@ -96,6 +142,9 @@ impl SessionConfig {
             record_video: None,
             record_audio: None,
             play_audio: false,
+            speaker: None,
+            show_video: false,
+            notify: None,
             reference_pattern: None,
             chat: Vec::new(),
             hold_description: None,
@@ -108,6 +157,40 @@ impl SessionConfig {
 pub enum Command {
     HangUp,
     Chat(String),
+    /// Mute (false) or unmute the microphone: silence is sent while muted.
+    Microphone(bool),
+    /// Turn the camera off (false: the device is released, black frames are sent) or on.
+    Camera(bool),
+    /// The host ends the room for both.
+    EndMeeting,
+}
+
+/// One line of the chat, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatLine {
+    pub mine: bool,
+    pub text: String,
+}
+
+/// What a UI shows besides the state; peer statistics refresh every second.
+#[derive(Debug, Clone, Default)]
+pub struct Live {
+    pub is_host: bool,
+    pub peer_name: Option<String>,
+    pub peer: PeerStats,
+    pub chat: Vec<ChatLine>,
+    /// Devices that were missing or failed, and what is used instead.
+    pub warnings: Vec<String>,
+    /// What the camera-like source is, e.g. "test pattern 640x360".
+    pub video_source: Option<String>,
+    pub microphone_on: bool,
+    pub camera_on: bool,
+}
+
+type LiveHandle = Arc<Mutex<Live>>;
+
+fn lock_live(live: &LiveHandle) -> std::sync::MutexGuard<'_, Live> {
+    live.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A running session.
@@ -115,7 +198,9 @@ pub struct SessionHandle {
     commands: mpsc::UnboundedSender<Command>,
     state: watch::Receiver<CallState>,
     stats: StatsHandle,
-    latest: LatestFrame,
+    live: LiveHandle,
+    local: PictureSlot,
+    remote: PictureSlot,
     task: tokio::task::JoinHandle<Report>,
 }
 
@@ -126,6 +211,25 @@ impl SessionHandle {
 
     pub fn chat(&self, text: &str) {
         let _ = self.commands.send(Command::Chat(text.to_owned()));
+    }
+
+    pub fn command(&self, command: Command) {
+        let _ = self.commands.send(command);
+    }
+
+    /// A copy of the live information (host, peer stats, chat, warnings).
+    pub fn live(&self) -> Live {
+        lock_live(&self.live).clone()
+    }
+
+    /// Our own video, for the self-view (when `show_video`).
+    pub fn local_picture(&self) -> &PictureSlot {
+        &self.local
+    }
+
+    /// The other person's video (when `show_video`).
+    pub fn remote_picture(&self) -> &PictureSlot {
+        &self.remote
     }
 
     /// The current state.
@@ -140,11 +244,6 @@ impl SessionHandle {
 
     pub fn stats(&self) -> &StatsHandle {
         &self.stats
-    }
-
-    /// The newest decoded remote picture.
-    pub fn latest_frame(&self) -> &LatestFrame {
-        &self.latest
     }
 
     /// Waits until the state satisfies `f` (or the session ends); false on timeout.
@@ -173,18 +272,35 @@ impl SessionHandle {
     }
 }
 
-/// Starts a session on the current tokio runtime.
+/// Starts a session on the current tokio runtime, on a new signaling connection.
 pub fn start(config: SessionConfig) -> SessionHandle {
+    start_on(config, None)
+}
+
+/// Starts a session; with `connection`, on that open signaling connection.
+pub fn start_on(config: SessionConfig, connection: Option<Connection>) -> SessionHandle {
     let (commands, command_rx) = mpsc::unbounded_channel();
     let (state_tx, state) = watch::channel(CallState::Idle);
     let stats = StatsHandle::default();
-    let latest = LatestFrame::default();
+    let live = Arc::new(Mutex::new(Live {
+        microphone_on: true,
+        camera_on: true,
+        ..Live::default()
+    }));
+    let (local, remote) = (PictureSlot::default(), PictureSlot::default());
+    let (frames_tx, frames_rx) = std::sync::mpsc::sync_channel(2);
     let session = Session {
         config,
         call: Call::new(),
         state_tx,
         stats: stats.clone(),
-        latest: latest.clone(),
+        live: live.clone(),
+        local: local.clone(),
+        remote: remote.clone(),
+        capture: None,
+        frames_tx,
+        frames_rx: Some(frames_rx),
+        mic_muted: Arc::new(AtomicBool::new(false)),
         client: None,
         peer: None,
         pipelines: Pipelines::new(),
@@ -196,12 +312,14 @@ pub fn start(config: SessionConfig) -> SessionHandle {
         warnings: Vec::new(),
         sinks: None,
     };
-    let task = tokio::spawn(session.run(command_rx));
+    let task = tokio::spawn(session.run(command_rx, connection));
     SessionHandle {
         commands,
         state,
         stats,
-        latest,
+        live,
+        local,
+        remote,
         task,
     }
 }
@@ -212,6 +330,10 @@ enum Input {
     Command(Command),
     ChatOpen,
     ChatMessage(String),
+    /// The video source opened (on a blocking thread), with any fallback warning.
+    CaptureReady(Capture, Option<String>),
+    /// Time to refresh the peer statistics.
+    StatsTick,
 }
 
 struct Session {
@@ -219,7 +341,15 @@ struct Session {
     call: Call,
     state_tx: watch::Sender<CallState>,
     stats: StatsHandle,
-    latest: LatestFrame,
+    live: LiveHandle,
+    local: PictureSlot,
+    remote: PictureSlot,
+    /// The running video source; None while the camera is off (or still opening).
+    capture: Option<Capture>,
+    /// Captures feed the encoder through this channel (it outlives camera off/on).
+    frames_tx: std::sync::mpsc::SyncSender<VideoFrame>,
+    frames_rx: Option<std::sync::mpsc::Receiver<VideoFrame>>,
+    mic_muted: Arc<AtomicBool>,
     client: Option<Client>,
     peer: Option<Peer>,
     pipelines: Pipelines,
@@ -235,28 +365,61 @@ struct Session {
 }
 
 impl Session {
-    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) -> Report {
-        let (signal_tx, mut signal_rx) = mpsc::unbounded_channel();
+    async fn run(
+        mut self,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+        connection: Option<Connection>,
+    ) -> Report {
         let (peer_tx, mut peer_rx) = mpsc::unbounded_channel();
         let (chat_tx, mut chat_rx) = mpsc::unbounded_channel::<Input>();
         self.chat_queue = self.config.chat.clone();
+        self.open_capture(&chat_tx);
+        let mut stats_tick = tokio::time::interval(Duration::from_secs(1));
+        stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-        match Client::connect(&self.config.server, signal_tx).await {
-            Ok(client) => {
-                self.client = Some(client);
-                let join = Event::Join {
-                    room: self.config.room.clone(),
+        let (connected, mut signal_rx, registered) = match connection {
+            Some(c) => {
+                self.client = Some(c.client);
+                let welcome = ServerMessage::Welcome {
+                    protocol: 1,
+                    server: String::new(),
+                    ice_servers: c.ice_servers,
+                };
+                self.apply(Event::Server(welcome), &peer_tx, &chat_tx).await;
+                (Ok(()), c.incoming, c.registered)
+            }
+            None => {
+                let (signal_tx, signal_rx) = mpsc::unbounded_channel();
+                let connected = match Client::connect(&self.config.server, signal_tx).await {
+                    Ok(client) => {
+                        self.client = Some(client);
+                        Ok(())
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
+                (connected, signal_rx, false)
+            }
+        };
+        let first = match connected {
+            Ok(()) => match self.config.target.clone() {
+                Target::Room { room, host_token } => Event::Join {
+                    room,
                     name: self.config.name.clone(),
-                };
-                self.apply(join, &peer_tx, &chat_tx).await;
-            }
-            Err(e) => {
-                let event = Event::ServerClosed {
-                    detail: e.to_string(),
-                };
-                self.apply(event, &peer_tx, &chat_tx).await;
-            }
-        }
+                    host_token,
+                },
+                Target::Dial { to } => Event::Dial {
+                    to,
+                    register_as: if registered {
+                        None
+                    } else {
+                        self.config.name.clone()
+                    },
+                },
+                Target::Accept { call_id } => Event::Accept { call_id },
+            },
+            Err(detail) => Event::ServerClosed { detail },
+        };
+        self.apply(first, &peer_tx, &chat_tx).await;
 
         while !self.call.state().is_ended() {
             let input = tokio::select! {
@@ -264,6 +427,7 @@ impl Session {
                 Some(e) = peer_rx.recv() => Input::Peer(e),
                 Some(i) = chat_rx.recv() => i,
                 c = commands.recv() => Input::Command(c.unwrap_or(Command::HangUp)),
+                _ = stats_tick.tick(), if self.peer.is_some() => Input::StatsTick,
             };
             self.input(input, &peer_tx, &chat_tx).await;
         }
@@ -296,6 +460,10 @@ impl Session {
                             .await;
                         self.start_media();
                     }
+                    RTCPeerConnectionState::Disconnected => {
+                        self.apply(Event::Peer(PeerState::Disconnected), peer_tx, chat_tx)
+                            .await;
+                    }
                     RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed => {
                         self.apply(Event::Peer(PeerState::Failed), peer_tx, chat_tx)
                             .await;
@@ -316,7 +484,52 @@ impl Session {
                     self.send_chat(line).await;
                 }
             }
-            Input::ChatMessage(text) => self.stats.lock().chat_received.push(text),
+            Input::ChatMessage(text) => {
+                self.stats.lock().chat_received.push(text.clone());
+                lock_live(&self.live)
+                    .chat
+                    .push(ChatLine { mine: false, text });
+                self.notify();
+            }
+            Input::CaptureReady(capture, warning) => {
+                if let Some(w) = warning {
+                    self.warn(w);
+                }
+                lock_live(&self.live).video_source = Some(capture.describe().to_owned());
+                if self.config.show_video {
+                    capture.preview_into(self.local.clone(), self.config.notify.clone());
+                }
+                capture.feed_encoder(self.frames_tx.clone());
+                if lock_live(&self.live).camera_on && !self.call.state().is_ended() {
+                    self.capture = Some(capture);
+                } else {
+                    // Turned off (or hung up) while it was opening.
+                    tokio::task::spawn_blocking(move || drop(capture));
+                }
+            }
+            Input::StatsTick => {
+                if let Some(peer) = self.peer.as_ref() {
+                    let stats = peer.stats().await;
+                    lock_live(&self.live).peer = stats;
+                    self.notify();
+                }
+            }
+            Input::Command(Command::Microphone(on)) => {
+                self.mic_muted.store(!on, Ordering::Relaxed);
+                lock_live(&self.live).microphone_on = on;
+            }
+            Input::Command(Command::Camera(on)) => {
+                let was = std::mem::replace(&mut lock_live(&self.live).camera_on, on);
+                if on && !was {
+                    self.open_capture(chat_tx);
+                } else if !on && let Some(capture) = self.capture.take() {
+                    // Joining the camera thread may take a frame's time: off the runtime.
+                    tokio::task::spawn_blocking(move || drop(capture));
+                }
+            }
+            Input::Command(Command::EndMeeting) => {
+                self.apply(Event::EndRoom, peer_tx, chat_tx).await;
+            }
             Input::Command(Command::Chat(text)) => {
                 if self.chat_open {
                     self.send_chat(text).await;
@@ -352,6 +565,11 @@ impl Session {
                     pending.push_back(next);
                 }
             }
+            {
+                let mut live = lock_live(&self.live);
+                live.is_host = self.call.is_host();
+                live.peer_name = self.call.peer_name().map(str::to_owned);
+            }
             if joined_both {
                 self.stats
                     .lock()
@@ -364,13 +582,42 @@ impl Session {
 
     fn publish(&self) {
         let state = self.call.state().clone();
-        self.state_tx.send_if_modified(|current| {
+        let changed = self.state_tx.send_if_modified(|current| {
             if *current == state {
                 false
             } else {
                 *current = state;
                 true
             }
+        });
+        if changed {
+            self.notify();
+        }
+    }
+
+    fn notify(&self) {
+        if let Some(n) = &self.config.notify {
+            n.notify();
+        }
+    }
+
+    fn warn(&mut self, warning: String) {
+        tracing::warn!("{warning}");
+        lock_live(&self.live).warnings.push(warning.clone());
+        self.warnings.push(warning);
+        self.notify();
+    }
+
+    /// Opens the video source on a blocking thread (a camera takes a while); it arrives
+    /// as [`Input::CaptureReady`].
+    fn open_capture(&self, chat_tx: &mpsc::UnboundedSender<Input>) {
+        let input = self.config.video.clone();
+        let tx = chat_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut warnings = Vec::new();
+            let source = open_video(&input, &mut warnings);
+            let capture = Capture::start(source);
+            let _ = tx.send(Input::CaptureReady(capture, warnings.pop()));
         });
     }
 
@@ -506,7 +753,13 @@ impl Session {
             return;
         };
         match chat.send_text(&text).await {
-            Ok(()) => self.stats.lock().chat_sent.push(text),
+            Ok(()) => {
+                self.stats.lock().chat_sent.push(text.clone());
+                lock_live(&self.live)
+                    .chat
+                    .push(ChatLine { mine: true, text });
+                self.notify();
+            }
             Err(e) => tracing::warn!(error = %e, "sending a chat message"),
         }
     }
@@ -528,11 +781,9 @@ impl Session {
             }
         }
         if self.config.play_audio {
-            match Speaker::open_default() {
+            match Speaker::open(self.config.speaker.as_deref()) {
                 Ok(speaker) => outputs.push(Box::new(speaker)),
-                Err(e) => self
-                    .warnings
-                    .push(format!("{e}; received audio is not played")),
+                Err(e) => self.warn(format!("{e}; received audio is not played")),
             }
         }
         let audio: Box<dyn AudioSink> = match outputs.len() {
@@ -542,7 +793,10 @@ impl Session {
         };
         let sinks = ReceiveSinks {
             stats: self.stats.clone(),
-            latest: self.latest.clone(),
+            display: self
+                .config
+                .show_video
+                .then(|| (self.remote.clone(), self.config.notify.clone())),
             record_video,
             audio: Some(Arc::new(Mutex::new(audio))),
             reference_pattern: self.config.reference_pattern,
@@ -564,12 +818,25 @@ impl Session {
             stats.connected_after = Some(stats.started.elapsed());
         }
         let (video, audio) = (peer.video.clone(), peer.audio.clone());
-        let source = open_video(&self.config.video, &mut self.warnings);
-        self.pipelines
-            .start_video_sender(source, self.config.encoder, video, self.stats.clone());
-        let source = open_audio(&self.config.audio, &mut self.warnings);
-        self.pipelines
-            .start_audio_sender(source, audio, self.stats.clone());
+        if let Some(frames) = self.frames_rx.take() {
+            self.pipelines.start_video_sender(
+                frames,
+                self.config.encoder,
+                video,
+                self.stats.clone(),
+            );
+        }
+        let mut warnings = Vec::new();
+        let source = open_audio(&self.config.audio, &mut warnings);
+        for w in warnings {
+            self.warn(w);
+        }
+        self.pipelines.start_audio_sender(
+            source,
+            self.mic_muted.clone(),
+            audio,
+            self.stats.clone(),
+        );
     }
 
     async fn close_peer(&mut self) {
@@ -585,6 +852,9 @@ impl Session {
 
     async fn shut_down(&mut self) {
         self.close_peer().await;
+        if let Some(capture) = self.capture.take() {
+            let _ = tokio::task::spawn_blocking(move || drop(capture)).await;
+        }
         self.client = None;
         self.publish();
     }
@@ -601,9 +871,9 @@ impl Session {
 
 /// Opens the configured video source; a broken file falls back to the test pattern
 /// with a warning rather than failing the call.
-fn open_video(input: &VideoInput, warnings: &mut Vec<String>) -> Box<dyn VideoSource> {
+pub fn open_video(input: &VideoInput, warnings: &mut Vec<String>) -> Box<dyn VideoSource> {
     match input {
-        VideoInput::Camera => match Camera::open_default() {
+        VideoInput::Camera(name) => match Camera::open(name.as_deref()) {
             Ok(camera) => Box::new(camera),
             Err(e) => {
                 warnings.push(format!("{e}; sending the test pattern instead"));
@@ -645,7 +915,7 @@ impl AudioSink for Tee {
 
 fn open_audio(input: &AudioInput, warnings: &mut Vec<String>) -> Box<dyn AudioSource> {
     match input {
-        AudioInput::Microphone => match Microphone::open_default() {
+        AudioInput::Microphone(name) => match Microphone::open(name.as_deref()) {
             Ok(mic) => Box::new(mic),
             Err(e) => {
                 warnings.push(format!("{e}; sending a 440 Hz tone instead"));

@@ -8,7 +8,7 @@
 //! here in microseconds.
 
 use signaling_server::protocol::{
-    ClientMessage, ErrorCode, IceCandidate, IceServer, LeaveReason, ServerMessage,
+    CallRejectReason, ClientMessage, ErrorCode, IceCandidate, IceServer, LeaveReason, ServerMessage,
 };
 
 /// Who makes the offer. The spec: the member already in the room offers, the newcomer
@@ -38,6 +38,10 @@ pub enum EndReason {
     Refused { code: String, message: String },
     /// The signaling server could not be reached or went away before the call started.
     ServerLost { detail: String },
+    /// A direct call did not happen: declined, unanswered, busy or offline.
+    CallRejected { to: String, reason: String },
+    /// The caller gave up before we answered.
+    CallCancelled,
 }
 
 impl std::fmt::Display for EndReason {
@@ -55,6 +59,14 @@ impl std::fmt::Display for EndReason {
             EndReason::ConnectionFailed => write!(f, "the media connection failed"),
             EndReason::Refused { code, message } => write!(f, "server refused: {message} ({code})"),
             EndReason::ServerLost { detail } => write!(f, "signaling server unreachable: {detail}"),
+            EndReason::CallRejected { to, reason } => match reason.as_str() {
+                "rejected" => write!(f, "{to} declined the call"),
+                "no_answer" => write!(f, "{to} did not answer"),
+                "busy" => write!(f, "{to} is busy in another call"),
+                "offline" => write!(f, "{to} is not signed in"),
+                other => write!(f, "the call to {to} did not happen ({other})"),
+            },
+            EndReason::CallCancelled => write!(f, "the caller hung up before you answered"),
         }
     }
 }
@@ -63,9 +75,18 @@ impl std::fmt::Display for EndReason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallState {
     Idle,
-    /// `join` sent, waiting for `joined`.
+    /// `join` (or `accept`) sent, waiting for `joined`.
     Joining {
         room: String,
+    },
+    /// A direct call: `register`/`call` sent, waiting for the server to ring them.
+    Dialing {
+        to: String,
+    },
+    /// A direct call: they are being rung; we wait in room `room` (the call id).
+    Ringing {
+        room: String,
+        to: String,
     },
     /// In the room alone.
     WaitingForPeer {
@@ -82,6 +103,11 @@ pub enum CallState {
         room: String,
         role: Role,
     },
+    /// The media connection dropped for a moment; ICE is trying to get it back.
+    Reconnecting {
+        room: String,
+        role: Role,
+    },
     Ended(EndReason),
 }
 
@@ -91,11 +117,14 @@ impl CallState {
         match self {
             CallState::Idle => "idle".into(),
             CallState::Joining { room } => format!("joining {room}"),
+            CallState::Dialing { to } => format!("calling {to}"),
+            CallState::Ringing { to, .. } => format!("ringing {to}"),
             CallState::WaitingForPeer { room, .. } => {
                 format!("waiting for the other person in {room}")
             }
             CallState::Connecting { .. } => "connecting".into(),
             CallState::InCall { .. } => "connected".into(),
+            CallState::Reconnecting { .. } => "reconnecting…".into(),
             CallState::Ended(reason) => format!("ended: {reason}"),
         }
     }
@@ -108,8 +137,10 @@ impl CallState {
         matches!(
             self,
             CallState::WaitingForPeer { .. }
+                | CallState::Ringing { .. }
                 | CallState::Connecting { .. }
                 | CallState::InCall { .. }
+                | CallState::Reconnecting { .. }
         )
     }
 }
@@ -118,6 +149,8 @@ impl CallState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerState {
     Connected,
+    /// Connectivity lost for now (ICE may recover by itself).
+    Disconnected,
     /// ICE failed or the connection closed under us.
     Failed,
 }
@@ -125,11 +158,24 @@ pub enum PeerState {
 /// Something that happened.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// The user wants to join `room`.
+    /// The user wants to join `room` (as its host when `host_token` is right).
     Join {
         room: String,
         name: Option<String>,
+        host_token: Option<String>,
     },
+    /// The user wants to call the person signed in as `to`. The server needs us to hold
+    /// a name first: `register_as` claims one on this connection (None: already done).
+    Dial {
+        to: String,
+        register_as: Option<String>,
+    },
+    /// The user accepts the incoming call `call_id` (rung on this connection).
+    Accept {
+        call_id: String,
+    },
+    /// The host ends the room for both.
+    EndRoom,
     /// A message from the signaling server.
     Server(ServerMessage),
     /// The signaling connection ended or could not be opened.
@@ -173,6 +219,10 @@ pub struct Call {
     state: CallState,
     ice_servers: Vec<IceServer>,
     peer_started: bool,
+    host: bool,
+    own_peer_id: Option<String>,
+    peer_id: Option<String>,
+    peer_name: Option<String>,
 }
 
 impl Default for Call {
@@ -187,7 +237,21 @@ impl Call {
             state: CallState::Idle,
             ice_servers: Vec::new(),
             peer_started: false,
+            host: false,
+            own_peer_id: None,
+            peer_id: None,
+            peer_name: None,
         }
+    }
+
+    /// Whether we are the room's host (may end it for both).
+    pub fn is_host(&self) -> bool {
+        self.host
+    }
+
+    /// The other person's display name, when they gave one.
+    pub fn peer_name(&self) -> Option<&str> {
+        self.peer_name.as_deref()
     }
 
     pub fn state(&self) -> &CallState {
@@ -205,10 +269,34 @@ impl Call {
             return Vec::new(); // an ended call stays ended; a new call is a new machine
         }
         match event {
-            Event::Join { room, name } => self.join(room, name),
+            Event::Join {
+                room,
+                name,
+                host_token,
+            } => self.join(room, name, host_token),
+            Event::Dial { to, register_as } => self.dial(to, register_as),
+            Event::Accept { call_id } => {
+                if self.state != CallState::Idle {
+                    return Vec::new();
+                }
+                self.state = CallState::Joining {
+                    room: call_id.clone(),
+                };
+                vec![Action::Send(ClientMessage::Accept { call_id })]
+            }
+            Event::EndRoom => {
+                if self.state.in_room() && self.host {
+                    vec![Action::Send(ClientMessage::EndRoom)]
+                } else {
+                    Vec::new()
+                }
+            }
             Event::Server(msg) => self.server(msg),
             Event::ServerClosed { detail } => {
-                if matches!(self.state, CallState::InCall { .. }) {
+                if matches!(
+                    self.state,
+                    CallState::InCall { .. } | CallState::Reconnecting { .. }
+                ) {
                     // Media flows peer to peer; losing signaling does not end the call.
                     Vec::new()
                 } else {
@@ -222,8 +310,19 @@ impl Call {
             Event::LocalCandidate(candidate) => {
                 vec![Action::Send(ClientMessage::Candidate { candidate })]
             }
+            Event::Peer(PeerState::Disconnected) => {
+                if let CallState::InCall { room, role } = &self.state {
+                    self.state = CallState::Reconnecting {
+                        room: room.clone(),
+                        role: *role,
+                    };
+                }
+                Vec::new()
+            }
             Event::Peer(PeerState::Connected) => {
-                if let CallState::Connecting { room, role } = &self.state {
+                if let CallState::Connecting { room, role }
+                | CallState::Reconnecting { room, role } = &self.state
+                {
                     self.state = CallState::InCall {
                         room: room.clone(),
                         role: *role,
@@ -242,7 +341,12 @@ impl Call {
         }
     }
 
-    fn join(&mut self, room: String, name: Option<String>) -> Vec<Action> {
+    fn join(
+        &mut self,
+        room: String,
+        name: Option<String>,
+        host_token: Option<String>,
+    ) -> Vec<Action> {
         if self.state != CallState::Idle {
             return Vec::new();
         }
@@ -250,8 +354,21 @@ impl Call {
         vec![Action::Send(ClientMessage::Join {
             room,
             name,
-            host_token: None,
+            host_token,
         })]
+    }
+
+    fn dial(&mut self, to: String, register_as: Option<String>) -> Vec<Action> {
+        if self.state != CallState::Idle {
+            return Vec::new();
+        }
+        self.state = CallState::Dialing { to: to.clone() };
+        let mut actions = Vec::new();
+        if let Some(name) = register_as {
+            actions.push(Action::Send(ClientMessage::Register { name }));
+        }
+        actions.push(Action::Send(ClientMessage::Call { to }));
+        actions
     }
 
     fn start_peer(&mut self, room: String, role: Role) -> Vec<Action> {
@@ -269,13 +386,58 @@ impl Call {
                 self.ice_servers = ice_servers;
                 Vec::new()
             }
+            ServerMessage::Ringing { call_id, to } => {
+                if matches!(self.state, CallState::Dialing { .. }) {
+                    self.state = CallState::Ringing { room: call_id, to };
+                }
+                Vec::new()
+            }
+            ServerMessage::CallRejected { reason, .. } => match &self.state {
+                CallState::Dialing { to } | CallState::Ringing { to, .. } => {
+                    let to = to.clone();
+                    let reason = match reason {
+                        CallRejectReason::Rejected => "rejected",
+                        CallRejectReason::NoAnswer => "no_answer",
+                        CallRejectReason::Busy => "busy",
+                        CallRejectReason::Offline => "offline",
+                    };
+                    let reason = reason.to_owned();
+                    // The server has already removed us from the call's room.
+                    self.end(EndReason::CallRejected { to, reason }, false)
+                }
+                _ => Vec::new(),
+            },
+            ServerMessage::CallCancelled { call_id } => match &self.state {
+                CallState::Joining { room } if *room == call_id => {
+                    self.end(EndReason::CallCancelled, false)
+                }
+                _ => Vec::new(),
+            },
+            ServerMessage::HostChanged { peer_id } => {
+                self.host = self.own_peer_id.as_deref() == Some(peer_id.as_str());
+                Vec::new()
+            }
             ServerMessage::Joined {
                 room,
                 peer_id,
                 members,
-                ..
+                host,
+                peers,
             } => {
-                if !matches!(self.state, CallState::Joining { .. }) {
+                let dialing = match &self.state {
+                    CallState::Joining { .. } => None,
+                    CallState::Dialing { to } | CallState::Ringing { to, .. } => Some(to.clone()),
+                    _ => return Vec::new(),
+                };
+                self.host = host;
+                self.own_peer_id = Some(peer_id.clone());
+                if let Some(p) = peers.into_iter().next() {
+                    self.peer_id = Some(p.peer_id);
+                    self.peer_name = p.name;
+                }
+                if let Some(to) = dialing {
+                    // The callee joins when they accept; until then it rings.
+                    self.state = CallState::Ringing { room, to };
                     return Vec::new();
                 }
                 if members >= 2 {
@@ -286,9 +448,11 @@ impl Call {
                     Vec::new()
                 }
             }
-            ServerMessage::PeerJoined { .. } => match &self.state {
-                CallState::WaitingForPeer { room, .. } => {
+            ServerMessage::PeerJoined { peer_id, name } => match &self.state {
+                CallState::WaitingForPeer { room, .. } | CallState::Ringing { room, .. } => {
                     let room = room.clone();
+                    self.peer_id = Some(peer_id);
+                    self.peer_name = name;
                     self.start_peer(room, Role::Offerer)
                 }
                 _ => Vec::new(),
@@ -311,9 +475,10 @@ impl Call {
             ),
             ServerMessage::RoomEnded { .. } => self.end(EndReason::RoomEnded, false),
             ServerMessage::Error { code, message, .. } => match self.state {
-                // Refusals of the join end the attempt; later errors are logged only
-                // (e.g. a late candidate after the peer left is `not_in_call`).
-                CallState::Joining { .. } => self.end(
+                // Refusals of the join (or of the direct call) end the attempt; later
+                // errors are logged only (e.g. a late candidate after the peer left is
+                // `not_in_call`).
+                CallState::Joining { .. } | CallState::Dialing { .. } => self.end(
                     EndReason::Refused {
                         code: code.as_str().to_owned(),
                         message,
@@ -366,6 +531,7 @@ mod tests {
         let a = call.handle(Event::Join {
             room: "r".into(),
             name: None,
+            host_token: None,
         });
         assert!(matches!(a[..], [Action::Send(ClientMessage::Join { .. })]));
     }
@@ -523,5 +689,127 @@ mod tests {
             .is_empty()
         );
         assert!(matches!(call.state(), CallState::InCall { .. }));
+    }
+
+    #[test]
+    fn a_direct_call_rings_then_offers_when_they_accept() {
+        let mut call = Call::new();
+        let a = call.handle(Event::Dial {
+            to: "bob".into(),
+            register_as: Some("alice".into()),
+        });
+        assert!(matches!(
+            &a[..],
+            [
+                Action::Send(ClientMessage::Register { .. }),
+                Action::Send(ClientMessage::Call { .. })
+            ]
+        ));
+        assert_eq!(call.state().describe(), "calling bob");
+        call.handle(Event::Server(ServerMessage::Ringing {
+            call_id: "call-x".into(),
+            to: "bob".into(),
+        }));
+        call.handle(Event::Server(ServerMessage::Joined {
+            room: "call-x".into(),
+            peer_id: "me".into(),
+            members: 1,
+            host: true,
+            peers: Vec::new(),
+        }));
+        assert_eq!(call.state().describe(), "ringing bob");
+        let a = call.handle(Event::Server(ServerMessage::PeerJoined {
+            peer_id: "p".into(),
+            name: Some("bob".into()),
+        }));
+        assert!(matches!(
+            &a[..],
+            [Action::StartPeer {
+                role: Role::Offerer,
+                ..
+            }]
+        ));
+        assert_eq!(call.peer_name(), Some("bob"));
+        assert!(call.is_host());
+    }
+
+    #[test]
+    fn a_declined_call_ends_with_the_reason() {
+        let mut call = Call::new();
+        call.handle(Event::Dial {
+            to: "bob".into(),
+            register_as: None,
+        });
+        let a = call.handle(Event::Server(ServerMessage::CallRejected {
+            call_id: "c".into(),
+            reason: CallRejectReason::Rejected,
+        }));
+        assert_eq!(a, vec![Action::Disconnect]);
+        assert_eq!(call.state().describe(), "ended: bob declined the call");
+    }
+
+    #[test]
+    fn accepting_joins_as_the_answerer_and_a_cancel_ends_it() {
+        let mut call = Call::new();
+        let a = call.handle(Event::Accept {
+            call_id: "call-x".into(),
+        });
+        assert!(matches!(
+            &a[..],
+            [Action::Send(ClientMessage::Accept { .. })]
+        ));
+        let a = call.handle(Event::Server(ServerMessage::Joined {
+            room: "call-x".into(),
+            peer_id: "me".into(),
+            members: 2,
+            host: false,
+            peers: vec![signaling_server::protocol::PeerInfo {
+                peer_id: "p".into(),
+                name: Some("alice".into()),
+            }],
+        }));
+        assert!(matches!(
+            &a[..],
+            [Action::StartPeer {
+                role: Role::Answerer,
+                ..
+            }]
+        ));
+        assert_eq!(call.peer_name(), Some("alice"));
+        // Not the host: end_room is not even sent.
+        assert!(call.handle(Event::EndRoom).is_empty());
+
+        let mut late = Call::new();
+        late.handle(Event::Accept {
+            call_id: "call-y".into(),
+        });
+        late.handle(Event::Server(ServerMessage::CallCancelled {
+            call_id: "call-y".into(),
+        }));
+        assert_eq!(late.state(), &CallState::Ended(EndReason::CallCancelled));
+    }
+
+    #[test]
+    fn a_dropped_connection_reconnects_without_ending_the_call() {
+        let mut call = Call::new();
+        start(&mut call);
+        call.handle(joined(2));
+        call.handle(Event::Peer(PeerState::Connected));
+        call.handle(Event::Peer(PeerState::Disconnected));
+        assert_eq!(call.state().describe(), "reconnecting…");
+        call.handle(Event::Peer(PeerState::Connected));
+        assert_eq!(call.state().describe(), "connected");
+    }
+
+    #[test]
+    fn the_host_can_end_the_room() {
+        let mut call = Call::new();
+        start(&mut call);
+        call.handle(joined(1));
+        assert!(call.is_host());
+        assert_eq!(
+            call.handle(Event::EndRoom),
+            vec![Action::Send(ClientMessage::EndRoom)]
+        );
     }
 }

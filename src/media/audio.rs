@@ -82,6 +82,20 @@ impl WavFile {
     pub fn open(path: &Path) -> Result<WavFile, MediaError> {
         let reader = hound::WavReader::open(path)
             .map_err(|e| MediaError::Io(format!("{}: {e}", path.display())))?;
+        WavFile::read(reader, path)
+    }
+
+    /// A WAV held in memory (e.g. a sound from `assets/` built into the binary).
+    pub fn from_bytes(name: &str, bytes: &[u8]) -> Result<WavFile, MediaError> {
+        let reader = hound::WavReader::new(std::io::Cursor::new(bytes))
+            .map_err(|e| MediaError::Format(format!("{name}: {e}")))?;
+        WavFile::read(reader, Path::new(name))
+    }
+
+    fn read<R: std::io::Read>(
+        reader: hound::WavReader<R>,
+        path: &Path,
+    ) -> Result<WavFile, MediaError> {
         let spec = reader.spec();
         let channels = usize::from(spec.channels.max(1));
         let raw: Vec<f32> = match spec.sample_format {

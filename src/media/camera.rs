@@ -37,12 +37,19 @@ fn device_error(e: impl std::fmt::Display) -> MediaError {
     MediaError::Device(format!("camera: {e}"))
 }
 
-/// Opens the first camera and starts its stream; returns it with (fps, description).
-fn open_first() -> Result<(nokhwa::Camera, f64, String), MediaError> {
+/// Opens the camera called `name` (or the first one) and starts its stream; returns it
+/// with (fps, description).
+fn open_camera(name: Option<&str>) -> Result<(nokhwa::Camera, f64, String), MediaError> {
     let cameras = nokhwa::query(ApiBackend::Auto).map_err(device_error)?;
-    let info = cameras
-        .first()
-        .ok_or_else(|| MediaError::Device("no camera found".into()))?;
+    let info = match name {
+        Some(n) => cameras
+            .iter()
+            .find(|c| c.human_name() == n)
+            .ok_or_else(|| MediaError::Device(format!("camera {n:?} not found")))?,
+        None => cameras
+            .first()
+            .ok_or_else(|| MediaError::Device("no camera found".into()))?,
+    };
     let wanted = CameraFormat::new(Resolution::new(1280, 720), FrameFormat::YUYV, 30);
     let requested = RequestedFormat::with_formats(RequestedFormatType::Closest(wanted), &FORMATS);
     let mut camera = nokhwa::Camera::new(info.index().clone(), requested).map_err(device_error)?;
@@ -75,7 +82,13 @@ fn grab(camera: &mut nokhwa::Camera) -> Result<VideoFrame, MediaError> {
 
 impl Camera {
     pub fn open_default() -> Result<Camera, MediaError> {
+        Camera::open(None)
+    }
+
+    /// Opens the camera called `name` (as [`list_cameras`] lists it), or the first one.
+    pub fn open(name: Option<&str>) -> Result<Camera, MediaError> {
         use std::sync::atomic::{AtomicBool, Ordering};
+        let wanted = name.map(str::to_owned);
         let (opened_tx, opened_rx) = std::sync::mpsc::channel();
         let (frames_tx, frames) = std::sync::mpsc::sync_channel(2);
         let stop = std::sync::Arc::new(AtomicBool::new(false));
@@ -83,7 +96,7 @@ impl Camera {
         let thread = std::thread::Builder::new()
             .name("duet-camera".into())
             .spawn(move || {
-                let mut camera = match open_first() {
+                let mut camera = match open_camera(wanted.as_deref()) {
                     Ok((camera, fps, description)) => {
                         let _ = opened_tx.send(Ok((fps, description)));
                         camera

@@ -116,13 +116,28 @@ pub struct Microphone {
 
 impl Microphone {
     pub fn open_default() -> Result<Microphone, MediaError> {
+        Microphone::open(None)
+    }
+
+    /// Opens the input device called `name` (as [`list_audio_devices`] lists it), or the
+    /// default one.
+    pub fn open(name: Option<&str>) -> Result<Microphone, MediaError> {
         let shared = Arc::new(Shared::default());
         let cb_shared = shared.clone();
+        let wanted = name.map(str::to_owned);
         let (thread, description) = spawn_device("duet-mic", move || {
             let host = cpal::default_host();
-            let device = host
-                .default_input_device()
-                .ok_or_else(|| MediaError::Device("no microphone found".into()))?;
+            let device = match &wanted {
+                Some(w) => host
+                    .input_devices()
+                    .ok()
+                    .and_then(|mut all| all.find(|d| device_name(d) == *w)),
+                None => host.default_input_device(),
+            }
+            .ok_or_else(|| match &wanted {
+                Some(w) => MediaError::Device(format!("microphone {w:?} not found")),
+                None => MediaError::Device("no microphone found".into()),
+            })?;
             let supported = device
                 .default_input_config()
                 .map_err(|e| MediaError::Device(format!("microphone: {e}")))?;
@@ -221,13 +236,28 @@ pub struct Speaker {
 
 impl Speaker {
     pub fn open_default() -> Result<Speaker, MediaError> {
+        Speaker::open(None)
+    }
+
+    /// Opens the output device called `name` (as [`list_audio_devices`] lists it), or
+    /// the default one.
+    pub fn open(name: Option<&str>) -> Result<Speaker, MediaError> {
         let shared = Arc::new(Shared::default());
         let cb_shared = shared.clone();
+        let wanted = name.map(str::to_owned);
         let (thread, description) = spawn_device("duet-speaker", move || {
             let host = cpal::default_host();
-            let device = host
-                .default_output_device()
-                .ok_or_else(|| MediaError::Device("no speaker found".into()))?;
+            let device = match &wanted {
+                Some(w) => host
+                    .output_devices()
+                    .ok()
+                    .and_then(|mut all| all.find(|d| device_name(d) == *w)),
+                None => host.default_output_device(),
+            }
+            .ok_or_else(|| match &wanted {
+                Some(w) => MediaError::Device(format!("speaker {w:?} not found")),
+                None => MediaError::Device("no speaker found".into()),
+            })?;
             let supported = device
                 .default_output_config()
                 .map_err(|e| MediaError::Device(format!("speaker: {e}")))?;
@@ -325,4 +355,53 @@ pub fn list_audio_devices() -> (Vec<String>, Vec<String>) {
         .map(|d| d.map(|dev| device_name(&dev)).collect())
         .unwrap_or_default();
     (inputs, outputs)
+}
+
+/// A sound played in a loop on a speaker until dropped (the ring of an incoming call).
+pub struct LoopPlayer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl LoopPlayer {
+    /// Starts playing `sound` (looping) on the speaker called `speaker` (or the default).
+    pub fn start(
+        mut sound: impl AudioSource + 'static,
+        speaker: Option<&str>,
+    ) -> Result<LoopPlayer, MediaError> {
+        let mut out = Speaker::open(speaker)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("duet-ring".into())
+            .spawn(move || {
+                let period = Duration::from_millis(20);
+                let mut next = std::time::Instant::now();
+                while !thread_stop.load(Ordering::Relaxed) {
+                    match sound.next_frame() {
+                        Ok(pcm) => {
+                            if out.write(&pcm).is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                    super::pace(&mut next, period);
+                }
+            })
+            .map_err(|e| MediaError::Device(format!("cannot start the ring thread: {e}")))?;
+        Ok(LoopPlayer {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for LoopPlayer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

@@ -7,12 +7,49 @@
 //! - [`audio`]: 48 kHz mono PCM, the `AudioSource` trait, sine and WAV sources, Opus, sinks.
 //! - [`device`]: the real microphone and speaker (cpal) behind the same traits.
 //! - [`camera`]: the real camera (nokhwa) as a `VideoSource`, and pixel format conversion.
+//! - [`capture`]: a video source on its own thread, feeding the encoder and a self-view.
+//! - [`picture`]: RGBA pictures for a display and the slot the newest one waits in.
 
 pub mod audio;
 pub mod camera;
+pub mod capture;
 pub mod device;
 pub mod h264;
+pub mod picture;
 pub mod video;
+
+/// The real devices present, by name (for pickers and `duet devices`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Devices {
+    pub cameras: Vec<String>,
+    pub microphones: Vec<String>,
+    pub speakers: Vec<String>,
+}
+
+impl Devices {
+    /// Asks the system; this can take a while (ALSA probes every card), so a UI calls it
+    /// off its own thread.
+    pub fn list() -> Devices {
+        let (microphones, speakers) = device::list_audio_devices();
+        Devices {
+            cameras: camera::list_cameras(),
+            microphones,
+            speakers,
+        }
+    }
+}
+
+/// Sleeps until the next tick of a `period` clock; a thread running late does not try to
+/// catch up in a burst.
+pub fn pace(next: &mut std::time::Instant, period: std::time::Duration) {
+    *next += period;
+    let now = std::time::Instant::now();
+    if *next > now {
+        std::thread::sleep(*next - now);
+    } else {
+        *next = now;
+    }
+}
 
 /// A media stage failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

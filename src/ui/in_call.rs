@@ -1,0 +1,343 @@
+//! The call view: the other person large, us small, the controls, chat and stats.
+
+use std::time::{Duration, Instant};
+
+use eframe::egui;
+
+use super::App;
+use super::video::VideoTexture;
+use crate::call::{CallState, Command, Live, SessionHandle};
+
+/// A call on screen.
+pub struct InCall {
+    session: SessionHandle,
+    title: String,
+    started: Instant,
+    remote: VideoTexture,
+    local: VideoTexture,
+    microphone_on: bool,
+    camera_on: bool,
+    show_chat: bool,
+    show_stats: bool,
+    chat_input: String,
+    chat_seen: usize,
+    rates: Rates,
+    live: Live,
+}
+
+/// Per-second rates for the stats overlay, from counters sampled once a second.
+#[derive(Default)]
+struct Rates {
+    at: Option<Instant>,
+    frames: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    fps: f64,
+    kbps_in: f64,
+    kbps_out: f64,
+}
+
+impl Rates {
+    fn sample(&mut self, frames: u64, bytes_in: u64, bytes_out: u64) {
+        let now = Instant::now();
+        match self.at {
+            Some(at) if now - at < Duration::from_secs(1) => return,
+            Some(at) => {
+                let secs = (now - at).as_secs_f64();
+                self.fps = frames.saturating_sub(self.frames) as f64 / secs;
+                self.kbps_in = bytes_in.saturating_sub(self.bytes_in) as f64 * 8.0 / secs / 1e3;
+                self.kbps_out = bytes_out.saturating_sub(self.bytes_out) as f64 * 8.0 / secs / 1e3;
+            }
+            None => {}
+        }
+        self.at = Some(now);
+        (self.frames, self.bytes_in, self.bytes_out) = (frames, bytes_in, bytes_out);
+    }
+}
+
+impl InCall {
+    pub fn new(session: SessionHandle, title: String) -> InCall {
+        InCall {
+            session,
+            title,
+            started: Instant::now(),
+            remote: VideoTexture::new("remote"),
+            local: VideoTexture::new("self"),
+            microphone_on: true,
+            camera_on: true,
+            show_chat: false,
+            show_stats: false,
+            chat_input: String::new(),
+            chat_seen: 0,
+            rates: Rates::default(),
+            live: Live::default(),
+        }
+    }
+
+    pub fn state(&self) -> CallState {
+        self.session.state()
+    }
+
+    /// Hangs up; the session finishes in the background.
+    pub fn finish(self, runtime: &tokio::runtime::Handle) {
+        self.session.hang_up();
+        let session = self.session;
+        runtime.spawn(async move {
+            let _ = session.finished().await;
+        });
+    }
+}
+
+fn duration_text(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 3600 {
+        format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+    } else {
+        format!("{:02}:{:02}", s / 60, s % 60)
+    }
+}
+
+impl App {
+    pub(super) fn call_view(&mut self, root: &mut egui::Ui) {
+        let ctx = root.ctx().clone();
+        let Some(c) = self.call.as_mut() else {
+            egui::CentralPanel::default().show(root, |ui| {
+                ui.centered_and_justified(|ui| {
+                    ui.horizontal_centered(|ui| {
+                        ui.spinner();
+                        ui.label("Finding the server…");
+                    });
+                });
+            });
+            egui::Panel::bottom("controls").show(root, |ui| {
+                if ui.button("Hang up").clicked() {
+                    self.hang_up();
+                }
+            });
+            return;
+        };
+        c.remote.update(&ctx, c.session.remote_picture());
+        c.local.update(&ctx, c.session.local_picture());
+        c.live = c.session.live();
+        let state = c.session.state();
+        {
+            let s = c.session.stats().lock();
+            let frames = s.video_frames_decoded;
+            drop(s);
+            c.rates
+                .sample(frames, c.live.peer.bytes_received, c.live.peer.bytes_sent);
+        }
+        // The duration label changes once a second; nothing else needs a timer.
+        ctx.request_repaint_after(Duration::from_secs(1));
+
+        let mut hang_up = false;
+        egui::Panel::bottom("controls").show(root, |ui| {
+            ui.add_space(4.0);
+            ui.horizontal(|ui| {
+                let hang =
+                    egui::Button::new(egui::RichText::new("Hang up").color(egui::Color32::WHITE))
+                        .fill(egui::Color32::from_rgb(200, 40, 40));
+                if ui.add(hang).clicked() {
+                    hang_up = true;
+                }
+                let mic = if c.microphone_on {
+                    "Mute microphone"
+                } else {
+                    "Unmute microphone"
+                };
+                if ui.button(mic).clicked() {
+                    c.microphone_on = !c.microphone_on;
+                    c.session.command(Command::Microphone(c.microphone_on));
+                }
+                let cam = if c.camera_on {
+                    "Camera off"
+                } else {
+                    "Camera on"
+                };
+                if ui.button(cam).clicked() {
+                    c.camera_on = !c.camera_on;
+                    if !c.camera_on {
+                        c.local.clear();
+                    }
+                    c.session.command(Command::Camera(c.camera_on));
+                }
+                ui.toggle_value(&mut c.show_chat, "Chat");
+                ui.toggle_value(&mut c.show_stats, "Stats");
+                if c.live.is_host && !state.is_ended() {
+                    let end = ui
+                        .button("End meeting for both")
+                        .on_hover_text("You are the host: this ends the room for both of you.");
+                    if end.clicked() {
+                        c.session.command(Command::EndMeeting);
+                    }
+                }
+            });
+            ui.horizontal(|ui| {
+                let with = c
+                    .live
+                    .peer_name
+                    .as_ref()
+                    .map(|n| format!(" with {n}"))
+                    .unwrap_or_default();
+                ui.label(format!(
+                    "{}{with} · {} · {}",
+                    c.title,
+                    state.describe(),
+                    duration_text(c.started.elapsed())
+                ));
+                if !c.microphone_on {
+                    ui.colored_label(ui.visuals().warn_fg_color, "· microphone muted");
+                }
+            });
+            for w in &c.live.warnings {
+                ui.colored_label(ui.visuals().warn_fg_color, w);
+            }
+            ui.add_space(4.0);
+        });
+
+        if c.show_chat {
+            egui::Panel::right("chat")
+                .min_size(240.0)
+                .show(root, |ui| chat_panel(ui, c));
+        } else if c.live.chat.len() > c.chat_seen {
+            // A message arrived while the chat was closed: open it.
+            c.show_chat = true;
+        }
+
+        egui::CentralPanel::default()
+            .frame(egui::Frame::new().fill(egui::Color32::from_gray(12)))
+            .show(root, |ui| {
+                let area = ui.max_rect();
+                match c.remote.fit(area) {
+                    Some(r) => c.remote.paint(ui, r),
+                    None => {
+                        ui.painter().text(
+                            area.center(),
+                            egui::Align2::CENTER_CENTER,
+                            state.describe(),
+                            egui::FontId::proportional(20.0),
+                            egui::Color32::LIGHT_GRAY,
+                        );
+                    }
+                }
+                // Self-view, picture in picture, bottom right.
+                let pip_w = (area.width() * 0.22).clamp(120.0, 320.0);
+                let pip_area = egui::Rect::from_min_size(
+                    area.right_bottom() - egui::vec2(pip_w + 12.0, pip_w * 9.0 / 16.0 + 12.0),
+                    egui::vec2(pip_w, pip_w * 9.0 / 16.0),
+                );
+                ui.painter()
+                    .rect_filled(pip_area, 4.0, egui::Color32::from_gray(30));
+                match c.local.fit(pip_area) {
+                    Some(r) if c.camera_on => c.local.paint(ui, r),
+                    _ => {
+                        let text = if c.camera_on { "…" } else { "camera off" };
+                        ui.painter().text(
+                            pip_area.center(),
+                            egui::Align2::CENTER_CENTER,
+                            text,
+                            egui::FontId::proportional(13.0),
+                            egui::Color32::GRAY,
+                        );
+                    }
+                }
+                if c.show_stats {
+                    stats_overlay(ui, area, c);
+                }
+            });
+        if hang_up {
+            self.hang_up();
+        }
+    }
+}
+
+fn chat_panel(ui: &mut egui::Ui, c: &mut InCall) {
+    ui.heading("Chat");
+    c.chat_seen = c.live.chat.len();
+    let input_height = 36.0;
+    egui::ScrollArea::vertical()
+        .max_height(ui.available_height() - input_height)
+        .stick_to_bottom(true)
+        .show(ui, |ui| {
+            if c.live.chat.is_empty() {
+                ui.weak("No messages yet.");
+            }
+            for line in &c.live.chat {
+                let who = if line.mine {
+                    "you".to_owned()
+                } else {
+                    c.live.peer_name.clone().unwrap_or_else(|| "them".into())
+                };
+                ui.label(format!("{who}: {}", line.text));
+            }
+        });
+    ui.horizontal(|ui| {
+        let field = ui.add(
+            egui::TextEdit::singleline(&mut c.chat_input)
+                .hint_text("message")
+                .desired_width(160.0)
+                .id_salt("chat_input"),
+        );
+        let enter = field.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+        if (ui.button("Send").clicked() || enter) && !c.chat_input.trim().is_empty() {
+            c.session.chat(c.chat_input.trim());
+            c.chat_input.clear();
+            field.request_focus();
+        }
+    });
+}
+
+fn stats_overlay(ui: &egui::Ui, area: egui::Rect, c: &InCall) {
+    let s = c.session.stats().lock();
+    let resolution = if s.decoded_width > 0 {
+        format!("{}x{}", s.decoded_width, s.decoded_height)
+    } else {
+        "-".into()
+    };
+    drop(s);
+    let p = &c.live.peer;
+    let total = p.packets_received + p.packets_lost;
+    let loss = if total > 0 {
+        format!("{:.1} %", p.packets_lost as f64 * 100.0 / total as f64)
+    } else {
+        "-".into()
+    };
+    let lines = [
+        ("resolution", resolution),
+        ("fps", format!("{:.0}", c.rates.fps)),
+        (
+            "bitrate",
+            format!(
+                "{:.0} kbit/s in, {:.0} out",
+                c.rates.kbps_in, c.rates.kbps_out
+            ),
+        ),
+        ("RTT", p.rtt_ms.map_or("-".into(), |r| format!("{r:.0} ms"))),
+        ("packet loss", loss),
+        ("codecs", "H.264, Opus".into()),
+        (
+            "path",
+            p.candidate_type.clone().unwrap_or_else(|| "-".into()),
+        ),
+    ];
+    let text: String = lines
+        .iter()
+        .map(|(k, v)| format!("{k:<12} {v}\n"))
+        .collect();
+    let galley = ui.painter().layout_no_wrap(
+        text.trim_end().to_owned(),
+        egui::FontId::monospace(13.0),
+        egui::Color32::WHITE,
+    );
+    let rect = egui::Rect::from_min_size(
+        area.left_top() + egui::vec2(12.0, 12.0),
+        galley.size() + egui::vec2(16.0, 12.0),
+    );
+    ui.painter()
+        .rect_filled(rect, 4.0, egui::Color32::from_black_alpha(170));
+    ui.painter().galley(
+        rect.min + egui::vec2(8.0, 6.0),
+        galley,
+        egui::Color32::WHITE,
+    );
+}

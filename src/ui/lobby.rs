@@ -1,0 +1,310 @@
+//! The lobby: where a call starts.
+
+use eframe::egui;
+
+use super::{App, AudioChoice, SignIn, VideoChoice};
+use crate::media::Devices;
+use crate::media::capture::Capture;
+
+impl App {
+    pub(super) fn lobby_view(&mut self, root: &mut egui::Ui) {
+        self.ensure_devices_listed();
+        self.update_preview(root.ctx());
+        egui::Panel::right("preview")
+            .resizable(false)
+            .min_size(340.0)
+            .show(root, |ui| self.preview_panel(ui));
+        egui::CentralPanel::default().show(root, |ui| {
+            ui.heading("Duet");
+            ui.label(
+                "Type a room name (or paste a meeting id or link) and press Call. \
+                 Whoever joins the same room is called.",
+            );
+            ui.add_space(8.0);
+            let mut enter = false;
+            egui::Grid::new("lobby")
+                .num_columns(2)
+                .spacing([12.0, 6.0])
+                .show(ui, |ui| {
+                    let label = ui.label("Room");
+                    let room = ui
+                        .add(
+                            egui::TextEdit::singleline(&mut self.lobby.room)
+                                .hint_text("e.g. standup, or a meeting id / link")
+                                .desired_width(260.0)
+                                .id_salt("room"),
+                        )
+                        .labelled_by(label.id);
+                    enter |= room.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+                    ui.end_row();
+                    let label = ui.label("Your name");
+                    ui.add(
+                        egui::TextEdit::singleline(&mut self.lobby.name)
+                            .desired_width(260.0)
+                            .id_salt("name"),
+                    )
+                    .labelled_by(label.id);
+                    ui.end_row();
+                    let label = ui.label("Server");
+                    ui.add(
+                        egui::TextEdit::singleline(&mut self.lobby.server)
+                            .hint_text("built-in (127.0.0.1:8787)")
+                            .desired_width(260.0)
+                            .id_salt("server"),
+                    )
+                    .labelled_by(label.id);
+                    ui.end_row();
+                    self.device_pickers(ui);
+                });
+            ui.add_space(8.0);
+            let call = ui.add_sized([120.0, 32.0], egui::Button::new("Call"));
+            if call.clicked() || enter {
+                self.start_call();
+            }
+            ui.add_space(12.0);
+            ui.separator();
+            self.direct_calls(ui);
+            if let Some(message) = &self.message {
+                ui.add_space(8.0);
+                ui.colored_label(ui.visuals().warn_fg_color, message);
+            }
+        });
+    }
+
+    fn ensure_devices_listed(&mut self) {
+        if self.devices.is_none() && self.listing.is_none() {
+            let notify = self.notify.clone();
+            self.listing = Some(self.runtime.spawn_blocking(move || {
+                let devices = Devices::list();
+                if let Some(n) = notify {
+                    n.notify();
+                }
+                devices
+            }));
+        }
+    }
+
+    fn device_pickers(&mut self, ui: &mut egui::Ui) {
+        let devices = self.devices.clone().unwrap_or_default();
+        let listing = self.devices.is_none();
+        let label = ui.label("Camera");
+        let video_text = match &self.lobby.video {
+            VideoChoice::Camera(None) => "first camera".to_owned(),
+            VideoChoice::Camera(Some(n)) => n.clone(),
+            VideoChoice::TestPattern => "test pattern".to_owned(),
+        };
+        egui::ComboBox::from_id_salt("camera")
+            .selected_text(video_text)
+            .width(260.0)
+            .show_ui(ui, |ui| {
+                ui.selectable_value(
+                    &mut self.lobby.video,
+                    VideoChoice::Camera(None),
+                    "first camera",
+                );
+                for name in &devices.cameras {
+                    ui.selectable_value(
+                        &mut self.lobby.video,
+                        VideoChoice::Camera(Some(name.clone())),
+                        name,
+                    );
+                }
+                ui.selectable_value(
+                    &mut self.lobby.video,
+                    VideoChoice::TestPattern,
+                    "test pattern",
+                );
+            })
+            .response
+            .labelled_by(label.id);
+        ui.end_row();
+        let label = ui.label("Microphone");
+        let audio_text = match &self.lobby.audio {
+            AudioChoice::Microphone(None) => "default microphone".to_owned(),
+            AudioChoice::Microphone(Some(n)) => n.clone(),
+            AudioChoice::Tone => "test tone (440 Hz)".to_owned(),
+        };
+        egui::ComboBox::from_id_salt("microphone")
+            .selected_text(audio_text)
+            .width(260.0)
+            .show_ui(ui, |ui| {
+                ui.selectable_value(
+                    &mut self.lobby.audio,
+                    AudioChoice::Microphone(None),
+                    "default microphone",
+                );
+                for name in &devices.microphones {
+                    ui.selectable_value(
+                        &mut self.lobby.audio,
+                        AudioChoice::Microphone(Some(name.clone())),
+                        name,
+                    );
+                }
+                ui.selectable_value(
+                    &mut self.lobby.audio,
+                    AudioChoice::Tone,
+                    "test tone (440 Hz)",
+                );
+            })
+            .response
+            .labelled_by(label.id);
+        ui.end_row();
+        let label = ui.label("Speaker");
+        egui::ComboBox::from_id_salt("speaker")
+            .selected_text(
+                self.lobby
+                    .speaker
+                    .clone()
+                    .unwrap_or_else(|| "default speaker".into()),
+            )
+            .width(260.0)
+            .show_ui(ui, |ui| {
+                ui.selectable_value(&mut self.lobby.speaker, None, "default speaker");
+                for name in &devices.speakers {
+                    ui.selectable_value(&mut self.lobby.speaker, Some(name.clone()), name);
+                }
+            })
+            .response
+            .labelled_by(label.id);
+        ui.end_row();
+        ui.label("");
+        ui.horizontal(|ui| {
+            if listing {
+                ui.spinner();
+                ui.weak("looking for devices…");
+            } else {
+                let summary = format!(
+                    "{} camera(s), {} microphone(s), {} speaker(s) found",
+                    devices.cameras.len(),
+                    devices.microphones.len(),
+                    devices.speakers.len()
+                );
+                ui.weak(summary);
+                if ui.small_button("Refresh").clicked() {
+                    self.devices = None;
+                }
+            }
+        });
+        ui.end_row();
+    }
+
+    /// Starts, restarts (another camera picked) or stops the lobby's self-preview.
+    fn update_preview(&mut self, ctx: &egui::Context) {
+        let want = self.lobby.preview.then(|| self.lobby.video.clone());
+        if want != self.preview.choice {
+            self.preview.choice = want.clone();
+            self.preview.texture.clear();
+            self.preview.note = None;
+            let old = self.preview.capture.take();
+            if let Some(o) = self.preview.opening.take() {
+                o.abort();
+            }
+            let slot = self.preview.slot.clone();
+            let notify = self.notify.clone();
+            self.preview.opening = want.map(|choice| {
+                self.runtime.spawn_blocking(move || {
+                    drop(old); // release the previous camera first
+                    let mut warnings = Vec::new();
+                    let source = crate::call::session::open_video(&choice.input(), &mut warnings);
+                    let capture = Capture::start(source);
+                    capture.preview_into(slot, notify.clone());
+                    if let Some(n) = notify {
+                        n.notify();
+                    }
+                    (capture, warnings.pop())
+                })
+            });
+        }
+        if let Some(result) = super::take_finished(&mut self.preview.opening) {
+            match result {
+                Ok((capture, note)) => {
+                    // A fallback source (no camera: the test pattern) still previews;
+                    // the note says why.
+                    self.preview.capture = Some(capture);
+                    self.preview.note = note;
+                }
+                Err(e) => self.preview.note = Some(format!("preview failed: {e}")),
+            }
+        }
+        self.preview.texture.update(ctx, &self.preview.slot);
+    }
+
+    fn preview_panel(&mut self, ui: &mut egui::Ui) {
+        ui.add_space(8.0);
+        ui.checkbox(&mut self.lobby.preview, "Show my camera");
+        let width = ui.available_width();
+        let (rect, _) =
+            ui.allocate_exact_size(egui::vec2(width, width * 9.0 / 16.0), egui::Sense::hover());
+        ui.painter()
+            .rect_filled(rect, 6.0, egui::Color32::from_gray(20));
+        match self.preview.texture.fit(rect) {
+            Some(r) => self.preview.texture.paint(ui, r),
+            None => {
+                let text = if self.lobby.preview {
+                    "starting camera…"
+                } else {
+                    "preview off"
+                };
+                ui.painter().text(
+                    rect.center(),
+                    egui::Align2::CENTER_CENTER,
+                    text,
+                    egui::FontId::proportional(14.0),
+                    egui::Color32::GRAY,
+                );
+            }
+        }
+        if let Some(note) = &self.preview.note {
+            ui.colored_label(ui.visuals().warn_fg_color, note);
+        }
+    }
+
+    fn direct_calls(&mut self, ui: &mut egui::Ui) {
+        ui.strong("Direct calls");
+        match &self.sign_in {
+            SignIn::Out => {
+                ui.horizontal(|ui| {
+                    let label = if self.lobby.name.trim().is_empty() {
+                        "Sign in (enter your name above)".to_owned()
+                    } else {
+                        format!("Sign in as {}", self.lobby.name.trim())
+                    };
+                    if ui.button(label).clicked() {
+                        self.sign_in();
+                    }
+                    ui.weak("so others can call you by name");
+                });
+            }
+            SignIn::Pending(_) => {
+                ui.horizontal(|ui| {
+                    ui.spinner();
+                    ui.label("signing in…");
+                });
+            }
+            SignIn::In(p) => {
+                let name = p.name().to_owned();
+                ui.horizontal(|ui| {
+                    ui.label(format!("Signed in as {name}: others can call you."));
+                    if ui.small_button("Sign out").clicked() {
+                        self.sign_out();
+                    }
+                });
+            }
+        }
+        ui.horizontal(|ui| {
+            let label = ui.label("Person to call");
+            let field = ui
+                .add(
+                    egui::TextEdit::singleline(&mut self.lobby.call_to)
+                        .hint_text("their name")
+                        .desired_width(180.0)
+                        .id_salt("call_to"),
+                )
+                .labelled_by(label.id);
+            let enter = field.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+            if ui.button("Ring").clicked() || enter {
+                self.dial();
+            }
+        });
+    }
+}

@@ -1,0 +1,613 @@
+//! The desktop window (egui/eframe).
+//!
+//! - this module: [`App`], what the window knows (lobby values, the call, sign-in, the
+//!   incoming call) and the commands that change it (call, accept, hang up ...).
+//! - [`lobby`]: the lobby view: room or meeting id, name, server, device pickers with a
+//!   live self-preview, **Call**; signing in for direct calls; the incoming-call dialog.
+//! - [`in_call`]: the call view: remote video, picture-in-picture self-view, mute,
+//!   camera off, hang up, end meeting, chat, stats overlay.
+//! - [`video`]: pictures from the media threads into textures.
+//!
+//! The UI never waits: calls, sign-in, device listing and opening the camera run on the
+//! tokio runtime or on blocking threads; each frame the UI looks at their results without
+//! blocking and sends commands. Sessions and media threads wake the UI when there is
+//! something new to draw, so an idle window does not redraw.
+
+mod in_call;
+mod lobby;
+pub mod video;
+
+use std::time::Duration;
+
+use eframe::egui;
+use futures_util::FutureExt as _;
+use tokio::task::JoinHandle;
+
+use crate::call::presence::SignInError;
+use crate::call::{
+    self, AudioInput, CallState, Connection, Presence, PresenceEvent, SessionConfig, Target,
+    VideoInput,
+};
+use crate::media::Devices;
+use crate::media::audio::WavFile;
+use crate::media::capture::Capture;
+use crate::media::device::LoopPlayer;
+use crate::media::picture::{Notify, PictureSlot};
+use crate::signaling::protocol::validate_name;
+use in_call::InCall;
+use video::VideoTexture;
+
+/// The ring of an incoming call, built into the binary from `assets/`.
+pub const RING_WAV: &[u8] = include_bytes!("../../assets/ring.wav");
+/// The window icon, from `assets/`.
+pub const ICON_PNG: &[u8] = include_bytes!("../../assets/icon.png");
+
+/// What the lobby remembers between runs.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Lobby {
+    /// A room name, a meeting id or a join link.
+    pub room: String,
+    pub name: String,
+    /// Empty: the default server (started in-process when none answers).
+    pub server: String,
+    pub video: VideoChoice,
+    pub audio: AudioChoice,
+    /// None: the default speaker.
+    pub speaker: Option<String>,
+    /// Whom "Call" rings in a direct call.
+    pub call_to: String,
+    /// Show the camera in the lobby.
+    pub preview: bool,
+}
+
+impl Default for Lobby {
+    fn default() -> Self {
+        Lobby {
+            room: String::new(),
+            name: String::new(),
+            server: String::new(),
+            video: VideoChoice::Camera(None),
+            audio: AudioChoice::Microphone(None),
+            speaker: None,
+            call_to: String::new(),
+            preview: true,
+        }
+    }
+}
+
+/// The camera picker's value.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum VideoChoice {
+    /// A camera by name (None: the first one).
+    Camera(Option<String>),
+    TestPattern,
+}
+
+/// The microphone picker's value.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum AudioChoice {
+    /// A microphone by name (None: the default one).
+    Microphone(Option<String>),
+    Tone,
+}
+
+impl VideoChoice {
+    fn input(&self) -> VideoInput {
+        match self {
+            VideoChoice::Camera(name) => VideoInput::Camera(name.clone()),
+            VideoChoice::TestPattern => VideoInput::TestPattern {
+                width: 640,
+                height: 360,
+                fps: 30.0,
+                noisy: false,
+            },
+        }
+    }
+}
+
+/// The room to join from what a person typed: a room name, a meeting id, or a join link
+/// (`https://host/r/<id>`).
+pub fn room_from_input(input: &str) -> &str {
+    let s = input.trim();
+    match s.rfind("/r/") {
+        Some(i) if s.contains("://") => s[i + 3..].trim_end_matches('/'),
+        _ => s,
+    }
+}
+
+/// Sign-in for direct calls.
+enum SignIn {
+    Out,
+    Pending(JoinHandle<SignInResult>),
+    In(Presence),
+}
+
+/// A call set up in the background (and the server it started, if any), or why not.
+type SetUp = Result<(InCall, Option<signaling_server::Server>), String>;
+
+type SignInResult = (
+    Result<Presence, SignInError>,
+    Option<signaling_server::Server>,
+);
+
+/// A call ringing us.
+struct Ringing {
+    call_id: String,
+    from: String,
+    /// Plays the ring until dropped (None: no speaker).
+    _ring: Option<LoopPlayer>,
+    ring_note: Option<String>,
+}
+
+/// The lobby's live camera picture.
+struct Preview {
+    choice: Option<VideoChoice>,
+    capture: Option<Capture>,
+    opening: Option<JoinHandle<(Capture, Option<String>)>>,
+    slot: PictureSlot,
+    texture: VideoTexture,
+    note: Option<String>,
+}
+
+/// The app.
+pub struct App {
+    pub lobby: Lobby,
+    runtime: tokio::runtime::Handle,
+    notify: Option<Notify>,
+    call: Option<InCall>,
+    /// A call being set up (server lookup), not yet on screen.
+    pending: Option<JoinHandle<SetUp>>,
+    /// Shown in the lobby: why the last call ended or could not start.
+    pub message: Option<String>,
+    devices: Option<Devices>,
+    listing: Option<JoinHandle<Devices>>,
+    preview: Preview,
+    sign_in: SignIn,
+    /// Sign in again after a call that used the signed-in connection.
+    resume_sign_in: bool,
+    ringing: Option<Ringing>,
+    auto_call: bool,
+    /// The signaling server this app started (nothing answered on the default port); it
+    /// runs until the app closes, since the other person is connected to it too.
+    embedded_server: Option<signaling_server::Server>,
+}
+
+impl App {
+    pub fn new(runtime: tokio::runtime::Handle, lobby: Lobby) -> App {
+        App {
+            lobby,
+            runtime,
+            notify: None,
+            call: None,
+            pending: None,
+            message: None,
+            devices: None,
+            listing: None,
+            preview: Preview {
+                choice: None,
+                capture: None,
+                opening: None,
+                slot: PictureSlot::default(),
+                texture: VideoTexture::new("preview"),
+                note: None,
+            },
+            sign_in: SignIn::Out,
+            resume_sign_in: false,
+            ringing: None,
+            auto_call: false,
+            embedded_server: None,
+        }
+    }
+
+    /// Calls the lobby's room as soon as the window shows (`--auto-call`).
+    pub fn call_on_start(&mut self) {
+        self.auto_call = true;
+    }
+
+    /// Whether the call view is showing.
+    pub fn in_call(&self) -> bool {
+        self.call.is_some() || self.pending.is_some()
+    }
+
+    /// Whether a call is ringing us (the dialog is showing).
+    pub fn is_ringing(&self) -> bool {
+        self.ringing.is_some()
+    }
+
+    /// The name we are signed in as, for direct calls.
+    pub fn signed_in_as(&self) -> Option<&str> {
+        match &self.sign_in {
+            SignIn::In(p) => Some(p.name()),
+            _ => None,
+        }
+    }
+
+    fn name(&self) -> Option<String> {
+        Some(self.lobby.name.trim().to_owned()).filter(|n| !n.is_empty())
+    }
+
+    /// Joins the lobby's room (or meeting), if the values are valid.
+    pub fn start_call(&mut self) {
+        let room = match validate_name("room", room_from_input(&self.lobby.room)) {
+            Ok(r) => r.to_owned(),
+            Err(e) => {
+                self.message = Some(format!(
+                    "Enter a room name first ({}).",
+                    e.message.trim_matches('`')
+                ));
+                return;
+            }
+        };
+        if self.lobby.name.trim().chars().count() > 64 {
+            self.message = Some("Your name can be at most 64 characters.".into());
+            return;
+        }
+        let target = Target::Room {
+            room: room.clone(),
+            host_token: None,
+        };
+        self.begin(target, room, None);
+    }
+
+    /// Rings the person signed in as `lobby.call_to`.
+    pub fn dial(&mut self) {
+        let to = self.lobby.call_to.trim().to_owned();
+        if let Err(e) = validate_name("name", &to) {
+            self.message = Some(format!(
+                "Enter the name of the person to call ({}).",
+                e.message.trim_matches('`')
+            ));
+            return;
+        }
+        // The server wants the caller to hold a name: the signed-in connection, else
+        // one claimed for this call.
+        let connection = match std::mem::replace(&mut self.sign_in, SignIn::Out) {
+            SignIn::In(p) => {
+                self.resume_sign_in = true;
+                Some(p.into_connection())
+            }
+            other => {
+                self.sign_in = other;
+                if self.name().is_none() {
+                    self.message = Some("Enter your name first: they see who is calling.".into());
+                    return;
+                }
+                None
+            }
+        };
+        let title = format!("call with {to}");
+        self.begin(Target::Dial { to }, title, connection);
+    }
+
+    /// Accepts the ringing call.
+    pub fn accept(&mut self) {
+        let Some(ringing) = self.ringing.take() else {
+            return;
+        };
+        let SignIn::In(presence) = std::mem::replace(&mut self.sign_in, SignIn::Out) else {
+            return;
+        };
+        self.resume_sign_in = true;
+        let title = format!("call with {}", ringing.from);
+        let target = Target::Accept {
+            call_id: ringing.call_id,
+        };
+        self.begin(target, title, Some(presence.into_connection()));
+    }
+
+    /// Declines the ringing call (the caller is told).
+    pub fn decline(&mut self) {
+        if let Some(ringing) = self.ringing.take()
+            && let SignIn::In(presence) = &self.sign_in
+        {
+            presence.decline(&ringing.call_id);
+            self.message = Some(format!("You declined the call from {}.", ringing.from));
+        }
+    }
+
+    /// Signs in as the lobby's name, to be reachable for direct calls.
+    pub fn sign_in(&mut self) {
+        let Some(name) = self.name() else {
+            self.message = Some("Enter your name first: it is what others call.".into());
+            return;
+        };
+        if let Err(e) = validate_name("name", &name) {
+            self.message = Some(format!("That name cannot be used: {}.", e.message));
+            return;
+        }
+        let server = self.lobby.server.clone();
+        let notify = self.notify.clone();
+        self.message = None;
+        self.sign_in = SignIn::Pending(self.runtime.spawn(async move {
+            let result = sign_in_with_retry(&server, &name, notify.clone()).await;
+            if let Some(n) = notify {
+                n.notify();
+            }
+            result
+        }));
+    }
+
+    pub fn sign_out(&mut self) {
+        self.sign_in = SignIn::Out;
+        self.resume_sign_in = false;
+        self.ringing = None;
+    }
+
+    /// Starts the session in the background; the call view shows at once.
+    fn begin(&mut self, target: Target, title: String, connection: Option<Connection>) {
+        self.message = None;
+        // The camera is the session's now: stop the preview before it opens it.
+        let preview = self.preview.capture.take();
+        let opening = self.preview.opening.take();
+        self.preview.choice = None;
+        self.preview.texture.clear();
+        let lobby = self.lobby.clone();
+        let notify = self.notify.clone();
+        self.pending = Some(self.runtime.spawn(async move {
+            if let Some(o) = opening {
+                o.abort();
+                if let Ok((capture, _)) = o.await {
+                    let _ = tokio::task::spawn_blocking(move || drop(capture)).await;
+                }
+            }
+            if let Some(capture) = preview {
+                let _ = tokio::task::spawn_blocking(move || drop(capture)).await;
+            }
+            let (server, embedded) = if connection.is_some() {
+                (lobby.server.clone(), None)
+            } else {
+                crate::signaling::resolve_server(Some(lobby.server.as_str()))
+                    .await
+                    .map_err(|e| format!("Cannot start a signaling server: {e}"))?
+            };
+            let mut config = SessionConfig::synthetic(&server, "");
+            config.target = target;
+            config.name = Some(lobby.name.trim().to_owned()).filter(|n| !n.is_empty());
+            config.video = lobby.video.input();
+            config.audio = match &lobby.audio {
+                AudioChoice::Microphone(name) => AudioInput::Microphone(name.clone()),
+                AudioChoice::Tone => AudioInput::Sine(440.0),
+            };
+            config.play_audio = true;
+            config.speaker = lobby.speaker.clone();
+            config.show_video = true;
+            config.notify = notify.clone();
+            let session = call::start_on(config, connection);
+            if let Some(n) = notify {
+                n.notify();
+            }
+            Ok((InCall::new(session, title), embedded))
+        }));
+    }
+
+    /// Hangs up (the session finishes in the background) and returns to the lobby.
+    pub fn hang_up(&mut self) {
+        if let Some(c) = self.call.take() {
+            c.finish(&self.runtime);
+        }
+        if let Some(p) = self.pending.take() {
+            p.abort();
+        }
+        if std::mem::take(&mut self.resume_sign_in) {
+            self.sign_in();
+        }
+    }
+
+    /// One frame of UI, drawn into the window's root `ui`.
+    pub fn ui(&mut self, ui: &mut egui::Ui) {
+        if self.notify.is_none() {
+            let ctx = ui.ctx().clone();
+            self.notify = Some(Notify::new(move || ctx.request_repaint()));
+        }
+        if std::mem::take(&mut self.auto_call) {
+            self.start_call();
+        }
+        self.poll();
+        if self.in_call() {
+            self.call_view(ui);
+        } else {
+            self.lobby_view(ui);
+        }
+        if self.ringing.is_some() {
+            self.incoming_dialog(ui);
+        }
+    }
+
+    /// Picks up finished background work and news from the session and sign-in.
+    fn poll(&mut self) {
+        if let Some(call) = take_finished(&mut self.pending) {
+            match call {
+                Ok(Ok((call, embedded))) => {
+                    self.call = Some(call);
+                    if embedded.is_some() {
+                        self.embedded_server = embedded;
+                    }
+                }
+                Ok(Err(e)) => self.message = Some(e),
+                Err(e) => self.message = Some(format!("Setting up the call failed: {e}")),
+            }
+        }
+        let ended = self.call.as_ref().and_then(|c| match c.state() {
+            CallState::Ended(reason) => Some(reason.to_string()),
+            _ => None,
+        });
+        if let Some(reason) = ended {
+            self.message = Some(format!("Call ended: {reason}."));
+            self.hang_up();
+        }
+        if let Some(devices) = take_finished(&mut self.listing) {
+            self.devices = Some(devices.unwrap_or_default());
+        }
+        if let SignIn::Pending(task) = &mut self.sign_in
+            && task.is_finished()
+        {
+            let result = task.now_or_never();
+            self.sign_in = SignIn::Out;
+            match result {
+                Some(Ok((result, embedded))) => {
+                    if embedded.is_some() {
+                        self.embedded_server = embedded;
+                    }
+                    match result {
+                        Ok(presence) => self.sign_in = SignIn::In(presence),
+                        Err(e) => self.message = Some(format!("Cannot sign in: {e}.")),
+                    }
+                }
+                Some(Err(e)) => self.message = Some(format!("Cannot sign in: {e}.")),
+                None => {}
+            }
+        }
+        let events = match &mut self.sign_in {
+            SignIn::In(p) => p.poll(),
+            _ => Vec::new(),
+        };
+        for event in events {
+            self.presence_event(event);
+        }
+    }
+
+    fn presence_event(&mut self, event: PresenceEvent) {
+        match event {
+            PresenceEvent::IncomingCall { call_id, from } => {
+                if self.in_call() || self.ringing.is_some() {
+                    // Busy: the signed-in connection is not the one in the call.
+                    if let SignIn::In(p) = &self.sign_in {
+                        p.decline(&call_id);
+                    }
+                    return;
+                }
+                let (ring, ring_note) = match WavFile::from_bytes("ring.wav", RING_WAV)
+                    .and_then(|sound| LoopPlayer::start(sound, self.lobby.speaker.as_deref()))
+                {
+                    Ok(p) => (Some(p), None),
+                    Err(e) => (None, Some(format!("(ringing silently: {e})"))),
+                };
+                self.ringing = Some(Ringing {
+                    call_id,
+                    from,
+                    _ring: ring,
+                    ring_note,
+                });
+            }
+            PresenceEvent::CallCancelled { call_id } => {
+                if let Some(r) = self.ringing.take_if(|r| r.call_id == call_id) {
+                    self.message = Some(format!("Missed call from {}.", r.from));
+                }
+            }
+            PresenceEvent::Lost { detail } => {
+                self.sign_in = SignIn::Out;
+                self.ringing = None;
+                self.message = Some(format!(
+                    "Signed out: the server connection ended ({detail})."
+                ));
+            }
+        }
+    }
+
+    fn incoming_dialog(&mut self, root: &mut egui::Ui) {
+        let Some(ringing) = &self.ringing else {
+            return;
+        };
+        let (from, note) = (ringing.from.clone(), ringing.ring_note.clone());
+        let mut answer = None;
+        egui::Window::new("Incoming call")
+            .collapsible(false)
+            .resizable(false)
+            .anchor(egui::Align2::CENTER_CENTER, egui::Vec2::ZERO)
+            .show(root.ctx(), |ui| {
+                ui.heading(format!("{from} is calling"));
+                if let Some(n) = note {
+                    ui.weak(n);
+                }
+                ui.horizontal(|ui| {
+                    if ui.button("Accept").clicked() {
+                        answer = Some(true);
+                    }
+                    if ui.button("Decline").clicked() {
+                        answer = Some(false);
+                    }
+                });
+            });
+        match answer {
+            Some(true) => self.accept(),
+            Some(false) => self.decline(),
+            None => {}
+        }
+    }
+}
+
+/// The result of a finished task, without waiting; None while it runs.
+fn take_finished<T>(task: &mut Option<JoinHandle<T>>) -> Option<Result<T, String>> {
+    if !task.as_ref().is_some_and(|t| t.is_finished()) {
+        return None;
+    }
+    let t = task.take()?;
+    match t.now_or_never() {
+        Some(Ok(v)) => Some(Ok(v)),
+        Some(Err(e)) => Some(Err(e.to_string())),
+        None => None,
+    }
+}
+
+/// Signs in (starting the in-process server when none answers); right after a call the
+/// server may not have dropped our previous connection (which held the name) yet, so a
+/// taken name is retried briefly.
+async fn sign_in_with_retry(server: &str, name: &str, notify: Option<Notify>) -> SignInResult {
+    let (server, embedded) = match crate::signaling::resolve_server(Some(server)).await {
+        Ok(found) => found,
+        Err(e) => return (Err(SignInError::Unreachable(e.to_string())), None),
+    };
+    let mut attempt = 0;
+    loop {
+        match Presence::sign_in(&server, name, notify.clone()).await {
+            Err(SignInError::NameTaken(_)) if attempt < 5 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => return (other, embedded),
+        }
+    }
+}
+
+/// eframe glue: persistence of the lobby.
+pub struct DesktopApp {
+    pub app: App,
+}
+
+pub const STORAGE_KEY: &str = "duet-lobby";
+
+impl eframe::App for DesktopApp {
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        self.app.ui(ui);
+    }
+
+    fn save(&mut self, storage: &mut dyn eframe::Storage) {
+        eframe::set_value(storage, STORAGE_KEY, &self.app.lobby);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rooms_from_names_ids_and_links() {
+        assert_eq!(room_from_input(" standup "), "standup");
+        assert_eq!(room_from_input("kxp-47qm-zt9-4fh"), "kxp-47qm-zt9-4fh");
+        assert_eq!(
+            room_from_input("https://duet.example.org/r/kxp-47qm-zt9-4fh"),
+            "kxp-47qm-zt9-4fh"
+        );
+        assert_eq!(
+            room_from_input("http://127.0.0.1:8787/r/kxp-47qm-zt9-4fh/"),
+            "kxp-47qm-zt9-4fh"
+        );
+    }
+
+    #[test]
+    fn assets_are_usable() {
+        assert!(WavFile::from_bytes("ring.wav", RING_WAV).is_ok());
+        assert!(eframe::icon_data::from_png_bytes(ICON_PNG).is_ok());
+    }
+}
