@@ -2,7 +2,10 @@
 # Both first install the few Debian packages the build needs (with sudo when not root).
 
 # Debian packages the build and tests need beyond a Rust toolchain and gcc.
-DEBIAN_PACKAGES := pkg-config cmake nasm libclang-dev libasound2-dev libwayland-dev pulseaudio pulseaudio-utils libasound2-plugins
+# xvfb, x11-apps (xwd) and the Mesa/X libraries: the real-window test (tests/window.rs).
+DEBIAN_PACKAGES := pkg-config cmake nasm libclang-dev libasound2-dev libwayland-dev \
+	pulseaudio pulseaudio-utils libasound2-plugins \
+	xvfb x11-apps libegl1 libgl1 libgl1-mesa-dri libxkbcommon-x11-0 libxcursor1 libxrandr2 libxi6
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
@@ -36,11 +39,13 @@ audio:
 	@pactl list short sinks | grep -q nullsink || \
 		pactl load-module module-null-sink sink_name=nullsink rate=48000 >/dev/null
 
-# Formatting, lints and every test of the workspace.
+# Formatting, lints and every test of the workspace. The real-window test leaves its
+# screenshots in target/window-test/ (CI artifacts).
 test: deps audio
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
-	PULSE_SINK=nullsink PULSE_SOURCE=nullsink.monitor cargo test --workspace
+	PULSE_SINK=nullsink PULSE_SOURCE=nullsink.monitor DUET_REQUIRE_WINDOW_TEST=1 \
+		cargo test --workspace
 
 # The signaling load benchmark (prints JSON); see docs/PERFORMANCE.md.
 bench: deps

@@ -48,6 +48,9 @@ struct WindowArgs {
     /// Join the room at start-up (for scripts and desktop shortcuts).
     #[arg(long)]
     auto_call: bool,
+    /// Show the stats overlay (resolution, fps, bitrate, RTT, loss, path) in calls.
+    #[arg(long)]
+    stats: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -242,6 +245,7 @@ fn run_window(args: WindowArgs) -> ExitCode {
                 None => {}
             }
             let mut app = duet::ui::App::new(handle, lobby);
+            app.show_stats = args.stats;
             if args.auto_call {
                 app.call_on_start();
             }

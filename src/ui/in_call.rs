@@ -56,7 +56,7 @@ impl Rates {
 }
 
 impl InCall {
-    pub fn new(session: SessionHandle, title: String) -> InCall {
+    pub fn new(session: SessionHandle, title: String, show_stats: bool) -> InCall {
         InCall {
             session,
             title,
@@ -66,7 +66,7 @@ impl InCall {
             microphone_on: true,
             camera_on: true,
             show_chat: false,
-            show_stats: false,
+            show_stats,
             chat_input: String::new(),
             chat_seen: 0,
             rates: Rates::default(),

@@ -168,6 +168,8 @@ pub struct App {
     resume_sign_in: bool,
     ringing: Option<Ringing>,
     auto_call: bool,
+    /// Open calls with the stats overlay showing.
+    pub show_stats: bool,
     /// The signaling server this app started (nothing answered on the default port); it
     /// runs until the app closes, since the other person is connected to it too.
     embedded_server: Option<signaling_server::Server>,
@@ -196,6 +198,7 @@ impl App {
             resume_sign_in: false,
             ringing: None,
             auto_call: false,
+            show_stats: false,
             embedded_server: None,
         }
     }
@@ -344,6 +347,7 @@ impl App {
         self.preview.texture.clear();
         let lobby = self.lobby.clone();
         let notify = self.notify.clone();
+        let show_stats = self.show_stats;
         self.pending = Some(self.runtime.spawn(async move {
             if let Some(o) = opening {
                 o.abort();
@@ -377,7 +381,7 @@ impl App {
             if let Some(n) = notify {
                 n.notify();
             }
-            Ok((InCall::new(session, title), embedded))
+            Ok((InCall::new(session, title, show_stats), embedded))
         }));
     }
 
