@@ -96,6 +96,31 @@ impl ApiState {
     }
 }
 
+/// A JSON body ending in a newline (so `curl` output ends its line).
+pub(crate) struct Json<T>(pub T);
+
+impl<T: serde::Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        match serde_json::to_vec(&self.0) {
+            Ok(mut body) => {
+                body.push(b'\n');
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    )],
+                    body,
+                )
+                    .into_response()
+            }
+            Err(e) => {
+                error!(error = %e, "cannot serialize a response");
+                StatusCode::INTERNAL_SERVER_ERROR.into_response()
+            }
+        }
+    }
+}
+
 /// An error answer.
 #[derive(Debug)]
 pub(crate) struct Failure {
@@ -144,7 +169,7 @@ impl IntoResponse for Failure {
             error: self.code.to_owned(),
             message: self.message,
         };
-        let mut response = (self.status, axum::Json(body)).into_response();
+        let mut response = (self.status, Json(body)).into_response();
         let headers = response.headers_mut();
         if self.status == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -402,7 +427,7 @@ async fn create_room(
         return Ok((
             StatusCode::CREATED,
             [(header::LOCATION, location)],
-            axum::Json(created),
+            Json(created),
         )
             .into_response());
     }
@@ -431,13 +456,13 @@ async fn get_room(
     State(shared): State<Arc<Shared>>,
     ClientAddr(addr): ClientAddr,
     path: Result<Path<String>, PathRejection>,
-) -> Result<axum::Json<RoomInfo>, Failure> {
+) -> Result<Json<RoomInfo>, Failure> {
     shared.api.admit(addr.ip())?;
     let room_id = room_id_from(path)?;
     shared
         .hub
         .room_info(&room_id)
-        .map(axum::Json)
+        .map(Json)
         .ok_or_else(|| Failure::unknown_room(&room_id))
 }
 
@@ -480,7 +505,7 @@ async fn list_rooms(
     ClientAddr(addr): ClientAddr,
     headers: HeaderMap,
     query: Result<Query<Window>, QueryRejection>,
-) -> Result<axum::Json<RoomList>, Failure> {
+) -> Result<Json<RoomList>, Failure> {
     shared.api.admit(addr.ip())?;
     require_api_key(&shared, &headers)?;
     let Query(window) = query.map_err(|r| Failure::bad_field(r.body_text()))?;
@@ -491,7 +516,7 @@ async fn list_rooms(
     {
         return Err(Failure::bad_field("`from` is after `to`"));
     }
-    Ok(axum::Json(RoomList {
+    Ok(Json(RoomList {
         rooms: shared.hub.list_meetings(from, to),
     }))
 }
@@ -516,7 +541,7 @@ async fn delete_room(
     ClientAddr(addr): ClientAddr,
     headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
-) -> Result<axum::Json<RoomInfo>, Failure> {
+) -> Result<Json<RoomInfo>, Failure> {
     shared.api.admit(addr.ip())?;
     let room_id = room_id_from(path)?;
     match shared.hub.check_host(&room_id, bearer(&headers)) {
@@ -556,7 +581,7 @@ async fn delete_room(
     if info.state != RoomState::Ended {
         warn!(room = %room_id, "room not ended after DELETE");
     }
-    Ok(axum::Json(info))
+    Ok(Json(info))
 }
 
 /// The ICE servers (STUN/TURN) with freshly minted TURN credentials, as in `welcome`.
@@ -569,12 +594,12 @@ async fn delete_room(
 async fn ice_servers(
     State(shared): State<Arc<Shared>>,
     ClientAddr(addr): ClientAddr,
-) -> Result<axum::Json<IceServers>, Failure> {
+) -> Result<Json<IceServers>, Failure> {
     shared.api.admit(addr.ip())?;
     let ice_servers: Vec<IceServer> = shared
         .ice
         .ice_servers(&ids::random_chars(13), SystemTime::now());
-    Ok(axum::Json(IceServers { ice_servers }))
+    Ok(Json(IceServers { ice_servers }))
 }
 
 struct SecuritySchemes;
