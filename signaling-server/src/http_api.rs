@@ -370,6 +370,23 @@ async fn create_room(
         .map_err(|e| Failure::bad_field(e.to_string()))?;
     let now = Now::system();
     let new = check_create(request, now)?;
+    // Finished in a task of its own: a client that goes away mid-request must not leave
+    // a stored room the state machine does not know.
+    let base = base_url(&shared, &headers);
+    let tasks = shared.tasks.clone();
+    tasks
+        .spawn(store_new_room(shared, new, now, base))
+        .await
+        .map_err(|_| Failure::internal())?
+}
+
+/// Stores a new room, then adds it to the state machine; the `201` answer.
+async fn store_new_room(
+    shared: Arc<Shared>,
+    new: NewRoom,
+    now: Now,
+    base: String,
+) -> Result<Response, Failure> {
     // 65 random bits make a collision practically impossible; retry anyway.
     for _ in 0..8 {
         let room_id = ids::room_id();
@@ -418,7 +435,7 @@ async fn create_room(
         let location = HeaderValue::from_str(&format!("/api/rooms/{room_id}"))
             .map_err(|_| Failure::internal())?;
         let created = CreatedRoom {
-            join_url: join_url(&base_url(&shared, &headers), &room_id),
+            join_url: join_url(&base, &room_id),
             room_id,
             host_token: token,
             starts_at: format_rfc3339(new.starts_at),
@@ -563,7 +580,16 @@ async fn delete_room(
             ));
         }
     }
-    // Stored first, so that members hear `room_ended` only once it is durable.
+    // In a task of its own, like creating: stored and ended in memory, or neither.
+    let tasks = shared.tasks.clone();
+    tasks
+        .spawn(store_end(shared, room_id))
+        .await
+        .map_err(|_| Failure::internal())?
+}
+
+/// Stores the end first, so that members hear `room_ended` only once it is durable.
+async fn store_end(shared: Arc<Shared>, room_id: String) -> Result<Json<RoomInfo>, Failure> {
     let now = Now::system();
     if let Err(e) = shared
         .store
