@@ -104,10 +104,81 @@ pub struct Config {
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
 
+    /// SQLite database for rooms created through the HTTP API (created if missing);
+    /// `:memory:` keeps them in memory only.
+    #[arg(long, value_name = "PATH", default_value_os_t = default_db_path())]
+    pub db: PathBuf,
+
+    /// Base URL of this server as people reach it, for `join_url` (e.g.
+    /// https://duet.example.org). Default: `http://` plus the request's Host header.
+    #[arg(long, value_name = "URL")]
+    pub public_url: Option<String>,
+
+    /// How long before its `starts_at` a scheduled room can be joined.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub early_join: Duration,
+
+    /// API key that creating and listing rooms require (`Authorization: Bearer KEY`);
+    /// at least 32 characters. Prefer --api-key-file or the environment: command lines
+    /// are visible to others.
+    #[arg(long, env = "DUET_API_KEY", hide_env_values = true)]
+    pub api_key: Option<Secret>,
+
+    /// File holding the API key (surrounding whitespace ignored).
+    #[arg(long, value_name = "PATH", conflicts_with = "api_key")]
+    pub api_key_file: Option<PathBuf>,
+
+    /// HTTP API rate limit per client address: bucket size (requests).
+    #[arg(long, default_value_t = 100.0)]
+    pub api_rate_burst: f64,
+
+    /// HTTP API rate limit per client address: requests refilled per second; 0 turns it
+    /// off.
+    #[arg(long, default_value_t = 5.0)]
+    pub api_rate_per_second: f64,
+
     /// Log filter: error, warn, info, debug, trace, or a tracing directive such as
     /// `signaling_server=debug`. RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     pub log: String,
+}
+
+/// A secret from the command line or environment; `Debug` does not show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+/// Shortest API key accepted.
+pub const MIN_API_KEY_CHARS: usize = 32;
+
+/// `$XDG_DATA_HOME/duet/signaling.sqlite3`, else `~/.local/share/duet/...`, else
+/// `./duet-signaling.sqlite3`.
+pub fn default_db_path() -> PathBuf {
+    let data_home = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+                .map(|home| home.join(".local/share"))
+        });
+    match data_home {
+        Some(dir) => dir.join("duet").join("signaling.sqlite3"),
+        None => PathBuf::from("duet-signaling.sqlite3"),
+    }
 }
 
 impl Default for Config {
@@ -137,14 +208,56 @@ pub enum ConfigError {
     MessageLimitTooSmall,
     #[error("--ping-interval must be shorter than --ping-timeout")]
     PingTiming,
+    #[error("cannot read the API key file {path}: {source}")]
+    ApiKeyFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the API key is {0} characters long; it must have at least 32")]
+    ApiKeyTooShort(usize),
+    #[error("--public-url `{0}` must start with http:// or https://")]
+    BadPublicUrl(String),
 }
 
 impl Config {
-    /// A configuration for tests and embedding: listen on `127.0.0.1:0`, defaults otherwise.
+    /// A configuration for tests and embedding: listen on `127.0.0.1:0`, rooms in
+    /// memory only (no database file), defaults otherwise.
     pub fn ephemeral() -> Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            db: PathBuf::from(crate::store::IN_MEMORY),
             ..Config::default()
+        }
+    }
+
+    /// The API key, if one is configured, checked for length.
+    pub fn api_key(&self) -> Result<Option<String>, ConfigError> {
+        let key = match (&self.api_key, &self.api_key_file) {
+            (Some(Secret(key)), _) => key.trim().to_owned(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::ApiKeyFile {
+                    path: path.clone(),
+                    source,
+                })?
+                .trim()
+                .to_owned(),
+            (None, None) => return Ok(None),
+        };
+        let chars = key.chars().count();
+        if chars < MIN_API_KEY_CHARS {
+            return Err(ConfigError::ApiKeyTooShort(chars));
+        }
+        Ok(Some(key))
+    }
+
+    /// `--public-url` without a trailing `/`, checked.
+    pub fn public_url(&self) -> Result<Option<String>, ConfigError> {
+        match &self.public_url {
+            None => Ok(None),
+            Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
+                Ok(Some(url.trim_end_matches('/').to_owned()))
+            }
+            Some(url) => Err(ConfigError::BadPublicUrl(url.clone())),
         }
     }
 
@@ -219,6 +332,34 @@ mod tests {
         assert_eq!(c.ping_timeout, Duration::from_secs(30));
         assert_eq!(c.rate_limit().burst, 200.0);
         assert!(c.ice_config().unwrap().stun_urls.is_empty());
+        assert_eq!(c.early_join, Duration::from_secs(300));
+        assert!(c.db.ends_with("signaling.sqlite3"), "{:?}", c.db);
+        assert_eq!(Config::ephemeral().db, PathBuf::from(":memory:"));
+    }
+
+    #[test]
+    fn api_keys_must_be_long_and_stay_out_of_debug() {
+        let mut c = Config::ephemeral();
+        assert_eq!(c.api_key().unwrap(), None);
+        c.api_key = Some(Secret("short".into()));
+        assert!(matches!(c.api_key(), Err(ConfigError::ApiKeyTooShort(5))));
+        let key = "k".repeat(32);
+        c.api_key = Some(Secret(format!(" {key}\n")));
+        assert_eq!(c.api_key().unwrap(), Some(key.clone()));
+        assert!(!format!("{c:?}").contains(&key));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("key");
+        std::fs::write(&file, "x".repeat(31)).unwrap();
+        let c = Config {
+            api_key_file: Some(file),
+            ..Config::ephemeral()
+        };
+        assert!(matches!(c.api_key(), Err(ConfigError::ApiKeyTooShort(31))));
+        let c = Config {
+            public_url: Some("duet.example/".into()),
+            ..Config::ephemeral()
+        };
+        assert!(c.public_url().is_err());
     }
 
     #[test]

@@ -7,18 +7,23 @@
 //! they were produced. The critical section is a few hash-map operations plus
 //! serializing the outgoing JSON, never I/O: delivery is a non-blocking `try_send`.
 //! A client whose queue is full is too slow to keep up; it is disconnected.
+//!
+//! Meeting changes the state machine makes on its own (a host's `end_room`, expiry) are
+//! handed to the [`Store`] thread under the same lock, so they are recorded in order.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::Instant;
-
+use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tracing::warn;
 
+use crate::api::RoomInfo;
+use crate::clock::Now;
 use crate::ids;
 use crate::protocol::ClientMessage;
-use crate::rooms::{ConnId, Outbox, Rooms, RoomsConfig};
+use crate::rooms::{ConnId, HostCheck, Meeting, Outbox, Rooms, RoomsConfig};
+use crate::store::Store;
 
 /// A registered connection: its id, public `peer_id` and the queue of JSON texts to send.
 #[derive(Debug)]
@@ -40,10 +45,12 @@ pub struct Hub {
     inner: Mutex<Inner>,
     next_conn: AtomicU64,
     queue_len: usize,
+    store: Option<Store>,
 }
 
 impl Hub {
-    pub fn new(config: RoomsConfig, queue_len: usize) -> Hub {
+    /// A hub recording meeting changes in `store` (none: they are not recorded).
+    pub fn new(config: RoomsConfig, queue_len: usize, store: Option<Store>) -> Hub {
         Hub {
             inner: Mutex::new(Inner {
                 rooms: Rooms::new(config),
@@ -51,6 +58,7 @@ impl Hub {
             }),
             next_conn: AtomicU64::new(1),
             queue_len: queue_len.max(1),
+            store,
         }
     }
 
@@ -77,30 +85,73 @@ impl Hub {
 
     /// A message from `conn`.
     pub fn handle(&self, conn: ConnId, msg: ClientMessage) {
-        let now = Instant::now();
+        let now = Now::system();
         let mut inner = self.lock();
         let mut out = Outbox::new();
         inner.rooms.handle(conn, msg, now, &mut out);
-        inner.deliver(out, now);
+        self.finish(&mut inner, out, now);
     }
 
     /// `conn` is gone; idempotent.
     pub fn disconnect(&self, conn: ConnId) {
-        let now = Instant::now();
+        let now = Now::system();
         let mut inner = self.lock();
         inner.queues.remove(&conn);
         let mut out = Outbox::new();
         inner.rooms.disconnect(conn, now, &mut out);
-        inner.deliver(out, now);
+        self.finish(&mut inner, out, now);
     }
 
     /// Ring timeouts and room expiry.
     pub fn tick(&self) {
-        let now = Instant::now();
+        let now = Now::system();
         let mut inner = self.lock();
         let mut out = Outbox::new();
         inner.rooms.tick(now, &mut out);
+        self.finish(&mut inner, out, now);
+    }
+
+    /// Delivers `out` and hands meeting changes to the store.
+    fn finish(&self, inner: &mut Inner, out: Outbox, now: Now) {
         inner.deliver(out, now);
+        let events = inner.rooms.take_events();
+        if let Some(store) = &self.store {
+            store.record(events);
+        }
+    }
+
+    /// Adds a meeting; `false` when a room of that name exists.
+    pub fn add_meeting(&self, room: &str, meeting: Meeting) -> bool {
+        self.lock().rooms.add_meeting(room, meeting, Now::system())
+    }
+
+    /// A room as `GET /api/rooms/{room}` shows it.
+    pub fn room_info(&self, room: &str) -> Option<RoomInfo> {
+        self.lock().rooms.room_info(room, Now::system())
+    }
+
+    /// Meetings starting in `[from, to]`, earliest first.
+    pub fn list_meetings(
+        &self,
+        from: Option<OffsetDateTime>,
+        to: Option<OffsetDateTime>,
+    ) -> Vec<RoomInfo> {
+        self.lock().rooms.list_meetings(from, to, Now::system())
+    }
+
+    /// Whether `token` may end the meeting `room`.
+    pub fn check_host(&self, room: &str, token: Option<&str>) -> Result<(), HostCheck> {
+        self.lock().rooms.check_host(room, token)
+    }
+
+    /// Ends `room` for its members (`room_ended/host_ended`); `false` if it was not live.
+    pub fn end_by_host(&self, room: &str) -> bool {
+        let now = Now::system();
+        let mut inner = self.lock();
+        let mut out = Outbox::new();
+        let ended = inner.rooms.end_by_host(room, now, &mut out);
+        self.finish(&mut inner, out, now);
+        ended
     }
 
     /// (connections, rooms) right now.
@@ -116,7 +167,7 @@ impl Hub {
 }
 
 impl Inner {
-    fn deliver(&mut self, mut out: Outbox, now: Instant) {
+    fn deliver(&mut self, mut out: Outbox, now: Now) {
         // A loop, not recursion: kicking a slow client produces more messages.
         while !out.is_empty() {
             let mut too_slow = Vec::new();

@@ -1,19 +1,23 @@
 //! Duet's signaling server: rooms of two, offer/answer/candidate relay, direct calls by
-//! name with ringing, host-only room termination, room expiry, and time-limited TURN
-//! credentials. The wire contract is `shared/spec/signaling-protocol.md`; what this
+//! name with ringing, host-only room termination, room expiry, scheduled rooms through
+//! an HTTP API (stored in SQLite), and time-limited TURN credentials. The wire contract is `shared/spec/signaling-protocol.md`; what this
 //! code actually does is written up in `docs/PROTOCOL.md`.
 //!
 //! # Layout
 //! - [`protocol`]: the JSON messages as serde types, shared with the Duet client.
+//! - [`api`]: the HTTP API's request and response bodies, shared with clients too.
 //! - [`config`]: command-line flags and defaults (also the embedding API's settings).
 //! - [`server`]: start/stop, HTTP routes and the WebSocket upgrade.
+//! - `http_api` (private): the HTTP API handlers, JSON errors, auth, OpenAPI document.
 //! - [`connection`] (private): one task per WebSocket; limits, pings, reading, writing.
 //! - [`websocket`]: RFC 6455 frame decoding/encoding that can skip oversized messages.
 //! - [`hub`]: the room state behind one mutex, and delivery to connection queues.
-//! - [`rooms`]: the room and direct-call state machine, without any I/O.
+//! - [`rooms`]: the room, meeting and direct-call state machine, without any I/O.
+//! - [`clock`]: monotonic and wall-clock time passed into it; RFC 3339 helpers.
+//! - [`store`]: SQLite persistence of meetings on a thread of its own.
 //! - [`rate_limit`]: the per-connection token bucket.
 //! - [`turn`]: TURN REST credentials and the `ice_servers` list.
-//! - [`ids`]: random, read-aloud-friendly identifiers.
+//! - [`ids`]: random, read-aloud-friendly identifiers; secret hashing and comparison.
 //!
 //! # Embedding
 //! ```no_run
@@ -25,7 +29,10 @@
 //! ```
 
 mod connection;
+mod http_api;
 
+pub mod api;
+pub mod clock;
 pub mod config;
 pub mod hub;
 pub mod ids;
@@ -33,6 +40,7 @@ pub mod protocol;
 pub mod rate_limit;
 pub mod rooms;
 pub mod server;
+pub mod store;
 pub mod turn;
 pub mod websocket;
 

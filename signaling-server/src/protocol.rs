@@ -19,7 +19,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const MAX_NAME_CHARS: usize = 64;
 
 /// One entry of an `RTCIceServer` list, as browsers and webrtc-rs take it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct IceServer {
     pub urls: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -5,12 +5,24 @@
 //! is in which room, who holds which name and which calls are ringing lives here and
 //! nowhere else; [`crate::hub::Hub`] wraps it in one mutex, which is what makes
 //! concurrent joins race-free, and delivers the outbox to the connections.
+//!
+//! Rooms come in two kinds. An ad-hoc room is created by the first `join` of its name;
+//! its first member is host, the role passes on when the host leaves, and it is
+//! forgotten `room_ttl` after it became empty or ended. A meeting is created through the
+//! HTTP API with a [`Meeting`]: it has a host token (whoever presents it is host), a
+//! start time (earlier joins get `not_started`), its own ttl counted from `starts_at` at
+//! the earliest, and it stays `ended` for `ended_retention` so late joiners hear so.
+//! Meeting changes that must outlive the process (ended, forgotten) are queued as
+//! [`MeetingEvent`]s for the store.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use time::OffsetDateTime;
 use tracing::{debug, info};
 
+use crate::api::{RoomInfo, RoomState};
+use crate::clock::{Now, format_rfc3339};
 use crate::ids;
 use crate::protocol::{
     CallRejectReason, ClientMessage, ErrorCode, LeaveReason, PeerInfo, RoomEndReason,
@@ -26,10 +38,72 @@ pub type Outbox = Vec<(ConnId, ServerMessage)>;
 /// Timing of rooms and calls.
 #[derive(Debug, Clone, Copy)]
 pub struct RoomsConfig {
-    /// How long an empty (or ended) room is kept.
+    /// How long an empty (or ended) ad-hoc room is kept.
     pub room_ttl: Duration,
     /// How long a direct call rings.
     pub ring_timeout: Duration,
+    /// How long before its `starts_at` a meeting can be joined.
+    pub early_join: Duration,
+    /// How long an ended meeting is remembered (refusing joins with `room_ended`).
+    pub ended_retention: Duration,
+}
+
+/// How long an ended meeting is remembered by default: 7 days.
+pub const ENDED_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// What makes a room created through the HTTP API a meeting.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Meeting {
+    /// SHA-256 of the host token ([`ids::secret_hash`]); the token itself is not kept.
+    pub token_hash: [u8; 32],
+    pub title: Option<String>,
+    pub starts_at: OffsetDateTime,
+    /// How long the room lives once empty (counted from `starts_at` at the earliest).
+    pub ttl: Duration,
+    pub created_at: OffsetDateTime,
+    /// When and why it ended, once it has.
+    pub ended: Option<(OffsetDateTime, RoomEndReason)>,
+}
+
+impl std::fmt::Debug for Meeting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token hash stays out of logs and debug output.
+        f.debug_struct("Meeting")
+            .field("title", &self.title)
+            .field("starts_at", &self.starts_at)
+            .field("ttl", &self.ttl)
+            .field("created_at", &self.created_at)
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Meeting {
+    /// The earliest moment it may be forgotten if nobody comes: `starts_at + ttl`.
+    pub fn first_expiry(&self) -> OffsetDateTime {
+        self.starts_at + self.ttl
+    }
+}
+
+/// A meeting change the store must record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MeetingEvent {
+    Ended {
+        room: String,
+        at: OffsetDateTime,
+        reason: RoomEndReason,
+    },
+    /// Ended long enough ago to be forgotten.
+    Forgotten { room: String },
+}
+
+/// Why `DELETE /api/rooms/{id}` cannot end a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostCheck {
+    UnknownRoom,
+    /// No token, a wrong one, or an ad-hoc room (which has none).
+    WrongToken,
+    Ended,
 }
 
 #[derive(Debug)]
@@ -51,6 +125,8 @@ struct Room {
     host: Option<ConnId>,
     empty_since: Option<Instant>,
     ended_at: Option<Instant>,
+    /// Set for rooms created through the HTTP API.
+    meeting: Option<Meeting>,
 }
 
 #[derive(Debug)]
@@ -75,6 +151,7 @@ pub struct Rooms {
     rooms: HashMap<String, Room>,
     names: HashMap<String, ConnId>,
     calls: HashMap<String, PendingCall>,
+    events: Vec<MeetingEvent>,
 }
 
 impl Rooms {
@@ -85,6 +162,7 @@ impl Rooms {
             rooms: HashMap::new(),
             names: HashMap::new(),
             calls: HashMap::new(),
+            events: Vec::new(),
         }
     }
 
@@ -103,7 +181,7 @@ impl Rooms {
     }
 
     /// The connection ended (closed, dropped or kicked): leave everything it was part of.
-    pub fn disconnect(&mut self, conn: ConnId, now: Instant, out: &mut Outbox) {
+    pub fn disconnect(&mut self, conn: ConnId, now: Now, out: &mut Outbox) {
         if !self.conns.contains_key(&conn) {
             return;
         }
@@ -120,13 +198,20 @@ impl Rooms {
     }
 
     /// One message from `conn`.
-    pub fn handle(&mut self, conn: ConnId, msg: ClientMessage, now: Instant, out: &mut Outbox) {
+    pub fn handle(&mut self, conn: ConnId, msg: ClientMessage, now: Now, out: &mut Outbox) {
         let result = match msg {
             ClientMessage::Join {
                 room,
                 name,
-                host_token: _,
-            } => self.join(conn, &room, name.as_deref(), now, out),
+                host_token,
+            } => self.join(
+                conn,
+                &room,
+                name.as_deref(),
+                host_token.as_deref(),
+                now,
+                out,
+            ),
             ClientMessage::Offer { sdp } => {
                 self.relay(conn, out, |from| ServerMessage::Offer { from, sdp })
             }
@@ -143,32 +228,185 @@ impl Rooms {
             ClientMessage::Accept { call_id } => self.accept(conn, &call_id, now, out),
             ClientMessage::Reject { call_id } => self.reject(conn, &call_id, out),
         };
-        if let Err(Refusal(code, message)) = result {
-            out.push((conn, ServerMessage::error(code, message)));
+        match result {
+            Ok(()) => {}
+            Err(Refusal(ErrorCode::NotStarted, starts_at)) => {
+                out.push((
+                    conn,
+                    ServerMessage::Error {
+                        code: ErrorCode::NotStarted,
+                        message: format!("the room opens at {starts_at}"),
+                        starts_at: Some(starts_at),
+                    },
+                ));
+            }
+            Err(Refusal(code, message)) => out.push((conn, ServerMessage::error(code, message))),
         }
     }
 
     /// Time passes: unanswered calls stop ringing, empty and ended rooms expire.
-    pub fn tick(&mut self, now: Instant, out: &mut Outbox) {
+    pub fn tick(&mut self, now: Now, out: &mut Outbox) {
         let overdue: Vec<String> = self
             .calls
             .iter()
-            .filter(|(_, c)| c.deadline <= now)
+            .filter(|(_, c)| c.deadline <= now.mono)
             .map(|(id, _)| id.clone())
             .collect();
         for call_id in overdue {
             info!(call = %call_id, "call not answered");
             self.end_pending_call(&call_id, Some(CallRejectReason::NoAnswer), true, out);
         }
-        let ttl = self.config.room_ttl;
+        let config = self.config;
+        let events = &mut self.events;
         self.rooms.retain(|name, room| {
-            let since = room.ended_at.or(room.empty_since);
-            let keep = since.is_none_or(|t| now.saturating_duration_since(t) < ttl);
-            if !keep {
-                info!(room = %name, "room expired");
+            let Some(meeting) = &mut room.meeting else {
+                let since = room.ended_at.or(room.empty_since);
+                let keep =
+                    since.is_none_or(|t| now.mono.saturating_duration_since(t) < config.room_ttl);
+                if !keep {
+                    info!(room = %name, "room expired");
+                }
+                return keep;
+            };
+            if let Some((ended, _)) = meeting.ended {
+                let keep = now.wall < ended + config.ended_retention;
+                if !keep {
+                    debug!(room = %name, "ended meeting forgotten");
+                    events.push(MeetingEvent::Forgotten { room: name.clone() });
+                }
+                return keep;
             }
-            keep
+            let expired = room.members.is_empty()
+                && now.wall >= meeting.first_expiry()
+                && room
+                    .empty_since
+                    .is_some_and(|t| now.mono.saturating_duration_since(t) >= meeting.ttl);
+            if expired {
+                info!(room = %name, "meeting expired");
+                meeting.ended = Some((now.wall, RoomEndReason::Expired));
+                room.ended_at = Some(now.mono);
+                room.host = None;
+                events.push(MeetingEvent::Ended {
+                    room: name.clone(),
+                    at: now.wall,
+                    reason: RoomEndReason::Expired,
+                });
+            }
+            true
         });
+    }
+
+    /// Meeting changes since the last call, oldest first, for the store.
+    pub fn take_events(&mut self) -> Vec<MeetingEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Adds a meeting (created through the API, or loaded at start-up; possibly ended).
+    /// `false` when a room of that name exists.
+    pub fn add_meeting(&mut self, room: &str, meeting: Meeting, now: Now) -> bool {
+        if self.rooms.contains_key(room) {
+            return false;
+        }
+        let ended = meeting.ended.is_some();
+        self.rooms.insert(
+            room.to_owned(),
+            Room {
+                empty_since: Some(now.mono),
+                ended_at: ended.then_some(now.mono),
+                meeting: Some(meeting),
+                ..Room::default()
+            },
+        );
+        true
+    }
+
+    /// What `GET /api/rooms/{room}` shows.
+    pub fn room_info(&self, room: &str, now: Now) -> Option<RoomInfo> {
+        let r = self.rooms.get(room)?;
+        let state = if r.ended_at.is_some() {
+            RoomState::Ended
+        } else if r
+            .meeting
+            .as_ref()
+            .is_some_and(|m| now.wall < m.starts_at - self.config.early_join)
+        {
+            RoomState::Scheduled
+        } else if r.members.is_empty() {
+            RoomState::Open
+        } else {
+            RoomState::Active
+        };
+        let ttl = r.meeting.as_ref().map_or(self.config.room_ttl, |m| m.ttl);
+        let expires_at = match (&r.meeting, state) {
+            (Some(m), _) if m.ended.is_some() => m.ended.map(|(at, _)| at),
+            (_, RoomState::Ended) => r.ended_at.map(|t| now.wall_of(t)),
+            (_, RoomState::Active) => None,
+            (meeting, _) => {
+                let emptied = r.empty_since.map_or(now.wall, |t| now.wall_of(t)) + ttl;
+                Some(
+                    meeting
+                        .as_ref()
+                        .map_or(emptied, |m| emptied.max(m.first_expiry())),
+                )
+            }
+        };
+        Some(RoomInfo {
+            room_id: room.to_owned(),
+            title: r.meeting.as_ref().and_then(|m| m.title.clone()),
+            starts_at: r.meeting.as_ref().map(|m| format_rfc3339(m.starts_at)),
+            expires_at: expires_at.map(format_rfc3339),
+            members: r.members.len(),
+            state,
+            ttl_s: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
+        })
+    }
+
+    /// Meetings whose `starts_at` lies in `[from, to]`, earliest first.
+    pub fn list_meetings(
+        &self,
+        from: Option<OffsetDateTime>,
+        to: Option<OffsetDateTime>,
+        now: Now,
+    ) -> Vec<RoomInfo> {
+        let mut found: Vec<(OffsetDateTime, &String)> = self
+            .rooms
+            .iter()
+            .filter_map(|(name, r)| Some((r.meeting.as_ref()?.starts_at, name)))
+            .filter(|(t, _)| from.is_none_or(|f| *t >= f) && to.is_none_or(|e| *t <= e))
+            .collect();
+        found.sort();
+        found
+            .into_iter()
+            .filter_map(|(_, name)| self.room_info(name, now))
+            .collect()
+    }
+
+    /// Whether `token` may end the meeting `room` (for `DELETE /api/rooms/{room}`).
+    pub fn check_host(&self, room: &str, token: Option<&str>) -> Result<(), HostCheck> {
+        let r = self.rooms.get(room).ok_or(HostCheck::UnknownRoom)?;
+        let matches = r
+            .meeting
+            .as_ref()
+            .zip(token)
+            .is_some_and(|(m, t)| ids::secret_matches(&m.token_hash, t));
+        if !matches {
+            return Err(HostCheck::WrongToken);
+        }
+        if r.ended_at.is_some() {
+            return Err(HostCheck::Ended);
+        }
+        Ok(())
+    }
+
+    /// Ends `room` for everybody in it (`room_ended/host_ended`), as the host's
+    /// `end_room` does. Callers check the host token first ([`Rooms::check_host`]).
+    pub fn end_by_host(&mut self, room: &str, now: Now, out: &mut Outbox) -> bool {
+        if self.rooms.get(room).is_none_or(|r| r.ended_at.is_some()) {
+            return false;
+        }
+        info!(room, "room ended through the API");
+        self.finish_room(room, now, out);
+        true
     }
 
     /// Number of live connections.
@@ -202,7 +440,8 @@ impl Rooms {
         conn: ConnId,
         room: &str,
         name: Option<&str>,
-        now: Instant,
+        host_token: Option<&str>,
+        now: Now,
         out: &mut Outbox,
     ) -> Result<(), Refusal> {
         let room = validate_name("room", room).map_err(|e| Refusal(e.code, e.message))?;
@@ -214,9 +453,23 @@ impl Rooms {
                     .to_owned(),
             ),
         };
+        let mut claims_host = false;
         if let Some(existing) = self.rooms.get(room) {
             if existing.ended_at.is_some() {
                 return refuse(ErrorCode::RoomEnded, format!("room `{room}` has ended"));
+            }
+            if let Some(meeting) = &existing.meeting {
+                if now.wall < meeting.starts_at - self.config.early_join {
+                    // The message is made from `starts_at` in `handle`.
+                    return refuse(ErrorCode::NotStarted, format_rfc3339(meeting.starts_at));
+                }
+                if let Some(token) = host_token {
+                    if !ids::secret_matches(&meeting.token_hash, token) {
+                        info!(room, peer = %self.peer_id(conn), "wrong host token");
+                        return refuse(ErrorCode::NotHost, "wrong `host_token` for this room");
+                    }
+                    claims_host = true;
+                }
             }
             let ringing = self.calls.contains_key(room);
             if !existing.members.contains(&conn) && (existing.members.len() >= 2 || ringing) {
@@ -232,22 +485,31 @@ impl Rooms {
             }
         }
         self.leave_room(conn, LeaveReason::Left, now, out);
-        self.enter_room(conn, room, display, out);
+        self.enter_room(conn, room, display, claims_host, out);
         Ok(())
     }
 
     /// Puts `conn` (in no room) into `room`, creating it if needed, and announces it.
+    /// In an ad-hoc room the first member is host; in a meeting, whoever `claims_host`
+    /// (presented the right token), taking the role from an earlier holder.
     fn enter_room(
         &mut self,
         conn: ConnId,
         room_name: &str,
         display: Option<String>,
+        claims_host: bool,
         out: &mut Outbox,
     ) {
         let room = self.rooms.entry(room_name.to_owned()).or_default();
         room.members.push(conn);
         room.empty_since = None;
-        let host = *room.host.get_or_insert(conn) == conn;
+        let mut deposed = None;
+        if room.meeting.is_none() {
+            room.host.get_or_insert(conn);
+        } else if claims_host {
+            deposed = room.host.replace(conn).filter(|&h| h != conn);
+        }
+        let host = room.host == Some(conn);
         let members = room.members.len();
         let others: Vec<ConnId> = room
             .members
@@ -288,12 +550,20 @@ impl Rooms {
                     name: display.clone(),
                 },
             ));
+            if deposed == Some(other) {
+                out.push((
+                    other,
+                    ServerMessage::HostChanged {
+                        peer_id: peer_id.clone(),
+                    },
+                ));
+            }
         }
     }
 
     /// Takes `conn` out of its room (if any), telling the other member and handing over
     /// the host role; a caller leaving a ringing call cancels it.
-    fn leave_room(&mut self, conn: ConnId, reason: LeaveReason, now: Instant, out: &mut Outbox) {
+    fn leave_room(&mut self, conn: ConnId, reason: LeaveReason, now: Now, out: &mut Outbox) {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -323,7 +593,10 @@ impl Rooms {
                 },
             ));
         }
-        if room.host == Some(conn) {
+        if room.host == Some(conn) && room.meeting.is_some() {
+            // A meeting's host is whoever presents its token; nobody inherits the role.
+            room.host = None;
+        } else if room.host == Some(conn) {
             room.host = room.members.first().copied();
             if let Some(new_host) = room.host {
                 let host_peer = self.peer_id(new_host);
@@ -333,11 +606,11 @@ impl Rooms {
         if let Some(room) = self.rooms.get_mut(&room_name)
             && room.members.is_empty()
         {
-            room.empty_since = Some(now);
+            room.empty_since = Some(now.mono);
         }
     }
 
-    fn leave(&mut self, conn: ConnId, now: Instant, out: &mut Outbox) -> Result<(), Refusal> {
+    fn leave(&mut self, conn: ConnId, now: Now, out: &mut Outbox) -> Result<(), Refusal> {
         if self
             .conns
             .get(&conn)
@@ -350,7 +623,7 @@ impl Rooms {
         Ok(())
     }
 
-    fn end_room(&mut self, conn: ConnId, now: Instant, out: &mut Outbox) -> Result<(), Refusal> {
+    fn end_room(&mut self, conn: ConnId, now: Now, out: &mut Outbox) -> Result<(), Refusal> {
         let Some(room_name) = self.conns.get(&conn).and_then(|c| c.room.clone()) else {
             return refuse(ErrorCode::NotInCall, "you are not in a room");
         };
@@ -360,19 +633,37 @@ impl Rooms {
         if room.host != Some(conn) {
             return refuse(ErrorCode::NotHost, "only the host can end the room");
         }
+        info!(room = %room_name, peer = %self.peer_id(conn), "room ended by host");
+        self.finish_room(&room_name, now, out);
+        Ok(())
+    }
+
+    /// Ends `room_name`: members out with `room_ended/host_ended`, a ringing call there
+    /// cancelled, the room kept as ended (and recorded, for a meeting).
+    fn finish_room(&mut self, room_name: &str, now: Now, out: &mut Outbox) {
+        let Some(room) = self.rooms.get_mut(room_name) else {
+            return;
+        };
         let members = std::mem::take(&mut room.members);
         room.host = None;
         room.empty_since = None;
-        room.ended_at = Some(now);
-        info!(room = %room_name, peer = %self.peer_id(conn), "room ended by host");
-        if let Some(call) = self.calls.remove(&room_name)
+        room.ended_at = Some(now.mono);
+        if let Some(meeting) = &mut room.meeting {
+            meeting.ended = Some((now.wall, RoomEndReason::HostEnded));
+            self.events.push(MeetingEvent::Ended {
+                room: room_name.to_owned(),
+                at: now.wall,
+                reason: RoomEndReason::HostEnded,
+            });
+        }
+        if let Some(call) = self.calls.remove(room_name)
             && let Some(callee) = self.conns.get_mut(&call.callee)
         {
             callee.rung_by = None;
             out.push((
                 call.callee,
                 ServerMessage::CallCancelled {
-                    call_id: room_name.clone(),
+                    call_id: room_name.to_owned(),
                 },
             ));
         }
@@ -383,12 +674,11 @@ impl Rooms {
             out.push((
                 m,
                 ServerMessage::RoomEnded {
-                    room: room_name.clone(),
+                    room: room_name.to_owned(),
                     reason: RoomEndReason::HostEnded,
                 },
             ));
         }
-        Ok(())
     }
 
     /// Forwards an offer, answer or candidate to the other member of the sender's room.
@@ -445,13 +735,7 @@ impl Rooms {
         Ok(())
     }
 
-    fn call(
-        &mut self,
-        conn: ConnId,
-        to: &str,
-        now: Instant,
-        out: &mut Outbox,
-    ) -> Result<(), Refusal> {
+    fn call(&mut self, conn: ConnId, to: &str, now: Now, out: &mut Outbox) -> Result<(), Refusal> {
         let Some(from) = self.conns.get(&conn).and_then(|c| c.registered.clone()) else {
             return refuse(
                 ErrorCode::BadField,
@@ -503,13 +787,13 @@ impl Rooms {
                 to: to.to_owned(),
             },
         ));
-        self.enter_room(conn, &call_id, Some(from.clone()), out);
+        self.enter_room(conn, &call_id, Some(from.clone()), false, out);
         self.calls.insert(
             call_id.clone(),
             PendingCall {
                 caller: conn,
                 callee,
-                deadline: now + self.config.ring_timeout,
+                deadline: now.mono + self.config.ring_timeout,
             },
         );
         if let Some(c) = self.conns.get_mut(&callee) {
@@ -534,7 +818,7 @@ impl Rooms {
         &mut self,
         conn: ConnId,
         call_id: &str,
-        now: Instant,
+        now: Now,
         out: &mut Outbox,
     ) -> Result<(), Refusal> {
         self.incoming_call(conn, call_id)?;
@@ -545,7 +829,7 @@ impl Rooms {
         });
         info!(call = %call_id, peer = %self.peer_id(conn), "call accepted");
         self.leave_room(conn, LeaveReason::Left, now, out);
-        self.enter_room(conn, call_id, name, out);
+        self.enter_room(conn, call_id, name, false, out);
         Ok(())
     }
 
@@ -606,6 +890,8 @@ mod tests {
     const CFG: RoomsConfig = RoomsConfig {
         room_ttl: Duration::from_secs(600),
         ring_timeout: Duration::from_secs(30),
+        early_join: Duration::from_secs(300),
+        ended_retention: ENDED_RETENTION,
     };
 
     fn kinds(out: &Outbox) -> Vec<(ConnId, &'static str)> {
@@ -647,9 +933,138 @@ mod tests {
         }
     }
 
+    fn join_with(room: &str, token: &str) -> ClientMessage {
+        ClientMessage::Join {
+            room: room.into(),
+            name: None,
+            host_token: Some(token.into()),
+        }
+    }
+
+    fn meeting(now: Now, starts_in: Duration, ttl: Duration) -> Meeting {
+        Meeting {
+            token_hash: ids::secret_hash("secret"),
+            title: Some("t".into()),
+            starts_at: now.wall + starts_in,
+            ttl,
+            created_at: now.wall,
+            ended: None,
+        }
+    }
+
+    fn state(r: &Rooms, room: &str, now: Now) -> RoomState {
+        r.room_info(room, now).unwrap().state
+    }
+
+    #[test]
+    fn meeting_opens_early_by_the_grace_and_says_when() {
+        let t = Now::system();
+        let mut r = rooms_with(1);
+        let mut out = Outbox::new();
+        let hour = Duration::from_secs(3600);
+        assert!(r.add_meeting("m", meeting(t, hour, Duration::from_secs(60)), t));
+        assert!(!r.add_meeting("m", meeting(t, hour, Duration::from_secs(60)), t));
+        assert_eq!(state(&r, "m", t), RoomState::Scheduled);
+        r.handle(1, join("m"), t, &mut out);
+        let ServerMessage::Error {
+            code: ErrorCode::NotStarted,
+            starts_at: Some(starts_at),
+            ..
+        } = &out[0].1
+        else {
+            panic!("{out:?}");
+        };
+        assert_eq!(starts_at, &format_rfc3339(t.wall + hour));
+        out.clear();
+        let early = t.later(hour - Duration::from_secs(300));
+        assert_eq!(state(&r, "m", early), RoomState::Open);
+        r.handle(1, join("m"), early, &mut out);
+        assert!(matches!(
+            out[0].1,
+            ServerMessage::Joined { host: false, .. }
+        ));
+        assert_eq!(state(&r, "m", early), RoomState::Active);
+        // Nobody expires it before starts_at + ttl, even when empty for longer.
+        r.handle(1, ClientMessage::Leave, early, &mut out);
+        r.tick(t.later(hour + Duration::from_secs(59)), &mut out);
+        assert_eq!(state(&r, "m", early), RoomState::Open);
+        r.tick(t.later(hour + Duration::from_secs(60)), &mut out);
+        assert_eq!(state(&r, "m", early), RoomState::Ended);
+        assert!(matches!(
+            r.take_events()[..],
+            [MeetingEvent::Ended {
+                reason: RoomEndReason::Expired,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn meeting_host_is_whoever_has_the_token() {
+        let t = Now::system();
+        let mut r = rooms_with(3);
+        let mut out = Outbox::new();
+        r.add_meeting("m", meeting(t, Duration::ZERO, Duration::from_secs(60)), t);
+        r.handle(1, join_with("m", "wrong"), t, &mut out);
+        assert!(matches!(
+            out[0].1,
+            ServerMessage::Error {
+                code: ErrorCode::NotHost,
+                ..
+            }
+        ));
+        assert_eq!(r.members("m"), Some(0));
+        out.clear();
+        r.handle(1, join("m"), t, &mut out);
+        r.handle(2, join_with("m", "secret"), t, &mut out);
+        assert!(matches!(
+            out[0].1,
+            ServerMessage::Joined { host: false, .. }
+        ));
+        assert!(matches!(out[1].1, ServerMessage::Joined { host: true, .. }));
+        out.clear();
+        r.handle(1, ClientMessage::EndRoom, t, &mut out);
+        assert_eq!(kinds(&out), vec![(1, "error")]);
+        out.clear();
+        // The host leaving hands nothing over; the token brings the role back.
+        r.handle(2, ClientMessage::Leave, t, &mut out);
+        assert_eq!(kinds(&out), vec![(1, "peer_left")]);
+        out.clear();
+        r.handle(3, join_with("m", "secret"), t, &mut out);
+        r.handle(3, ClientMessage::EndRoom, t, &mut out);
+        assert_eq!(
+            kinds(&out),
+            vec![
+                (3, "joined"),
+                (1, "peer_joined"),
+                (1, "room_ended"),
+                (3, "room_ended")
+            ]
+        );
+        assert!(matches!(
+            r.take_events()[..],
+            [MeetingEvent::Ended {
+                reason: RoomEndReason::HostEnded,
+                ..
+            }]
+        ));
+        assert_eq!(r.check_host("m", Some("secret")), Err(HostCheck::Ended));
+        assert_eq!(r.check_host("m", Some("x")), Err(HostCheck::WrongToken));
+        assert_eq!(r.check_host("n", Some("x")), Err(HostCheck::UnknownRoom));
+        // Ended meetings are remembered for the retention, then forgotten.
+        r.tick(t.later(ENDED_RETENTION - Duration::from_secs(1)), &mut out);
+        assert_eq!(r.room_count(), 1);
+        r.tick(t.later(ENDED_RETENTION), &mut out);
+        assert_eq!(r.room_count(), 0);
+        assert!(matches!(
+            r.take_events()[..],
+            [MeetingEvent::Forgotten { .. }]
+        ));
+    }
+
     #[test]
     fn join_order_decides_host_and_fullness() {
-        let t = Instant::now();
+        let t = Now::system();
         let mut r = rooms_with(3);
         let mut out = Outbox::new();
         for c in 1..=3 {
@@ -673,16 +1088,16 @@ mod tests {
 
     #[test]
     fn ringing_times_out_on_the_clock_not_before() {
-        let t = Instant::now();
+        let t = Now::system();
         let mut r = rooms_with(2);
         let mut out = Outbox::new();
         r.handle(1, ClientMessage::Register { name: "a".into() }, t, &mut out);
         r.handle(2, ClientMessage::Register { name: "b".into() }, t, &mut out);
         r.handle(1, ClientMessage::Call { to: "b".into() }, t, &mut out);
         out.clear();
-        r.tick(t + Duration::from_secs(29), &mut out);
+        r.tick(t.later(Duration::from_secs(29)), &mut out);
         assert!(out.is_empty());
-        r.tick(t + Duration::from_secs(30), &mut out);
+        r.tick(t.later(Duration::from_secs(30)), &mut out);
         assert_eq!(
             kinds(&out),
             vec![(1, "call_rejected"), (2, "call_cancelled")]
@@ -692,7 +1107,7 @@ mod tests {
 
     #[test]
     fn empty_and_ended_rooms_expire_after_the_ttl() {
-        let t = Instant::now();
+        let t = Now::system();
         let mut r = rooms_with(2);
         let mut out = Outbox::new();
         r.handle(1, join("empty"), t, &mut out);
@@ -700,18 +1115,18 @@ mod tests {
         r.handle(2, join("ended"), t, &mut out);
         r.handle(2, ClientMessage::EndRoom, t, &mut out);
         out.clear();
-        r.tick(t + Duration::from_secs(599), &mut out);
+        r.tick(t.later(Duration::from_secs(599)), &mut out);
         assert_eq!(r.room_count(), 2);
         // An ended room refuses joins until it expires, then the name is free again.
         r.handle(1, join("ended"), t, &mut out);
         assert_eq!(kinds(&out), vec![(1, "error")]);
-        r.tick(t + Duration::from_secs(600), &mut out);
+        r.tick(t.later(Duration::from_secs(600)), &mut out);
         assert_eq!(r.room_count(), 0);
     }
 
     #[test]
     fn disconnect_cleans_everything() {
-        let t = Instant::now();
+        let t = Now::system();
         let mut r = rooms_with(2);
         let mut out = Outbox::new();
         r.handle(1, ClientMessage::Register { name: "a".into() }, t, &mut out);

@@ -1,5 +1,5 @@
-//! Starting and stopping a server: the HTTP routes (axum), the WebSocket upgrade, and
-//! the background sweeper.
+//! Starting and stopping a server: the database, the HTTP routes (axum; the API
+//! handlers are in `http_api.rs`), the WebSocket upgrade, and the background sweeper.
 //!
 //! axum routes HTTP because the meetings API grows here; its `ws` extractor is not used
 //! because the server does its own framing (see `websocket.rs`). Connections are accepted
@@ -10,7 +10,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Request, State};
@@ -23,13 +23,17 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower::ServiceExt as _;
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, ConfigError};
+use crate::http_api::{self, ApiState, ClientAddr};
 use crate::hub::Hub;
-use crate::rooms::RoomsConfig;
+use crate::rate_limit::RateLimit;
+use crate::rooms::{ENDED_RETENTION, RoomsConfig};
+use crate::store::{Store, StoreError, StoreThread};
 use crate::turn::IceConfig;
-use crate::{connection, ids, websocket};
+use crate::{connection, websocket};
 
 /// What every request handler and connection task shares.
 #[derive(Debug)]
@@ -40,6 +44,9 @@ pub(crate) struct Shared {
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
     pub connections: AtomicUsize,
+    pub store: Store,
+    pub api: ApiState,
+    pub local_addr: SocketAddr,
 }
 
 /// The server could not start.
@@ -52,6 +59,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// A running server. Dropping it does not stop it; call [`Server::stop`].
@@ -60,12 +69,15 @@ pub struct Server {
     local_addr: SocketAddr,
     shared: Arc<Shared>,
     serve: JoinHandle<()>,
+    store_thread: StoreThread,
 }
 
 impl Server {
     /// Binds `config.listen` and starts serving in the current tokio runtime.
     pub async fn start(config: Config) -> Result<Server, StartError> {
         let ice = config.ice_config()?;
+        let api_key = config.api_key()?;
+        let public_url = config.public_url()?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -77,14 +89,43 @@ impl Server {
             addr: config.listen,
             source,
         })?;
+        let db = config.db.clone();
+        let (store, store_thread, meetings) = tokio::task::spawn_blocking(move || Store::open(&db))
+            .await
+            .map_err(|_| StoreError::Closed)??;
+        let hub = Hub::new(
+            RoomsConfig {
+                room_ttl: config.room_ttl,
+                ring_timeout: config.ring_timeout,
+                early_join: config.early_join,
+                ended_retention: ENDED_RETENTION,
+            },
+            config.send_queue,
+            Some(store.clone()),
+        );
+        for stored in meetings {
+            hub.add_meeting(&stored.room_id, stored.meeting);
+        }
+        if api_key.is_none() && !local_addr.ip().is_loopback() {
+            warn!(
+                "no API key: anyone who reaches this server can create and list rooms \
+                 (set --api-key-file or DUET_API_KEY)"
+            );
+        }
+        let api = ApiState::new(
+            api_key.as_deref(),
+            public_url,
+            RateLimit {
+                burst: config.api_rate_burst,
+                per_second: config.api_rate_per_second,
+                max_dropped: u32::MAX,
+            },
+        );
         let shared = Arc::new(Shared {
-            hub: Hub::new(
-                RoomsConfig {
-                    room_ttl: config.room_ttl,
-                    ring_timeout: config.ring_timeout,
-                },
-                config.send_queue,
-            ),
+            hub,
+            store,
+            api,
+            local_addr,
             ice,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -98,6 +139,7 @@ impl Server {
             local_addr,
             shared,
             serve,
+            store_thread,
         })
     }
 
@@ -133,6 +175,8 @@ impl Server {
         self.shared.tasks.close();
         self.shared.tasks.wait().await;
         let _ = self.serve.await;
+        let store_thread = self.store_thread;
+        let _ = tokio::task::spawn_blocking(move || store_thread.stop()).await;
         info!(addr = %self.local_addr, "signaling server stopped");
     }
 }
@@ -145,8 +189,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             _ = shared.shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
-        let tcp = match accepted {
-            Ok((tcp, _)) => tcp,
+        let (tcp, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Typically out of file descriptors: back off instead of spinning.
                 warn!(error = %e, "accept failed");
@@ -155,7 +199,12 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             }
         };
         let _ = tcp.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        let service = TowerToHyperService::new(app.clone().map_request(
+            move |mut request: Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(ClientAddr(peer));
+                request
+            },
+        ));
         let shutdown = shared.shutdown.clone();
         shared.tasks.spawn(async move {
             let connection = hyper::server::conn::http1::Builder::new()
@@ -183,15 +232,10 @@ fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/ws", get(upgrade))
-        .route("/api/ice-servers", get(ice_servers))
+        .merge(http_api::routes())
+        .fallback(http_api::not_found)
+        .method_not_allowed_fallback(http_api::method_not_allowed)
         .with_state(shared)
-}
-
-async fn ice_servers(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    let list = shared
-        .ice
-        .ice_servers(&ids::random_chars(13), SystemTime::now());
-    axum::Json(serde_json::json!({ "ice_servers": list }))
 }
 
 /// Counts a connection for `--max-connections`; the slot is freed on drop.

@@ -1,0 +1,792 @@
+//! The HTTP API handlers: rooms (create, read, list, end), ICE servers, the OpenAPI
+//! document, and the `/r/{room_id}` landing text of join URLs.
+//!
+//! Every failure is JSON `{"error": code, "message": text}` with a fitting status, also
+//! for bodies axum would reject by itself: handlers take raw bytes and extractor results
+//! and classify failures here, so no request body can produce a plain-text error or a
+//! panic. Creating a room answers `201` only after the store has committed it.
+//! Secrets (API key, host tokens) are compared as SHA-256 hashes in constant time and
+//! never logged.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+use time::OffsetDateTime;
+use tracing::{error, info, warn};
+use utoipa::OpenApi;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+
+use crate::api::{
+    ApiError, CreateRoomRequest, CreatedRoom, DEFAULT_TTL_S, IceServers, MAX_TITLE_CHARS,
+    MAX_TTL_S, RoomInfo, RoomList, RoomState, join_url,
+};
+use crate::clock::{Now, format_rfc3339, parse_rfc3339};
+use crate::ids;
+use crate::protocol::{IceServer, RoomEndReason};
+use crate::rate_limit::{RateLimit, RateLimiter, Verdict};
+use crate::rooms::{HostCheck, Meeting};
+use crate::server::Shared;
+use crate::store::StoredMeeting;
+
+/// Largest request body; more is `413`.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+/// How far in the past `starts_at` may lie (clocks differ; a meeting may be running).
+pub const MAX_STARTS_AT_PAST: Duration = Duration::from_secs(3600);
+/// How far ahead a room can be scheduled.
+pub const MAX_STARTS_AT_AHEAD: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// The address a request came from (set by the accept loop).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientAddr(pub SocketAddr);
+
+/// HTTP API state: the API key, the join-URL base and the per-address rate limit.
+#[derive(Debug)]
+pub(crate) struct ApiState {
+    key_hash: Option<[u8; 32]>,
+    public_url: Option<String>,
+    limit: RateLimit,
+    buckets: Mutex<HashMap<IpAddr, (RateLimiter, Instant)>>,
+}
+
+impl ApiState {
+    pub fn new(api_key: Option<&str>, public_url: Option<String>, limit: RateLimit) -> Self {
+        ApiState {
+            key_hash: api_key.map(ids::secret_hash),
+            public_url,
+            limit: RateLimit {
+                max_dropped: u32::MAX,
+                ..limit
+            },
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Charges one request from `ip`.
+    fn admit(&self, ip: IpAddr) -> Result<(), Failure> {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        if buckets.len() > 10_000 {
+            // Forget addresses whose bucket has refilled completely.
+            let full = Duration::from_secs_f64(self.limit.burst / self.limit.per_second.max(0.001));
+            buckets.retain(|_, (_, seen)| now.saturating_duration_since(*seen) < full);
+        }
+        let (bucket, seen) = buckets
+            .entry(ip)
+            .or_insert_with(|| (RateLimiter::new(self.limit, now), now));
+        *seen = now;
+        match bucket.check(now) {
+            Verdict::Allow => Ok(()),
+            Verdict::Drop { .. } | Verdict::Close => Err(Failure::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many requests from your address; try again in a second",
+            )),
+        }
+    }
+}
+
+/// A JSON body ending in a newline (so `curl` output ends its line).
+pub(crate) struct Json<T>(pub T);
+
+impl<T: serde::Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        match serde_json::to_vec(&self.0) {
+            Ok(mut body) => {
+                body.push(b'\n');
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    )],
+                    body,
+                )
+                    .into_response()
+            }
+            Err(e) => {
+                error!(error = %e, "cannot serialize a response");
+                StatusCode::INTERNAL_SERVER_ERROR.into_response()
+            }
+        }
+    }
+}
+
+/// An error answer.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl Failure {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Failure {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_field(message: impl Into<String>) -> Self {
+        Failure::new(StatusCode::BAD_REQUEST, "bad_field", message)
+    }
+
+    fn unauthorized(message: impl Into<String>) -> Self {
+        Failure::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    fn unknown_room(room: &str) -> Self {
+        Failure::new(
+            StatusCode::NOT_FOUND,
+            "unknown_room",
+            format!("no room `{room}`"),
+        )
+    }
+
+    fn internal() -> Self {
+        Failure::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the server could not do this; see its log",
+        )
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let body = ApiError {
+            error: self.code.to_owned(),
+            message: self.message,
+        };
+        let mut response = (self.status, Json(body)).into_response();
+        let headers = response.headers_mut();
+        if self.status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(parts
+            .extensions
+            .get::<ClientAddr>()
+            .copied()
+            .unwrap_or(ClientAddr(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))))
+    }
+}
+
+/// The routes of this module (merged into the server's router).
+pub(crate) fn routes() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/api/rooms", get(list_rooms).post(create_room))
+        .route("/api/rooms/{room_id}", get(get_room).delete(delete_room))
+        .route("/api/ice-servers", get(ice_servers))
+        .route("/api/openapi.json", get(openapi))
+        .route("/r/{room_id}", get(join_page))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+}
+
+/// JSON `404` for every path nobody serves.
+pub(crate) async fn not_found() -> Failure {
+    Failure::new(StatusCode::NOT_FOUND, "not_found", "no such path")
+}
+
+/// JSON `405` for a known path with another method.
+pub(crate) async fn method_not_allowed() -> Failure {
+    Failure::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this path does not take that method",
+    )
+}
+
+/// The secret of an `Authorization: Bearer <secret>` header.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, secret) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| secret.trim())
+        .filter(|s| !s.is_empty())
+}
+
+fn require_api_key(shared: &Shared, headers: &HeaderMap) -> Result<(), Failure> {
+    let Some(hash) = &shared.api.key_hash else {
+        return Ok(());
+    };
+    match bearer(headers) {
+        None => Err(Failure::unauthorized(
+            "this server needs an API key: Authorization: Bearer <key>",
+        )),
+        Some(key) if ids::secret_matches(hash, key) => Ok(()),
+        Some(_) => Err(Failure::unauthorized("wrong API key")),
+    }
+}
+
+/// `http://<Host>` when no `--public-url` is set (the Host header checked for shape).
+fn base_url(shared: &Shared, headers: &HeaderMap) -> String {
+    if let Some(url) = &shared.api.public_url {
+        return url.clone();
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            !h.is_empty()
+                && h.len() <= 255
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b))
+        });
+    match host {
+        Some(host) => format!("http://{host}"),
+        None => format!("http://{}", shared.local_addr),
+    }
+}
+
+/// The body as a JSON object: `bad_json` when it is not one, `too_large` over the limit.
+fn json_object(body: Result<Bytes, BytesRejection>) -> Result<serde_json::Value, Failure> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Failure::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the body is larger than {MAX_BODY_BYTES} bytes"),
+            )
+        } else {
+            Failure::new(StatusCode::BAD_REQUEST, "bad_json", rejection.body_text())
+        }
+    })?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(serde_json::Value::Object(serde_json::Map::new()));
+    }
+    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+        Failure::new(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            format!("the body is not JSON: {e}"),
+        )
+    })?;
+    if !value.is_object() {
+        return Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            "the body must be a JSON object",
+        ));
+    }
+    Ok(value)
+}
+
+/// A create request, checked.
+#[derive(Debug)]
+struct NewRoom {
+    starts_at: OffsetDateTime,
+    title: Option<String>,
+    ttl: Duration,
+}
+
+fn check_create(request: CreateRoomRequest, now: Now) -> Result<NewRoom, Failure> {
+    let starts_at = match request.starts_at.as_deref() {
+        None => now.wall,
+        Some(text) => {
+            parse_rfc3339(text).map_err(|e| Failure::bad_field(format!("`starts_at`: {e}")))?
+        }
+    };
+    if starts_at < now.wall - MAX_STARTS_AT_PAST {
+        return Err(Failure::bad_field(
+            "`starts_at` is more than an hour in the past",
+        ));
+    }
+    if starts_at > now.wall + MAX_STARTS_AT_AHEAD {
+        return Err(Failure::bad_field("`starts_at` is more than a year ahead"));
+    }
+    let title = match request.title.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(t) if t.chars().count() > MAX_TITLE_CHARS => {
+            return Err(Failure::bad_field(format!(
+                "`title` is longer than {MAX_TITLE_CHARS} characters"
+            )));
+        }
+        Some(t) if t.chars().any(char::is_control) => {
+            return Err(Failure::bad_field("`title` contains control characters"));
+        }
+        Some(t) => Some(t.to_owned()),
+    };
+    let ttl_s = request.ttl_s.unwrap_or(DEFAULT_TTL_S);
+    if !(1..=MAX_TTL_S).contains(&ttl_s) {
+        return Err(Failure::bad_field(format!(
+            "`ttl_s` must be between 1 and {MAX_TTL_S} seconds"
+        )));
+    }
+    Ok(NewRoom {
+        starts_at,
+        title,
+        ttl: Duration::from_secs(ttl_s.unsigned_abs()),
+    })
+}
+
+/// Create a room (a meeting), optionally scheduled for later.
+#[utoipa::path(
+    post,
+    path = "/api/rooms",
+    tag = "rooms",
+    request_body(content = CreateRoomRequest, description = "All fields optional; an empty body is `{}`."),
+    responses(
+        (status = 201, description = "Created and stored", body = CreatedRoom,
+         headers(("Location" = String, description = "/api/rooms/{room_id}"))),
+        (status = 400, description = "Not JSON (`bad_json`) or a bad field (`bad_field`)", body = ApiError),
+        (status = 401, description = "Missing or wrong API key", body = ApiError),
+        (status = 413, description = "Body over 16 KiB", body = ApiError),
+        (status = 429, description = "Too many requests", body = ApiError),
+    ),
+    security((), ("api_key" = [])),
+)]
+async fn create_room(
+    State(shared): State<Arc<Shared>>,
+    ClientAddr(addr): ClientAddr,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Failure> {
+    shared.api.admit(addr.ip())?;
+    require_api_key(&shared, &headers)?;
+    let request: CreateRoomRequest = serde_json::from_value(json_object(body)?)
+        .map_err(|e| Failure::bad_field(e.to_string()))?;
+    let now = Now::system();
+    let new = check_create(request, now)?;
+    // Finished in a task of its own: a client that goes away mid-request must not leave
+    // a stored room the state machine does not know.
+    let base = base_url(&shared, &headers);
+    let tasks = shared.tasks.clone();
+    tasks
+        .spawn(store_new_room(shared, new, now, base))
+        .await
+        .map_err(|_| Failure::internal())?
+}
+
+/// Stores a new room, then adds it to the state machine; the `201` answer.
+async fn store_new_room(
+    shared: Arc<Shared>,
+    new: NewRoom,
+    now: Now,
+    base: String,
+) -> Result<Response, Failure> {
+    // 65 random bits make a collision practically impossible; retry anyway.
+    for _ in 0..8 {
+        let room_id = ids::room_id();
+        if shared.hub.room_info(&room_id).is_some() {
+            continue;
+        }
+        let token = ids::host_token();
+        let meeting = Meeting {
+            token_hash: ids::secret_hash(&token),
+            title: new.title.clone(),
+            starts_at: new.starts_at,
+            ttl: new.ttl,
+            created_at: now.wall,
+            ended: None,
+        };
+        let stored = StoredMeeting {
+            room_id: room_id.clone(),
+            meeting: meeting.clone(),
+        };
+        match shared.store.insert(stored).await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                error!(error = %e, "cannot store a new room");
+                return Err(Failure::internal());
+            }
+        }
+        if !shared.hub.add_meeting(&room_id, meeting) {
+            // An ad-hoc room took the name in between: give the stored one up.
+            shared
+                .store
+                .record(vec![crate::rooms::MeetingEvent::Forgotten {
+                    room: room_id,
+                }]);
+            continue;
+        }
+        let Some(info) = shared.hub.room_info(&room_id) else {
+            return Err(Failure::internal());
+        };
+        info!(
+            room = %room_id,
+            starts_at = %format_rfc3339(new.starts_at),
+            ttl_s = new.ttl.as_secs(),
+            "room created through the API"
+        );
+        let location = HeaderValue::from_str(&format!("/api/rooms/{room_id}"))
+            .map_err(|_| Failure::internal())?;
+        let created = CreatedRoom {
+            join_url: join_url(&base, &room_id),
+            room_id,
+            host_token: token,
+            starts_at: format_rfc3339(new.starts_at),
+            expires_at: info.expires_at.unwrap_or_default(),
+        };
+        return Ok((
+            StatusCode::CREATED,
+            [(header::LOCATION, location)],
+            Json(created),
+        )
+            .into_response());
+    }
+    error!("no free room id found");
+    Err(Failure::internal())
+}
+
+fn room_id_from(path: Result<Path<String>, PathRejection>) -> Result<String, Failure> {
+    path.map(|Path(id)| id)
+        .map_err(|r| Failure::bad_field(format!("bad room id in the path: {}", r.body_text())))
+}
+
+/// Read one room: scheduled, open, active or ended. Ad-hoc rooms are readable too.
+#[utoipa::path(
+    get,
+    path = "/api/rooms/{room_id}",
+    tag = "rooms",
+    params(("room_id" = String, Path, description = "e.g. `kxp-47qm-zt9-4fh`")),
+    responses(
+        (status = 200, body = RoomInfo),
+        (status = 404, description = "Unknown room (`unknown_room`)", body = ApiError),
+        (status = 429, description = "Too many requests", body = ApiError),
+    ),
+)]
+async fn get_room(
+    State(shared): State<Arc<Shared>>,
+    ClientAddr(addr): ClientAddr,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<RoomInfo>, Failure> {
+    shared.api.admit(addr.ip())?;
+    let room_id = room_id_from(path)?;
+    shared
+        .hub
+        .room_info(&room_id)
+        .map(Json)
+        .ok_or_else(|| Failure::unknown_room(&room_id))
+}
+
+/// The `from`/`to` of a listing.
+#[derive(Debug, Deserialize)]
+struct Window {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+fn window_bound(name: &str, value: Option<&str>) -> Result<Option<OffsetDateTime>, Failure> {
+    value
+        .map(|v| {
+            // A `+01:00` offset arrives as ` 01:00` when the client did not escape `+`.
+            parse_rfc3339(&v.replace(' ', "+"))
+                .map_err(|e| Failure::bad_field(format!("`{name}`: {e}")))
+        })
+        .transpose()
+}
+
+/// List the rooms created through the API whose `starts_at` lies in `[from, to]`.
+#[utoipa::path(
+    get,
+    path = "/api/rooms",
+    tag = "rooms",
+    params(
+        ("from" = Option<String>, Query, description = "RFC 3339; no lower bound when missing"),
+        ("to" = Option<String>, Query, description = "RFC 3339, inclusive; no upper bound when missing"),
+    ),
+    responses(
+        (status = 200, body = RoomList),
+        (status = 400, description = "Bad `from`/`to` (`bad_field`)", body = ApiError),
+        (status = 401, description = "Missing or wrong API key", body = ApiError),
+        (status = 429, description = "Too many requests", body = ApiError),
+    ),
+    security((), ("api_key" = [])),
+)]
+async fn list_rooms(
+    State(shared): State<Arc<Shared>>,
+    ClientAddr(addr): ClientAddr,
+    headers: HeaderMap,
+    query: Result<Query<Window>, QueryRejection>,
+) -> Result<Json<RoomList>, Failure> {
+    shared.api.admit(addr.ip())?;
+    require_api_key(&shared, &headers)?;
+    let Query(window) = query.map_err(|r| Failure::bad_field(r.body_text()))?;
+    let from = window_bound("from", window.from.as_deref())?;
+    let to = window_bound("to", window.to.as_deref())?;
+    if let (Some(f), Some(t)) = (from, to)
+        && f > t
+    {
+        return Err(Failure::bad_field("`from` is after `to`"));
+    }
+    Ok(Json(RoomList {
+        rooms: shared.hub.list_meetings(from, to),
+    }))
+}
+
+/// End a room: its members get `room_ended/host_ended`, later joins `error/room_ended`.
+#[utoipa::path(
+    delete,
+    path = "/api/rooms/{room_id}",
+    tag = "rooms",
+    params(("room_id" = String, Path, description = "e.g. `kxp-47qm-zt9-4fh`")),
+    responses(
+        (status = 200, description = "Ended (and stored as ended)", body = RoomInfo),
+        (status = 401, description = "Missing or wrong host token", body = ApiError),
+        (status = 404, description = "Unknown room (`unknown_room`)", body = ApiError),
+        (status = 409, description = "Ended already (`room_ended`)", body = ApiError),
+        (status = 429, description = "Too many requests", body = ApiError),
+    ),
+    security(("host_token" = [])),
+)]
+async fn delete_room(
+    State(shared): State<Arc<Shared>>,
+    ClientAddr(addr): ClientAddr,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<RoomInfo>, Failure> {
+    shared.api.admit(addr.ip())?;
+    let room_id = room_id_from(path)?;
+    match shared.hub.check_host(&room_id, bearer(&headers)) {
+        Ok(()) => {}
+        Err(HostCheck::UnknownRoom) => return Err(Failure::unknown_room(&room_id)),
+        Err(HostCheck::WrongToken) => {
+            let message = if bearer(&headers).is_some() {
+                "wrong host token for this room"
+            } else {
+                "ending a room needs its host token: Authorization: Bearer <host_token>"
+            };
+            return Err(Failure::unauthorized(message));
+        }
+        Err(HostCheck::Ended) => {
+            return Err(Failure::new(
+                StatusCode::CONFLICT,
+                "room_ended",
+                format!("room `{room_id}` has ended already"),
+            ));
+        }
+    }
+    // In a task of its own, like creating: stored and ended in memory, or neither.
+    let tasks = shared.tasks.clone();
+    tasks
+        .spawn(store_end(shared, room_id))
+        .await
+        .map_err(|_| Failure::internal())?
+}
+
+/// Stores the end first, so that members hear `room_ended` only once it is durable.
+async fn store_end(shared: Arc<Shared>, room_id: String) -> Result<Json<RoomInfo>, Failure> {
+    let now = Now::system();
+    if let Err(e) = shared
+        .store
+        .end(room_id.clone(), now.wall, RoomEndReason::HostEnded)
+        .await
+    {
+        error!(error = %e, room = %room_id, "cannot store the end of a room");
+        return Err(Failure::internal());
+    }
+    shared.hub.end_by_host(&room_id);
+    let info = shared
+        .hub
+        .room_info(&room_id)
+        .ok_or_else(|| Failure::unknown_room(&room_id))?;
+    if info.state != RoomState::Ended {
+        warn!(room = %room_id, "room not ended after DELETE");
+    }
+    Ok(Json(info))
+}
+
+/// The ICE servers (STUN/TURN) with freshly minted TURN credentials, as in `welcome`.
+#[utoipa::path(
+    get,
+    path = "/api/ice-servers",
+    tag = "ice",
+    responses((status = 200, body = IceServers), (status = 429, body = ApiError)),
+)]
+async fn ice_servers(
+    State(shared): State<Arc<Shared>>,
+    ClientAddr(addr): ClientAddr,
+) -> Result<Json<IceServers>, Failure> {
+    shared.api.admit(addr.ip())?;
+    let ice_servers: Vec<IceServer> = shared
+        .ice
+        .ice_servers(&ids::random_chars(13), SystemTime::now());
+    Ok(Json(IceServers { ice_servers }))
+}
+
+struct SecuritySchemes;
+
+impl utoipa::Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+        components.add_security_scheme(
+            "host_token",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Duet signaling server",
+        description = "Scheduling API of Duet's signaling server. Creating and listing rooms \
+                       need `Authorization: Bearer <api key>` when the server has an API key; \
+                       ending a room needs its host token. Errors are \
+                       `{\"error\": code, \"message\": text}`. The WebSocket protocol at `/ws` \
+                       is described in docs/PROTOCOL.md."
+    ),
+    paths(create_room, get_room, list_rooms, delete_room, ice_servers),
+    components(schemas(
+        CreateRoomRequest, CreatedRoom, RoomInfo, RoomList, RoomState, IceServers, IceServer,
+        ApiError
+    )),
+    modifiers(&SecuritySchemes),
+    tags(
+        (name = "rooms", description = "Rooms created ahead of time, with host tokens"),
+        (name = "ice", description = "STUN/TURN servers for WebRTC"),
+    )
+)]
+struct ApiDoc;
+
+/// The OpenAPI 3 document, built from the handlers' annotations.
+pub fn openapi_json() -> &'static str {
+    static JSON: OnceLock<String> = OnceLock::new();
+    JSON.get_or_init(|| {
+        ApiDoc::openapi()
+            .to_pretty_json()
+            .unwrap_or_else(|_| "{}".to_owned())
+    })
+}
+
+async fn openapi() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        openapi_json(),
+    )
+        .into_response()
+}
+
+/// What a browser shows for a join URL: the room id and how to use it.
+async fn join_page(
+    State(shared): State<Arc<Shared>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Response {
+    let Ok(Path(room_id)) = path else {
+        return (StatusCode::BAD_REQUEST, "bad room id\n").into_response();
+    };
+    match shared.hub.room_info(&room_id) {
+        Some(info) => {
+            let title = info.title.map(|t| format!(" ({t})")).unwrap_or_default();
+            let when = match (info.state, info.starts_at) {
+                (RoomState::Ended, _) => "It has ended.".to_owned(),
+                (_, Some(start)) => format!("It starts at {start}."),
+                _ => String::new(),
+            };
+            let text = format!(
+                "Duet room {room_id}{title}. {when}\nTo join, open the Duet app and paste this \
+                 link or the room id.\n"
+            );
+            (StatusCode::OK, text).into_response()
+        }
+        None => (StatusCode::NOT_FOUND, "no such room\n").into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openapi_lists_every_endpoint() {
+        let doc: serde_json::Value = serde_json::from_str(openapi_json()).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        for p in ["/api/rooms", "/api/rooms/{room_id}", "/api/ice-servers"] {
+            assert!(paths.contains_key(p), "{p}");
+        }
+        assert!(doc["paths"]["/api/rooms"]["post"].is_object());
+        assert!(doc["paths"]["/api/rooms/{room_id}"]["delete"].is_object());
+        assert!(doc["components"]["schemas"]["CreatedRoom"].is_object());
+        assert!(doc["components"]["securitySchemes"]["api_key"].is_object());
+    }
+
+    #[test]
+    fn create_requests_are_checked() {
+        let now = Now::system();
+        let ok = |r: CreateRoomRequest| check_create(r, now);
+        let new = ok(CreateRoomRequest::default()).unwrap();
+        assert_eq!(new.starts_at, now.wall);
+        assert_eq!(new.ttl, Duration::from_secs(600));
+        let bad = |r: CreateRoomRequest| ok(r).unwrap_err().code;
+        assert_eq!(
+            bad(CreateRoomRequest {
+                ttl_s: Some(-5),
+                ..Default::default()
+            }),
+            "bad_field"
+        );
+        assert_eq!(
+            bad(CreateRoomRequest {
+                ttl_s: Some(MAX_TTL_S + 1),
+                ..Default::default()
+            }),
+            "bad_field"
+        );
+        assert_eq!(
+            bad(CreateRoomRequest {
+                starts_at: Some(format_rfc3339(now.wall - Duration::from_secs(7200))),
+                ..Default::default()
+            }),
+            "bad_field"
+        );
+        assert_eq!(
+            bad(CreateRoomRequest {
+                title: Some("a\u{7}".into()),
+                ..Default::default()
+            }),
+            "bad_field"
+        );
+        let titled = ok(CreateRoomRequest {
+            title: Some("  Weekly  ".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(titled.title.as_deref(), Some("Weekly"));
+    }
+
+    #[test]
+    fn bearer_tokens_are_parsed_leniently() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer  abc "),
+        );
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&h), None);
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer"));
+        assert_eq!(bearer(&h), None);
+    }
+}
