@@ -3,12 +3,17 @@
 //! # Layout
 //! - [`signaling`]: the wire messages (re-exported from `signaling-server`, defined once)
 //!   and the embedded-server helper the app uses when no server is configured.
-//! - [`call`]: the call as a sans-I/O state machine (`CallState`, events in, actions out).
+//! - [`call`]: the call as a sans-I/O state machine (`CallState`, events in, actions out),
+//!   the session that runs it with a peer connection and media pipelines, and presence
+//!   (being reachable by name for direct calls).
 //! - [`media`]: frames, sources, codecs (openh264, Opus) and sinks; each stage a trait
 //!   with real and synthetic implementations.
-//! - [`ui`]: the desktop window (egui/eframe): lobby and call view.
+//! - [`meetings`]: creating meetings (now or scheduled) through the server's HTTP API.
+//! - [`ui`]: the desktop window (egui/eframe): lobby (devices, preview, meetings, direct
+//!   calls) and call view (video, controls, chat, stats).
 
 pub mod call;
 pub mod media;
+pub mod meetings;
 pub mod signaling;
 pub mod ui;

@@ -29,6 +29,15 @@ fn step_until(
     false
 }
 
+/// Clicks the widget labelled `label`. kittest clicks at where the widget was in the
+/// last frame; a panel whose content just changed (a new status line) settles its size
+/// one frame later, so let it settle first, as a person's eye and hand would.
+fn click(harness: &mut Harness<'_, App>, label: &str) {
+    harness.run_steps(2);
+    harness.get_by_label(label).click();
+    harness.run_steps(2);
+}
+
 fn shows(harness: &Harness<'_, App>, text: &str) -> bool {
     harness.query_all_by_label_contains(text).next().is_some()
 }
@@ -90,8 +99,7 @@ fn lobby_call_and_hang_up() {
     }
     assert!(connected, "the state line never said connected");
 
-    harness.get_by_label("Hang up").click();
-    harness.run_steps(2);
+    click(&mut harness, "Hang up");
     assert!(!harness.state().in_call());
     harness.get_by_label("Call");
     // The other side hears that we left.
@@ -199,15 +207,7 @@ fn incoming_calls_ring_and_can_be_declined_and_accepted() {
             CallState::InCall { .. }
         )))
     );
-    // kittest clicks without moving the pointer first; the first click after the
-    // dialog closed only moves egui's pointer state, so a person's "move, then click"
-    // is two simulated clicks here.
-    for _ in 0..2 {
-        if harness.state().in_call() {
-            harness.get_by_label("Hang up").click();
-            harness.run_steps(2);
-        }
-    }
+    click(&mut harness, "Hang up");
     assert!(!harness.state().in_call());
     assert_eq!(runtime.block_on(carol.finished()).end_reason, "peer left");
     // Signed in again afterwards, reachable for the next call.
@@ -232,5 +232,85 @@ fn incoming_calls_ring_and_can_be_declined_and_accepted() {
         h,
         "already signed in elsewhere"
     )));
+    runtime.block_on(server.stop());
+}
+
+#[test]
+fn new_meeting_hosted_and_ended_for_both_and_a_scheduled_one_is_not_open_yet() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let server = runtime
+        .block_on(signaling_server::Server::start(
+            signaling_server::Config::ephemeral(),
+        ))
+        .unwrap();
+    let lobby = Lobby {
+        server: server.ws_url(),
+        name: "host".into(),
+        video: VideoChoice::TestPattern,
+        audio: AudioChoice::Tone,
+        preview: false,
+        ..Lobby::default()
+    };
+    let mut harness = Harness::new_ui_state(
+        |ui, app: &mut App| app.ui(ui),
+        App::new(runtime.handle().clone(), lobby),
+    );
+    harness.run_steps(2);
+    harness.get_by_label("New meeting").click();
+    assert!(step_until(&mut harness, 10, |h| h
+        .state()
+        .created_meeting()
+        .is_some()));
+    let created = harness.state().created_meeting().unwrap().clone();
+    assert!(signaling_server::ids::is_room_id(&created.room_id));
+    assert_eq!(harness.state().lobby.room, created.room_id);
+    assert!(step_until(&mut harness, 5, |h| shows(
+        h,
+        &format!("Meeting {}", created.room_id)
+    )));
+
+    // The creator joins as host; the guest joins by the link.
+    harness.get_by_label("Call").click();
+    assert!(step_until(&mut harness, 10, |h| shows(
+        h,
+        "waiting for the other person"
+    )));
+    let guest = {
+        let _guard = runtime.enter();
+        let mut config = SessionConfig::synthetic(&server.ws_url(), "");
+        config.target = Target::room(&duet::ui::room_from_input(&created.join_url));
+        call::start(config)
+    };
+    assert!(step_until(&mut harness, 20, |h| shows(h, "connected")));
+    assert!(step_until(&mut harness, 5, |h| shows(
+        h,
+        "End meeting for both"
+    )));
+    click(&mut harness, "End meeting for both");
+    assert!(step_until(&mut harness, 10, |h| !h.state().in_call()));
+    assert_eq!(
+        harness.state().message.as_deref(),
+        Some("Call ended: the host ended the meeting.")
+    );
+    assert_eq!(
+        runtime.block_on(guest.finished()).end_reason,
+        "the host ended the meeting"
+    );
+
+    // Scheduled for tomorrow: created, but joining says it has not started.
+    let tomorrow = jiff::Zoned::now().date().tomorrow().unwrap();
+    harness.state_mut().set_schedule(tomorrow, 10, 30);
+    harness.run_steps(2);
+    harness.get_by_label("Create").click();
+    assert!(step_until(&mut harness, 10, |h| h
+        .state()
+        .created_meeting()
+        .is_some_and(|m| m.room_id != created.room_id)));
+    harness.get_by_label("Call").click();
+    assert!(step_until(&mut harness, 10, |h| shows(
+        h,
+        "has not started yet"
+    )));
+    assert!(!harness.state().in_call());
     runtime.block_on(server.stop());
 }

@@ -30,8 +30,8 @@ pub enum EndReason {
     PeerLeft { disconnected: bool },
     /// The room already has two people.
     RoomFull,
-    /// The host ended the room (or it expired).
-    RoomEnded,
+    /// The host ended the room, or it expired.
+    RoomEnded { expired: bool },
     /// The media connection could not be established or was lost.
     ConnectionFailed,
     /// The signaling server refused something (`error` message).
@@ -55,9 +55,16 @@ impl std::fmt::Display for EndReason {
                 write!(f, "peer left (their connection dropped)")
             }
             EndReason::RoomFull => write!(f, "the room is full: two people are already in it"),
-            EndReason::RoomEnded => write!(f, "the host ended the meeting"),
+            EndReason::RoomEnded { expired: false } => write!(f, "the host ended the meeting"),
+            EndReason::RoomEnded { expired: true } => write!(f, "the meeting has expired"),
             EndReason::ConnectionFailed => write!(f, "the media connection failed"),
-            EndReason::Refused { code, message } => write!(f, "server refused: {message} ({code})"),
+            EndReason::Refused { code, message } => match code.as_str() {
+                "not_started" => write!(f, "the meeting has not started yet: {message}"),
+                "room_ended" => write!(f, "that meeting is over"),
+                "not_host" => write!(f, "that is not this meeting's host key"),
+                "name_taken" => write!(f, "your name is already signed in elsewhere"),
+                _ => write!(f, "server refused: {message} ({code})"),
+            },
             EndReason::ServerLost { detail } => write!(f, "signaling server unreachable: {detail}"),
             EndReason::CallRejected { to, reason } => match reason.as_str() {
                 "rejected" => write!(f, "{to} declined the call"),
@@ -473,7 +480,10 @@ impl Call {
                 },
                 true,
             ),
-            ServerMessage::RoomEnded { .. } => self.end(EndReason::RoomEnded, false),
+            ServerMessage::RoomEnded { reason, .. } => {
+                let expired = reason == signaling_server::protocol::RoomEndReason::Expired;
+                self.end(EndReason::RoomEnded { expired }, false)
+            }
             ServerMessage::Error { code, message, .. } => match self.state {
                 // Refusals of the join (or of the direct call) end the attempt; later
                 // errors are logged only (e.g. a late candidate after the peer left is

@@ -63,6 +63,9 @@ impl App {
             }
             ui.add_space(12.0);
             ui.separator();
+            self.meetings_section(ui);
+            ui.add_space(8.0);
+            ui.separator();
             self.direct_calls(ui);
             if let Some(message) = &self.message {
                 ui.add_space(8.0);
@@ -306,5 +309,86 @@ impl App {
                 self.dial();
             }
         });
+    }
+
+    fn meetings_section(&mut self, ui: &mut egui::Ui) {
+        ui.strong("Meetings");
+        let creating = self.meetings.creating.is_some();
+        ui.horizontal(|ui| {
+            ui.add_enabled_ui(!creating, |ui| {
+                if ui
+                    .button("New meeting")
+                    .on_hover_text("A meeting id to share; you are its host")
+                    .clicked()
+                {
+                    self.create_meeting(false);
+                }
+                ui.toggle_value(&mut self.meetings.schedule_open, "Schedule…");
+            });
+            if creating {
+                ui.spinner();
+            }
+        });
+        if self.meetings.schedule_open {
+            ui.horizontal(|ui| {
+                ui.label("Date");
+                ui.add(
+                    egui_extras::DatePickerButton::new(&mut self.meetings.date)
+                        .id_salt("date")
+                        .show_icon(false),
+                );
+                ui.label("Time");
+                ui.add(
+                    egui::DragValue::new(&mut self.meetings.hour)
+                        .range(0..=23)
+                        .custom_formatter(|v, _| format!("{v:02}")),
+                );
+                ui.label(":");
+                ui.add(
+                    egui::DragValue::new(&mut self.meetings.minute)
+                        .range(0..=59)
+                        .custom_formatter(|v, _| format!("{v:02}")),
+                );
+            });
+            ui.horizontal(|ui| {
+                let label = ui.label("Title");
+                ui.add(
+                    egui::TextEdit::singleline(&mut self.meetings.title)
+                        .hint_text("optional")
+                        .desired_width(200.0)
+                        .id_salt("meeting_title"),
+                )
+                .labelled_by(label.id);
+                if ui
+                    .add_enabled(!creating, egui::Button::new("Create"))
+                    .clicked()
+                {
+                    self.create_meeting(true);
+                }
+            });
+        }
+        if let Some(room) = self.meetings.last.clone() {
+            ui.horizontal(|ui| {
+                ui.label(format!("Meeting {}", room.room_id));
+                if ui.small_button("Copy id").clicked() {
+                    ui.ctx().copy_text(room.room_id.clone());
+                }
+                if ui.small_button("Copy link").clicked() {
+                    ui.ctx().copy_text(room.join_url.clone());
+                }
+            });
+            let starts = room
+                .starts_at
+                .parse::<jiff::Timestamp>()
+                .map(|t| {
+                    t.to_zoned(jiff::tz::TimeZone::system())
+                        .strftime("%a %-d %b %Y, %H:%M")
+                        .to_string()
+                })
+                .unwrap_or(room.starts_at.clone());
+            ui.weak(format!(
+                "starts {starts} · share the id or link · you are its host: press Call to join"
+            ));
+        }
     }
 }

@@ -33,6 +33,7 @@ use crate::media::audio::WavFile;
 use crate::media::capture::Capture;
 use crate::media::device::LoopPlayer;
 use crate::media::picture::{Notify, PictureSlot};
+use crate::meetings::{CreateRoomRequest, CreatedRoom, MeetingError};
 use crate::signaling::protocol::validate_name;
 use in_call::InCall;
 use video::VideoTexture;
@@ -59,6 +60,9 @@ pub struct Lobby {
     pub call_to: String,
     /// Show the camera in the lobby.
     pub preview: bool,
+    /// Host tokens of the meetings created here, by room id: joining one of them with
+    /// its token makes us its host (who may end it for both).
+    pub host_tokens: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for Lobby {
@@ -72,6 +76,7 @@ impl Default for Lobby {
             speaker: None,
             call_to: String::new(),
             preview: true,
+            host_tokens: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -106,15 +111,27 @@ impl VideoChoice {
     }
 }
 
-/// The room to join from what a person typed: a room name, a meeting id, or a join link
-/// (`https://host/r/<id>`).
-pub fn room_from_input(input: &str) -> &str {
-    let s = input.trim();
-    match s.rfind("/r/") {
-        Some(i) if s.contains("://") => s[i + 3..].trim_end_matches('/'),
-        _ => s,
-    }
+/// The room to join from what a person typed: a room name, a meeting id (any case,
+/// with or without dashes), or a join link (`https://host/r/<id>`).
+pub fn room_from_input(input: &str) -> String {
+    signaling_server::ids::parse_room_ref(input).unwrap_or_default()
 }
+
+/// Creating a meeting, and the last one created.
+struct Meetings {
+    creating: Option<JoinHandle<CreateResult>>,
+    last: Option<CreatedRoom>,
+    schedule_open: bool,
+    date: jiff::civil::Date,
+    hour: u32,
+    minute: u32,
+    title: String,
+}
+
+type CreateResult = (
+    Result<CreatedRoom, MeetingError>,
+    Option<signaling_server::Server>,
+);
 
 /// Sign-in for direct calls.
 enum SignIn {
@@ -163,6 +180,7 @@ pub struct App {
     devices: Option<Devices>,
     listing: Option<JoinHandle<Devices>>,
     preview: Preview,
+    meetings: Meetings,
     sign_in: SignIn,
     /// Sign in again after a call that used the signed-in connection.
     resume_sign_in: bool,
@@ -193,6 +211,15 @@ impl App {
                 slot: PictureSlot::default(),
                 texture: VideoTexture::new("preview"),
                 note: None,
+            },
+            meetings: Meetings {
+                creating: None,
+                last: None,
+                schedule_open: false,
+                date: jiff::Zoned::now().date(),
+                hour: 9,
+                minute: 0,
+                title: String::new(),
             },
             sign_in: SignIn::Out,
             resume_sign_in: false,
@@ -232,7 +259,7 @@ impl App {
 
     /// Joins the lobby's room (or meeting), if the values are valid.
     pub fn start_call(&mut self) {
-        let room = match validate_name("room", room_from_input(&self.lobby.room)) {
+        let room = match validate_name("room", &room_from_input(&self.lobby.room)) {
             Ok(r) => r.to_owned(),
             Err(e) => {
                 self.message = Some(format!(
@@ -248,7 +275,7 @@ impl App {
         }
         let target = Target::Room {
             room: room.clone(),
-            host_token: None,
+            host_token: self.lobby.host_tokens.get(&room).cloned(),
         };
         self.begin(target, room, None);
     }
@@ -307,6 +334,70 @@ impl App {
             presence.decline(&ringing.call_id);
             self.message = Some(format!("You declined the call from {}.", ringing.from));
         }
+    }
+
+    /// Creates a meeting on the server: now (`scheduled` false) or at the date and time
+    /// picked in the lobby (local time). Its id goes into the room field.
+    pub fn create_meeting(&mut self, scheduled: bool) {
+        let starts_at = if scheduled {
+            let time = jiff::civil::Time::new(
+                i8::try_from(self.meetings.hour).unwrap_or(0),
+                i8::try_from(self.meetings.minute).unwrap_or(0),
+                0,
+                0,
+            );
+            let local = time.and_then(|t| {
+                self.meetings
+                    .date
+                    .to_datetime(t)
+                    .to_zoned(jiff::tz::TimeZone::system())
+            });
+            match local {
+                Ok(t) => Some(
+                    t.timestamp()
+                        .round(jiff::Unit::Second)
+                        .map_or_else(|_| t.timestamp().to_string(), |ts| ts.to_string()),
+                ),
+                Err(e) => {
+                    self.message = Some(format!("That date and time cannot be used: {e}."));
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        let title = self.meetings.title.trim().to_owned();
+        let request = CreateRoomRequest {
+            starts_at,
+            title: (!title.is_empty()).then_some(title),
+            ttl_s: None,
+        };
+        let server = self.lobby.server.clone();
+        let notify = self.notify.clone();
+        self.message = None;
+        self.meetings.creating = Some(self.runtime.spawn(async move {
+            let result = match crate::signaling::resolve_server(Some(&server)).await {
+                Ok((server, embedded)) => {
+                    (crate::meetings::create(&server, &request).await, embedded)
+                }
+                Err(e) => (Err(MeetingError::Unreachable(e.to_string())), None),
+            };
+            if let Some(n) = notify {
+                n.notify();
+            }
+            result
+        }));
+    }
+
+    /// Sets the "Schedule…" date and time (local), as the pickers would.
+    pub fn set_schedule(&mut self, date: jiff::civil::Date, hour: u32, minute: u32) {
+        self.meetings.schedule_open = true;
+        (self.meetings.date, self.meetings.hour, self.meetings.minute) = (date, hour, minute);
+    }
+
+    /// The meeting created last (id, link, start), if any.
+    pub fn created_meeting(&self) -> Option<&CreatedRoom> {
+        self.meetings.last.as_ref()
     }
 
     /// Signs in as the lobby's name, to be reachable for direct calls.
@@ -439,6 +530,23 @@ impl App {
         if let Some(reason) = ended {
             self.message = Some(format!("Call ended: {reason}."));
             self.hang_up();
+        }
+        if let Some(created) = take_finished(&mut self.meetings.creating) {
+            match created {
+                Ok((Ok(room), embedded)) => {
+                    if embedded.is_some() {
+                        self.embedded_server = embedded;
+                    }
+                    self.lobby.room = room.room_id.clone();
+                    self.lobby
+                        .host_tokens
+                        .insert(room.room_id.clone(), room.host_token.clone());
+                    self.meetings.schedule_open = false;
+                    self.meetings.last = Some(room);
+                }
+                Ok((Err(e), _)) => self.message = Some(format!("Cannot create the meeting: {e}.")),
+                Err(e) => self.message = Some(format!("Cannot create the meeting: {e}.")),
+            }
         }
         if let Some(devices) = take_finished(&mut self.listing) {
             self.devices = Some(devices.unwrap_or_default());
@@ -599,6 +707,7 @@ mod tests {
     fn rooms_from_names_ids_and_links() {
         assert_eq!(room_from_input(" standup "), "standup");
         assert_eq!(room_from_input("kxp-47qm-zt9-4fh"), "kxp-47qm-zt9-4fh");
+        assert_eq!(room_from_input("KXP 47QM ZT9 4FH"), "kxp-47qm-zt9-4fh");
         assert_eq!(
             room_from_input("https://duet.example.org/r/kxp-47qm-zt9-4fh"),
             "kxp-47qm-zt9-4fh"
