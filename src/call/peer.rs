@@ -405,15 +405,32 @@ impl Peer {
                 report.get(&t.selected_candidate_pair_id)
             {
                 stats.rtt_ms = Some(pair.current_round_trip_time * 1000.0);
-                let wanted = format!("RTCLocalIceCandidate_{}", pair.local_candidate_id);
-                stats.candidate_type = report.iter().find_map(|e| match e {
-                    RTCStatsReportEntry::LocalCandidate(c)
-                        if c.stats.id == wanted || c.stats.id == pair.local_candidate_id =>
-                    {
-                        Some(format!("{}", c.candidate_type))
-                    }
-                    _ => None,
-                });
+                let kind = |remote: bool, id: &str| {
+                    let prefixed = if remote {
+                        format!("RTCRemoteIceCandidate_{id}")
+                    } else {
+                        format!("RTCLocalIceCandidate_{id}")
+                    };
+                    report.iter().find_map(|e| match e {
+                        RTCStatsReportEntry::LocalCandidate(c)
+                            if !remote && (c.stats.id == prefixed || c.stats.id == id) =>
+                        {
+                            Some(format!("{}", c.candidate_type))
+                        }
+                        RTCStatsReportEntry::RemoteCandidate(c)
+                            if remote && (c.stats.id == prefixed || c.stats.id == id) =>
+                        {
+                            Some(format!("{}", c.candidate_type))
+                        }
+                        _ => None,
+                    })
+                };
+                stats.local_candidate_type = kind(false, &pair.local_candidate_id);
+                stats.remote_candidate_type = kind(true, &pair.remote_candidate_id);
+                stats.candidate_type = path_type(
+                    stats.local_candidate_type.as_deref(),
+                    stats.remote_candidate_type.as_deref(),
+                );
             }
         }
         for s in report.inbound_rtp_streams() {
@@ -477,14 +494,33 @@ async fn add_track(
     })
 }
 
+/// The path type of a candidate pair from the types of its two ends.
+pub fn path_type(local: Option<&str>, remote: Option<&str>) -> Option<String> {
+    let ends = [local?, remote.unwrap_or("host")];
+    let kind = if ends.contains(&"relay") {
+        "relay"
+    } else if ends.iter().any(|e| *e == "srflx" || *e == "prflx") {
+        "srflx"
+    } else {
+        "host"
+    };
+    Some(kind.to_owned())
+}
+
 /// Numbers for the stats overlay and the report.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct PeerStats {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub rtt_ms: Option<f64>,
-    /// host, srflx, prflx or relay.
+    /// The path of the selected candidate pair: `relay` when either end is a TURN relay,
+    /// else `srflx` when either end is server- or peer-reflexive (through a NAT), else
+    /// `host`.
     pub candidate_type: Option<String>,
+    /// Our end of the selected pair: host, srflx, prflx or relay.
+    pub local_candidate_type: Option<String>,
+    /// Their end of the selected pair.
+    pub remote_candidate_type: Option<String>,
     pub packets_received: u64,
     pub packets_lost: u64,
     pub nacks_sent: u64,

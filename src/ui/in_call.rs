@@ -317,7 +317,15 @@ fn stats_overlay(ui: &egui::Ui, area: egui::Rect, c: &InCall) {
         ("codecs", "H.264, Opus".into()),
         (
             "path",
-            p.candidate_type.clone().unwrap_or_else(|| "-".into()),
+            match (
+                &p.candidate_type,
+                &p.local_candidate_type,
+                &p.remote_candidate_type,
+            ) {
+                (Some(path), Some(l), Some(r)) => format!("{path} (you {l}, them {r})"),
+                (Some(path), ..) => path.clone(),
+                _ => "-".into(),
+            },
         ),
     ];
     let text: String = lines
