@@ -13,6 +13,8 @@
 //! - [`rooms`]: the room and direct-call state machine, without any I/O.
 //! - [`rate_limit`]: the per-connection token bucket.
 //! - [`turn`]: TURN REST credentials and the `ice_servers` list.
+//! - [`turn_server`]: the optional embedded STUN/TURN server (UDP) that checks those
+//!   credentials, with peer-address filtering, quotas and a relay port range.
 //! - [`ids`]: random, read-aloud-friendly identifiers.
 //!
 //! # Embedding
@@ -34,6 +36,7 @@ pub mod rate_limit;
 pub mod rooms;
 pub mod server;
 pub mod turn;
+pub mod turn_server;
 pub mod websocket;
 
 pub use config::Config;

@@ -29,6 +29,7 @@ use crate::config::{Config, ConfigError};
 use crate::hub::Hub;
 use crate::rooms::RoomsConfig;
 use crate::turn::IceConfig;
+use crate::turn_server::{TurnError, TurnServer};
 use crate::{connection, ids, websocket};
 
 /// What every request handler and connection task shares.
@@ -47,6 +48,8 @@ pub(crate) struct Shared {
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Turn(#[from] TurnError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -60,12 +63,13 @@ pub struct Server {
     local_addr: SocketAddr,
     shared: Arc<Shared>,
     serve: JoinHandle<()>,
+    turn: Option<TurnServer>,
 }
 
 impl Server {
     /// Binds `config.listen` and starts serving in the current tokio runtime.
     pub async fn start(config: Config) -> Result<Server, StartError> {
-        let ice = config.ice_config()?;
+        let mut ice = config.ice_config()?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -77,6 +81,13 @@ impl Server {
             addr: config.listen,
             source,
         })?;
+        // Adds the embedded server's URLs to `ice` when --turn-listen is set.
+        let turn = TurnServer::start_for(
+            &config.turn_server,
+            &mut ice,
+            config.turn_credential_lifetime,
+        )
+        .await?;
         let shared = Arc::new(Shared {
             hub: Hub::new(
                 RoomsConfig {
@@ -98,7 +109,18 @@ impl Server {
             local_addr,
             shared,
             serve,
+            turn,
         })
+    }
+
+    /// The embedded TURN server's UDP address, when it runs (`--turn-listen`).
+    pub fn turn_addr(&self) -> Option<SocketAddr> {
+        self.turn.as_ref().map(TurnServer::local_addr)
+    }
+
+    /// The embedded TURN server, when it runs.
+    pub fn turn_server(&self) -> Option<&TurnServer> {
+        self.turn.as_ref()
     }
 
     /// The address actually bound (useful with port 0).
@@ -133,6 +155,9 @@ impl Server {
         self.shared.tasks.close();
         self.shared.tasks.wait().await;
         let _ = self.serve.await;
+        if let Some(turn) = self.turn {
+            turn.stop().await;
+        }
         info!(addr = %self.local_addr, "signaling server stopped");
     }
 }
