@@ -443,3 +443,106 @@ async fn misconfigurations_are_reported() {
     assert!(tc.allocate().await.is_ok());
     s.stop().await;
 }
+
+/// Runs coturn's `turnutils_uclient` with `args` against `server`'s TURN port; `None` when
+/// the tool is not installed (Debian package `coturn`).
+async fn uclient(server: &Server, args: &[&str]) -> Option<(bool, String)> {
+    let port = server.turn_addr().unwrap().port().to_string();
+    let run = tokio::process::Command::new("turnutils_uclient")
+        .args(["-p", &port, "-n", "20", "-z", "5", "-c", "-X"])
+        .args(args)
+        .arg("127.0.0.1")
+        .kill_on_drop(true)
+        .output();
+    let output = match tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .unwrap()
+    {
+        Ok(output) => output,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => panic!("cannot run turnutils_uclient: {e}"),
+    };
+    let text = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    Some((output.status.success(), text))
+}
+
+fn skipped() {
+    eprintln!(
+        "SKIPPED: turnutils_uclient not found; install the Debian package `coturn` \
+         (apt-get install coturn) to run the independent TURN client test"
+    );
+}
+
+/// A free UDP port on loopback (for a helper process that cannot take port 0).
+fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn coturn_uclient_allocates_and_relays_with_minted_credentials() {
+    let s = turn_server(allow_loopback).await;
+    // coturn's echo peer.
+    let peer_port = free_udp_port();
+    let peer = tokio::process::Command::new("turnutils_peer")
+        .args(["-L", "127.0.0.1", "-p", &peer_port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn();
+    let Ok(mut peer) = peer else {
+        skipped();
+        return;
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (user, pass) = minted("uclient");
+    let peer_port = peer_port.to_string();
+    let args = [
+        "-u",
+        &user,
+        "-w",
+        &pass,
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &peer_port,
+    ];
+    let Some((ok, out)) = uclient(&s, &args).await else {
+        skipped();
+        return;
+    };
+    assert!(ok, "turnutils_uclient failed:\n{out}");
+    assert!(out.contains("tot_send_msgs=20, tot_recv_msgs=20"), "{out}");
+    assert!(out.contains("Total lost packets 0 ("), "{out}");
+
+    // coturn minting its own REST credentials from the secret (-W) also works, here in
+    // client-to-client mode (-y: the peers are the clients' relays; no allow rule needed).
+    let (ok, out) = uclient(&s, &["-W", SECRET, "-u", "coturn", "-y"])
+        .await
+        .unwrap();
+    assert!(ok, "turnutils_uclient -W -y failed:\n{out}");
+    assert!(out.contains("Total lost packets 0 ("), "{out}");
+
+    // Expired credentials: coturn's client gives up with an error.
+    let old = username(
+        "old",
+        SystemTime::now() - Duration::from_secs(7200),
+        Duration::ZERO,
+    );
+    let old_pass = credential(SECRET.as_bytes(), &old);
+    let args = [
+        "-u",
+        &old,
+        "-w",
+        &old_pass,
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &peer_port,
+    ];
+    let (ok, out) = uclient(&s, &args).await.unwrap();
+    assert!(!ok, "expired credentials were accepted:\n{out}");
+    let _ = peer.kill().await;
+    s.stop().await;
+}
