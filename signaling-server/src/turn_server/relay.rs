@@ -308,6 +308,8 @@ impl Conn for RelayConn {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -330,5 +332,44 @@ mod tests {
             .map(|p| unlimited.acquire("a", addr(p)).unwrap())
             .collect();
         assert_eq!(unlimited.total(), leases.len());
+    }
+
+    #[tokio::test]
+    async fn relay_sockets_drop_datagrams_to_and_from_denied_peers() {
+        let registry = Arc::new(Registry::new(0, 0));
+        let generator = RelayGenerator {
+            bind_ip: "127.0.0.1".parse().unwrap(),
+            public_ip: "127.0.0.1".parse().unwrap(),
+            min_port: 40000,
+            max_port: 60000,
+            policy: Arc::new(PeerPolicy::new(&[])),
+            registry: Arc::clone(&registry),
+            pending: Arc::new(Mutex::new(None)),
+        };
+        // No authenticated Allocate being handled: no socket.
+        assert!(generator.allocate_conn(true, 0).await.is_err());
+        *generator.pending.lock().unwrap() = Some("1:user".into());
+        let (conn, relay_addr) = generator.allocate_conn(true, 0).await.unwrap();
+        assert!((40000..=60000).contains(&relay_addr.port()));
+        assert_eq!(registry.total(), 1);
+        let victim = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let victim_addr = victim.local_addr().unwrap();
+        // Outbound to a loopback peer: reported sent, never sent.
+        assert_eq!(conn.send_to(b"x", victim_addr).await.unwrap(), 1);
+        let mut buf = [0u8; 16];
+        let quiet = tokio::time::timeout(Duration::from_millis(100), victim.recv_from(&mut buf));
+        assert!(quiet.await.is_err(), "a datagram reached a denied peer");
+        // Inbound from it: dropped; close() then ends the reader.
+        victim.send_to(b"y", relay_addr).await.unwrap();
+        let read = tokio::time::timeout(Duration::from_millis(100), conn.recv_from(&mut buf));
+        assert!(
+            read.await.is_err(),
+            "a datagram from a denied peer was delivered"
+        );
+        assert_eq!(registry.denied_datagrams.load(Ordering::Relaxed), 2);
+        conn.close().await.unwrap();
+        assert!(conn.recv_from(&mut buf).await.is_err());
+        drop(conn);
+        assert_eq!(registry.total(), 0);
     }
 }
