@@ -49,25 +49,46 @@ pub struct TurnServerConfig {
     pub public_ip: Option<IpAddr>,
 
     /// TURN realm (part of the long-term key; coturn's `realm`).
-    #[arg(id = "turn_realm", long = "turn-realm", default_value = "duet")]
+    #[arg(
+        id = "turn_realm",
+        long = "turn-realm",
+        value_name = "REALM",
+        default_value = "duet"
+    )]
     pub realm: String,
 
     /// Lowest UDP port for relay addresses.
-    #[arg(id = "turn_min_port", long = "turn-min-port", default_value_t = 49152)]
+    #[arg(
+        id = "turn_min_port",
+        long = "turn-min-port",
+        value_name = "PORT",
+        default_value_t = 49152
+    )]
     pub min_port: u16,
 
     /// Highest UDP port for relay addresses (inclusive).
-    #[arg(id = "turn_max_port", long = "turn-max-port", default_value_t = 65535)]
+    #[arg(
+        id = "turn_max_port",
+        long = "turn-max-port",
+        value_name = "PORT",
+        default_value_t = 65535
+    )]
     pub max_port: u16,
 
     /// Most allocations one user (the `<id>` of `<expiry>:<id>`) holds at once; 0 = no limit.
-    #[arg(id = "turn_user_quota", long = "turn-user-quota", default_value_t = 10)]
+    #[arg(
+        id = "turn_user_quota",
+        long = "turn-user-quota",
+        value_name = "N",
+        default_value_t = 10
+    )]
     pub user_quota: usize,
 
     /// Most allocations held at once in total; 0 = no limit.
     #[arg(
         id = "turn_total_quota",
         long = "turn-total-quota",
+        value_name = "N",
         default_value_t = 1000
     )]
     pub total_quota: usize,
@@ -77,6 +98,7 @@ pub struct TurnServerConfig {
     #[arg(
         id = "turn_allocation_lifetime",
         long = "turn-allocation-lifetime",
+        value_name = "DURATION",
         default_value = "10m",
         value_parser = humantime::parse_duration
     )]
@@ -313,5 +335,55 @@ impl TurnServer {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         info!(addr = %self.local_addr, "embedded TURN server stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::Config;
+
+    #[test]
+    fn flags_parse_and_defaults_agree() {
+        let c = Config::try_parse_from([
+            "signaling-server",
+            "--turn-listen",
+            "0.0.0.0:3478",
+            "--turn-public-ip",
+            "203.0.113.10",
+            "--turn-min-port",
+            "50000",
+            "--turn-max-port",
+            "50999",
+            "--turn-allocation-lifetime",
+            "5m",
+            "--turn-allow-peer",
+            "10.0.0.0/8",
+            "--turn-allow-peer",
+            "127.0.0.1",
+        ])
+        .unwrap();
+        let t = &c.turn_server;
+        assert_eq!(t.listen, Some("0.0.0.0:3478".parse().unwrap()));
+        assert_eq!(
+            t.public_ip(t.listen.unwrap()).unwrap().to_string(),
+            "203.0.113.10"
+        );
+        assert_eq!((t.min_port, t.max_port), (50000, 50999));
+        assert_eq!(t.allocation_lifetime, Duration::from_secs(300));
+        assert_eq!(t.allow_peers.len(), 2);
+        assert!(Config::try_parse_from(["s", "--turn-allow-peer", "nope"]).is_err());
+        let d = TurnServerConfig::default();
+        assert_eq!(
+            format!("{d:?}"),
+            format!("{:?}", Config::default().turn_server)
+        );
+        assert_eq!(d.listen, None);
+        assert!(matches!(
+            d.public_ip("0.0.0.0:3478".parse().unwrap()),
+            Err(TurnError::NoPublicIp)
+        ));
     }
 }
