@@ -12,6 +12,7 @@ use clap::Parser;
 
 use crate::rate_limit::RateLimit;
 use crate::turn::{IceConfig, TurnCredentials};
+use crate::turn_server::TurnServerConfig;
 
 /// Duet signaling server: rooms of two, SDP/ICE relay, direct calls by name, and
 /// time-limited TURN credentials, over one WebSocket endpoint (`/ws`) plus a small
@@ -141,6 +142,10 @@ pub struct Config {
     /// `signaling_server=debug`. RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     pub log: String,
+
+    /// The embedded STUN/TURN server (`--turn-listen` and friends; off by default).
+    #[command(flatten)]
+    pub turn_server: TurnServerConfig,
 }
 
 /// A secret from the command line or environment; `Debug` does not show it.

@@ -17,6 +17,8 @@
 //! - [`store`]: SQLite persistence of meetings on a thread of its own.
 //! - [`rate_limit`]: the per-connection token bucket.
 //! - [`turn`]: TURN REST credentials and the `ice_servers` list.
+//! - [`turn_server`]: the optional embedded STUN/TURN server (UDP) that checks those
+//!   credentials, with peer-address filtering, quotas and a relay port range.
 //! - [`ids`]: random, read-aloud-friendly identifiers; secret hashing and comparison.
 //!
 //! # Embedding
@@ -42,6 +44,7 @@ pub mod rooms;
 pub mod server;
 pub mod store;
 pub mod turn;
+pub mod turn_server;
 pub mod websocket;
 
 pub use config::Config;

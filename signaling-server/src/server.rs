@@ -33,6 +33,7 @@ use crate::rate_limit::RateLimit;
 use crate::rooms::{ENDED_RETENTION, RoomsConfig};
 use crate::store::{Store, StoreError, StoreThread};
 use crate::turn::IceConfig;
+use crate::turn_server::{TurnError, TurnServer};
 use crate::{connection, websocket};
 
 /// What every request handler and connection task shares.
@@ -54,6 +55,8 @@ pub(crate) struct Shared {
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Turn(#[from] TurnError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -70,12 +73,13 @@ pub struct Server {
     shared: Arc<Shared>,
     serve: JoinHandle<()>,
     store_thread: StoreThread,
+    turn: Option<TurnServer>,
 }
 
 impl Server {
     /// Binds `config.listen` and starts serving in the current tokio runtime.
     pub async fn start(config: Config) -> Result<Server, StartError> {
-        let ice = config.ice_config()?;
+        let mut ice = config.ice_config()?;
         let api_key = config.api_key()?;
         let public_url = config.public_url()?;
         let listener =
@@ -89,6 +93,13 @@ impl Server {
             addr: config.listen,
             source,
         })?;
+        // Adds the embedded server's URLs to `ice` when --turn-listen is set.
+        let turn = TurnServer::start_for(
+            &config.turn_server,
+            &mut ice,
+            config.turn_credential_lifetime,
+        )
+        .await?;
         let db = config.db.clone();
         let (store, store_thread, meetings) = tokio::task::spawn_blocking(move || Store::open(&db))
             .await
@@ -140,7 +151,18 @@ impl Server {
             shared,
             serve,
             store_thread,
+            turn,
         })
+    }
+
+    /// The embedded TURN server's UDP address, when it runs (`--turn-listen`).
+    pub fn turn_addr(&self) -> Option<SocketAddr> {
+        self.turn.as_ref().map(TurnServer::local_addr)
+    }
+
+    /// The embedded TURN server, when it runs.
+    pub fn turn_server(&self) -> Option<&TurnServer> {
+        self.turn.as_ref()
     }
 
     /// The address actually bound (useful with port 0).
@@ -175,6 +197,9 @@ impl Server {
         self.shared.tasks.close();
         self.shared.tasks.wait().await;
         let _ = self.serve.await;
+        if let Some(turn) = self.turn {
+            turn.stop().await;
+        }
         let store_thread = self.store_thread;
         let _ = tokio::task::spawn_blocking(move || store_thread.stop()).await;
         info!(addr = %self.local_addr, "signaling server stopped");
