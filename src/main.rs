@@ -6,7 +6,6 @@
 //! The desktop window arrives with its issue; until then `duet` without a subcommand says
 //! so and points at these.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -59,11 +58,10 @@ enum Command {
     /// a JSON report at the end.
     Call(Box<CallArgs>),
     /// Run the signaling server in this process (what the app does when none answers).
-    Server {
-        /// Address to listen on.
-        #[arg(long, default_value = duet::signaling::DEFAULT_SERVER)]
-        listen: SocketAddr,
-    },
+    ///
+    /// Every flag of the standalone `signaling-server` works here too (rooms, limits,
+    /// meetings database, API key, embedded STUN/TURN with --turn-listen ...).
+    Server(Box<signaling_server::Config>),
     /// List the cameras, microphones and speakers this machine has.
     Devices,
 }
@@ -159,7 +157,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Some(Command::Server { listen }) => serve(listen).await,
+            Some(Command::Server(config)) => serve(*config).await,
             Some(Command::Call(args)) => run_call(*args).await,
             Some(Command::Devices) => {
                 let devices = duet::media::Devices::list();
@@ -265,10 +263,17 @@ fn run_window(args: WindowArgs) -> ExitCode {
     }
 }
 
-async fn serve(listen: SocketAddr) -> anyhow::Result<ExitCode> {
-    let server = duet::signaling::start_embedded(listen).await?;
+async fn serve(config: signaling_server::Config) -> anyhow::Result<ExitCode> {
+    let server = signaling_server::Server::start(config).await?;
     eprintln!("duet: signaling server on {}", server.ws_url());
-    let _ = tokio::signal::ctrl_c().await;
+    if let Some(turn) = server.turn_addr() {
+        eprintln!("duet: STUN/TURN server on udp {turn}");
+    }
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
     server.stop().await;
     Ok(ExitCode::SUCCESS)
 }

@@ -165,21 +165,15 @@ impl Topology {
                 masquerade.push("--random-fully");
             }
             exec(&masquerade);
-            // A router drops what nobody inside asked for (else conntrack entries made by
-            // stray probes break hole punching even through cone NATs).
-            exec(&[
-                "iptables",
-                "-A",
-                "FORWARD",
-                "-i",
-                "wan",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "NEW,INVALID",
-                "-j",
-                "DROP",
-            ]);
+            // A router drops what nobody inside asked for, forwarded or addressed to
+            // itself (else conntrack entries made by early probes take the port a
+            // mapping needs, and hole punching fails even through cone NATs).
+            for chain in ["FORWARD", "INPUT"] {
+                let rule = "-i wan -m conntrack --ctstate NEW,INVALID -j DROP";
+                let mut args = vec!["iptables", "-A", chain];
+                args.extend(rule.split(' '));
+                exec(&args);
+            }
         }
         t
     }

@@ -346,6 +346,9 @@ impl Pipelines {
             let mut access_unit = bytes::BytesMut::new();
             let mut last_seq: Option<u16> = None;
             let mut broken = false;
+            // Nothing decodes before the first IDR: until one arrives, ask for it rather
+            // than wait for the sender's next periodic keyframe (seconds away).
+            let mut seen_idr = false;
             let mut last_pli = Instant::now() - Duration::from_secs(1);
             while let Some(event) = track.poll().await {
                 let TrackRemoteEvent::OnRtpPacket(packet) = event else {
@@ -365,6 +368,17 @@ impl Pipelines {
                 }
                 if packet.header.marker {
                     let au = access_unit.split().freeze();
+                    if !broken && !seen_idr {
+                        seen_idr = crate::media::h264::nal_types(&au).contains(&5);
+                        if !seen_idr && last_pli.elapsed() > Duration::from_millis(300) {
+                            last_pli = Instant::now();
+                            let pli = PictureLossIndication {
+                                sender_ssrc: 0,
+                                media_ssrc,
+                            };
+                            let _ = track.write_rtcp(vec![Box::new(pli)]).await;
+                        }
+                    }
                     if broken {
                         stats.lock().video_frames_broken += 1;
                         if last_pli.elapsed() > Duration::from_millis(200) {

@@ -426,7 +426,10 @@ impl Peer {
                     })
                 };
                 stats.local_candidate_type = kind(false, &pair.local_candidate_id);
-                stats.remote_candidate_type = kind(true, &pair.remote_candidate_id);
+                // A remote end that was never signaled was learned from the checks
+                // themselves: peer-reflexive (e.g. a symmetric NAT's fresh port).
+                stats.remote_candidate_type =
+                    kind(true, &pair.remote_candidate_id).or_else(|| Some("prflx".to_owned()));
                 stats.candidate_type = path_type(
                     stats.local_candidate_type.as_deref(),
                     stats.remote_candidate_type.as_deref(),
