@@ -2,10 +2,13 @@
 # Both first install the few Debian packages the build needs (with sudo when not root).
 
 # Debian packages the build and tests need beyond a Rust toolchain and gcc.
-# xvfb, x11-apps (xwd) and the Mesa/X libraries: the real-window test (tests/window.rs).
+# xvfb, x11-apps (xwd) and the Mesa/X libraries: the real-window test (tests/window.rs);
+# iproute2 and iptables: the NAT namespace test (tests/nat.rs); coturn: its
+# turnutils_uclient, an independent TURN client for signaling-server/tests/turn.rs.
 DEBIAN_PACKAGES := pkg-config cmake nasm libclang-dev libasound2-dev libwayland-dev \
 	pulseaudio pulseaudio-utils libasound2-plugins \
-	xvfb x11-apps libegl1 libgl1 libgl1-mesa-dri libxkbcommon-x11-0 libxcursor1 libxrandr2 libxi6
+	xvfb x11-apps libegl1 libgl1 libgl1-mesa-dri libxkbcommon-x11-0 libxcursor1 libxrandr2 libxi6 \
+	iproute2 iptables coturn
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
@@ -45,8 +48,9 @@ test: deps audio
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	PULSE_SINK=nullsink PULSE_SOURCE=nullsink.monitor DUET_REQUIRE_WINDOW_TEST=1 \
-		cargo test --workspace
+		DUET_REQUIRE_NAT_TEST=1 cargo test --workspace
 
-# The signaling load benchmark (prints JSON); see docs/PERFORMANCE.md.
+# The benchmarks (print JSON); see docs/PERFORMANCE.md.
 bench: deps
 	cargo bench -p signaling-server --bench sigbench
+	cargo bench -p signaling-server --bench turnbench

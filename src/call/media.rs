@@ -339,6 +339,8 @@ impl Pipelines {
 
     fn start_video_receiver(&mut self, track: Arc<dyn TrackRemote>, sinks: ReceiveSinks) {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(16);
+        let need_keyframe = Arc::new(AtomicBool::new(false));
+        let decoder_needs_keyframe = need_keyframe.clone();
         let stats = sinks.stats.clone();
         self.tasks.push(tokio::spawn(async move {
             let media_ssrc = track.ssrcs().await.first().copied().unwrap_or(0);
@@ -346,9 +348,6 @@ impl Pipelines {
             let mut access_unit = bytes::BytesMut::new();
             let mut last_seq: Option<u16> = None;
             let mut broken = false;
-            // Nothing decodes before the first IDR: until one arrives, ask for it rather
-            // than wait for the sender's next periodic keyframe (seconds away).
-            let mut seen_idr = false;
             let mut last_pli = Instant::now() - Duration::from_secs(1);
             while let Some(event) = track.poll().await {
                 let TrackRemoteEvent::OnRtpPacket(packet) = event else {
@@ -368,16 +367,19 @@ impl Pipelines {
                 }
                 if packet.header.marker {
                     let au = access_unit.split().freeze();
-                    if !broken && !seen_idr {
-                        seen_idr = crate::media::h264::nal_types(&au).contains(&5);
-                        if !seen_idr && last_pli.elapsed() > Duration::from_millis(300) {
-                            last_pli = Instant::now();
-                            let pli = PictureLossIndication {
-                                sender_ssrc: 0,
-                                media_ssrc,
-                            };
-                            let _ = track.write_rtcp(vec![Box::new(pli)]).await;
-                        }
+                    // The decoder could not decode (e.g. the first keyframe was lost before
+                    // this receiver existed): ask for a keyframe rather than wait for the
+                    // sender's next periodic one, seconds away.
+                    if need_keyframe.swap(false, Ordering::Relaxed)
+                        && last_pli.elapsed() > Duration::from_millis(300)
+                    {
+                        last_pli = Instant::now();
+                        let pli = PictureLossIndication {
+                            sender_ssrc: 0,
+                            media_ssrc,
+                        };
+                        let sent = track.write_rtcp(vec![Box::new(pli)]).await;
+                        tracing::debug!(?sent, "undecodable video: PLI");
                     }
                     if broken {
                         stats.lock().video_frames_broken += 1;
@@ -402,7 +404,7 @@ impl Pipelines {
         let stop = self.stop.clone();
         let spawned = std::thread::Builder::new()
             .name("duet-video-recv".into())
-            .spawn(move || video_decode_loop(rx, sinks, stop));
+            .spawn(move || video_decode_loop(rx, sinks, stop, decoder_needs_keyframe));
         match spawned {
             Ok(t) => self.threads.push(t),
             Err(e) => tracing::error!(error = %e, "cannot start the video decoder thread"),
@@ -470,6 +472,7 @@ fn video_decode_loop(
     rx: std::sync::mpsc::Receiver<Bytes>,
     sinks: ReceiveSinks,
     stop: Arc<AtomicBool>,
+    need_keyframe: Arc<AtomicBool>,
 ) {
     let mut decoder = match H264Decoder::new() {
         Ok(d) => d,
@@ -492,6 +495,7 @@ fn video_decode_loop(
             Ok(None) => continue,
             Err(e) => {
                 tracing::debug!(error = %e, "undecodable access unit");
+                need_keyframe.store(true, Ordering::Relaxed);
                 continue;
             }
         };

@@ -138,16 +138,12 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequests {
     type Time = Instant;
 
     fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
-        if let Packet::Rtcp(packets) = &msg.message.packet {
-            let wanted: Vec<Box<dyn rtc::rtcp::Packet>> = packets
-                .iter()
-                .filter(|p| is_keyframe_request(p.as_ref()))
-                .cloned()
-                .collect();
-            if wanted.is_empty() {
-                return Ok(());
-            }
-            msg.message.packet = Packet::Rtcp(wanted);
+        // Everything passes on unchanged; a compound packet that asks for a keyframe is
+        // also marked for delivery to the application (the video sender).
+        if let Packet::Rtcp(packets) = &msg.message.packet
+            && packets.iter().any(|p| is_keyframe_request(p.as_ref()))
+        {
+            tracing::debug!("keyframe request received");
             msg.message.add(Attribute::DeliverToApplication);
         }
         self.read.push_back(msg);
