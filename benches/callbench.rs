@@ -1,7 +1,10 @@
 //! `callbench`: a loopback call between two separate `duet call --headless` processes
-//! (release build), both directions flowing, with the clean and the noisy test pattern.
+//! (release build), both directions flowing, with the clean and the noisy test pattern,
+//! and the clean one relay-only through the signaling server's embedded TURN server
+//! (`relay`: compare with `clean` for what the relay costs).
 //! Prints JSON: set-up time, glass-to-glass latency, encode/decode time per frame, CPU
-//! and memory per client, frame rate, frozen and lost frames.
+//! and memory per client, frame rate, frozen and lost frames, and for `relay` the CPU the
+//! server process (signaling + TURN) used.
 //!
 //! `cargo bench -p duet --bench callbench -- [--width 1280 --height 720 --seconds 20]`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -24,7 +27,7 @@ struct Args {
     seconds: u64,
     #[arg(long, default_value_t = 2500)]
     bitrate_kbps: u32,
-    /// Only this variant: clean or noisy.
+    /// Only this variant: clean, relay or noisy.
     #[arg(long)]
     only: Option<String>,
     #[arg(long, hide = true)]
@@ -50,14 +53,18 @@ fn main() {
     let binary = duet_binary();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let server = runtime
-        .block_on(signaling_server::Server::start(
-            signaling_server::Config::ephemeral(),
-        ))
+        .block_on(signaling_server::Server::start({
+            let mut config = signaling_server::Config::ephemeral();
+            config.turn_server.listen = Some("127.0.0.1:0".parse().unwrap());
+            // Loopback peers are refused by default (SSRF guard); this is a benchmark.
+            config.turn_server.allow_peers = vec!["127.0.0.0/8".parse().unwrap()];
+            config
+        }))
         .unwrap();
     let dir = std::env::temp_dir().join(format!("duet-callbench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut results = serde_json::Map::new();
-    for variant in ["clean", "noisy"] {
+    for variant in ["clean", "relay", "noisy"] {
         if args.only.as_deref().is_some_and(|o| o != variant) {
             continue;
         }
@@ -85,18 +92,26 @@ fn main() {
             .arg(dir.join(format!("{variant}-{who}.json")))
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-            if variant == "noisy" {
-                cmd.args(["--video", "noisy-pattern", "--expect-noisy"]);
-            } else {
-                cmd.arg("--expect-pattern");
-            }
+            match variant {
+                "noisy" => cmd.args(["--video", "noisy-pattern", "--expect-noisy"]),
+                "relay" => cmd.args(["--expect-pattern", "--relay-only"]),
+                _ => cmd.arg("--expect-pattern"),
+            };
             cmd.spawn().expect("start duet")
         };
+        let cpu_before = process_cpu_seconds();
+        let started = std::time::Instant::now();
         let mut a = spawn("a");
         std::thread::sleep(Duration::from_millis(500));
         let mut b = spawn("b");
         a.wait().unwrap();
         b.wait().unwrap();
+        let server_cpu_percent = match (cpu_before, process_cpu_seconds()) {
+            (Some(x), Some(y)) => {
+                Some(((y - x) / started.elapsed().as_secs_f64() * 1000.0).round() / 10.0)
+            }
+            _ => None,
+        };
         let mut clients = Vec::new();
         for who in ["a", "b"] {
             let text = std::fs::read_to_string(dir.join(format!("{variant}-{who}.json"))).unwrap();
@@ -118,9 +133,16 @@ fn main() {
                 "frames_skipped_by_encoder": r["frames_skipped_by_encoder"],
                 "psnr_db_mean": r["psnr_db_mean"],
                 "bitrate_received_kbps": r["bitrate_received_kbps"],
+                "path": r["candidate_type"],
             }));
         }
-        results.insert(variant.to_owned(), serde_json::Value::Array(clients));
+        results.insert(
+            variant.to_owned(),
+            serde_json::json!({
+                "clients": clients,
+                "server_process_cpu_percent_of_one_core": server_cpu_percent,
+            }),
+        );
     }
     runtime.block_on(server.stop());
     let _ = std::fs::remove_dir_all(&dir);
@@ -134,4 +156,13 @@ fn main() {
         "clients": results,
     });
     println!("{}", serde_json::to_string_pretty(&report).unwrap());
+}
+
+/// User + system CPU seconds of this process: the in-process signaling + TURN server.
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let after = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }

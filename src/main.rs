@@ -1,10 +1,9 @@
 //! `duet`: the Duet video call app.
 //!
+//! - `duet`: the desktop window (lobby, calls); `--room NAME --auto-call` calls at once.
 //! - `duet call --headless ...`: make a real call without a window and write a JSON report.
-//! - `duet server`: run the signaling server in this process.
-//!
-//! The desktop window arrives with its issue; until then `duet` without a subcommand says
-//! so and points at these.
+//! - `duet server`: run the signaling server (and optionally STUN/TURN) in this process.
+//! - `duet devices`: list cameras, microphones and speakers.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,6 +49,8 @@ struct WindowArgs {
     /// Show the stats overlay (resolution, fps, bitrate, RTT, loss, path) in calls.
     #[arg(long)]
     stats: bool,
+    #[command(flatten)]
+    network: NetworkArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -68,7 +69,8 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct CallArgs {
-    /// Run without a window (the only mode until the desktop UI lands).
+    /// Run without a window (required: `duet call` is the headless mode; the window is
+    /// `duet --room NAME --auto-call`).
     #[arg(long)]
     headless: bool,
     /// Signaling server (HOST:PORT or ws:// URL). Default: 127.0.0.1:8787, started
@@ -128,7 +130,15 @@ struct CallArgs {
     /// The expected pattern is the noisy one.
     #[arg(long)]
     expect_noisy: bool,
-    /// Extra ICE server URL (stun:/turn:), added to the server's list (repeatable).
+    #[command(flatten)]
+    network: NetworkArgs,
+}
+
+/// How calls reach the other person (window and headless alike).
+#[derive(Debug, Clone, Args)]
+struct NetworkArgs {
+    /// Extra ICE server URL (stun:/turn:), added to the signaling server's list
+    /// (repeatable).
     #[arg(long = "ice-server", value_name = "URL")]
     ice_servers: Vec<String>,
     /// Username for the --ice-server TURN URLs.
@@ -137,9 +147,23 @@ struct CallArgs {
     /// Password for the --ice-server TURN URLs.
     #[arg(long)]
     turn_pass: Option<String>,
-    /// Only use TURN relays.
+    /// Only use TURN relays (never a direct path): hides your address from the other
+    /// side, and tests the relay.
     #[arg(long)]
     relay_only: bool,
+}
+
+impl NetworkArgs {
+    fn extra_ice_servers(&self) -> Vec<IceServer> {
+        if self.ice_servers.is_empty() {
+            return Vec::new();
+        }
+        vec![IceServer {
+            urls: self.ice_servers.clone(),
+            username: self.turn_user.clone(),
+            credential: self.turn_pass.clone(),
+        }]
+    }
 }
 
 fn main() -> ExitCode {
@@ -244,6 +268,8 @@ fn run_window(args: WindowArgs) -> ExitCode {
             }
             let mut app = duet::ui::App::new(handle, lobby);
             app.show_stats = args.stats;
+            app.extra_ice_servers = args.network.extra_ice_servers();
+            app.relay_only = args.network.relay_only;
             if args.auto_call {
                 app.call_on_start();
             }
@@ -335,7 +361,11 @@ fn audio_input(args: &CallArgs) -> anyhow::Result<AudioInput> {
 
 async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
     if !args.headless {
-        anyhow::bail!("the desktop window is not built yet; add --headless");
+        anyhow::bail!(
+            "`duet call` makes calls without a window: add --headless \
+             (for the window: duet --room {} --auto-call)",
+            args.room
+        );
     }
     let video = video_input(&args);
     let audio = audio_input(&args)?;
@@ -343,15 +373,7 @@ async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
     if embedded.is_some() {
         eprintln!("duet: no signaling server answered; started one on 127.0.0.1:8787");
     }
-    let extra_ice_servers = if args.ice_servers.is_empty() {
-        Vec::new()
-    } else {
-        vec![IceServer {
-            urls: args.ice_servers.clone(),
-            username: args.turn_user.clone(),
-            credential: args.turn_pass.clone(),
-        }]
-    };
+    let extra_ice_servers = args.network.extra_ice_servers();
     let config = SessionConfig {
         server,
         target: call::Target::room(&args.room),
@@ -364,7 +386,7 @@ async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
             keyframe_interval: (args.fps * 3.0) as u32,
         },
         extra_ice_servers,
-        relay_only: args.relay_only,
+        relay_only: args.network.relay_only,
         loopback: true,
         record_video: args.record_video.clone(),
         record_audio: args.record_audio.clone(),

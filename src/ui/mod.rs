@@ -188,6 +188,10 @@ pub struct App {
     auto_call: bool,
     /// Open calls with the stats overlay showing.
     pub show_stats: bool,
+    /// ICE servers added to the signaling server's list (`--ice-server`).
+    pub extra_ice_servers: Vec<crate::signaling::protocol::IceServer>,
+    /// Relay-only calls (`--relay-only`).
+    pub relay_only: bool,
     /// The signaling server this app started (nothing answered on the default port); it
     /// runs until the app closes, since the other person is connected to it too.
     embedded_server: Option<signaling_server::Server>,
@@ -226,6 +230,8 @@ impl App {
             ringing: None,
             auto_call: false,
             show_stats: false,
+            extra_ice_servers: Vec::new(),
+            relay_only: false,
             embedded_server: None,
         }
     }
@@ -439,6 +445,7 @@ impl App {
         let lobby = self.lobby.clone();
         let notify = self.notify.clone();
         let show_stats = self.show_stats;
+        let (extra_ice_servers, relay_only) = (self.extra_ice_servers.clone(), self.relay_only);
         self.pending = Some(self.runtime.spawn(async move {
             if let Some(o) = opening {
                 o.abort();
@@ -467,6 +474,8 @@ impl App {
             config.play_audio = true;
             config.speaker = lobby.speaker.clone();
             config.show_video = true;
+            config.extra_ice_servers = extra_ice_servers;
+            config.relay_only = relay_only;
             config.notify = notify.clone();
             let session = call::start_on(config, connection);
             if let Some(n) = notify {
