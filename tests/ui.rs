@@ -11,6 +11,27 @@ use duet::ui::{App, AudioChoice, Lobby, VideoChoice};
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable as _;
 
+/// A runtime and a real signaling server on a free loopback port.
+fn runtime_and_server() -> (tokio::runtime::Runtime, signaling_server::Server) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let server = runtime
+        .block_on(signaling_server::Server::start(
+            signaling_server::Config::ephemeral(),
+        ))
+        .unwrap();
+    (runtime, server)
+}
+
+/// The real app UI in a test harness, two frames in.
+fn window(runtime: &tokio::runtime::Runtime, lobby: Lobby) -> Harness<'static, App> {
+    let mut harness = Harness::new_ui_state(
+        |ui, app: &mut App| app.ui(ui),
+        App::new(runtime.handle().clone(), lobby),
+    );
+    harness.run_steps(2);
+    harness
+}
+
 /// Steps the UI (it keeps repainting while a spinner or video runs, so `run()` would
 /// never settle) until `done`, for at most `secs`.
 fn step_until(
@@ -44,21 +65,14 @@ fn shows(harness: &Harness<'_, App>, text: &str) -> bool {
 
 #[test]
 fn lobby_call_and_hang_up() {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let server = runtime
-        .block_on(signaling_server::Server::start(
-            signaling_server::Config::ephemeral(),
-        ))
-        .unwrap();
+    let (runtime, server) = runtime_and_server();
     let lobby = Lobby {
         server: server.ws_url(),
         video: VideoChoice::TestPattern,
         audio: AudioChoice::Tone,
         ..Lobby::default()
     };
-    let app = App::new(runtime.handle().clone(), lobby);
-    let mut harness = Harness::new_ui_state(|ui, app: &mut App| app.ui(ui), app);
-    harness.run_steps(2);
+    let mut harness = window(&runtime, lobby);
 
     // No room yet: Call explains instead of calling.
     harness.get_by_label("Call").click();
@@ -123,11 +137,7 @@ fn a_call_that_ends_by_itself_shows_why_in_the_lobby() {
         audio: AudioChoice::Tone,
         ..Lobby::default()
     };
-    let mut harness = Harness::new_ui_state(
-        |ui, app: &mut App| app.ui(ui),
-        App::new(runtime.handle().clone(), lobby),
-    );
-    harness.run_steps(2);
+    let mut harness = window(&runtime, lobby);
     harness.get_by_label("Call").click();
     let mut shown = false;
     for _ in 0..300 {
@@ -144,12 +154,7 @@ fn a_call_that_ends_by_itself_shows_why_in_the_lobby() {
 
 #[test]
 fn incoming_calls_ring_and_can_be_declined_and_accepted() {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let server = runtime
-        .block_on(signaling_server::Server::start(
-            signaling_server::Config::ephemeral(),
-        ))
-        .unwrap();
+    let (runtime, server) = runtime_and_server();
     let lobby = Lobby {
         server: server.ws_url(),
         name: "bob".into(),
@@ -158,11 +163,7 @@ fn incoming_calls_ring_and_can_be_declined_and_accepted() {
         preview: false,
         ..Lobby::default()
     };
-    let mut harness = Harness::new_ui_state(
-        |ui, app: &mut App| app.ui(ui),
-        App::new(runtime.handle().clone(), lobby),
-    );
-    harness.run_steps(2);
+    let mut harness = window(&runtime, lobby);
     harness.get_by_label("Sign in as bob").click();
     assert!(step_until(&mut harness, 10, |h| shows(
         h,
@@ -222,11 +223,7 @@ fn incoming_calls_ring_and_can_be_declined_and_accepted() {
         ..Lobby::default()
     };
     lobby2.video = VideoChoice::TestPattern;
-    let mut second = Harness::new_ui_state(
-        |ui, app: &mut App| app.ui(ui),
-        App::new(runtime.handle().clone(), lobby2),
-    );
-    second.run_steps(2);
+    let mut second = window(&runtime, lobby2);
     second.get_by_label("Sign in as bob").click();
     assert!(step_until(&mut second, 10, |h| shows(
         h,
@@ -237,12 +234,7 @@ fn incoming_calls_ring_and_can_be_declined_and_accepted() {
 
 #[test]
 fn new_meeting_hosted_and_ended_for_both_and_a_scheduled_one_is_not_open_yet() {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let server = runtime
-        .block_on(signaling_server::Server::start(
-            signaling_server::Config::ephemeral(),
-        ))
-        .unwrap();
+    let (runtime, server) = runtime_and_server();
     let lobby = Lobby {
         server: server.ws_url(),
         name: "host".into(),
@@ -251,11 +243,7 @@ fn new_meeting_hosted_and_ended_for_both_and_a_scheduled_one_is_not_open_yet() {
         preview: false,
         ..Lobby::default()
     };
-    let mut harness = Harness::new_ui_state(
-        |ui, app: &mut App| app.ui(ui),
-        App::new(runtime.handle().clone(), lobby),
-    );
-    harness.run_steps(2);
+    let mut harness = window(&runtime, lobby);
     harness.get_by_label("New meeting").click();
     assert!(step_until(&mut harness, 10, |h| h
         .state()
