@@ -99,14 +99,14 @@ fn main() {
             };
             cmd.spawn().expect("start duet")
         };
-        let cpu_before = process_cpu_seconds();
+        let cpu_before = duet::process::cpu_seconds();
         let started = std::time::Instant::now();
         let mut a = spawn("a");
         std::thread::sleep(Duration::from_millis(500));
         let mut b = spawn("b");
         a.wait().unwrap();
         b.wait().unwrap();
-        let server_cpu_percent = match (cpu_before, process_cpu_seconds()) {
+        let server_cpu_percent = match (cpu_before, duet::process::cpu_seconds()) {
             (Some(x), Some(y)) => {
                 Some(((y - x) / started.elapsed().as_secs_f64() * 1000.0).round() / 10.0)
             }
@@ -156,13 +156,4 @@ fn main() {
         "clients": results,
     });
     println!("{}", serde_json::to_string_pretty(&report).unwrap());
-}
-
-/// User + system CPU seconds of this process: the in-process signaling + TURN server.
-fn process_cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let after = stat.get(stat.rfind(')')? + 2..)?;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
 }

@@ -8,6 +8,7 @@
 //!   (being reachable by name for direct calls).
 //! - [`media`]: frames, sources, codecs (openh264, Opus) and sinks; each stage a trait
 //!   with real and synthetic implementations.
+//! - [`process`]: CPU time and peak memory of this process, for reports and benchmarks.
 //! - [`meetings`]: creating meetings (now or scheduled) through the server's HTTP API.
 //! - [`ui`]: the desktop window (egui/eframe): lobby (devices, preview, meetings, direct
 //!   calls) and call view (video, controls, chat, stats).
@@ -15,5 +16,6 @@
 pub mod call;
 pub mod media;
 pub mod meetings;
+pub mod process;
 pub mod signaling;
 pub mod ui;

@@ -304,28 +304,6 @@ async fn serve(config: signaling_server::Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// User + system CPU seconds of this process (Linux).
-fn process_cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let after = stat.get(stat.rfind(')')? + 2..)?;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0) // USER_HZ
-}
-
-/// Peak resident set size of this process in MiB (Linux).
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some((kb / 1024.0 * 10.0).round() / 10.0)
-}
-
 fn video_input(args: &CallArgs) -> VideoInput {
     let pattern = |noisy| VideoInput::TestPattern {
         width: args.width,
@@ -422,7 +400,7 @@ async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
         session.hang_up();
     } else if !session.state().is_ended() {
         eprintln!("duet: connected; staying {:?}", args.duration);
-        cpu_start = Some((std::time::Instant::now(), process_cpu_seconds()));
+        cpu_start = Some((std::time::Instant::now(), duet::process::cpu_seconds()));
         let _ = tokio::time::timeout(args.duration, async {
             while state.changed().await.is_ok() {
                 if state.borrow().is_ended() {
@@ -434,7 +412,7 @@ async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
         session.hang_up();
     }
     let was_in_call = session.stats().lock().connected_after.is_some();
-    let cpu_end = process_cpu_seconds();
+    let cpu_end = duet::process::cpu_seconds();
     let mut report = session.finished().await;
     for w in &report.warnings {
         eprintln!("duet: warning: {w}");
@@ -443,7 +421,7 @@ async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
         let wall = t0.elapsed().as_secs_f64();
         report.process_cpu_percent = Some(((c1 - c0) / wall * 1000.0).round() / 10.0);
     }
-    report.process_peak_rss_mib = peak_rss_mib();
+    report.process_peak_rss_mib = duet::process::peak_rss_mib();
     eprintln!("duet: ended: {}", report.end_reason);
     let json = serde_json::to_string_pretty(&report)?;
     match &args.report {

@@ -1,5 +1,6 @@
 //! Real calls: two headless sessions through an in-process signaling server, with real
-//! WebRTC peer connections on loopback, real H.264 and Opus.
+//! WebRTC peer connections on loopback, real H.264 and Opus; directly, and relay-only
+//! through the server's embedded TURN server.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::LazyLock;
@@ -272,4 +273,58 @@ async fn unreachable_server_and_full_room_end_with_clear_reasons() {
     a.finished().await;
     b.finished().await;
     s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_only_call_on_loopback_goes_through_the_embedded_turn_server() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    logs();
+    let mut config = Config::ephemeral();
+    config.turn_server.listen = Some("127.0.0.1:0".parse().unwrap());
+    config.turn_server.allow_peers = vec!["127.0.0.0/8".parse().unwrap()];
+    let server = Server::start(config).await.unwrap();
+    let turn = server.turn_server().unwrap();
+
+    // Only TURN relay candidates: every packet goes through the embedded TURN server
+    // (allowed to reach loopback peers for this test only).
+    let session = |tone: f64| {
+        let mut c = SessionConfig::synthetic(&server.ws_url(), "relayed");
+        c.audio = AudioInput::Sine(tone);
+        c.reference_pattern = Some(false);
+        c.relay_only = true;
+        c
+    };
+    let a = call::start(session(440.0));
+    assert!(
+        a.wait_for(Duration::from_secs(5), |s| matches!(
+            s,
+            CallState::WaitingForPeer { .. }
+        ))
+        .await
+    );
+    let b = call::start(session(880.0));
+    for side in [&a, &b] {
+        assert!(
+            side.wait_for(Duration::from_secs(15), |s| matches!(
+                s,
+                CallState::InCall { .. }
+            ))
+            .await,
+            "not connected: {:?}",
+            side.state()
+        );
+    }
+    assert!(turn.allocations() >= 1, "no TURN allocation");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    a.hang_up();
+    let (ra, rb) = (a.finished().await, b.finished().await);
+    for (r, heard) in [(&ra, 880.0), (&rb, 440.0)] {
+        assert_eq!(r.candidate_type.as_deref(), Some("relay"), "{r:?}");
+        assert_eq!(r.local_candidate_type.as_deref(), Some("relay"), "{r:?}");
+        assert!(r.frames_decoded >= 45, "{r:?}");
+        assert!(r.psnr_db_mean.unwrap() > 35.0, "{r:?}");
+        let hz = r.audio_dominant_hz.unwrap();
+        assert!((hz - heard).abs() < 20.0, "heard {hz} Hz: {r:?}");
+    }
+    server.stop().await;
 }

@@ -367,31 +367,27 @@ impl Pipelines {
                 }
                 if packet.header.marker {
                     let au = access_unit.split().freeze();
-                    // The decoder could not decode (e.g. the first keyframe was lost before
-                    // this receiver existed): ask for a keyframe rather than wait for the
-                    // sender's next periodic one, seconds away.
-                    if need_keyframe.swap(false, Ordering::Relaxed)
-                        && last_pli.elapsed() > Duration::from_millis(300)
+                    if broken {
+                        stats.lock().video_frames_broken += 1;
+                        need_keyframe.store(true, Ordering::Relaxed);
+                    }
+                    // A damaged frame, or one the decoder could not decode (e.g. the first
+                    // keyframe was lost before this receiver existed): ask for a keyframe
+                    // (at most every 200 ms) rather than wait for the sender's next
+                    // periodic one, seconds away.
+                    if need_keyframe.load(Ordering::Relaxed)
+                        && last_pli.elapsed() > Duration::from_millis(200)
                     {
+                        need_keyframe.store(false, Ordering::Relaxed);
                         last_pli = Instant::now();
                         let pli = PictureLossIndication {
                             sender_ssrc: 0,
                             media_ssrc,
                         };
                         let sent = track.write_rtcp(vec![Box::new(pli)]).await;
-                        tracing::debug!(?sent, "undecodable video: PLI");
+                        tracing::debug!(?sent, "keyframe request (PLI) sent");
                     }
-                    if broken {
-                        stats.lock().video_frames_broken += 1;
-                        if last_pli.elapsed() > Duration::from_millis(200) {
-                            last_pli = Instant::now();
-                            let pli = PictureLossIndication {
-                                sender_ssrc: 0,
-                                media_ssrc,
-                            };
-                            let _ = track.write_rtcp(vec![Box::new(pli)]).await;
-                        }
-                        broken = false;
+                    if std::mem::take(&mut broken) {
                         continue;
                     }
                     stats.lock().video_frames_received += 1;

@@ -107,6 +107,43 @@ fn device_name(device: &cpal::Device) -> String {
         .unwrap_or_else(|_| "unnamed device".into())
 }
 
+#[derive(Clone, Copy)]
+enum Direction {
+    Input,
+    Output,
+}
+
+/// The device called `wanted` (as [`list_audio_devices`] names it), or the default one.
+fn find_device(direction: Direction, wanted: Option<&str>) -> Result<cpal::Device, MediaError> {
+    let host = cpal::default_host();
+    let (device, what) = match direction {
+        Direction::Input => (
+            match wanted {
+                Some(w) => host
+                    .input_devices()
+                    .ok()
+                    .and_then(|mut all| all.find(|d| device_name(d) == w)),
+                None => host.default_input_device(),
+            },
+            "microphone",
+        ),
+        Direction::Output => (
+            match wanted {
+                Some(w) => host
+                    .output_devices()
+                    .ok()
+                    .and_then(|mut all| all.find(|d| device_name(d) == w)),
+                None => host.default_output_device(),
+            },
+            "speaker",
+        ),
+    };
+    device.ok_or_else(|| match wanted {
+        Some(w) => MediaError::Device(format!("{what} {w:?} not found")),
+        None => MediaError::Device(format!("no {what} found")),
+    })
+}
+
 /// The default microphone, as 48 kHz mono 20 ms frames.
 pub struct Microphone {
     shared: Arc<Shared>,
@@ -126,18 +163,7 @@ impl Microphone {
         let cb_shared = shared.clone();
         let wanted = name.map(str::to_owned);
         let (thread, description) = spawn_device("duet-mic", move || {
-            let host = cpal::default_host();
-            let device = match &wanted {
-                Some(w) => host
-                    .input_devices()
-                    .ok()
-                    .and_then(|mut all| all.find(|d| device_name(d) == *w)),
-                None => host.default_input_device(),
-            }
-            .ok_or_else(|| match &wanted {
-                Some(w) => MediaError::Device(format!("microphone {w:?} not found")),
-                None => MediaError::Device("no microphone found".into()),
-            })?;
+            let device = find_device(Direction::Input, wanted.as_deref())?;
             let supported = device
                 .default_input_config()
                 .map_err(|e| MediaError::Device(format!("microphone: {e}")))?;
@@ -246,18 +272,7 @@ impl Speaker {
         let cb_shared = shared.clone();
         let wanted = name.map(str::to_owned);
         let (thread, description) = spawn_device("duet-speaker", move || {
-            let host = cpal::default_host();
-            let device = match &wanted {
-                Some(w) => host
-                    .output_devices()
-                    .ok()
-                    .and_then(|mut all| all.find(|d| device_name(d) == *w)),
-                None => host.default_output_device(),
-            }
-            .ok_or_else(|| match &wanted {
-                Some(w) => MediaError::Device(format!("speaker {w:?} not found")),
-                None => MediaError::Device("no speaker found".into()),
-            })?;
+            let device = find_device(Direction::Output, wanted.as_deref())?;
             let supported = device
                 .default_output_config()
                 .map_err(|e| MediaError::Device(format!("speaker: {e}")))?;
@@ -358,50 +373,63 @@ pub fn list_audio_devices() -> (Vec<String>, Vec<String>) {
 }
 
 /// A sound played in a loop on a speaker until dropped (the ring of an incoming call).
+///
+/// Everything, opening the speaker included, happens on its own thread, so starting and
+/// stopping never make the caller (the UI) wait; a failure is reported by
+/// [`LoopPlayer::problem`].
 pub struct LoopPlayer {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    problem: Arc<Mutex<Option<String>>>,
 }
 
 impl LoopPlayer {
     /// Starts playing `sound` (looping) on the speaker called `speaker` (or the default).
-    pub fn start(
-        mut sound: impl AudioSource + 'static,
-        speaker: Option<&str>,
-    ) -> Result<LoopPlayer, MediaError> {
-        let mut out = Speaker::open(speaker)?;
+    pub fn start(mut sound: impl AudioSource + 'static, speaker: Option<&str>) -> LoopPlayer {
         let stop = Arc::new(AtomicBool::new(false));
-        let thread_stop = stop.clone();
-        let thread = std::thread::Builder::new()
+        let problem = Arc::new(Mutex::new(None));
+        let (thread_stop, thread_problem) = (stop.clone(), problem.clone());
+        let speaker = speaker.map(str::to_owned);
+        let report = move |e: MediaError| {
+            *thread_problem
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(e.to_string());
+        };
+        let spawned = std::thread::Builder::new()
             .name("duet-ring".into())
             .spawn(move || {
+                let mut out = match Speaker::open(speaker.as_deref()) {
+                    Ok(out) => out,
+                    Err(e) => return report(e),
+                };
                 let period = Duration::from_millis(20);
                 let mut next = std::time::Instant::now();
                 while !thread_stop.load(Ordering::Relaxed) {
-                    match sound.next_frame() {
-                        Ok(pcm) => {
-                            if out.write(&pcm).is_err() {
-                                return;
-                            }
-                        }
-                        Err(_) => return,
+                    let played = sound.next_frame().and_then(|pcm| out.write(&pcm));
+                    if let Err(e) = played {
+                        return report(e);
                     }
                     super::pace(&mut next, period);
                 }
-            })
-            .map_err(|e| MediaError::Device(format!("cannot start the ring thread: {e}")))?;
-        Ok(LoopPlayer {
-            stop,
-            thread: Some(thread),
-        })
+            });
+        if let Err(e) = spawned {
+            *problem.lock().unwrap_or_else(PoisonError::into_inner) =
+                Some(format!("cannot start the ring thread: {e}"));
+        }
+        LoopPlayer { stop, problem }
+    }
+
+    /// Why nothing is (or no longer) playing, if so.
+    pub fn problem(&self) -> Option<String> {
+        self.problem
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 
 impl Drop for LoopPlayer {
+    /// Stops the sound; the thread ends by itself within one 20 ms frame.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }

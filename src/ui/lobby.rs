@@ -90,86 +90,35 @@ impl App {
     fn device_pickers(&mut self, ui: &mut egui::Ui) {
         let devices = self.devices.clone().unwrap_or_default();
         let listing = self.devices.is_none();
-        let label = ui.label("Camera");
-        let video_text = match &self.lobby.video {
-            VideoChoice::Camera(None) => "first camera".to_owned(),
-            VideoChoice::Camera(Some(n)) => n.clone(),
-            VideoChoice::TestPattern => "test pattern".to_owned(),
-        };
-        egui::ComboBox::from_id_salt("camera")
-            .selected_text(video_text)
-            .width(260.0)
-            .show_ui(ui, |ui| {
-                ui.selectable_value(
-                    &mut self.lobby.video,
-                    VideoChoice::Camera(None),
-                    "first camera",
-                );
-                for name in &devices.cameras {
-                    ui.selectable_value(
-                        &mut self.lobby.video,
-                        VideoChoice::Camera(Some(name.clone())),
-                        name,
-                    );
-                }
-                ui.selectable_value(
-                    &mut self.lobby.video,
-                    VideoChoice::TestPattern,
-                    "test pattern",
-                );
-            })
-            .response
-            .labelled_by(label.id);
-        ui.end_row();
-        let label = ui.label("Microphone");
-        let audio_text = match &self.lobby.audio {
-            AudioChoice::Microphone(None) => "default microphone".to_owned(),
-            AudioChoice::Microphone(Some(n)) => n.clone(),
-            AudioChoice::Tone => "test tone (440 Hz)".to_owned(),
-        };
-        egui::ComboBox::from_id_salt("microphone")
-            .selected_text(audio_text)
-            .width(260.0)
-            .show_ui(ui, |ui| {
-                ui.selectable_value(
-                    &mut self.lobby.audio,
-                    AudioChoice::Microphone(None),
-                    "default microphone",
-                );
-                for name in &devices.microphones {
-                    ui.selectable_value(
-                        &mut self.lobby.audio,
-                        AudioChoice::Microphone(Some(name.clone())),
-                        name,
-                    );
-                }
-                ui.selectable_value(
-                    &mut self.lobby.audio,
-                    AudioChoice::Tone,
-                    "test tone (440 Hz)",
-                );
-            })
-            .response
-            .labelled_by(label.id);
-        ui.end_row();
-        let label = ui.label("Speaker");
-        egui::ComboBox::from_id_salt("speaker")
-            .selected_text(
-                self.lobby
-                    .speaker
-                    .clone()
-                    .unwrap_or_else(|| "default speaker".into()),
-            )
-            .width(260.0)
-            .show_ui(ui, |ui| {
-                ui.selectable_value(&mut self.lobby.speaker, None, "default speaker");
-                for name in &devices.speakers {
-                    ui.selectable_value(&mut self.lobby.speaker, Some(name.clone()), name);
-                }
-            })
-            .response
-            .labelled_by(label.id);
-        ui.end_row();
+        let mut cameras = vec![(VideoChoice::Camera(None), "first camera".to_owned())];
+        cameras.extend(
+            devices
+                .cameras
+                .iter()
+                .map(|n| (VideoChoice::Camera(Some(n.clone())), n.clone())),
+        );
+        cameras.push((VideoChoice::TestPattern, "test pattern".to_owned()));
+        picker(ui, "Camera", &mut self.lobby.video, cameras);
+        let mut microphones = vec![(
+            AudioChoice::Microphone(None),
+            "default microphone".to_owned(),
+        )];
+        microphones.extend(
+            devices
+                .microphones
+                .iter()
+                .map(|n| (AudioChoice::Microphone(Some(n.clone())), n.clone())),
+        );
+        microphones.push((AudioChoice::Tone, "test tone (440 Hz)".to_owned()));
+        picker(ui, "Microphone", &mut self.lobby.audio, microphones);
+        let mut speakers = vec![(None, "default speaker".to_owned())];
+        speakers.extend(
+            devices
+                .speakers
+                .iter()
+                .map(|n| (Some(n.clone()), n.clone())),
+        );
+        picker(ui, "Speaker", &mut self.lobby.speaker, speakers);
         ui.label("");
         ui.horizontal(|ui| {
             if listing {
@@ -391,4 +340,30 @@ impl App {
             ));
         }
     }
+}
+
+/// One labelled row of the device grid: a drop-down of `choices` (value, text). A value
+/// remembered from an earlier run whose device is gone stays selected, shown as missing.
+fn picker<T: Clone + PartialEq>(
+    ui: &mut egui::Ui,
+    label: &str,
+    value: &mut T,
+    choices: Vec<(T, String)>,
+) {
+    let label = ui.label(label);
+    let selected = choices
+        .iter()
+        .find(|(v, _)| v == value)
+        .map_or_else(|| "(not found)".to_owned(), |(_, text)| text.clone());
+    egui::ComboBox::from_id_salt(label.id)
+        .selected_text(selected)
+        .width(260.0)
+        .show_ui(ui, |ui| {
+            for (choice, text) in choices {
+                ui.selectable_value(value, choice, text);
+            }
+        })
+        .response
+        .labelled_by(label.id);
+    ui.end_row();
 }

@@ -152,9 +152,8 @@ type SignInResult = (
 struct Ringing {
     call_id: String,
     from: String,
-    /// Plays the ring until dropped (None: no speaker).
-    _ring: Option<LoopPlayer>,
-    ring_note: Option<String>,
+    /// Plays the ring until dropped (None: the ring sound is unusable).
+    ring: Option<LoopPlayer>,
 }
 
 /// The lobby's live camera picture.
@@ -524,9 +523,7 @@ impl App {
             match call {
                 Ok(Ok((call, embedded))) => {
                     self.call = Some(call);
-                    if embedded.is_some() {
-                        self.embedded_server = embedded;
-                    }
+                    self.keep_server(embedded);
                 }
                 Ok(Err(e)) => self.message = Some(e),
                 Err(e) => self.message = Some(format!("Setting up the call failed: {e}")),
@@ -541,11 +538,12 @@ impl App {
             self.hang_up();
         }
         if let Some(created) = take_finished(&mut self.meetings.creating) {
+            let created = created.and_then(|(room, embedded)| {
+                self.keep_server(embedded);
+                room.map_err(|e| e.to_string())
+            });
             match created {
-                Ok((Ok(room), embedded)) => {
-                    if embedded.is_some() {
-                        self.embedded_server = embedded;
-                    }
+                Ok(room) => {
                     self.lobby.room = room.room_id.clone();
                     self.lobby
                         .host_tokens
@@ -553,30 +551,25 @@ impl App {
                     self.meetings.schedule_open = false;
                     self.meetings.last = Some(room);
                 }
-                Ok((Err(e), _)) => self.message = Some(format!("Cannot create the meeting: {e}.")),
                 Err(e) => self.message = Some(format!("Cannot create the meeting: {e}.")),
             }
         }
         if let Some(devices) = take_finished(&mut self.listing) {
             self.devices = Some(devices.unwrap_or_default());
         }
-        if let SignIn::Pending(task) = &mut self.sign_in
-            && task.is_finished()
-        {
-            let result = task.now_or_never();
+        let signed_in = match &mut self.sign_in {
+            SignIn::Pending(task) => finished(task),
+            _ => None,
+        };
+        if let Some(result) = signed_in {
             self.sign_in = SignIn::Out;
+            let result = result.and_then(|(presence, embedded)| {
+                self.keep_server(embedded);
+                presence.map_err(|e| e.to_string())
+            });
             match result {
-                Some(Ok((result, embedded))) => {
-                    if embedded.is_some() {
-                        self.embedded_server = embedded;
-                    }
-                    match result {
-                        Ok(presence) => self.sign_in = SignIn::In(presence),
-                        Err(e) => self.message = Some(format!("Cannot sign in: {e}.")),
-                    }
-                }
-                Some(Err(e)) => self.message = Some(format!("Cannot sign in: {e}.")),
-                None => {}
+                Ok(presence) => self.sign_in = SignIn::In(presence),
+                Err(e) => self.message = Some(format!("Cannot sign in: {e}.")),
             }
         }
         let events = match &mut self.sign_in {
@@ -585,6 +578,13 @@ impl App {
         };
         for event in events {
             self.presence_event(event);
+        }
+    }
+
+    /// Keeps a signaling server this app started for as long as the app runs.
+    fn keep_server(&mut self, started: Option<signaling_server::Server>) {
+        if started.is_some() {
+            self.embedded_server = started;
         }
     }
 
@@ -598,17 +598,15 @@ impl App {
                     }
                     return;
                 }
-                let (ring, ring_note) = match WavFile::from_bytes("ring.wav", RING_WAV)
-                    .and_then(|sound| LoopPlayer::start(sound, self.lobby.speaker.as_deref()))
-                {
-                    Ok(p) => (Some(p), None),
-                    Err(e) => (None, Some(format!("(ringing silently: {e})"))),
-                };
+                let ring = WavFile::from_bytes("ring.wav", RING_WAV)
+                    .map(|sound| LoopPlayer::start(sound, self.lobby.speaker.as_deref()));
+                if let Err(e) = &ring {
+                    tracing::warn!(error = %e, "the built-in ring sound is unusable");
+                }
                 self.ringing = Some(Ringing {
                     call_id,
                     from,
-                    _ring: ring,
-                    ring_note,
+                    ring: ring.ok(),
                 });
             }
             PresenceEvent::CallCancelled { call_id } => {
@@ -630,7 +628,11 @@ impl App {
         let Some(ringing) = &self.ringing else {
             return;
         };
-        let (from, note) = (ringing.from.clone(), ringing.ring_note.clone());
+        let from = ringing.from.clone();
+        let note = match &ringing.ring {
+            Some(ring) => ring.problem().map(|p| format!("(ringing silently: {p})")),
+            None => Some("(ringing silently)".to_owned()),
+        };
         let mut answer = None;
         egui::Window::new("Incoming call")
             .collapsible(false)
@@ -658,17 +660,20 @@ impl App {
     }
 }
 
-/// The result of a finished task, without waiting; None while it runs.
+/// Like [`finished`], for an optional task, which is cleared once it has finished.
 fn take_finished<T>(task: &mut Option<JoinHandle<T>>) -> Option<Result<T, String>> {
-    if !task.as_ref().is_some_and(|t| t.is_finished()) {
+    let result = finished(task.as_mut()?)?;
+    *task = None;
+    Some(result)
+}
+
+/// The result of a finished task, without waiting; None while it runs.
+fn finished<T>(task: &mut JoinHandle<T>) -> Option<Result<T, String>> {
+    if !task.is_finished() {
         return None;
     }
-    let t = task.take()?;
-    match t.now_or_never() {
-        Some(Ok(v)) => Some(Ok(v)),
-        Some(Err(e)) => Some(Err(e.to_string())),
-        None => None,
-    }
+    // It has finished, so this does not wait.
+    task.now_or_never().map(|r| r.map_err(|e| e.to_string()))
 }
 
 /// Signs in (starting the in-process server when none answers); right after a call the
