@@ -361,7 +361,7 @@ async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
         encoder: EncoderSettings {
             bitrate_bps: args.bitrate_kbps.saturating_mul(1000),
             fps: args.fps as f32,
-            keyframe_interval: (args.fps * 3.0) as u32,
+            keyframe_interval: (args.fps * 30.0) as u32,
         },
         extra_ice_servers,
         relay_only: args.network.relay_only,

@@ -1,17 +1,29 @@
-//! Calls: the sans-I/O state machine ([`state`]), the WebRTC peer connection
-//! ([`peer`]), the media pipelines and their measurements ([`media`]), the session
-//! that drives them all ([`session`]), and being reachable by name for direct calls
-//! ([`presence`]).
+//! Calls. Layout, from decisions to I/O:
+//! - [`state`]: the call as a sans-I/O state machine (`Call`: events in, actions out).
+//! - [`config`]: what a session is asked to do (target, sources, settings).
+//! - [`session`]: the executor: one task that turns signaling, peer and user input into
+//!   events for `Call` and carries out its actions.
+//! - [`handle`]: how the program sees a running call (`SessionHandle`, `Live`, commands).
+//! - [`peer`]: the WebRTC peer connection and its interceptor chain.
+//! - [`pacer`]: the send pacer in that chain (audio first, video at 2.5x the estimate).
+//! - [`pipelines`]: the media pipelines (encode/send, receive/assemble/decode) and what
+//!   they measure.
+//! - [`report`]: the JSON report of a finished call.
+//! - [`presence`]: being reachable by name for direct calls.
 
-pub mod media;
+pub mod config;
+pub mod handle;
+pub mod pacer;
 pub mod peer;
+pub mod pipelines;
 pub mod presence;
+pub mod report;
 pub mod session;
 pub mod state;
 
+pub use config::{AudioInput, Connection, SessionConfig, Target, VideoInput};
+pub use handle::{ChatLine, Command, Live, SessionHandle};
 pub use presence::{Presence, PresenceEvent};
-pub use session::{
-    AudioInput, ChatLine, Command, Connection, Live, Report, SessionConfig, SessionHandle, Target,
-    VideoInput, start, start_on,
-};
+pub use report::Report;
+pub use session::{start, start_on};
 pub use state::{Action, Call, CallState, EndReason, Event, PeerState, Role};

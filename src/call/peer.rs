@@ -1,7 +1,8 @@
 //! The WebRTC peer connection (webrtc-rs 0.21) set up for a Duet call: H.264 + Opus
-//! tracks, the `chat` data channel, trickle ICE with queued remote candidates, NACK and
-//! receiver reports (default interceptors), and PLI/FIR delivered to the sender so it can
-//! answer with a keyframe.
+//! tracks, the `chat` data channel, trickle ICE with queued remote candidates, the
+//! interceptor chain (NACK, RTCP reports, GCC congestion control with TWCC, our pacer, and
+//! PLI/FIR delivered to the sender so it can answer with a keyframe), and the connection's
+//! statistics.
 //!
 //! Why 0.21: it is the maintained line (the callback API of <= 0.14 is frozen), its
 //! sans-I/O core has explicit ICE timing knobs (the check interval decides set-up time on
@@ -11,14 +12,21 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rtc::interceptor::{Attribute, Interceptor, Packet, StreamInfo, TaggedPacket};
+use rtc::interceptor::{
+    Attribute, CongestionControlBuilder, Gcc, Interceptor, NackGeneratorBuilder,
+    NackResponderBuilder, Packet, StreamInfo, TaggedPacket, TwccReceiverBuilder, TwccSenderBuilder,
+};
 use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::configuration::interceptor_registry::{
+    Slot, configure_rtcp_reports, configure_simulcast_extension_headers,
+};
 use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_H264, MIME_TYPE_OPUS};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
-    RTCRtpEncodingParameters, RtpCodecKind,
+    RTCRtpEncodingParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
+    TYPE_RTCP_FB_TRANSPORT_CC,
 };
 use rtc::rtp_transceiver::{PayloadType, SSRC};
 use rtc::sansio::Protocol;
@@ -31,10 +39,11 @@ use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
     RTCConfigurationBuilder, RTCIceCandidateInit, RTCIceGatheringState, RTCIceServer,
     RTCIceTransportPolicy, RTCPeerConnectionIceEvent, RTCPeerConnectionState,
-    RTCSessionDescription, Registry, SettingEngineBuilder, register_default_interceptors,
+    RTCSessionDescription, Registry, SettingEngineBuilder,
 };
 use webrtc::rtp_transceiver::RtpSender;
 
+use super::pacer::MediaPacer;
 use super::state::Role;
 use crate::signaling::protocol::{IceCandidate, IceServer};
 
@@ -171,6 +180,12 @@ impl Interceptor for KeyframeRequests {
     fn unbind_remote_stream(&mut self, _: &StreamInfo) {}
 }
 
+/// Where the congestion controller starts, and the range it stays in (bits per second,
+/// all media together).
+pub const INITIAL_BITRATE_BPS: u32 = 1_000_000;
+pub const MIN_BITRATE_BPS: u32 = 100_000;
+pub const MAX_BITRATE_BPS: u32 = 4_000_000;
+
 const H264_PT: u8 = 102;
 const OPUS_PT: u8 = 111;
 
@@ -197,6 +212,61 @@ fn opus_codec() -> RTCRtpCodec {
         sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
         rtcp_feedback: Vec::new(),
     }
+}
+
+/// The interceptor chain of a call (the crate's `register_default_interceptors` and
+/// `configure_congestion_control`, composed here because three of their pieces are
+/// chosen differently, and a registry warns about every replaced piece):
+/// - NACK both ways, the generator asking within 20 ms instead of 100 (the receiver holds
+///   the frame for the retransmission, so this is latency);
+/// - sender and receiver reports; the SDES header extensions;
+/// - send-side congestion control: GCC fed by TWCC, starting near 1 Mbit/s (its default,
+///   300 kbit/s, takes tens of seconds to climb to a usable picture), and TWCC feedback
+///   for the other side's controller;
+/// - [`MediaPacer`] instead of the crate's pacer: audio first, video at 2.5x the estimate;
+/// - [`KeyframeRequests`], handing PLI/FIR to the video sender.
+fn interceptors(media: &mut MediaEngine) -> Result<Registry, PeerError> {
+    configure_simulcast_extension_headers(media).map_err(err)?;
+    for kind in [RtpCodecKind::Video, RtpCodecKind::Audio] {
+        media.register_feedback(
+            RTCPFeedback {
+                typ: TYPE_RTCP_FB_TRANSPORT_CC.to_owned(),
+                parameter: String::new(),
+            },
+            kind,
+        );
+        media
+            .register_header_extension(
+                RTCRtpHeaderExtensionCapability {
+                    uri: rtc::sdp::extmap::TRANSPORT_CC_URI.to_owned(),
+                },
+                kind,
+                None,
+            )
+            .map_err(err)?;
+    }
+    let gcc = Gcc::new(
+        f64::from(INITIAL_BITRATE_BPS),
+        f64::from(MIN_BITRATE_BPS),
+        f64::from(MAX_BITRATE_BPS),
+    );
+    let registry = configure_rtcp_reports(Registry::new())
+        .with(Slot::NackResponder, NackResponderBuilder::new().build())
+        .with(
+            Slot::NackGenerator,
+            NackGeneratorBuilder::new()
+                .with_interval(Duration::from_millis(20))
+                .build(),
+        )
+        .with(
+            Slot::CongestionControl,
+            CongestionControlBuilder::new(gcc).build(),
+        )
+        .with(Slot::TwccSender, TwccSenderBuilder::new().build())
+        .with(Slot::TwccReceiver, TwccReceiverBuilder::new().build())
+        .with(Slot::Pacer, MediaPacer::new(f64::from(INITIAL_BITRATE_BPS)))
+        .with(Slot::from(14_000), KeyframeRequests::default());
+    Ok(registry)
 }
 
 /// A local track plus what is needed to write to it.
@@ -231,7 +301,16 @@ pub struct Peer {
     pub chat: Option<Arc<dyn DataChannel>>,
     remote_description_set: bool,
     pending_candidates: Vec<RTCIceCandidateInit>,
+    /// Every remote candidate the other side signaled (address, port, type), so a
+    /// peer-reflexive end learned from the checks before its candidate arrived can be
+    /// named by its real type once it has.
+    signaled: Vec<CandidateEnd>,
 }
+
+/// At most this many remote candidates are queued (before the remote description) or
+/// remembered: a real peer sends a
+/// handful; a hostile one must not grow the app.
+const MAX_REMOTE_CANDIDATES: usize = 64;
 
 fn ice_servers(list: &[IceServer]) -> Vec<RTCIceServer> {
     list.iter()
@@ -269,12 +348,7 @@ impl Peer {
                 RtpCodecKind::Audio,
             )
             .map_err(err)?;
-        let registry = register_default_interceptors(Registry::new(), &mut media)
-            .map_err(err)?
-            .with(
-                rtc::interceptor::Slot::from(14_000),
-                KeyframeRequests::default(),
-            );
+        let registry = interceptors(&mut media)?;
 
         let configuration = RTCConfigurationBuilder::new()
             .with_ice_servers(ice_servers(&config.ice_servers))
@@ -327,12 +401,24 @@ impl Peer {
             chat,
             remote_description_set: false,
             pending_candidates: Vec::new(),
+            signaled: Vec::new(),
         })
     }
 
     /// Offerer: creates and applies the offer; returns its SDP.
     pub async fn create_offer(&mut self) -> Result<String, PeerError> {
         let offer = self.pc.create_offer(None).await.map_err(err)?;
+        let sdp = offer.sdp.clone();
+        self.pc.set_local_description(offer).await.map_err(err)?;
+        Ok(sdp)
+    }
+
+    /// Offerer: restarts ICE (new credentials; candidates are gathered again, relay ones
+    /// included) and returns the new offer's SDP. The call, its tracks and the encoder stay.
+    pub async fn restart_ice(&mut self) -> Result<String, PeerError> {
+        self.pc.restart_ice().await.map_err(err)?;
+        let options = rtc::peer_connection::configuration::RTCOfferOptions { ice_restart: true };
+        let offer = self.pc.create_offer(Some(options)).await.map_err(err)?;
         let sdp = offer.sdp.clone();
         self.pc.set_local_description(offer).await.map_err(err)?;
         Ok(sdp)
@@ -365,6 +451,11 @@ impl Peer {
         let Some(c) = candidate else {
             return;
         };
+        if self.signaled.len() < MAX_REMOTE_CANDIDATES
+            && let Some(end) = CandidateEnd::parse(&c.candidate)
+        {
+            self.signaled.push(end);
+        }
         let init = RTCIceCandidateInit {
             candidate: c.candidate,
             sdp_mid: c.sdp_mid,
@@ -376,8 +467,10 @@ impl Peer {
             if let Err(e) = self.pc.add_ice_candidate(init).await {
                 tracing::debug!(error = %e, "remote candidate not usable");
             }
-        } else {
+        } else if self.pending_candidates.len() < MAX_REMOTE_CANDIDATES {
             self.pending_candidates.push(init);
+        } else {
+            tracing::warn!("too many remote candidates before the description; dropped");
         }
     }
 
@@ -401,31 +494,48 @@ impl Peer {
                 report.get(&t.selected_candidate_pair_id)
             {
                 stats.rtt_ms = Some(pair.current_round_trip_time * 1000.0);
-                let kind = |remote: bool, id: &str| {
-                    let prefixed = if remote {
-                        format!("RTCRemoteIceCandidate_{id}")
-                    } else {
-                        format!("RTCLocalIceCandidate_{id}")
+                // Every candidate of the report, and the two ends of the selected pair.
+                let mut known = self.signaled.clone();
+                let mut local = None;
+                let mut remote = None;
+                for e in report.iter() {
+                    let (c, is_remote) = match e {
+                        RTCStatsReportEntry::LocalCandidate(c) => (c, false),
+                        RTCStatsReportEntry::RemoteCandidate(c) => (c, true),
+                        _ => continue,
                     };
-                    report.iter().find_map(|e| match e {
-                        RTCStatsReportEntry::LocalCandidate(c)
-                            if !remote && (c.stats.id == prefixed || c.stats.id == id) =>
-                        {
-                            Some(format!("{}", c.candidate_type))
+                    let end = CandidateEnd {
+                        address: c.address.clone().unwrap_or_default(),
+                        port: c.port,
+                        kind: c.candidate_type.to_string(),
+                    };
+                    let pair_end = if is_remote {
+                        &pair.remote_candidate_id
+                    } else {
+                        &pair.local_candidate_id
+                    };
+                    let prefix = if is_remote {
+                        "RTCRemoteIceCandidate_"
+                    } else {
+                        "RTCLocalIceCandidate_"
+                    };
+                    if c.stats.id == *pair_end || c.stats.id == format!("{prefix}{pair_end}") {
+                        if is_remote {
+                            remote = Some(end.clone());
+                        } else {
+                            local = Some(end.clone());
                         }
-                        RTCStatsReportEntry::RemoteCandidate(c)
-                            if remote && (c.stats.id == prefixed || c.stats.id == id) =>
-                        {
-                            Some(format!("{}", c.candidate_type))
-                        }
-                        _ => None,
-                    })
-                };
-                stats.local_candidate_type = kind(false, &pair.local_candidate_id);
-                // A remote end that was never signaled was learned from the checks
-                // themselves: peer-reflexive (e.g. a symmetric NAT's fresh port).
-                stats.remote_candidate_type =
-                    kind(true, &pair.remote_candidate_id).or_else(|| Some("prflx".to_owned()));
+                    }
+                    known.push(end);
+                }
+                stats.local_candidate_type = local.map(|end| end.resolve(&known));
+                // A remote end that is not in the report at all was learned from the
+                // checks themselves and never signaled: peer-reflexive.
+                stats.remote_candidate_type = Some(
+                    remote
+                        .map(|end| end.resolve(&known))
+                        .unwrap_or_else(|| "prflx".to_owned()),
+                );
                 stats.candidate_type = path_type(
                     stats.local_candidate_type.as_deref(),
                     stats.remote_candidate_type.as_deref(),
@@ -440,6 +550,12 @@ impl Peer {
         }
         for s in report.outbound_rtp_streams() {
             stats.plis_received += u64::from(s.pli_count);
+            stats.nacks_received += u64::from(s.nack_count);
+            stats.retransmitted_packets += s.retransmitted_packets_sent;
+            // One estimate for the connection, reported on every outbound stream.
+            if s.target_bitrate > 0.0 {
+                stats.target_bitrate_bps = Some(s.target_bitrate.round() as u64);
+            }
         }
         stats
     }
@@ -493,6 +609,42 @@ async fn add_track(
     })
 }
 
+/// One end of a candidate pair: where it is and what kind it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CandidateEnd {
+    pub address: String,
+    pub port: u16,
+    /// host, srflx, prflx or relay.
+    pub kind: String,
+}
+
+impl CandidateEnd {
+    /// Reads address, port and type from an SDP candidate attribute
+    /// (`candidate:F 1 udp PRIO ADDRESS PORT typ TYPE ...`, with or without `a=`).
+    pub fn parse(line: &str) -> Option<CandidateEnd> {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let typ = fields.iter().position(|f| *f == "typ")?;
+        Some(CandidateEnd {
+            address: fields.get(4)?.to_string(),
+            port: fields.get(5)?.parse().ok()?,
+            kind: fields.get(typ + 1)?.to_string(),
+        })
+    }
+
+    /// The real type of this end: a peer-reflexive end (learned from a connectivity
+    /// check before, or without, its candidate being signaled) takes the type of a known
+    /// candidate at the same address and port, when there is one.
+    pub fn resolve(&self, known: &[CandidateEnd]) -> String {
+        if self.kind != "prflx" {
+            return self.kind.clone();
+        }
+        known
+            .iter()
+            .find(|k| k.kind != "prflx" && k.address == self.address && k.port == self.port)
+            .map_or_else(|| self.kind.clone(), |k| k.kind.clone())
+    }
+}
+
 /// The path type of a candidate pair from the types of its two ends.
 pub fn path_type(local: Option<&str>, remote: Option<&str>) -> Option<String> {
     let ends = [local?, remote.unwrap_or("host")];
@@ -504,6 +656,41 @@ pub fn path_type(local: Option<&str>, remote: Option<&str>) -> Option<String> {
         "host"
     };
     Some(kind.to_owned())
+}
+
+/// How the network looks to a person, for the stats overlay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkQuality {
+    Good,
+    Weak,
+    Bad,
+}
+
+impl NetworkQuality {
+    /// From packet loss (fraction), round-trip time and the congestion controller's
+    /// estimate: bad when video cannot work well (over 5 % loss, over 400 ms, under
+    /// 300 kbit/s), weak when it must give something up (over 1 %, 200 ms, 800 kbit/s).
+    pub fn assess(loss: f64, rtt_ms: Option<f64>, target_bps: Option<u64>) -> NetworkQuality {
+        let rtt = rtt_ms.unwrap_or(0.0);
+        let target = target_bps.unwrap_or(u64::MAX);
+        if loss > 0.05 || rtt > 400.0 || target < 300_000 {
+            NetworkQuality::Bad
+        } else if loss > 0.01 || rtt > 200.0 || target < 800_000 {
+            NetworkQuality::Weak
+        } else {
+            NetworkQuality::Good
+        }
+    }
+}
+
+impl std::fmt::Display for NetworkQuality {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NetworkQuality::Good => "good",
+            NetworkQuality::Weak => "weak",
+            NetworkQuality::Bad => "bad",
+        })
+    }
 }
 
 /// Numbers for the stats overlay and the report.
@@ -525,4 +712,91 @@ pub struct PeerStats {
     pub nacks_sent: u64,
     pub plis_sent: u64,
     pub plis_received: u64,
+    pub nacks_received: u64,
+    pub retransmitted_packets: u64,
+    /// The congestion controller's estimate of what the path carries (all media).
+    pub target_bitrate_bps: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn end(address: &str, port: u16, kind: &str) -> CandidateEnd {
+        CandidateEnd {
+            address: address.into(),
+            port,
+            kind: kind.into(),
+        }
+    }
+
+    #[test]
+    fn a_candidate_line_gives_address_port_and_type() {
+        let line = "candidate:3884125281 1 udp 2130706431 127.0.0.1 50123 typ host";
+        assert_eq!(
+            CandidateEnd::parse(line),
+            Some(end("127.0.0.1", 50123, "host"))
+        );
+        let relay =
+            "a=candidate:1 1 udp 16777215 203.0.113.7 40000 typ relay raddr 0.0.0.0 rport 5";
+        assert_eq!(
+            CandidateEnd::parse(relay),
+            Some(end("203.0.113.7", 40000, "relay"))
+        );
+        assert_eq!(CandidateEnd::parse("candidate:1 1 udp"), None);
+        assert_eq!(
+            CandidateEnd::parse("candidate:1 1 udp 1 h nope typ host"),
+            None
+        );
+        assert_eq!(CandidateEnd::parse(""), None);
+    }
+
+    #[test]
+    fn a_prflx_end_takes_the_type_of_the_candidate_signaled_at_its_address() {
+        let known = [
+            end("10.0.0.2", 5000, "host"),
+            end("198.51.100.1", 6000, "srflx"),
+            end("127.0.0.1", 7000, "prflx"),
+        ];
+        // Learned from a check before the host candidate arrived: really host.
+        assert_eq!(end("10.0.0.2", 5000, "prflx").resolve(&known), "host");
+        assert_eq!(end("198.51.100.1", 6000, "prflx").resolve(&known), "srflx");
+        // Same address, other port (a symmetric NAT's fresh mapping): stays prflx.
+        assert_eq!(end("198.51.100.1", 6001, "prflx").resolve(&known), "prflx");
+        // Known types are kept as they are.
+        assert_eq!(end("203.0.113.7", 1, "relay").resolve(&known), "relay");
+        assert_eq!(end("127.0.0.1", 7000, "prflx").resolve(&known), "prflx");
+    }
+
+    #[test]
+    fn network_quality_follows_the_worst_signal() {
+        use NetworkQuality::*;
+        assert_eq!(
+            NetworkQuality::assess(0.0, Some(20.0), Some(2_000_000)),
+            Good
+        );
+        assert_eq!(NetworkQuality::assess(0.0, None, None), Good);
+        assert_eq!(NetworkQuality::assess(0.02, Some(20.0), None), Weak);
+        assert_eq!(NetworkQuality::assess(0.0, Some(250.0), None), Weak);
+        assert_eq!(NetworkQuality::assess(0.0, Some(20.0), Some(500_000)), Weak);
+        assert_eq!(NetworkQuality::assess(0.08, Some(20.0), None), Bad);
+        assert_eq!(NetworkQuality::assess(0.0, Some(20.0), Some(200_000)), Bad);
+    }
+
+    #[test]
+    fn the_path_is_relay_then_reflexive_then_host() {
+        assert_eq!(
+            path_type(Some("host"), Some("host")).as_deref(),
+            Some("host")
+        );
+        assert_eq!(
+            path_type(Some("host"), Some("prflx")).as_deref(),
+            Some("srflx")
+        );
+        assert_eq!(
+            path_type(Some("srflx"), Some("relay")).as_deref(),
+            Some("relay")
+        );
+        assert_eq!(path_type(None, Some("host")), None);
+    }
 }

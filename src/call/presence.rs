@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::session::Connection;
+use super::config::Connection;
 use crate::media::picture::Notify;
 use crate::signaling::protocol::{ClientMessage, ErrorCode, IceServer, ServerMessage};
 use crate::signaling::{Client, Incoming};

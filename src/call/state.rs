@@ -7,9 +7,22 @@
 //! odd ones (peer leaves while connecting, server error while joining), is unit-tested
 //! here in microseconds.
 
+use std::time::{Duration, Instant};
+
 use signaling_server::protocol::{
     CallRejectReason, ClientMessage, ErrorCode, IceCandidate, IceServer, LeaveReason, ServerMessage,
 };
+
+/// A connection that has been `disconnected` this long gets an ICE restart.
+pub const ICE_RESTART_AFTER: Duration = Duration::from_secs(2);
+/// While it does not come back, the restart is repeated this often.
+pub const ICE_RESTART_RETRY: Duration = Duration::from_secs(5);
+/// A connection that has not come back after this long ends the call.
+pub const RECONNECT_GIVE_UP: Duration = Duration::from_secs(30);
+/// Chat lines longer than this (bytes) are cut: a peer must not be able to flood the UI.
+pub const MAX_CHAT_BYTES: usize = 4096;
+/// At most this many lines wait for the chat channel to open.
+const MAX_QUEUED_CHAT: usize = 100;
 
 /// Who makes the offer. The spec: the member already in the room offers, the newcomer
 /// answers (and is the polite peer).
@@ -197,6 +210,24 @@ pub enum Event {
     /// Our peer connection found a candidate (`None`: gathering complete).
     LocalCandidate(Option<IceCandidate>),
     Peer(PeerState),
+    /// Creating or negotiating the peer connection failed.
+    PeerFailed {
+        detail: String,
+    },
+    /// ICE servers from the `welcome` of a connection opened before this call.
+    IceServers(Vec<IceServer>),
+    /// The chat data channel is open.
+    ChatOpen,
+    /// The user typed a chat line.
+    ChatTyped(String),
+    /// The other person sent a chat line.
+    ChatReceived(String),
+    /// The user turned the microphone on (true) or muted it.
+    Microphone(bool),
+    /// The user turned the camera on (true) or off.
+    Camera(bool),
+    /// Time has passed: the deadline from [`Call::poll_timeout`] may be due.
+    Timeout,
     HangUp,
 }
 
@@ -214,6 +245,18 @@ pub enum Action {
     /// Candidates are handed over in arrival order; the peer queues them until it has
     /// the remote description.
     RemoteCandidate(Option<IceCandidate>),
+    /// The media connection is up for the first time: start sending.
+    StartMedia,
+    /// Restart ICE (new credentials, candidates gathered again) and offer again.
+    RestartIce,
+    /// Send this chat line over the data channel.
+    SendChat(String),
+    /// Show a received chat line.
+    ShowChat(String),
+    /// Send the microphone (true) or silence.
+    SetMicrophone(bool),
+    /// Open the camera (true) or release it and send black.
+    SetCamera(bool),
     /// Close the peer connection and stop the devices.
     ClosePeer,
     /// Close the signaling connection.
@@ -224,12 +267,23 @@ pub enum Action {
 #[derive(Debug)]
 pub struct Call {
     state: CallState,
+    /// The time of the latest timed event ([`Call::handle_at`]); the machine has no clock.
+    now: Option<Instant>,
     ice_servers: Vec<IceServer>,
     peer_started: bool,
+    media_started: bool,
+    /// Since when the media connection has been down (while reconnecting).
+    down_since: Option<Instant>,
+    /// When we last restarted ICE (while reconnecting).
+    restarted_at: Option<Instant>,
     host: bool,
     own_peer_id: Option<String>,
     peer_id: Option<String>,
     peer_name: Option<String>,
+    chat_open: bool,
+    chat_queue: Vec<String>,
+    microphone_on: bool,
+    camera_on: bool,
 }
 
 impl Default for Call {
@@ -242,13 +296,65 @@ impl Call {
     pub fn new() -> Call {
         Call {
             state: CallState::Idle,
+            now: None,
             ice_servers: Vec::new(),
             peer_started: false,
+            media_started: false,
+            down_since: None,
+            restarted_at: None,
             host: false,
             own_peer_id: None,
             peer_id: None,
             peer_name: None,
+            chat_open: false,
+            chat_queue: Vec::new(),
+            microphone_on: true,
+            camera_on: true,
         }
+    }
+
+    pub fn microphone_on(&self) -> bool {
+        self.microphone_on
+    }
+
+    pub fn camera_on(&self) -> bool {
+        self.camera_on
+    }
+
+    /// When the machine wants an [`Event::Timeout`] even if nothing else happens.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let since = self.down_since?;
+        if self.state.is_ended() {
+            return None;
+        }
+        let give_up = since + RECONNECT_GIVE_UP;
+        let restart = match self.restarted_at {
+            Some(t) => t + ICE_RESTART_RETRY,
+            None => since + ICE_RESTART_AFTER,
+        };
+        Some(if self.restarts() {
+            restart.min(give_up)
+        } else {
+            give_up
+        })
+    }
+
+    /// Whether we restart ICE when the connection is lost: the offerer does (the
+    /// newcomer, the answerer, is the polite peer and answers the new offer).
+    fn restarts(&self) -> bool {
+        matches!(
+            self.state,
+            CallState::Reconnecting {
+                role: Role::Offerer,
+                ..
+            }
+        )
+    }
+
+    /// Applies one event that happened at `now` and returns what to do, in order.
+    pub fn handle_at(&mut self, now: Instant, event: Event) -> Vec<Action> {
+        self.now = Some(self.now.map_or(now, |n| n.max(now)));
+        self.handle(event)
     }
 
     /// Whether we are the room's host (may end it for both).
@@ -270,7 +376,7 @@ impl Call {
         &self.ice_servers
     }
 
-    /// Applies one event and returns what to do, in order.
+    /// Applies one event, at the time of the previous one, and returns what to do.
     pub fn handle(&mut self, event: Event) -> Vec<Action> {
         if self.state.is_ended() {
             return Vec::new(); // an ended call stays ended; a new call is a new machine
@@ -318,12 +424,7 @@ impl Call {
                 vec![Action::Send(ClientMessage::Candidate { candidate })]
             }
             Event::Peer(PeerState::Disconnected) => {
-                if let CallState::InCall { room, role } = &self.state {
-                    self.state = CallState::Reconnecting {
-                        room: room.clone(),
-                        role: *role,
-                    };
-                }
+                self.connection_lost();
                 Vec::new()
             }
             Event::Peer(PeerState::Connected) => {
@@ -335,17 +436,109 @@ impl Call {
                         role: *role,
                     };
                 }
-                Vec::new()
+                self.down_since = None;
+                self.restarted_at = None;
+                if self.media_started || !matches!(self.state, CallState::InCall { .. }) {
+                    Vec::new()
+                } else {
+                    self.media_started = true;
+                    vec![Action::StartMedia]
+                }
             }
             Event::Peer(PeerState::Failed) => {
+                if !self.peer_started {
+                    Vec::new()
+                } else if self.media_started {
+                    // It worked before: ICE restart may bring it back (offerer at once).
+                    self.connection_lost();
+                    if self.restarts() && self.restarted_at.is_none() {
+                        self.restarted_at = self.now;
+                        vec![Action::RestartIce]
+                    } else {
+                        Vec::new()
+                    }
+                } else {
+                    self.end(EndReason::ConnectionFailed, true)
+                }
+            }
+            Event::PeerFailed { detail } => {
+                tracing::error!(%detail, "peer connection");
                 if self.peer_started {
                     self.end(EndReason::ConnectionFailed, true)
                 } else {
                     Vec::new()
                 }
             }
+            Event::IceServers(servers) => {
+                self.ice_servers = servers;
+                Vec::new()
+            }
+            Event::ChatOpen => {
+                self.chat_open = true;
+                std::mem::take(&mut self.chat_queue)
+                    .into_iter()
+                    .map(Action::SendChat)
+                    .collect()
+            }
+            Event::ChatTyped(text) => {
+                let text = cap_chat(text);
+                if self.chat_open {
+                    vec![Action::SendChat(text)]
+                } else {
+                    if self.chat_queue.len() < MAX_QUEUED_CHAT {
+                        self.chat_queue.push(text);
+                    }
+                    Vec::new()
+                }
+            }
+            Event::ChatReceived(text) => vec![Action::ShowChat(cap_chat(text))],
+            Event::Microphone(on) => {
+                if std::mem::replace(&mut self.microphone_on, on) == on {
+                    Vec::new()
+                } else {
+                    vec![Action::SetMicrophone(on)]
+                }
+            }
+            Event::Camera(on) => {
+                if std::mem::replace(&mut self.camera_on, on) == on {
+                    Vec::new()
+                } else {
+                    vec![Action::SetCamera(on)]
+                }
+            }
+            Event::Timeout => self.timeout(),
             Event::HangUp => self.end(EndReason::HungUp, true),
         }
+    }
+
+    /// The media connection went down (disconnected or failed) after it had been up.
+    fn connection_lost(&mut self) {
+        if let CallState::InCall { room, role } = &self.state {
+            self.state = CallState::Reconnecting {
+                room: room.clone(),
+                role: *role,
+            };
+        }
+        if matches!(self.state, CallState::Reconnecting { .. })
+            && let Some(now) = self.now
+        {
+            self.down_since.get_or_insert(now);
+        }
+    }
+
+    fn timeout(&mut self) -> Vec<Action> {
+        let (Some(since), Some(now)) = (self.down_since, self.now) else {
+            return Vec::new();
+        };
+        if now >= since + RECONNECT_GIVE_UP {
+            return self.end(EndReason::ConnectionFailed, true);
+        }
+        let due = self.poll_timeout().is_some_and(|t| now >= t);
+        if due && self.restarts() {
+            self.restarted_at = Some(now);
+            return vec![Action::RestartIce];
+        }
+        Vec::new()
     }
 
     fn join(
@@ -509,6 +702,7 @@ impl Call {
     }
 
     /// Ends the call; `leave` says whether the server still has us in a room.
+    /// (Also forgets any reconnect deadline: an ended call wants no more time.)
     fn end(&mut self, reason: EndReason, leave: bool) -> Vec<Action> {
         let mut actions = Vec::new();
         if leave && self.state.in_room() {
@@ -519,8 +713,22 @@ impl Call {
         }
         actions.push(Action::Disconnect);
         self.state = CallState::Ended(reason);
+        self.down_since = None;
         actions
     }
+}
+
+/// Cuts a chat line to [`MAX_CHAT_BYTES`] (at a character boundary).
+fn cap_chat(mut text: String) -> String {
+    if text.len() > MAX_CHAT_BYTES {
+        let mut end = MAX_CHAT_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
 }
 
 #[cfg(test)]
@@ -656,10 +864,21 @@ mod tests {
             CallState::Ended(EndReason::Refused { .. })
         ));
 
+        // Failing before it ever connected ends the call (nothing to restart).
         let mut call = Call::new();
         start(&mut call);
         call.handle(joined(2));
         let a = call.handle(Event::Peer(PeerState::Failed));
+        assert_eq!(a.len(), 3);
+        assert_eq!(call.state(), &CallState::Ended(EndReason::ConnectionFailed));
+
+        // So does an error creating or negotiating the connection.
+        let mut call = Call::new();
+        start(&mut call);
+        call.handle(joined(2));
+        let a = call.handle(Event::PeerFailed {
+            detail: "bad SDP".into(),
+        });
         assert_eq!(a.len(), 3);
         assert_eq!(call.state(), &CallState::Ended(EndReason::ConnectionFailed));
 
@@ -804,11 +1023,158 @@ mod tests {
         let mut call = Call::new();
         start(&mut call);
         call.handle(joined(2));
-        call.handle(Event::Peer(PeerState::Connected));
+        assert_eq!(
+            call.handle(Event::Peer(PeerState::Connected)),
+            [Action::StartMedia]
+        );
         call.handle(Event::Peer(PeerState::Disconnected));
         assert_eq!(call.state().describe(), "reconnecting…");
-        call.handle(Event::Peer(PeerState::Connected));
+        assert!(
+            call.handle(Event::Peer(PeerState::Connected)).is_empty(),
+            "media keeps running: not started twice"
+        );
         assert_eq!(call.state().describe(), "connected");
+        assert_eq!(call.poll_timeout(), None);
+    }
+
+    /// An offerer in a call, connected at `t`.
+    fn offerer_in_call(t: Instant) -> Call {
+        let mut call = Call::new();
+        call.handle_at(t, Event::IceServers(Vec::new()));
+        start(&mut call);
+        call.handle(joined(1));
+        call.handle(Event::Server(ServerMessage::PeerJoined {
+            peer_id: "p".into(),
+            name: None,
+        }));
+        assert_eq!(
+            call.handle(Event::Peer(PeerState::Connected)),
+            [Action::StartMedia]
+        );
+        call
+    }
+
+    #[test]
+    fn a_connection_down_for_two_seconds_gets_an_ice_restart_then_retries_then_gives_up() {
+        let t = Instant::now();
+        let mut call = offerer_in_call(t);
+        call.handle_at(t, Event::Peer(PeerState::Disconnected));
+        assert_eq!(call.poll_timeout(), Some(t + ICE_RESTART_AFTER));
+        // Not yet.
+        let early = t + ICE_RESTART_AFTER / 2;
+        assert!(call.handle_at(early, Event::Timeout).is_empty());
+        // Two seconds down: restart.
+        let t1 = t + ICE_RESTART_AFTER;
+        assert_eq!(call.handle_at(t1, Event::Timeout), [Action::RestartIce]);
+        assert_eq!(call.poll_timeout(), Some(t1 + ICE_RESTART_RETRY));
+        let t2 = t1 + ICE_RESTART_RETRY;
+        assert_eq!(call.handle_at(t2, Event::Timeout), [Action::RestartIce]);
+        // The new offer goes out like the first.
+        assert_eq!(
+            call.handle_at(
+                t2,
+                Event::LocalDescription {
+                    sdp: "restart".into(),
+                    role: Role::Offerer
+                }
+            ),
+            [Action::Send(ClientMessage::Offer {
+                sdp: "restart".into()
+            })]
+        );
+        // Never back: the call ends after the give-up time, and leaves the room.
+        let end = t + RECONNECT_GIVE_UP;
+        assert!(call.poll_timeout().is_some_and(|d| d <= end));
+        let a = call.handle_at(end, Event::Timeout);
+        assert_eq!(a[0], Action::Send(ClientMessage::Leave));
+        assert_eq!(call.state(), &CallState::Ended(EndReason::ConnectionFailed));
+        assert_eq!(call.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_failed_connection_is_restarted_at_once_by_the_offerer_and_waited_for_by_the_answerer() {
+        let t = Instant::now();
+        let mut call = offerer_in_call(t);
+        assert_eq!(
+            call.handle_at(t, Event::Peer(PeerState::Failed)),
+            [Action::RestartIce]
+        );
+        assert_eq!(call.state().describe(), "reconnecting…");
+        // Back before the retry: the deadline goes away, media is not restarted.
+        assert!(
+            call.handle_at(
+                t + Duration::from_secs(1),
+                Event::Peer(PeerState::Connected)
+            )
+            .is_empty()
+        );
+        assert_eq!(call.poll_timeout(), None);
+
+        // The answerer (polite) does not restart; it answers the offerer's new offer.
+        let mut call = Call::new();
+        call.handle_at(t, Event::IceServers(Vec::new()));
+        start(&mut call);
+        call.handle(joined(2));
+        call.handle(Event::Peer(PeerState::Connected));
+        assert!(call.handle_at(t, Event::Peer(PeerState::Failed)).is_empty());
+        assert!(
+            call.handle_at(t + ICE_RESTART_AFTER * 2, Event::Timeout)
+                .is_empty()
+        );
+        assert_eq!(
+            call.handle(Event::Server(ServerMessage::Offer {
+                from: "p".into(),
+                sdp: "restart".into()
+            })),
+            [Action::RemoteOffer("restart".into())]
+        );
+        assert_eq!(call.poll_timeout(), Some(t + RECONNECT_GIVE_UP));
+    }
+
+    #[test]
+    fn chat_waits_for_the_channel_and_long_lines_are_cut() {
+        let mut call = offerer_in_call(Instant::now());
+        assert!(call.handle(Event::ChatTyped("early".into())).is_empty());
+        assert_eq!(
+            call.handle(Event::ChatOpen),
+            [Action::SendChat("early".into())]
+        );
+        assert_eq!(
+            call.handle(Event::ChatTyped("now".into())),
+            [Action::SendChat("now".into())]
+        );
+        let flood = "é".repeat(MAX_CHAT_BYTES);
+        match &call.handle(Event::ChatReceived(flood))[..] {
+            [Action::ShowChat(text)] => {
+                assert!(
+                    text.len() <= MAX_CHAT_BYTES + '…'.len_utf8(),
+                    "{}",
+                    text.len()
+                );
+                assert!(text.ends_with('…'));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn camera_and_microphone_switch_once_per_change() {
+        let mut call = Call::new();
+        assert!(call.camera_on() && call.microphone_on());
+        assert_eq!(
+            call.handle(Event::Camera(false)),
+            [Action::SetCamera(false)]
+        );
+        assert!(call.handle(Event::Camera(false)).is_empty());
+        assert!(!call.camera_on());
+        assert_eq!(
+            call.handle(Event::Microphone(false)),
+            [Action::SetMicrophone(false)]
+        );
+        assert_eq!(
+            call.handle(Event::Microphone(true)),
+            [Action::SetMicrophone(true)]
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! H.264 with openh264: an encoder set up for calls (constrained baseline, bitrate rate
 //! control with frame skipping, which openh264 needs to hold a bitrate; a skipped frame
-//! yields no access unit), periodic IDR with SPS/PPS and a decoder that turns
-//! access units back into I420 frames.
+//! yields no access unit; bitrate and frame rate changed while running, without a
+//! keyframe; IDRs with SPS/PPS on request and at a long safety interval) and a decoder that
+//! turns access units back into I420 frames.
 
 use openh264::OpenH264API;
 use openh264::decoder::Decoder;
@@ -14,12 +15,18 @@ use openh264::formats::YUVSource as _;
 use super::MediaError;
 use super::video::VideoFrame;
 
+/// The lowest bitrate the encoder is asked for (openh264's own floor is lower, but below
+/// this a picture is not worth sending).
+pub const MIN_BITRATE_BPS: u32 = 50_000;
+
 /// How to encode.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EncoderSettings {
     pub bitrate_bps: u32,
     pub fps: f32,
-    /// An IDR at least this often (frames).
+    /// An IDR at least this often (frames). Receivers ask for keyframes when they need
+    /// one, so this is only a safety net: periodic IDRs on a thin link cause the loss they
+    /// are meant to repair.
     pub keyframe_interval: u32,
 }
 
@@ -28,7 +35,7 @@ impl Default for EncoderSettings {
         EncoderSettings {
             bitrate_bps: 1_500_000,
             fps: 30.0,
-            keyframe_interval: 90,
+            keyframe_interval: 900,
         }
     }
 }
@@ -43,7 +50,14 @@ pub struct EncodedFrame {
 /// The encoder. Not `Sync`; lives on the encoding thread.
 pub struct H264Encoder {
     inner: Encoder,
+    /// What is wanted now (bitrate and frame rate change while running).
     settings: EncoderSettings,
+    /// The bitrate and frame rate the encoder was built with; it returns to them when the
+    /// picture size changes (openh264 re-initialises from its build configuration).
+    built: EncoderSettings,
+    /// What the running encoder uses; None until its first frame (it is set up then).
+    applied: Option<(u32, f32)>,
+    size: Option<(usize, usize)>,
     keyframe_requested: bool,
 }
 
@@ -58,6 +72,9 @@ fn config(s: EncoderSettings) -> EncoderConfig {
         .complexity(Complexity::Low)
         .sps_pps_strategy(SpsPpsStrategy::ConstantId)
         .intra_frame_period(IntraFramePeriod::from_num_frames(s.keyframe_interval))
+        // A "scene change" IDR is many packets sent unasked; on a thin link it causes the
+        // loss it is meant to avoid. Receivers ask for keyframes when they need one.
+        .scene_change_detect(false)
         .num_threads(1)
 }
 
@@ -68,6 +85,9 @@ impl H264Encoder {
         Ok(H264Encoder {
             inner,
             settings,
+            built: settings,
+            applied: None,
+            size: None,
             keyframe_requested: false,
         })
     }
@@ -81,29 +101,52 @@ impl H264Encoder {
         self.settings
     }
 
-    /// Changes the target bitrate while running. openh264's safe API has no runtime
-    /// bitrate setter, so the encoder is rebuilt; the next frame is an IDR.
-    pub fn set_bitrate(&mut self, bps: u32) -> Result<(), MediaError> {
-        if bps == self.settings.bitrate_bps {
-            return Ok(());
-        }
-        let settings = EncoderSettings {
-            bitrate_bps: bps,
-            ..self.settings
+    /// Changes the target bitrate, from the next frame on, without a keyframe.
+    pub fn set_bitrate(&mut self, bps: u32) {
+        self.settings.bitrate_bps = bps.max(MIN_BITRATE_BPS);
+    }
+
+    /// Changes the frame rate the rate control budgets for, from the next frame on.
+    pub fn set_frame_rate(&mut self, fps: f32) {
+        self.settings.fps = fps.clamp(1.0, 60.0);
+    }
+
+    /// Brings the running encoder to the wanted bitrate and frame rate.
+    fn apply_rates(&mut self) {
+        let Some((bps, fps)) = self.applied else {
+            return; // not set up yet: refused until the first frame
         };
-        *self = H264Encoder::new(settings)?;
-        Ok(())
+        let want = (self.settings.bitrate_bps, self.settings.fps);
+        if bps != want.0 {
+            match super::openh264_rate::set_bitrate(&mut self.inner, bps, want.0) {
+                Ok(()) => self.applied = Some((want.0, fps)),
+                Err(e) => tracing::warn!(error = %e, bps = want.0, "setting the bitrate"),
+            }
+        }
+        if fps != want.1 {
+            match super::openh264_rate::set_frame_rate(&mut self.inner, want.1) {
+                Ok(()) => self.applied = self.applied.map(|(b, _)| (b, want.1)),
+                Err(e) => tracing::warn!(error = %e, fps = want.1, "setting the frame rate"),
+            }
+        }
     }
 
     /// Encodes one frame; `None` if the encoder produced nothing for it.
     pub fn encode(&mut self, frame: &VideoFrame) -> Result<Option<EncodedFrame>, MediaError> {
+        self.apply_rates();
         if std::mem::take(&mut self.keyframe_requested) {
             self.inner.force_intra_frame();
         }
+        let size = Some((frame.width, frame.height));
         let stream = self
             .inner
             .encode(frame)
             .map_err(|e| MediaError::Codec(format!("openh264 encode: {e}")))?;
+        if self.size != size {
+            // (Re)initialised from the build configuration: rates go back to those.
+            self.size = size;
+            self.applied = Some((self.built.bitrate_bps, self.built.fps));
+        }
         let keyframe = matches!(stream.frame_type(), FrameType::IDR | FrameType::I);
         if matches!(stream.frame_type(), FrameType::Skip | FrameType::Invalid) {
             return Ok(None);
@@ -199,13 +242,36 @@ mod tests {
     }
 
     #[test]
-    fn bitrate_change_keeps_encoding() {
-        let mut pattern = TestPattern::new(320, 240, 30.0, false);
-        let mut enc = H264Encoder::new(EncoderSettings::default()).unwrap();
-        enc.encode(&pattern.next_frame().unwrap()).unwrap();
-        enc.set_bitrate(300_000).unwrap();
-        let au = enc.encode(&pattern.next_frame().unwrap()).unwrap().unwrap();
-        assert!(au.keyframe);
-        assert_eq!(enc.settings().bitrate_bps, 300_000);
+    fn the_bitrate_follows_the_target_both_ways_without_a_keyframe() {
+        let mut pattern = TestPattern::new(640, 360, 30.0, true);
+        let mut enc = H264Encoder::new(EncoderSettings {
+            bitrate_bps: 2_000_000,
+            ..EncoderSettings::default()
+        })
+        .unwrap();
+        // Two seconds at each rate; bytes and keyframes per stretch.
+        let mut stretch = |enc: &mut H264Encoder| {
+            let (mut bytes, mut keyframes) = (0usize, 0);
+            for _ in 0..60 {
+                if let Some(au) = enc.encode(&pattern.next_frame().unwrap()).unwrap() {
+                    bytes += au.data.len();
+                    keyframes += usize::from(au.keyframe);
+                }
+            }
+            (bytes * 8 / 2, keyframes)
+        };
+        let (high, first_keyframes) = stretch(&mut enc);
+        assert_eq!(first_keyframes, 1, "the stream starts with one keyframe");
+        enc.set_bitrate(300_000);
+        let (low, keyframes) = stretch(&mut enc);
+        assert_eq!(keyframes, 0, "lowering the bitrate costs no keyframe");
+        enc.set_bitrate(2_000_000);
+        let (again, keyframes) = stretch(&mut enc);
+        assert_eq!(keyframes, 0, "raising it neither");
+        eprintln!("bps: {high} -> {low} -> {again}");
+        assert!(low < 450_000, "{low} bit/s at a 300 kbit/s target");
+        assert!(low * 2 < high, "{high} then {low}");
+        assert!(again > low * 2, "back up: {low} then {again}");
+        assert_eq!(enc.settings().bitrate_bps, 2_000_000);
     }
 }

@@ -3,19 +3,26 @@
 //! `source -> encoder -> track -> network -> depacketizer -> decoder -> sink`.
 //!
 //! - [`video`]: I420 frames, the `VideoSource` trait, test pattern + strip, Y4M files.
-//! - [`h264`]: H.264 encoding/decoding with openh264, and RTP depacketizing into access units.
+//! - [`h264`]: H.264 encoding/decoding with openh264.
+//! - [`openh264_rate`]: bitrate and frame rate changes while encoding (the crate's only
+//!   `unsafe`: two openh264 `SetOption` calls).
+//! - [`assembler`]: received H.264 RTP packets -> complete access units, waiting for
+//!   retransmissions and deciding when to ask for a keyframe (pure, unit-tested).
 //! - [`audio`]: 48 kHz mono PCM, the `AudioSource` trait, sine and WAV sources, Opus, sinks.
 //! - [`device`]: the real microphone and speaker (cpal) behind the same traits.
 //! - [`camera`]: the real camera (nokhwa) as a `VideoSource`, and pixel format conversion.
 //! - [`capture`]: a video source on its own thread, feeding the encoder and a self-view.
 //! - [`picture`]: RGBA pictures for a display and the slot the newest one waits in.
 
+pub mod assembler;
 pub mod audio;
 pub mod camera;
 pub mod capture;
 pub mod device;
 pub mod h264;
+pub mod openh264_rate;
 pub mod picture;
+pub mod sources;
 pub mod video;
 
 /// The real devices present, by name (for pickers and `duet devices`).

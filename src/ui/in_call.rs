@@ -294,15 +294,28 @@ fn stats_overlay(ui: &egui::Ui, area: egui::Rect, c: &InCall) {
     } else {
         "-".into()
     };
+    let encoder_kbps = s.encoder_bitrate_bps / 1000;
     drop(s);
     let p = &c.live.peer;
     let total = p.packets_received + p.packets_lost;
+    let loss_fraction = if total > 0 {
+        p.packets_lost as f64 / total as f64
+    } else {
+        0.0
+    };
     let loss = if total > 0 {
-        format!("{:.1} %", p.packets_lost as f64 * 100.0 / total as f64)
+        format!("{:.1} %", loss_fraction * 100.0)
     } else {
         "-".into()
     };
+    let network =
+        crate::call::peer::NetworkQuality::assess(loss_fraction, p.rtt_ms, p.target_bitrate_bps);
+    let estimate = p
+        .target_bitrate_bps
+        .map_or("-".into(), |b| format!("{} kbit/s", b / 1000));
     let lines = [
+        ("network", format!("{network} (estimate {estimate})")),
+        ("sending", format!("video at {encoder_kbps} kbit/s")),
         ("resolution", resolution),
         ("fps", format!("{:.0}", c.rates.fps)),
         (

@@ -157,7 +157,7 @@ impl App {
                 self.runtime.spawn_blocking(move || {
                     drop(old); // release the previous camera first
                     let mut warnings = Vec::new();
-                    let source = crate::call::session::open_video(&choice.input(), &mut warnings);
+                    let source = crate::media::sources::open_video(&choice.input(), &mut warnings);
                     let capture = Capture::start(source);
                     capture.preview_into(slot, notify.clone());
                     if let Some(n) = notify {

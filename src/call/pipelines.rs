@@ -1,10 +1,15 @@
 //! The call's media pipelines and what they measure.
 //!
 //! Sending: a thread per medium encodes (CPU work stays off the async runtime; video
-//! frames come from a [`crate::media::capture::Capture`] thread) and hands access units / Opus packets over a channel to an async writer that
-//! puts them on the WebRTC track. Receiving: an async reader depacketizes RTP (H.264
-//! access units are complete at the marker bit, no extra frame of delay) and hands them
-//! to a decoder thread that feeds the sinks. Every stage records into [`MediaStats`].
+//! frames come from a [`crate::media::capture::Capture`] thread) and hands access units /
+//! Opus packets over a channel to an async writer that puts them on the WebRTC track.
+//!
+//! Receiving video: an async reader feeds RTP packets to a
+//! [`FrameAssembler`](crate::media::assembler::FrameAssembler), which hands out complete
+//! access units in order (waiting about one round trip for a retransmitted packet) and
+//! decides when to send a keyframe request; a decoder thread decodes and feeds the sinks.
+//! Receiving audio: one async task puts packets through the jitter buffer and Opus decoder
+//! (both cheap) into the audio sink. Every stage records into [`MediaStats`].
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,14 +20,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rtc::media::Sample;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
-use rtc::rtp::codec::h264::H264Packet;
-use rtc::rtp::packetizer::Depacketizer as _;
 use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use tokio::sync::mpsc;
+use tokio::time::sleep_until as tokio_sleep_until;
 use webrtc::media_stream::track_local::{TrackLocal as _, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 
-use super::peer::{LocalTrack, is_keyframe_request};
+use super::peer::{LocalTrack, PeerStats, is_keyframe_request};
+use crate::media::assembler::{AccessUnit, Assembled, FrameAssembler};
 use crate::media::audio::{
     AudioSink, AudioSource, JitterBuffer, OpusDecoder, OpusEncoder, Playout, SAMPLE_RATE,
 };
@@ -45,10 +50,17 @@ pub struct MediaStats {
     pub video_bytes_sent: u64,
     pub keyframes_sent: u64,
     pub keyframe_requests_received: u64,
+    /// PLIs we sent (the assembler's decisions).
+    pub keyframe_requests_sent: u64,
+    /// The bitrate the video encoder is asked for now.
+    pub encoder_bitrate_bps: u32,
     pub audio_frames_sent: u64,
     pub video_frames_received: u64,
     pub video_frames_decoded: u64,
+    /// Frames given up (a packet never came) or dropped waiting for a keyframe.
     pub video_frames_broken: u64,
+    /// Frames completed by a retransmitted (or reordered) packet.
+    pub video_frames_repaired: u64,
     pub video_bytes_received: u64,
     pub first_decoded_at: Option<Instant>,
     pub last_decoded_at: Option<Instant>,
@@ -57,7 +69,12 @@ pub struct MediaStats {
     pub last_frame_number: Option<u32>,
     pub strip_frames: u64,
     pub frames_out_of_order: u64,
+    /// Decoded frames whose strip repeats the previous frame number.
     pub frozen_frames: u64,
+    /// Freezes as WebRTC statistics define them (see [`FreezeDetector`]).
+    pub freezes: FreezeDetector,
+    /// One sample per second of the call (rates, estimate, repair counters).
+    pub timeline: Vec<Second>,
     pub lost_frames: u64,
     pub psnr_db: Vec<f64>,
     pub encode_us: Vec<u32>,
@@ -84,10 +101,13 @@ impl MediaStats {
             video_bytes_sent: 0,
             keyframes_sent: 0,
             keyframe_requests_received: 0,
+            keyframe_requests_sent: 0,
+            encoder_bitrate_bps: 0,
             audio_frames_sent: 0,
             video_frames_received: 0,
             video_frames_decoded: 0,
             video_frames_broken: 0,
+            video_frames_repaired: 0,
             video_bytes_received: 0,
             first_decoded_at: None,
             last_decoded_at: None,
@@ -96,6 +116,8 @@ impl MediaStats {
             strip_frames: 0,
             frames_out_of_order: 0,
             frozen_frames: 0,
+            freezes: FreezeDetector::default(),
+            timeline: Vec::new(),
             lost_frames: 0,
             psnr_db: Vec::new(),
             encode_us: Vec::new(),
@@ -107,6 +129,105 @@ impl MediaStats {
             audio_tail: VecDeque::new(),
             chat_sent: Vec::new(),
             chat_received: Vec::new(),
+        }
+    }
+}
+
+impl MediaStats {
+    /// Adds a sample to the timeline, at most one a second.
+    pub fn record_second(&mut self, peer: &PeerStats) {
+        let t = self.started.elapsed();
+        let last = self.timeline.last();
+        if last.is_some_and(|l| t.as_secs_f64() - l.t_s < 0.99) {
+            return;
+        }
+        let kbps = |now: u64, before: u64, secs: f64| {
+            (secs > 0.0)
+                .then(|| ((now.saturating_sub(before)) as f64 * 8.0 / secs / 1000.0).round())
+        };
+        let (secs, sent_before, received_before) = match last {
+            Some(l) => (t.as_secs_f64() - l.t_s, l.bytes_sent, l.bytes_received),
+            None => (0.0, 0, 0),
+        };
+        let sample = Second {
+            t_s: (t.as_secs_f64() * 10.0).round() / 10.0,
+            target_kbps: peer.target_bitrate_bps.map(|b| (b as f64 / 1000.0).round()),
+            encoder_kbps: f64::from(self.encoder_bitrate_bps / 1000),
+            sent_kbps: kbps(peer.bytes_sent, sent_before, secs),
+            received_kbps: kbps(peer.bytes_received, received_before, secs),
+            rtt_ms: peer.rtt_ms.map(|r| (r * 10.0).round() / 10.0),
+            packets_lost: peer.packets_lost,
+            nacks_sent: peer.nacks_sent,
+            retransmitted_packets: peer.retransmitted_packets,
+            plis_sent: peer.plis_sent,
+            plis_received: peer.plis_received,
+            keyframes_sent: self.keyframes_sent,
+            frames_decoded: self.video_frames_decoded,
+            frames_repaired: self.video_frames_repaired,
+            frames_broken: self.video_frames_broken,
+            freezes: self.freezes.count,
+            bytes_sent: peer.bytes_sent,
+            bytes_received: peer.bytes_received,
+        };
+        self.timeline.push(sample);
+    }
+}
+
+/// One second of a call, for the report's timeline. Counters are totals so far.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Second {
+    pub t_s: f64,
+    /// The congestion controller's estimate for all media.
+    pub target_kbps: Option<f64>,
+    /// What the video encoder is asked for.
+    pub encoder_kbps: f64,
+    /// Bytes on the wire (all media, headers, retransmissions) over the last second.
+    pub sent_kbps: Option<f64>,
+    pub received_kbps: Option<f64>,
+    pub rtt_ms: Option<f64>,
+    pub packets_lost: u64,
+    pub nacks_sent: u64,
+    pub retransmitted_packets: u64,
+    pub plis_sent: u64,
+    pub plis_received: u64,
+    pub keyframes_sent: u64,
+    pub frames_decoded: u64,
+    pub frames_repaired: u64,
+    pub frames_broken: u64,
+    pub freezes: u64,
+    #[serde(skip)]
+    bytes_sent: u64,
+    #[serde(skip)]
+    bytes_received: u64,
+}
+
+/// Freezes as the WebRTC statistics spec defines them: a frame whose inter-frame delay
+/// exceeds max(3 x the average, the average + 150 ms), the average taken over the last
+/// 30 frames before it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FreezeDetector {
+    last: Option<Instant>,
+    recent: VecDeque<Duration>,
+    pub count: u64,
+    pub total: Duration,
+}
+
+impl FreezeDetector {
+    /// A frame was rendered (decoded) at `at`.
+    pub fn frame(&mut self, at: Instant) {
+        if let Some(last) = self.last.replace(at) {
+            let delay = at.saturating_duration_since(last);
+            if !self.recent.is_empty() {
+                let average = self.recent.iter().sum::<Duration>() / self.recent.len() as u32;
+                if delay > (average * 3).max(average + Duration::from_millis(150)) {
+                    self.count += 1;
+                    self.total += delay;
+                }
+            }
+            self.recent.push_back(delay);
+            if self.recent.len() > 30 {
+                self.recent.pop_front();
+            }
         }
     }
 }
@@ -131,6 +252,10 @@ impl StatsHandle {
 #[derive(Default)]
 pub struct Pipelines {
     stop: Arc<AtomicBool>,
+    /// The connection's round-trip time, for the receivers' repair waits.
+    rtt: RttWatch,
+    /// To the video encoder thread, once it runs.
+    encoder_control: Option<std::sync::mpsc::Sender<EncoderControl>>,
     threads: Vec<JoinHandle<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -138,6 +263,11 @@ pub struct Pipelines {
 impl Pipelines {
     pub fn new() -> Pipelines {
         Pipelines::default()
+    }
+
+    /// Tells the receivers the connection's current round-trip time.
+    pub fn set_rtt(&self, rtt: Duration) {
+        self.rtt.0.send_replace(rtt);
     }
 
     /// Stops every thread and task and waits for them.
@@ -156,8 +286,8 @@ impl Pipelines {
         .await;
     }
 
-    /// Video: capture and encode on a thread, write samples from a task; answer
-    /// keyframe requests.
+    /// Video: encode on a thread, write samples from a task; keyframe requests (PLI/FIR)
+    /// and bitrate targets reach the encoder through one control channel.
     ///
     /// Frames come from a [`crate::media::capture::Capture`] through `frames`. When none
     /// come (the camera is off), a black frame of the last size goes out every 250 ms so
@@ -170,9 +300,9 @@ impl Pipelines {
         stats: StatsHandle,
     ) {
         let (tx, mut rx) = mpsc::channel::<(Bytes, Duration)>(8);
+        let (control_tx, control) = std::sync::mpsc::channel::<EncoderControl>();
+        self.encoder_control = Some(control_tx.clone());
         let stop = self.stop.clone();
-        let keyframe = Arc::new(AtomicBool::new(false));
-        let keyframe_flag = keyframe.clone();
         let thread_stats = stats.clone();
         let spawned = std::thread::Builder::new()
             .name("duet-video-send".into())
@@ -187,6 +317,7 @@ impl Pipelines {
                 // Frames captured before the call connected are stale: skip them.
                 while frames.try_recv().is_ok() {}
                 let mut last_sample = Instant::now();
+                let mut keyframes = KeyframePacer::default();
                 let mut size = (640, 360);
                 while !stop.load(Ordering::Relaxed) {
                     let frame = match frames.recv_timeout(Duration::from_millis(250)) {
@@ -196,7 +327,17 @@ impl Pipelines {
                         }
                         Err(_) => VideoFrame::black(size.0, size.1),
                     };
-                    if keyframe_flag.swap(false, Ordering::Relaxed) {
+                    let now = Instant::now();
+                    for c in control.try_iter() {
+                        match c {
+                            EncoderControl::Keyframe => keyframes.request(),
+                            // The configured bitrate is the ceiling.
+                            EncoderControl::Bitrate(bps) => {
+                                encoder.set_bitrate(bps.min(settings.bitrate_bps));
+                            }
+                        }
+                    }
+                    if keyframes.take_due(now) {
                         encoder.request_keyframe();
                     }
                     let t0 = Instant::now();
@@ -204,11 +345,15 @@ impl Pipelines {
                     let took = t0.elapsed();
                     match encoded {
                         Ok(Some(au)) => {
+                            if au.keyframe {
+                                keyframes.sent(now);
+                            }
                             let mut s = thread_stats.lock();
                             s.encode_us.push(took.as_micros() as u32);
                             s.video_frames_sent += 1;
                             s.video_bytes_sent += au.data.len() as u64;
                             s.keyframes_sent += u64::from(au.keyframe);
+                            s.encoder_bitrate_bps = encoder.settings().bitrate_bps;
                             drop(s);
                             // A skipped frame's duration is carried into the next sample.
                             let now = Instant::now();
@@ -245,17 +390,28 @@ impl Pipelines {
                 }
             }
         }));
-        // PLI/FIR from the receiver: the next frame becomes an IDR.
+        // PLI/FIR from the receiver: a keyframe, when the pacer allows.
         self.tasks.push(tokio::spawn(async move {
             while let Some(event) = track.track.poll().await {
                 if let TrackLocalEvent::OnRtcpPacket(packets) = event
                     && packets.iter().any(|p| is_keyframe_request(p.as_ref()))
                 {
                     stats.lock().keyframe_requests_received += 1;
-                    keyframe.store(true, Ordering::Relaxed);
+                    if control_tx.send(EncoderControl::Keyframe).is_err() {
+                        return;
+                    }
                 }
             }
         }));
+    }
+
+    /// The congestion controller's estimate for all media: the video encoder gets what is
+    /// left after audio and packet overhead.
+    pub fn set_send_bitrate(&self, total_bps: u64) {
+        let video = video_bitrate_for(total_bps);
+        if let Some(control) = &self.encoder_control {
+            let _ = control.send(EncoderControl::Bitrate(video));
+        }
     }
 
     /// Audio: a 20 ms clock on a thread, Opus encode, write from a task.
@@ -338,69 +494,67 @@ impl Pipelines {
     }
 
     fn start_video_receiver(&mut self, track: Arc<dyn TrackRemote>, sinks: ReceiveSinks) {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(16);
-        let need_keyframe = Arc::new(AtomicBool::new(false));
-        let decoder_needs_keyframe = need_keyframe.clone();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<AccessUnit>(16);
+        let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<()>();
         let stats = sinks.stats.clone();
+        let mut rtt = self.rtt.subscribe();
         self.tasks.push(tokio::spawn(async move {
             let media_ssrc = track.ssrcs().await.first().copied().unwrap_or(0);
-            let mut depacketizer = H264Packet::default();
-            let mut access_unit = bytes::BytesMut::new();
-            let mut last_seq: Option<u16> = None;
-            let mut broken = false;
-            let mut last_pli = Instant::now() - Duration::from_secs(1);
-            while let Some(event) = track.poll().await {
-                let TrackRemoteEvent::OnRtpPacket(packet) = event else {
-                    continue;
-                };
-                let seq = packet.header.sequence_number;
-                if last_seq.is_some_and(|l| seq != l.wrapping_add(1)) {
-                    // A gap (NACK may still fill it later, but this frame is damaged).
-                    broken = true;
-                    depacketizer = H264Packet::default();
+            let mut assembler = FrameAssembler::new();
+            loop {
+                let wake = assembler.poll_timeout();
+                tokio::select! {
+                    event = track.poll() => match event {
+                        Some(TrackRemoteEvent::OnRtpPacket(packet)) => {
+                            stats.lock().video_bytes_received += packet.payload.len() as u64;
+                            let h = &packet.header;
+                            assembler.push(
+                                h.sequence_number,
+                                h.timestamp,
+                                h.marker,
+                                packet.payload,
+                                Instant::now(),
+                            );
+                        }
+                        Some(_) => continue,
+                        None => break,
+                    },
+                    Some(()) = failed_rx.recv() => assembler.decoder_failed(Instant::now()),
+                    _ = sleep_until(wake), if wake.is_some() => {}
                 }
-                last_seq = Some(seq);
-                stats.lock().video_bytes_received += packet.payload.len() as u64;
-                match depacketizer.depacketize(&packet.payload) {
-                    Ok(nal) => access_unit.extend_from_slice(&nal),
-                    Err(_) => broken = true,
-                }
-                if packet.header.marker {
-                    let au = access_unit.split().freeze();
-                    if broken {
-                        stats.lock().video_frames_broken += 1;
-                        need_keyframe.store(true, Ordering::Relaxed);
-                    }
-                    // A damaged frame, or one the decoder could not decode (e.g. the first
-                    // keyframe was lost before this receiver existed): ask for a keyframe
-                    // (at most every 200 ms) rather than wait for the sender's next
-                    // periodic one, seconds away.
-                    if need_keyframe.load(Ordering::Relaxed)
-                        && last_pli.elapsed() > Duration::from_millis(200)
-                    {
-                        need_keyframe.store(false, Ordering::Relaxed);
-                        last_pli = Instant::now();
-                        let pli = PictureLossIndication {
-                            sender_ssrc: 0,
-                            media_ssrc,
-                        };
-                        let sent = track.write_rtcp(vec![Box::new(pli)]).await;
-                        tracing::debug!(?sent, "keyframe request (PLI) sent");
-                    }
-                    if std::mem::take(&mut broken) {
-                        continue;
-                    }
-                    stats.lock().video_frames_received += 1;
-                    if tx.try_send(au).is_err() {
-                        tracing::debug!("decoder busy; dropping an access unit");
+                assembler.set_rtt(*rtt.borrow_and_update());
+                let now = Instant::now();
+                while let Some(out) = assembler.poll(now) {
+                    match out {
+                        Assembled::Frame(au) => {
+                            stats.lock().video_frames_received += 1;
+                            if tx.try_send(au).is_err() {
+                                // The next frame needs this one: start again from a keyframe.
+                                tracing::debug!("decoder busy; dropping an access unit");
+                                assembler.decoder_failed(now);
+                            }
+                        }
+                        Assembled::RequestKeyframe => {
+                            let pli = PictureLossIndication {
+                                sender_ssrc: 0,
+                                media_ssrc,
+                            };
+                            let sent = track.write_rtcp(vec![Box::new(pli)]).await;
+                            tracing::debug!(?sent, "keyframe request (PLI) sent");
+                        }
                     }
                 }
+                let a = assembler.stats();
+                let mut s = stats.lock();
+                s.video_frames_broken = a.frames_dropped;
+                s.video_frames_repaired = a.frames_repaired;
+                s.keyframe_requests_sent = a.keyframe_requests;
             }
         }));
         let stop = self.stop.clone();
         let spawned = std::thread::Builder::new()
             .name("duet-video-recv".into())
-            .spawn(move || video_decode_loop(rx, sinks, stop, decoder_needs_keyframe));
+            .spawn(move || video_decode_loop(rx, sinks, stop, failed_tx));
         match spawned {
             Ok(t) => self.threads.push(t),
             Err(e) => tracing::error!(error = %e, "cannot start the video decoder thread"),
@@ -451,6 +605,81 @@ impl Pipelines {
     }
 }
 
+/// What the video encoder is told while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncoderControl {
+    /// The receiver lost a frame (PLI/FIR): send a keyframe.
+    Keyframe,
+    /// Encode at this many bits per second from now on.
+    Bitrate(u32),
+}
+
+/// Audio's share of the estimate: Opus at 32 kbit/s plus RTP/UDP/IP/SRTP headers on 50
+/// packets a second.
+const AUDIO_BUDGET_BPS: u64 = 56_000;
+
+/// The video encoder's bitrate for a total estimate: audio's share off the top, then 10 %
+/// for packet headers and retransmissions.
+pub fn video_bitrate_for(total_bps: u64) -> u32 {
+    let video = total_bps.saturating_sub(AUDIO_BUDGET_BPS) / 10 * 9;
+    u32::try_from(video)
+        .unwrap_or(u32::MAX)
+        .max(crate::media::h264::MIN_BITRATE_BPS)
+}
+
+/// Keyframes on request, but not back to back: a keyframe is many packets, and on a thin
+/// link a second one right behind the first only makes the loss that asked for it worse.
+/// A request within [`KeyframePacer::MIN_INTERVAL`] of the last keyframe waits until the
+/// interval is over (it is not dropped).
+#[derive(Debug, Default)]
+pub struct KeyframePacer {
+    requested: bool,
+    last: Option<Instant>,
+}
+
+impl KeyframePacer {
+    pub const MIN_INTERVAL: Duration = Duration::from_millis(300);
+
+    pub fn request(&mut self) {
+        self.requested = true;
+    }
+
+    /// Whether the next frame should be a keyframe (clears the request when it is).
+    pub fn take_due(&mut self, now: Instant) -> bool {
+        let due = self.requested
+            && self
+                .last
+                .is_none_or(|t| now.saturating_duration_since(t) >= Self::MIN_INTERVAL);
+        if due {
+            self.requested = false;
+        }
+        due
+    }
+
+    /// A keyframe went out (requested or not).
+    pub fn sent(&mut self, now: Instant) {
+        self.last = Some(now);
+    }
+}
+
+/// The latest round-trip time, shared with the receive tasks.
+#[derive(Clone)]
+struct RttWatch(Arc<tokio::sync::watch::Sender<Duration>>);
+
+impl Default for RttWatch {
+    fn default() -> Self {
+        RttWatch(Arc::new(tokio::sync::watch::Sender::new(
+            Duration::from_millis(100),
+        )))
+    }
+}
+
+impl RttWatch {
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<Duration> {
+        self.0.subscribe()
+    }
+}
+
 /// Where received media goes.
 #[derive(Clone)]
 pub struct ReceiveSinks {
@@ -465,10 +694,10 @@ pub struct ReceiveSinks {
 }
 
 fn video_decode_loop(
-    rx: std::sync::mpsc::Receiver<Bytes>,
+    rx: std::sync::mpsc::Receiver<AccessUnit>,
     sinks: ReceiveSinks,
     stop: Arc<AtomicBool>,
-    need_keyframe: Arc<AtomicBool>,
+    decoder_failed: mpsc::UnboundedSender<()>,
 ) {
     let mut decoder = match H264Decoder::new() {
         Ok(d) => d,
@@ -486,12 +715,12 @@ fn video_decode_loop(
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
         };
         let t0 = Instant::now();
-        let frame = match decoder.decode(&au) {
+        let frame = match decoder.decode(&au.data) {
             Ok(Some(f)) => f,
             Ok(None) => continue,
             Err(e) => {
                 tracing::debug!(error = %e, "undecodable access unit");
-                need_keyframe.store(true, Ordering::Relaxed);
+                let _ = decoder_failed.send(());
                 continue;
             }
         };
@@ -525,6 +754,7 @@ fn video_decode_loop(
                 s.first_frame_after = Some(now - s.started);
             }
             s.last_decoded_at = Some(now);
+            s.freezes.frame(now);
             if let Some(data) = strip {
                 s.strip_frames += 1;
                 if let Some(l) = latency.filter(|&l| l < 10_000_000) {
@@ -566,4 +796,64 @@ async fn wait_payload_type(track: &LocalTrack) -> Option<rtc::rtp_transceiver::P
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     None
+}
+
+/// Sleeps until `at` (a std instant); forever when there is none (the select arm is off).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio_sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_freeze_is_a_gap_well_beyond_the_average_frame_interval() {
+        let t = Instant::now();
+        let mut f = FreezeDetector::default();
+        let mut at = t;
+        for _ in 0..30 {
+            at += Duration::from_millis(33);
+            f.frame(at);
+        }
+        at += Duration::from_millis(150); // < avg + 150 ms: jitter, not a freeze
+        f.frame(at);
+        assert_eq!(f.count, 0);
+        at += Duration::from_millis(400);
+        f.frame(at);
+        assert_eq!(f.count, 1);
+        assert_eq!(f.total, Duration::from_millis(400));
+    }
+
+    #[test]
+    fn keyframe_requests_are_spaced_not_dropped() {
+        let t = Instant::now();
+        let mut k = KeyframePacer::default();
+        assert!(!k.take_due(t), "no request, no keyframe");
+        k.request();
+        assert!(k.take_due(t));
+        k.sent(t);
+        assert!(!k.take_due(t), "one request, one keyframe");
+        k.request();
+        k.request();
+        let soon = t + KeyframePacer::MIN_INTERVAL / 2;
+        assert!(!k.take_due(soon), "too soon after the last one");
+        assert!(
+            k.take_due(t + KeyframePacer::MIN_INTERVAL),
+            "but not forgotten"
+        );
+        k.sent(t + KeyframePacer::MIN_INTERVAL);
+        assert!(!k.take_due(t + KeyframePacer::MIN_INTERVAL * 3));
+    }
+
+    #[test]
+    fn video_gets_the_estimate_minus_audio_and_overhead() {
+        assert_eq!(video_bitrate_for(1_056_000), 900_000);
+        assert_eq!(video_bitrate_for(0), crate::media::h264::MIN_BITRATE_BPS);
+        assert_eq!(video_bitrate_for(u64::MAX), u32::MAX);
+        assert_eq!(video_bitrate_for(3_000_000), 2_649_600);
+    }
 }

@@ -1,0 +1,622 @@
+//! `FrameAssembler`: the receive side of H.264 over RTP, as a pure type. RTP packets go in
+//! (in any order, with gaps and duplicates); complete access units and keyframe requests
+//! come out, at the times the caller asks (`poll(now)`, `poll_timeout()`).
+//!
+//! What it decides, libwebrtc-style:
+//! - Frames leave in order. A frame with a missing packet is held for a retransmission
+//!   (NACK) for about one round trip ([`FrameAssembler::repair_wait`]); frames behind it
+//!   wait too (a P-frame needs the one before it).
+//! - Only when the wait runs out is the frame given up. From then on the decoder needs a
+//!   keyframe: frames are dropped until one starts, and a keyframe request goes out, at
+//!   most one per round trip (+ margin), repeated while none arrives.
+//! - The stream starts at a keyframe; a decoder that cannot decode a frame
+//!   ([`FrameAssembler::decoder_failed`]) puts it back into waiting for one.
+//!
+//! It knows nothing of sockets or threads, so loss, reordering, duplicates and timeouts are
+//! unit-tested below with scripted packet sequences and instants.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use rtc::rtp::codec::h264::H264Packet;
+use rtc::rtp::packetizer::Depacketizer as _;
+
+/// At most this many packets are held while waiting for a missing one (about 1.5 s of
+/// 720p video); beyond it the frame is given up at once, so a hostile or broken sender
+/// cannot grow the receiver.
+const MAX_HELD_PACKETS: usize = 2048;
+
+/// One complete access unit, Annex B, ready for the decoder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessUnit {
+    pub data: Bytes,
+    pub rtp_timestamp: u32,
+    pub keyframe: bool,
+    /// At least one of its packets arrived out of order (e.g. retransmitted).
+    pub repaired: bool,
+}
+
+/// What the assembler wants done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Assembled {
+    /// Decode this.
+    Frame(AccessUnit),
+    /// Ask the sender for a keyframe (RTCP PLI).
+    RequestKeyframe,
+}
+
+/// Counters for the report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AssemblerStats {
+    /// Frames handed out.
+    pub frames: u64,
+    /// Frames that waited for a missing packet and got it.
+    pub frames_repaired: u64,
+    /// Frames given up (a packet never came) or dropped while waiting for a keyframe.
+    pub frames_dropped: u64,
+    pub keyframe_requests: u64,
+    pub duplicate_packets: u64,
+    /// Packets that arrived after their frame was handed out or given up.
+    pub late_packets: u64,
+}
+
+#[derive(Debug)]
+struct Held {
+    timestamp: u32,
+    marker: bool,
+    payload: Bytes,
+    /// Arrived after a packet with a higher sequence number.
+    out_of_order: bool,
+}
+
+/// The receive-side reassembly of one H.264 RTP stream. See the module docs.
+#[derive(Debug)]
+pub struct FrameAssembler {
+    held: BTreeMap<u64, Held>,
+    /// The highest extended sequence number seen (for unwrapping 16-bit numbers).
+    highest: Option<u64>,
+    /// Where the next frame to hand out starts; None: not known (at the start, or after
+    /// giving up), then the next keyframe's first packet decides.
+    next: Option<u64>,
+    /// Packets below this number are done with (handed out, given up or dropped).
+    floor: Option<u64>,
+    /// Since when the frame at `next` has been incomplete while later packets wait.
+    incomplete_since: Option<Instant>,
+    /// Frames are dropped until a keyframe starts (since when, for the first request).
+    awaiting_keyframe: Option<Instant>,
+    last_request: Option<Instant>,
+    rtt: Duration,
+    stats: AssemblerStats,
+}
+
+impl Default for FrameAssembler {
+    fn default() -> Self {
+        FrameAssembler::new()
+    }
+}
+
+impl FrameAssembler {
+    pub fn new() -> FrameAssembler {
+        FrameAssembler {
+            held: BTreeMap::new(),
+            highest: None,
+            next: None,
+            floor: None,
+            incomplete_since: None,
+            awaiting_keyframe: None,
+            last_request: None,
+            rtt: Duration::from_millis(100),
+            stats: AssemblerStats::default(),
+        }
+    }
+
+    /// The current round-trip time (from RTCP or ICE); sets how long a hole is waited for.
+    pub fn set_rtt(&mut self, rtt: Duration) {
+        self.rtt = rtt.min(Duration::from_secs(2));
+    }
+
+    /// How long an incomplete frame waits for a retransmission: the NACK goes out within
+    /// its generator's interval (20 ms here), the answer takes a round trip; plus margin.
+    pub fn repair_wait(&self) -> Duration {
+        (self.rtt + Duration::from_millis(60))
+            .clamp(Duration::from_millis(80), Duration::from_secs(1))
+    }
+
+    /// The shortest time between two keyframe requests: a round trip plus margin, so a
+    /// request is not repeated before the keyframe it asked for could have arrived.
+    pub fn request_interval(&self) -> Duration {
+        (self.rtt + self.rtt / 2 + Duration::from_millis(50)).max(Duration::from_millis(100))
+    }
+
+    pub fn stats(&self) -> AssemblerStats {
+        self.stats
+    }
+
+    /// One RTP packet of the stream.
+    pub fn push(&mut self, seq: u16, timestamp: u32, marker: bool, payload: Bytes, now: Instant) {
+        let first_ever = self.highest.is_none();
+        let seq = self.unwrap(seq);
+        let out_of_order = self.highest.is_some_and(|h| seq < h);
+        self.highest = Some(self.highest.map_or(seq, |h| h.max(seq)));
+        if first_ever {
+            // The stream must begin with a keyframe; if its first packets are late, a
+            // request goes out after the usual wait.
+            self.awaiting_keyframe = Some(now + self.repair_wait());
+        }
+        if self.floor.is_some_and(|f| seq < f) {
+            self.stats.late_packets += 1;
+            return;
+        }
+        if self.held.contains_key(&seq) {
+            self.stats.duplicate_packets += 1;
+            return;
+        }
+        if self.held.len() >= 2 * MAX_HELD_PACKETS {
+            return; // poll() has not been called; it gives up on the first of these
+        }
+        self.held.insert(
+            seq,
+            Held {
+                timestamp,
+                marker,
+                payload,
+                out_of_order,
+            },
+        );
+    }
+
+    /// The decoder could not decode what it was given: ask for a keyframe now (within
+    /// the rate limit) and drop frames until it comes.
+    pub fn decoder_failed(&mut self, now: Instant) {
+        if self.awaiting_keyframe.is_none() {
+            self.awaiting_keyframe = Some(now);
+        }
+    }
+
+    /// When [`FrameAssembler::poll`] should be called again even if no packet arrives.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let repair = self.incomplete_since.map(|t| t + self.repair_wait());
+        let request = self.awaiting_keyframe.map(|due| self.request_due_at(due));
+        match (repair, request) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn request_due_at(&self, due: Instant) -> Instant {
+        match self.last_request {
+            Some(t) => due.max(t + self.request_interval()),
+            None => due,
+        }
+    }
+
+    /// What to do now; call until it returns None.
+    pub fn poll(&mut self, now: Instant) -> Option<Assembled> {
+        if let Some(frame) = self.next_frame(now) {
+            return Some(Assembled::Frame(frame));
+        }
+        let due = self.awaiting_keyframe.map(|due| self.request_due_at(due));
+        if due.is_some_and(|due| now >= due) {
+            self.last_request = Some(now);
+            self.stats.keyframe_requests += 1;
+            return Some(Assembled::RequestKeyframe);
+        }
+        None
+    }
+
+    /// The next complete frame, giving up on one whose repair wait has run out.
+    fn next_frame(&mut self, now: Instant) -> Option<AccessUnit> {
+        loop {
+            if self.next.is_none() {
+                self.next = self.find_start()?;
+            }
+            let start = self.next?;
+            match self.complete_frame(start) {
+                Some(end) => {
+                    self.incomplete_since = None;
+                    if let Some(frame) = self.take_frame(start, end, now) {
+                        return Some(frame);
+                    }
+                }
+                None => {
+                    if !self.held.keys().any(|&s| s > start) {
+                        // Nothing behind the hole yet: the frame may just be in flight.
+                        self.incomplete_since = None;
+                        return None;
+                    }
+                    let since = *self.incomplete_since.get_or_insert(now);
+                    if now < since + self.repair_wait() && self.held.len() < MAX_HELD_PACKETS {
+                        return None;
+                    }
+                    self.give_up(now);
+                }
+            }
+        }
+    }
+
+    /// The first held packet a frame can start at: anything while decoding goes on (at the
+    /// start, after the previous frame); the first packet of a keyframe while one is awaited.
+    fn find_start(&mut self) -> Option<Option<u64>> {
+        let first = *self.held.keys().next()?;
+        if self.awaiting_keyframe.is_none() {
+            return Some(Some(first));
+        }
+        let start = self
+            .held
+            .iter()
+            .find(|(_, p)| starts_keyframe(&p.payload))
+            .map(|(s, _)| *s);
+        match start {
+            Some(s) => {
+                let dropped = self.held.range(..s).count();
+                self.held.retain(|&k, _| k >= s);
+                self.floor = Some(s);
+                self.stats.frames_dropped += u64::from(dropped > 0);
+                Some(Some(s))
+            }
+            None => {
+                // No keyframe yet: what is held cannot be decoded; keep only the newest
+                // frame's packets (its first packet may still arrive, reordered).
+                let newest = self.held.values().next_back().map(|p| p.timestamp);
+                self.held.retain(|_, p| Some(p.timestamp) == newest);
+                self.floor = self.held.keys().next().copied().or(self.floor);
+                None
+            }
+        }
+    }
+
+    /// The last sequence number of the frame starting at `start`, if all its packets are
+    /// here: a run of consecutive numbers with one timestamp, ending at a marker (or
+    /// followed by a packet of the next frame).
+    fn complete_frame(&self, start: u64) -> Option<u64> {
+        let ts = self.held.get(&start)?.timestamp;
+        let mut seq = start;
+        loop {
+            let p = self.held.get(&seq)?;
+            if p.timestamp != ts {
+                // The marker packet was never sent (or a sender does not set it): the
+                // frame ended before this packet.
+                return seq.checked_sub(1).filter(|&e| e >= start);
+            }
+            if p.marker {
+                return Some(seq);
+            }
+            seq += 1;
+        }
+    }
+
+    /// Removes the frame's packets and depacketizes them; None when it is dropped (no
+    /// keyframe yet, or not valid H.264).
+    fn take_frame(&mut self, start: u64, end: u64, now: Instant) -> Option<AccessUnit> {
+        self.next = Some(end + 1);
+        self.floor = Some(end + 1);
+        let mut rest = self.held.split_off(&(end + 1));
+        std::mem::swap(&mut rest, &mut self.held);
+        let packets = rest; // start..=end
+        let first = packets.get(&start)?;
+        let keyframe = starts_keyframe(&first.payload);
+        let rtp_timestamp = first.timestamp;
+        if self.awaiting_keyframe.is_some() && !keyframe {
+            self.stats.frames_dropped += 1;
+            return None;
+        }
+        let mut depacketizer = H264Packet::default();
+        let mut data = BytesMut::new();
+        let mut repaired = false;
+        for p in packets.values() {
+            repaired |= p.out_of_order;
+            match depacketizer.depacketize(&p.payload) {
+                Ok(nal) => data.extend_from_slice(&nal),
+                Err(e) => {
+                    tracing::debug!(error = %e, "malformed H.264 packet; frame dropped");
+                    self.stats.frames_dropped += 1;
+                    self.awaiting_keyframe.get_or_insert(now);
+                    return None;
+                }
+            }
+        }
+        if keyframe {
+            self.awaiting_keyframe = None;
+            self.last_request = None;
+        }
+        self.stats.frames += 1;
+        self.stats.frames_repaired += u64::from(repaired);
+        Some(AccessUnit {
+            data: data.freeze(),
+            rtp_timestamp,
+            keyframe,
+            repaired,
+        })
+    }
+
+    /// The frame at `next` will not be completed: drop it and wait for a keyframe.
+    fn give_up(&mut self, now: Instant) {
+        tracing::debug!(held = self.held.len(), "frame lost; waiting for a keyframe");
+        self.stats.frames_dropped += 1;
+        if let Some(start) = self.next {
+            // Its packets, and every later one up to the next keyframe, go in find_start.
+            self.held.retain(|&k, _| k > start);
+            self.floor = Some(start + 1);
+        }
+        self.next = None;
+        self.incomplete_since = None;
+        self.awaiting_keyframe.get_or_insert(now);
+    }
+
+    fn unwrap(&self, seq: u16) -> u64 {
+        let Some(h) = self.highest else {
+            // Start high enough that numbers just below the first one stay positive.
+            return (1 << 32) + u64::from(seq);
+        };
+        let base = h & !0xffff;
+        let candidates = [base.wrapping_sub(0x1_0000), base, base + 0x1_0000];
+        candidates
+            .into_iter()
+            .map(|b| b + u64::from(seq))
+            .min_by_key(|&c| c.abs_diff(h))
+            .unwrap_or(h)
+    }
+}
+
+/// Whether an RTP payload begins an H.264 keyframe: an IDR slice or SPS, alone, first in
+/// a STAP-A, or the first fragment of an FU-A.
+pub fn starts_keyframe(payload: &[u8]) -> bool {
+    const IDR: u8 = 5;
+    const SPS: u8 = 7;
+    const STAP_A: u8 = 24;
+    const FU_A: u8 = 28;
+    let Some(&header) = payload.first() else {
+        return false;
+    };
+    match header & 0x1f {
+        IDR | SPS => true,
+        STAP_A => payload
+            .get(3)
+            .is_some_and(|&h| matches!(h & 0x1f, IDR | SPS)),
+        FU_A => payload
+            .get(1)
+            .is_some_and(|&fu| fu & 0x80 != 0 && fu & 0x1f == IDR),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPS: &[u8] = &[0x67, 0x42, 0xe0, 0x1f];
+    const IDR: &[u8] = &[0x65, 0x88, 0x84];
+    const P: &[u8] = &[0x41, 0x9a, 0x02];
+
+    /// Packets of a stream: (seq, timestamp, marker, payload).
+    fn frame(seq: u16, ts: u32, nals: &[&[u8]]) -> Vec<(u16, u32, bool, Bytes)> {
+        nals.iter()
+            .enumerate()
+            .map(|(i, n)| {
+                (
+                    seq.wrapping_add(i as u16),
+                    ts,
+                    i + 1 == nals.len(),
+                    Bytes::copy_from_slice(n),
+                )
+            })
+            .collect()
+    }
+
+    fn push_all(a: &mut FrameAssembler, packets: &[(u16, u32, bool, Bytes)], now: Instant) {
+        for (s, t, m, p) in packets {
+            a.push(*s, *t, *m, p.clone(), now);
+        }
+    }
+
+    fn drain(a: &mut FrameAssembler, now: Instant) -> Vec<Assembled> {
+        std::iter::from_fn(|| a.poll(now)).collect()
+    }
+
+    fn timestamps(out: &[Assembled]) -> Vec<u32> {
+        out.iter()
+            .filter_map(|o| match o {
+                Assembled::Frame(f) => Some(f.rtp_timestamp),
+                Assembled::RequestKeyframe => None,
+            })
+            .collect()
+    }
+
+    fn requests(out: &[Assembled]) -> usize {
+        out.iter()
+            .filter(|o| **o == Assembled::RequestKeyframe)
+            .count()
+    }
+
+    /// A keyframe (SPS + IDR) at seq 10, then P-frames of one packet each.
+    fn stream(p_frames: u16) -> Vec<(u16, u32, bool, Bytes)> {
+        let mut v = frame(10, 0, &[SPS, IDR]);
+        for i in 0..p_frames {
+            v.extend(frame(12 + i, 3000 * (u32::from(i) + 1), &[P]));
+        }
+        v
+    }
+
+    #[test]
+    fn frames_in_order_come_out_at_once_with_start_codes() {
+        let t = Instant::now();
+        let mut a = FrameAssembler::new();
+        push_all(&mut a, &stream(3), t);
+        let out = drain(&mut a, t);
+        assert_eq!(timestamps(&out), [0, 3000, 6000, 9000]);
+        assert_eq!(requests(&out), 0);
+        let Assembled::Frame(key) = &out[0] else {
+            panic!("{out:?}")
+        };
+        assert!(key.keyframe && !key.repaired);
+        assert_eq!(&key.data[..4], &[0, 0, 0, 1]);
+        assert_eq!(a.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_reordered_packet_is_waited_for_and_the_frames_behind_it_keep_their_order() {
+        let t = Instant::now();
+        let mut a = FrameAssembler::new();
+        let s = stream(3);
+        push_all(&mut a, &s[..2], t); // keyframe
+        assert_eq!(timestamps(&drain(&mut a, t)), [0]);
+        // 12 is late: 13 and 14 wait behind it.
+        push_all(&mut a, &s[3..], t);
+        assert!(drain(&mut a, t).is_empty());
+        assert!(a.poll_timeout().is_some());
+        push_all(&mut a, &s[2..3], t + Duration::from_millis(30));
+        let out = drain(&mut a, t + Duration::from_millis(30));
+        assert_eq!(timestamps(&out), [3000, 6000, 9000]);
+        assert!(matches!(&out[0], Assembled::Frame(f) if f.repaired));
+        assert_eq!(a.stats().frames_repaired, 1);
+    }
+
+    #[test]
+    fn a_retransmission_within_the_wait_repairs_the_frame_without_a_keyframe_request() {
+        let t = Instant::now();
+        let mut a = FrameAssembler::new();
+        a.set_rtt(Duration::from_millis(80));
+        let s = stream(5);
+        push_all(&mut a, &s[..2], t);
+        drain(&mut a, t);
+        push_all(&mut a, &s[3..], t); // 12 lost
+        let before = t + a.repair_wait() - Duration::from_millis(1);
+        assert!(drain(&mut a, before).is_empty());
+        push_all(&mut a, &s[2..3], before); // the retransmission
+        let out = drain(&mut a, before);
+        assert_eq!(requests(&out), 0);
+        assert_eq!(timestamps(&out), [3000, 6000, 9000, 12000, 15000]);
+    }
+
+    #[test]
+    fn a_packet_that_never_comes_costs_one_keyframe_request_and_frames_until_the_keyframe() {
+        let t = Instant::now();
+        let mut a = FrameAssembler::new();
+        a.set_rtt(Duration::from_millis(80));
+        let s = stream(3);
+        push_all(&mut a, &s[..2], t);
+        drain(&mut a, t);
+        push_all(&mut a, &s[3..], t); // 12 lost for good
+        assert!(drain(&mut a, t).is_empty(), "held for a retransmission");
+        let late = t + a.repair_wait();
+        assert_eq!(a.poll_timeout(), Some(late));
+        let out = drain(&mut a, late);
+        assert_eq!(
+            out,
+            [Assembled::RequestKeyframe],
+            "P-frames after a loss are useless"
+        );
+        // The retransmission comes too late: ignored.
+        push_all(&mut a, &s[2..3], late);
+        assert!(drain(&mut a, late).is_empty());
+        assert_eq!(a.stats().late_packets, 1);
+        // No second request within a round trip; one after it if no keyframe came.
+        let soon = late + a.request_interval() - Duration::from_millis(1);
+        assert!(drain(&mut a, soon).is_empty());
+        let again = late + a.request_interval();
+        assert_eq!(drain(&mut a, again), [Assembled::RequestKeyframe]);
+        // The keyframe arrives: decoding goes on from it.
+        let mut k = frame(15, 12000, &[SPS, IDR]);
+        k.extend(frame(17, 15000, &[P]));
+        push_all(&mut a, &k, again);
+        let out = drain(&mut a, again);
+        assert_eq!(timestamps(&out), [12000, 15000]);
+        assert_eq!(a.poll_timeout(), None);
+        assert_eq!(a.stats().keyframe_requests, 2);
+    }
+
+    #[test]
+    fn duplicates_are_ignored() {
+        let t = Instant::now();
+        let mut a = FrameAssembler::new();
+        let s = stream(2);
+        push_all(&mut a, &s, t);
+        push_all(&mut a, &s[1..3], t);
+        assert_eq!(timestamps(&drain(&mut a, t)), [0, 3000, 6000]);
+        push_all(&mut a, &s[2..], t); // after delivery: late, not delivered twice
+        assert!(drain(&mut a, t).is_empty());
+        assert_eq!(a.stats().duplicate_packets, 2);
+    }
+
+    #[test]
+    fn a_stream_joined_mid_way_asks_for_a_keyframe_and_waits_for_it() {
+        let t = Instant::now();
+        let mut a = FrameAssembler::new();
+        push_all(&mut a, &frame(100, 9000, &[P]), t);
+        assert!(drain(&mut a, t).is_empty(), "its keyframe may be reordered");
+        let later = t + a.repair_wait();
+        assert_eq!(drain(&mut a, later), [Assembled::RequestKeyframe]);
+        push_all(&mut a, &frame(101, 12000, &[SPS, IDR]), later);
+        assert_eq!(timestamps(&drain(&mut a, later)), [12000]);
+    }
+
+    #[test]
+    fn fragmented_keyframes_reassemble_and_undecodable_frames_ask_for_another() {
+        let t = Instant::now();
+        let mut a = FrameAssembler::new();
+        // FU-A: indicator 28 (nri 3), header start|5, middle 5, end|5.
+        let fu = |h: u8, body: u8| Bytes::from(vec![0x7c, h, body, body]);
+        let packets = [
+            (7u16, 0u32, false, fu(0x85, 1)),
+            (8, 0, false, fu(0x05, 2)),
+            (9, 0, true, fu(0x45, 3)),
+        ];
+        // Reordered arrival.
+        for i in [1, 0, 2] {
+            let (s, ts, m, p) = &packets[i];
+            a.push(*s, *ts, *m, p.clone(), t);
+        }
+        let out = drain(&mut a, t);
+        let Assembled::Frame(f) = &out[0] else {
+            panic!("{out:?}")
+        };
+        assert!(f.keyframe);
+        assert_eq!(&f.data[..], &[0, 0, 0, 1, 0x65, 1, 1, 2, 2, 3, 3]);
+        a.decoder_failed(t);
+        assert_eq!(drain(&mut a, t), [Assembled::RequestKeyframe]);
+    }
+
+    #[test]
+    fn sequence_numbers_wrap() {
+        let t = Instant::now();
+        let mut a = FrameAssembler::new();
+        let mut s = frame(65534, 0, &[SPS, IDR]);
+        s.extend(frame(0, 3000, &[P]));
+        s.extend(frame(1, 6000, &[P]));
+        push_all(&mut a, &s, t);
+        assert_eq!(timestamps(&drain(&mut a, t)), [0, 3000, 6000]);
+    }
+
+    #[test]
+    fn a_flood_behind_a_hole_is_given_up_not_held() {
+        let t = Instant::now();
+        let mut a = FrameAssembler::new();
+        push_all(&mut a, &stream(0), t);
+        drain(&mut a, t);
+        // 12 never comes; thousands of P-frame packets pile up behind it.
+        for i in 0..(MAX_HELD_PACKETS as u16 + 10) {
+            a.push(
+                13 + i,
+                3000 * (u32::from(i) + 2),
+                true,
+                Bytes::from_static(P),
+                t,
+            );
+        }
+        let out = drain(&mut a, t);
+        assert_eq!(requests(&out), 1);
+        assert!(a.held.len() <= 1, "{} packets held", a.held.len());
+    }
+
+    #[test]
+    fn keyframe_starts_are_recognised() {
+        assert!(starts_keyframe(SPS));
+        assert!(starts_keyframe(IDR));
+        assert!(!starts_keyframe(P));
+        assert!(starts_keyframe(&[0x78, 0x00, 0x04, 0x67, 1, 2, 3, 4]));
+        assert!(!starts_keyframe(&[0x7c, 0x05, 1])); // FU-A middle
+        assert!(!starts_keyframe(&[]));
+        assert!(!starts_keyframe(&[0x78]));
+    }
+}

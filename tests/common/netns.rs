@@ -1,0 +1,354 @@
+//! Network namespaces for the project's own test hosts: two clients behind two NAT
+//! routers and a "public" segment with the signaling and STUN/TURN server, built with
+//! `ip netns`, veth pairs, a bridge and iptables, and removed when dropped:
+//!
+//! ```text
+//!   client a (10.0.1.2) -- router a (NAT) --+                          +-- router b (NAT) -- client b (10.0.2.2)
+//!                          198.51.100.11    +-- "public" bridge ------+    198.51.100.12
+//!                                                198.51.100.1: signaling + STUN/TURN
+//! ```
+//!
+//! Links are impaired the ways this kernel allows (no netem): random loss with iptables
+//! `statistic`, total outages with a DROP rule, rate limits with `tbf`.
+#![allow(clippy::unwrap_used, dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn run(args: &[&str]) -> Output {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn able() -> bool {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let tools = ["ip", "iptables"].iter().all(|t| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    root && tools
+}
+
+/// The namespaces of one topology; removed (with their interfaces) when dropped.
+pub struct Topology {
+    names: Vec<String>,
+    tag: String,
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+impl Topology {
+    pub fn ns(&self, role: &str) -> String {
+        format!("d{role}{}", self.tag)
+    }
+
+    /// Builds the picture above; `symmetric` picks the NAT type of both routers.
+    pub fn build(tag: &str, symmetric: bool) -> Topology {
+        let mut t = Topology {
+            names: Vec::new(),
+            tag: tag.to_owned(),
+        };
+        for role in ["pub", "ra", "rb", "a", "b"] {
+            let n = t.ns(role);
+            let _ = Command::new("ip").args(["netns", "del", &n]).output();
+            run(&["ip", "netns", "add", &n]);
+            run(&["ip", "-n", &n, "link", "set", "lo", "up"]);
+            t.names.push(n);
+        }
+        let public = t.ns("pub");
+        run(&["ip", "-n", &public, "link", "add", "br0", "type", "bridge"]);
+        run(&[
+            "ip",
+            "-n",
+            &public,
+            "addr",
+            "add",
+            "198.51.100.1/24",
+            "dev",
+            "br0",
+        ]);
+        run(&["ip", "-n", &public, "link", "set", "br0", "up"]);
+        for (side, wan_ip, lan) in [
+            ("a", "198.51.100.11", "10.0.1"),
+            ("b", "198.51.100.12", "10.0.2"),
+        ] {
+            let router = t.ns(&format!("r{side}"));
+            let client = t.ns(side);
+            let port = format!("p{side}");
+            run(&[
+                "ip", "link", "add", "wan", "netns", &router, "type", "veth", "peer", "name",
+                &port, "netns", &public,
+            ]);
+            run(&[
+                "ip", "-n", &public, "link", "set", &port, "master", "br0", "up",
+            ]);
+            run(&[
+                "ip",
+                "-n",
+                &router,
+                "addr",
+                "add",
+                &format!("{wan_ip}/24"),
+                "dev",
+                "wan",
+            ]);
+            run(&["ip", "-n", &router, "link", "set", "wan", "up"]);
+            run(&[
+                "ip", "link", "add", "lan", "netns", &router, "type", "veth", "peer", "name",
+                "eth0", "netns", &client,
+            ]);
+            run(&[
+                "ip",
+                "-n",
+                &router,
+                "addr",
+                "add",
+                &format!("{lan}.1/24"),
+                "dev",
+                "lan",
+            ]);
+            run(&["ip", "-n", &router, "link", "set", "lan", "up"]);
+            run(&[
+                "ip",
+                "-n",
+                &client,
+                "addr",
+                "add",
+                &format!("{lan}.2/24"),
+                "dev",
+                "eth0",
+            ]);
+            run(&["ip", "-n", &client, "link", "set", "eth0", "up"]);
+            run(&[
+                "ip",
+                "-n",
+                &client,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("{lan}.1"),
+            ]);
+            let exec = |args: &[&str]| {
+                let mut full = vec!["ip", "netns", "exec", &router];
+                full.extend_from_slice(args);
+                run(&full);
+            };
+            exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+            let mut masquerade = vec!["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "wan"];
+            masquerade.extend(["-j", "MASQUERADE"]);
+            if symmetric {
+                masquerade.push("--random-fully");
+            }
+            exec(&masquerade);
+            // A router drops what nobody inside asked for, forwarded or addressed to
+            // itself (else conntrack entries made by early probes take the port a
+            // mapping needs, and hole punching fails even through cone NATs).
+            for chain in ["FORWARD", "INPUT"] {
+                let rule = "-i wan -m conntrack --ctstate NEW,INVALID -j DROP";
+                let mut args = vec!["iptables", "-A", chain];
+                args.extend(rule.split(' '));
+                exec(&args);
+            }
+        }
+        t
+    }
+
+    pub fn spawn(&self, role: &str, args: &[&str], log: &Path) -> Child {
+        let log = std::fs::File::create(log).unwrap();
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(role), env!("CARGO_BIN_EXE_duet")])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+}
+
+pub fn out_dir(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/nat-test")
+        .join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Waits until `addr` (host:port) accepts TCP connections from inside namespace `ns`.
+pub fn wait_for_port(ns: &str, host: &str, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let probe = format!("exec 3<>/dev/tcp/{host}/{port}");
+    while Instant::now() < deadline {
+        let ok = Command::new("ip")
+            .args(["netns", "exec", ns, "bash", "-c", &probe])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("nothing listens on {host}:{port} in {ns}");
+}
+
+/// Waits until the file at `path` contains `needle` (e.g. a client's log saying it is
+/// connected); false after `timeout`.
+pub fn wait_for_text(path: &Path, needle: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(path).is_ok_and(|t| t.contains(needle)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+impl Topology {
+    /// Runs a command inside the router of `side` ("a" or "b").
+    fn router(&self, side: &str, args: &[&str]) {
+        let router = self.ns(&format!("r{side}"));
+        let mut full = vec!["ip", "netns", "exec", &router];
+        full.extend_from_slice(args);
+        run(&full);
+    }
+
+    /// Drops this fraction of the UDP packets crossing the router of `side`, both ways.
+    pub fn add_loss(&self, side: &str, fraction: f64) {
+        let p = format!("{fraction}");
+        self.router(
+            side,
+            &[
+                "iptables",
+                "-I",
+                "FORWARD",
+                "-p",
+                "udp",
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                &p,
+                "-j",
+                "DROP",
+            ],
+        );
+    }
+
+    /// Cuts (or restores) all UDP through the router of `side`: media and TURN, not the
+    /// signaling WebSocket.
+    pub fn set_outage(&self, side: &str, down: bool) {
+        let op = if down { "-I" } else { "-D" };
+        self.router(
+            side,
+            &["iptables", op, "FORWARD", "-p", "udp", "-j", "DROP"],
+        );
+    }
+}
+
+/// A call between the two clients through the topology; both reports.
+pub fn call_through(topology: &Topology, name: &str) -> (Value, Value) {
+    call_with(topology, name, "5s", |_, _| {})
+}
+
+/// A call of `duration` between the two clients; `during` runs once both are connected
+/// (given the topology and the output directory), e.g. to impair the link mid-call.
+pub fn call_with(
+    topology: &Topology,
+    name: &str,
+    duration: &str,
+    during: impl FnOnce(&Topology, &Path),
+) -> (Value, Value) {
+    let dir = out_dir(name);
+    let mut server = topology.spawn(
+        "pub",
+        &[
+            "server",
+            "--listen",
+            "198.51.100.1:8787",
+            "--turn-listen",
+            "198.51.100.1:3478",
+            "--turn-public-ip",
+            "198.51.100.1",
+            "--db",
+            ":memory:",
+        ],
+        &dir.join("server.log"),
+    );
+    wait_for_port(&topology.ns("pub"), "198.51.100.1", 8787);
+    let client = |side: &str| {
+        let report = dir.join(format!("{side}.json"));
+        let child = topology.spawn(
+            side,
+            &[
+                "call",
+                "--headless",
+                "--server",
+                "198.51.100.1:8787",
+                "--room",
+                "nat",
+                "--name",
+                side,
+                "--expect-pattern",
+                "--duration",
+                duration,
+                "--wait",
+                "40s",
+                "--report",
+                report.to_str().unwrap(),
+            ],
+            &dir.join(format!("{side}.log")),
+        );
+        (child, report)
+    };
+    let (mut a, report_a) = client("a");
+    let (mut b, report_b) = client("b");
+    for side in ["a", "b"] {
+        let log = dir.join(format!("{side}.log"));
+        if !wait_for_text(&log, "duet: connected", Duration::from_secs(40)) {
+            break; // the reports below say why
+        }
+    }
+    during(topology, &dir);
+    let status_a = a.wait().unwrap();
+    let status_b = b.wait().unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    let read = |p: &Path| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap_or_else(|e| {
+            panic!(
+                "no report {} ({e}); see the logs in {}",
+                p.display(),
+                dir.display()
+            )
+        }))
+        .unwrap()
+    };
+    let (ra, rb) = (read(&report_a), read(&report_b));
+    assert!(status_a.success() && status_b.success(), "{ra}\n{rb}");
+    (ra, rb)
+}
