@@ -834,6 +834,10 @@ mod tests {
         assert!(doc["paths"]["/api/rooms/{room_id}"]["delete"].is_object());
         assert!(doc["components"]["schemas"]["CreatedRoom"].is_object());
         assert!(doc["components"]["securitySchemes"]["api_key"].is_object());
+        let list = &doc["paths"]["/api/rooms"]["get"]["responses"];
+        assert!(list["403"].is_object(), "{list}");
+        let create = &doc["paths"]["/api/rooms"]["post"]["responses"];
+        assert!(create["408"].is_object() && create["429"].is_object(), "{create}");
     }
 
     #[test]
