@@ -120,7 +120,8 @@ pub struct Config {
     pub early_join: Duration,
 
     /// API key that creating and listing rooms require (`Authorization: Bearer KEY`);
-    /// at least 32 characters. Prefer --api-key-file or the environment: command lines
+    /// at least 32 characters. Without one, creating is open (rate-limited per address)
+    /// and listing is refused. Prefer --api-key-file or the environment: command lines
     /// are visible to others.
     #[arg(long, env = "DUET_API_KEY", hide_env_values = true)]
     pub api_key: Option<Secret>,

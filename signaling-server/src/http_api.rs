@@ -837,7 +837,10 @@ mod tests {
         let list = &doc["paths"]["/api/rooms"]["get"]["responses"];
         assert!(list["403"].is_object(), "{list}");
         let create = &doc["paths"]["/api/rooms"]["post"]["responses"];
-        assert!(create["408"].is_object() && create["429"].is_object(), "{create}");
+        assert!(
+            create["408"].is_object() && create["429"].is_object(),
+            "{create}"
+        );
     }
 
     #[test]
