@@ -255,8 +255,8 @@ pub enum ConfigError {
     ApiKeyTooShort(usize),
     #[error("--public-url `{0}` must start with http:// or https://")]
     BadPublicUrl(String),
-    #[error("--{0} must be more than zero")]
-    ZeroTimeout(&'static str),
+    #[error("--{0} must be more than zero and at most a day")]
+    BadTimeout(&'static str),
 }
 
 impl Config {
@@ -301,15 +301,20 @@ impl Config {
         }
     }
 
-    /// Checks the HTTP deadlines: a zero one would close every connection at once.
+    /// Checks the HTTP deadlines: a zero one would close every connection at once, and
+    /// an absurdly long one would overflow the clock arithmetic of the timers.
     pub fn check_timeouts(&self) -> Result<(), ConfigError> {
+        const DAY: Duration = Duration::from_secs(24 * 3600);
         for (name, value) in [
             ("http-header-timeout", self.http_header_timeout),
             ("http-body-timeout", self.http_body_timeout),
             ("http-idle-timeout", self.http_idle_timeout),
+            ("shutdown-grace", self.shutdown_grace),
         ] {
-            if value.is_zero() {
-                return Err(ConfigError::ZeroTimeout(name));
+            // A zero grace is fine: stop closes every connection at once.
+            let zero_allowed = name == "shutdown-grace";
+            if (value.is_zero() && !zero_allowed) || value > DAY {
+                return Err(ConfigError::BadTimeout(name));
             }
         }
         Ok(())
@@ -401,7 +406,15 @@ mod tests {
         };
         assert!(matches!(
             zero.check_timeouts(),
-            Err(ConfigError::ZeroTimeout("http-body-timeout"))
+            Err(ConfigError::BadTimeout("http-body-timeout"))
+        ));
+        let endless = Config {
+            http_idle_timeout: Duration::from_secs(u64::MAX),
+            ..Config::ephemeral()
+        };
+        assert!(matches!(
+            endless.check_timeouts(),
+            Err(ConfigError::BadTimeout("http-idle-timeout"))
         ));
     }
 

@@ -24,6 +24,9 @@ const KEY: &str = "0123456789abcdef0123456789abcdef-test-key";
 const DEADLINE: Duration = Duration::from_millis(1500);
 /// Slack on top of a deadline before a test calls it missed (loaded CI machines).
 const MARGIN: Duration = Duration::from_secs(5);
+/// A close earlier than this is not the deadline at work (half, for scheduling delays
+/// between the server arming a timer and the test reading the clock).
+const NOT_BEFORE: Duration = Duration::from_millis(750);
 /// How quickly a normal client must be served while hostile ones hold connections.
 const SERVED_WITHIN: Duration = Duration::from_secs(1);
 
@@ -117,7 +120,7 @@ async fn a_body_that_never_comes_gets_408_and_others_are_served_meanwhile() {
     }
     let waited = started.elapsed();
     assert!(
-        waited >= DEADLINE - Duration::from_millis(100),
+        waited >= NOT_BEFORE,
         "answered before the deadline: {waited:?}"
     );
     assert_serves_normal_clients(&s).await;
@@ -165,7 +168,7 @@ async fn slowloris_headers_are_cut_off_at_the_header_deadline() {
     .expect("the trickling connection was not closed");
     let waited = started.elapsed();
     assert!(
-        waited >= DEADLINE - Duration::from_millis(100),
+        waited >= NOT_BEFORE,
         "closed before the deadline: {waited:?}"
     );
     tokio::time::timeout(MARGIN, trickle)
@@ -199,7 +202,7 @@ async fn an_idle_kept_alive_connection_is_closed() {
             .await
             .is_empty()
     );
-    assert!(answered.elapsed() >= DEADLINE - Duration::from_millis(100));
+    assert!(answered.elapsed() >= NOT_BEFORE);
     s.stop().await;
 }
 
@@ -225,7 +228,7 @@ async fn a_client_that_never_reads_its_answers_is_dropped() {
     })
     .await
     .expect("the server kept a connection that does not read");
-    assert!(started.elapsed() >= DEADLINE - Duration::from_millis(100));
+    assert!(started.elapsed() >= NOT_BEFORE);
     assert_serves_normal_clients(&s).await;
     s.stop().await;
 }
