@@ -120,7 +120,8 @@ pub struct Config {
     pub early_join: Duration,
 
     /// API key that creating and listing rooms require (`Authorization: Bearer KEY`);
-    /// at least 32 characters. Prefer --api-key-file or the environment: command lines
+    /// at least 32 characters. Without one, creating is open (rate-limited per address)
+    /// and listing is refused. Prefer --api-key-file or the environment: command lines
     /// are visible to others.
     #[arg(long, env = "DUET_API_KEY", hide_env_values = true)]
     pub api_key: Option<Secret>,
@@ -137,6 +138,38 @@ pub struct Config {
     /// off.
     #[arg(long, default_value_t = 5.0)]
     pub api_rate_per_second: f64,
+
+    /// Rooms one client address may create per minute when no API key is set (creating
+    /// is open then, so this is what keeps one client from filling the database); 0
+    /// turns it off. With an API key, key holders are not limited by this.
+    #[arg(long, default_value_t = 10.0)]
+    pub create_rate_per_minute: f64,
+
+    /// Rooms one client address may create at once before `--create-rate-per-minute`
+    /// applies (no API key set).
+    #[arg(long, default_value_t = 5.0)]
+    pub create_rate_burst: f64,
+
+    /// Deadline for a request's line and headers, counted from when the server starts
+    /// waiting for them; it also closes a kept-alive connection that sends no next
+    /// request (the connection is closed without an answer).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http_header_timeout: Duration,
+
+    /// Deadline for a request's body, counted from the end of its headers; a late body
+    /// gets 408 and the connection is closed.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http_body_timeout: Duration,
+
+    /// An HTTP connection on which no byte moves either way for this long is closed
+    /// (e.g. a client that never reads its answer). Also bounds the WebSocket handshake.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub http_idle_timeout: Duration,
+
+    /// On shutdown, how long connections get to finish (WebSockets hear 1001, HTTP
+    /// requests complete) before the rest are closed forcibly.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
 
     /// Log filter: error, warn, info, debug, trace, or a tracing directive such as
     /// `signaling_server=debug`. RUST_LOG overrides it.
@@ -222,6 +255,8 @@ pub enum ConfigError {
     ApiKeyTooShort(usize),
     #[error("--public-url `{0}` must start with http:// or https://")]
     BadPublicUrl(String),
+    #[error("--{0} must be more than zero and at most a day")]
+    BadTimeout(&'static str),
 }
 
 impl Config {
@@ -264,6 +299,25 @@ impl Config {
             }
             Some(url) => Err(ConfigError::BadPublicUrl(url.clone())),
         }
+    }
+
+    /// Checks the HTTP deadlines: a zero one would close every connection at once, and
+    /// an absurdly long one would overflow the clock arithmetic of the timers.
+    pub fn check_timeouts(&self) -> Result<(), ConfigError> {
+        const DAY: Duration = Duration::from_secs(24 * 3600);
+        for (name, value) in [
+            ("http-header-timeout", self.http_header_timeout),
+            ("http-body-timeout", self.http_body_timeout),
+            ("http-idle-timeout", self.http_idle_timeout),
+            ("shutdown-grace", self.shutdown_grace),
+        ] {
+            // A zero grace is fine: stop closes every connection at once.
+            let zero_allowed = name == "shutdown-grace";
+            if (value.is_zero() && !zero_allowed) || value > DAY {
+                return Err(ConfigError::BadTimeout(name));
+            }
+        }
+        Ok(())
     }
 
     /// Checks the settings and builds what `welcome` hands out.
@@ -340,6 +394,28 @@ mod tests {
         assert_eq!(c.early_join, Duration::from_secs(300));
         assert!(c.db.ends_with("signaling.sqlite3"), "{:?}", c.db);
         assert_eq!(Config::ephemeral().db, PathBuf::from(":memory:"));
+        assert_eq!(c.http_header_timeout, Duration::from_secs(10));
+        assert_eq!(c.http_body_timeout, Duration::from_secs(10));
+        assert_eq!(c.http_idle_timeout, Duration::from_secs(30));
+        assert!(c.shutdown_grace < Duration::from_secs(5));
+        assert_eq!(c.create_rate_per_minute, 10.0);
+        assert!(c.check_timeouts().is_ok());
+        let zero = Config {
+            http_body_timeout: Duration::ZERO,
+            ..Config::ephemeral()
+        };
+        assert!(matches!(
+            zero.check_timeouts(),
+            Err(ConfigError::BadTimeout("http-body-timeout"))
+        ));
+        let endless = Config {
+            http_idle_timeout: Duration::from_secs(u64::MAX),
+            ..Config::ephemeral()
+        };
+        assert!(matches!(
+            endless.check_timeouts(),
+            Err(ConfigError::BadTimeout("http-idle-timeout"))
+        ));
     }
 
     #[test]

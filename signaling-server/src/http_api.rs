@@ -16,7 +16,9 @@ use std::time::{Duration, Instant, SystemTime};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::extract::{
+    DefaultBodyLimit, FromRequest as _, FromRequestParts, Path, Query, Request, State,
+};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -50,20 +52,17 @@ pub const MAX_STARTS_AT_AHEAD: Duration = Duration::from_secs(366 * 24 * 3600);
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ClientAddr(pub SocketAddr);
 
-/// HTTP API state: the API key, the join-URL base and the per-address rate limit.
+/// One token bucket per client address.
 #[derive(Debug)]
-pub(crate) struct ApiState {
-    key_hash: Option<[u8; 32]>,
-    public_url: Option<String>,
+struct Buckets {
     limit: RateLimit,
     buckets: Mutex<HashMap<IpAddr, (RateLimiter, Instant)>>,
 }
 
-impl ApiState {
-    pub fn new(api_key: Option<&str>, public_url: Option<String>, limit: RateLimit) -> Self {
-        ApiState {
-            key_hash: api_key.map(ids::secret_hash),
-            public_url,
+impl Buckets {
+    fn new(limit: RateLimit) -> Self {
+        Buckets {
+            // Over HTTP a refused request is simply refused; there is no connection to close.
             limit: RateLimit {
                 max_dropped: u32::MAX,
                 ..limit
@@ -72,8 +71,8 @@ impl ApiState {
         }
     }
 
-    /// Charges one request from `ip`.
-    fn admit(&self, ip: IpAddr) -> Result<(), Failure> {
+    /// Charges one request from `ip`; when refused, how long until one would pass.
+    fn charge(&self, ip: IpAddr) -> Result<(), Duration> {
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         if buckets.len() > 10_000 {
@@ -87,12 +86,66 @@ impl ApiState {
         *seen = now;
         match bucket.check(now) {
             Verdict::Allow => Ok(()),
-            Verdict::Drop { .. } | Verdict::Close => Err(Failure::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "too many requests from your address; try again in a second",
-            )),
+            Verdict::Drop { .. } | Verdict::Close => Err(bucket.retry_after()),
         }
+    }
+}
+
+/// HTTP API state: the API key, the join-URL base and the per-address rate limits.
+#[derive(Debug)]
+pub(crate) struct ApiState {
+    key_hash: Option<[u8; 32]>,
+    public_url: Option<String>,
+    /// Every `/api/` request.
+    requests: Buckets,
+    /// Rooms created without an API key (`None` with a key, or when turned off).
+    creates: Option<Buckets>,
+}
+
+impl ApiState {
+    pub fn new(
+        api_key: Option<&str>,
+        public_url: Option<String>,
+        limit: RateLimit,
+        create_limit: RateLimit,
+    ) -> Self {
+        // Key holders are trusted to create what they need; without a key, creating is
+        // open to anyone and this limit is what keeps the database from being filled.
+        let creates = (api_key.is_none() && create_limit.per_second > 0.0)
+            .then(|| Buckets::new(create_limit));
+        ApiState {
+            key_hash: api_key.map(ids::secret_hash),
+            public_url,
+            requests: Buckets::new(limit),
+            creates,
+        }
+    }
+
+    /// Charges one API request from `ip`.
+    fn admit(&self, ip: IpAddr) -> Result<(), Failure> {
+        self.requests.charge(ip).map_err(|_| {
+            Failure::rate_limited(
+                "too many requests from your address; try again in a second",
+                Duration::from_secs(1),
+            )
+        })
+    }
+
+    /// Charges one room created by `ip` without an API key.
+    fn admit_create(&self, ip: IpAddr) -> Result<(), Failure> {
+        let Some(creates) = &self.creates else {
+            return Ok(());
+        };
+        creates.charge(ip).map_err(|wait| {
+            let limit = creates.limit.per_second * 60.0;
+            Failure::rate_limited(
+                format!(
+                    "too many rooms created from your address (at most {limit} a minute \
+                     without an API key); try again later"
+                ),
+                wait,
+            )
+        })
     }
 }
 
@@ -127,6 +180,8 @@ pub(crate) struct Failure {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// `Retry-After` for `429`.
+    retry_after: Option<Duration>,
 }
 
 impl Failure {
@@ -135,7 +190,26 @@ impl Failure {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    fn rate_limited(message: impl Into<String>, retry_after: Duration) -> Self {
+        Failure {
+            retry_after: Some(retry_after),
+            ..Failure::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+        }
+    }
+
+    fn request_timeout(limit: Duration) -> Self {
+        Failure::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} s",
+                limit.as_secs_f64()
+            ),
+        )
     }
 
     fn bad_field(message: impl Into<String>) -> Self {
@@ -174,8 +248,14 @@ impl IntoResponse for Failure {
         if self.status == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if self.status == StatusCode::TOO_MANY_REQUESTS {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        if let Some(wait) = self.retry_after {
+            // Whole seconds, rounded up: a client that waits this long gets through.
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+        }
+        if self.status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of the body may still come; the connection cannot be reused.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }
@@ -353,23 +433,33 @@ fn check_create(request: CreateRoomRequest, now: Now) -> Result<NewRoom, Failure
          headers(("Location" = String, description = "/api/rooms/{room_id}"))),
         (status = 400, description = "Not JSON (`bad_json`) or a bad field (`bad_field`)", body = ApiError),
         (status = 401, description = "Missing or wrong API key", body = ApiError),
+        (status = 408, description = "The body did not arrive in time (`request_timeout`); the connection is closed", body = ApiError),
         (status = 413, description = "Body over 16 KiB", body = ApiError),
-        (status = 429, description = "Too many requests", body = ApiError),
+        (status = 429, description = "Too many requests, or (without an API key) too many rooms created from this address (`rate_limited`, with `Retry-After`)", body = ApiError),
     ),
     security((), ("api_key" = [])),
 )]
 async fn create_room(
     State(shared): State<Arc<Shared>>,
     ClientAddr(addr): ClientAddr,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<Response, Failure> {
     shared.api.admit(addr.ip())?;
+    let headers = request.headers().clone();
     require_api_key(&shared, &headers)?;
+    // A client announcing a body and never sending it must not hold the connection
+    // (and with it the server's shutdown) for ever.
+    let limit = shared.config.http_body_timeout;
+    let body = tokio::time::timeout(limit, Bytes::from_request(request, &shared))
+        .await
+        .map_err(|_| Failure::request_timeout(limit))?;
     let request: CreateRoomRequest = serde_json::from_value(json_object(body)?)
         .map_err(|e| Failure::bad_field(e.to_string()))?;
     let now = Now::system();
     let new = check_create(request, now)?;
+    // Charged only for a room that would be created: bad requests cost the general
+    // API limit only.
+    shared.api.admit_create(addr.ip())?;
     // Finished in a task of its own: a client that goes away mid-request must not leave
     // a stored room the state machine does not know.
     let base = base_url(&shared, &headers);
@@ -501,6 +591,7 @@ fn window_bound(name: &str, value: Option<&str>) -> Result<Option<OffsetDateTime
 }
 
 /// List the rooms created through the API whose `starts_at` lies in `[from, to]`.
+/// Always needs the API key; a server without one answers `403`.
 #[utoipa::path(
     get,
     path = "/api/rooms",
@@ -513,9 +604,10 @@ fn window_bound(name: &str, value: Option<&str>) -> Result<Option<OffsetDateTime
         (status = 200, body = RoomList),
         (status = 400, description = "Bad `from`/`to` (`bad_field`)", body = ApiError),
         (status = 401, description = "Missing or wrong API key", body = ApiError),
+        (status = 403, description = "The server has no API key, so listing is disabled (`forbidden`)", body = ApiError),
         (status = 429, description = "Too many requests", body = ApiError),
     ),
-    security((), ("api_key" = [])),
+    security(("api_key" = [])),
 )]
 async fn list_rooms(
     State(shared): State<Arc<Shared>>,
@@ -524,6 +616,17 @@ async fn list_rooms(
     query: Result<Query<Window>, QueryRejection>,
 ) -> Result<Json<RoomList>, Failure> {
     shared.api.admit(addr.ip())?;
+    // Room ids are the guests' only credential: without a key to restrict it to, a
+    // listing would hand every meeting to anyone.
+    if shared.api.key_hash.is_none() {
+        return Err(Failure::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "listing rooms is disabled on this server because it has no API key; \
+             start it with --api-key-file (or DUET_API_KEY) and send \
+             Authorization: Bearer <key>",
+        ));
+    }
     require_api_key(&shared, &headers)?;
     let Query(window) = query.map_err(|r| Failure::bad_field(r.body_text()))?;
     let from = window_bound("from", window.from.as_deref())?;
@@ -648,9 +751,11 @@ impl utoipa::Modify for SecuritySchemes {
 #[openapi(
     info(
         title = "Duet signaling server",
-        description = "Scheduling API of Duet's signaling server. Creating and listing rooms \
-                       need `Authorization: Bearer <api key>` when the server has an API key; \
-                       ending a room needs its host token. Errors are \
+        description = "Scheduling API of Duet's signaling server. Creating rooms needs \
+                       `Authorization: Bearer <api key>` when the server has an API key \
+                       (without one it is open but rate-limited per client address); listing \
+                       always needs the key (`403` on a server without one); ending a room \
+                       needs its host token. Errors are \
                        `{\"error\": code, \"message\": text}`. The WebSocket protocol at `/ws` \
                        is described in docs/PROTOCOL.md."
     ),
@@ -729,6 +834,13 @@ mod tests {
         assert!(doc["paths"]["/api/rooms/{room_id}"]["delete"].is_object());
         assert!(doc["components"]["schemas"]["CreatedRoom"].is_object());
         assert!(doc["components"]["securitySchemes"]["api_key"].is_object());
+        let list = &doc["paths"]["/api/rooms"]["get"]["responses"];
+        assert!(list["403"].is_object(), "{list}");
+        let create = &doc["paths"]["/api/rooms"]["post"]["responses"];
+        assert!(
+            create["408"].is_object() && create["429"].is_object(),
+            "{create}"
+        );
     }
 
     #[test]

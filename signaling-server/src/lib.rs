@@ -15,7 +15,7 @@
 //! - [`rooms`]: the room, meeting and direct-call state machine, without any I/O.
 //! - [`clock`]: monotonic and wall-clock time passed into it; RFC 3339 helpers.
 //! - [`store`]: SQLite persistence of meetings on a thread of its own.
-//! - [`rate_limit`]: the per-connection token bucket.
+//! - [`rate_limit`]: the token bucket (per WebSocket connection, per HTTP client address).
 //! - [`turn`]: TURN REST credentials and the `ice_servers` list.
 //! - [`turn_server`]: the optional embedded STUN/TURN server (UDP) that checks those
 //!   credentials, with peer-address filtering, quotas and a relay port range.

@@ -1,6 +1,8 @@
-//! `signaling-server`: run Duet's signaling server until Ctrl-C or SIGTERM.
+//! `signaling-server`: run Duet's signaling server until Ctrl-C or SIGTERM, then stop
+//! within `--shutdown-grace` plus a moment, whatever clients are doing.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser as _;
 use signaling_server::{Config, Server, init_logging};
@@ -20,7 +22,13 @@ fn main() -> ExitCode {
         builder.enable_all().build()
     };
     match runtime {
-        Ok(runtime) => runtime.block_on(serve(config)),
+        Ok(runtime) => {
+            let code = runtime.block_on(serve(config));
+            // `Server::stop` has ended every task it knows; do not let anything else
+            // left on the runtime hold up the exit.
+            runtime.shutdown_timeout(Duration::from_secs(1));
+            code
+        }
         Err(e) => {
             eprintln!("signaling-server: cannot start the async runtime: {e}");
             ExitCode::FAILURE

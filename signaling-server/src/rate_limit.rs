@@ -1,4 +1,5 @@
-//! Per-connection flood control: the protocol's token bucket.
+//! Flood control: the protocol's token bucket (per WebSocket connection; the HTTP API
+//! keeps one per client address).
 //!
 //! A bucket of `burst` messages refills at `per_second`. A message that finds it empty
 //! is dropped; the client hears `error/rate_limited` at most once a second; and more than
@@ -81,6 +82,15 @@ impl RateLimiter {
         }
         Verdict::Drop { notify }
     }
+
+    /// How long after the last [`check`](Self::check) until one message would be
+    /// allowed again (zero when one would be now, or when limiting is off).
+    pub fn retry_after(&self) -> Duration {
+        if self.limit.per_second <= 0.0 || self.tokens >= 1.0 {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64((1.0 - self.tokens) / self.limit.per_second)
+    }
 }
 
 #[cfg(test)]
@@ -137,6 +147,31 @@ mod tests {
             let t = t0 + Duration::from_millis(i * 21); // ~47.6 msg/s
             assert_eq!(r.check(t), Verdict::Allow);
         }
+    }
+
+    #[test]
+    fn retry_after_is_the_time_to_the_next_token() {
+        let t0 = Instant::now();
+        let per_minute = RateLimit {
+            burst: 2.0,
+            per_second: 10.0 / 60.0,
+            max_dropped: u32::MAX,
+        };
+        let mut r = RateLimiter::new(per_minute, t0);
+        assert_eq!(r.retry_after(), Duration::ZERO);
+        assert_eq!(r.check(t0), Verdict::Allow);
+        assert_eq!(r.check(t0), Verdict::Allow);
+        assert!(matches!(r.check(t0), Verdict::Drop { .. }));
+        let wait = r.retry_after();
+        assert!(
+            (wait.as_secs_f64() - 6.0).abs() < 0.01,
+            "one token every 6 s: {wait:?}"
+        );
+        assert!(matches!(r.check(t0 + wait / 2), Verdict::Drop { .. }));
+        assert_eq!(
+            r.check(t0 + wait + Duration::from_millis(1)),
+            Verdict::Allow
+        );
     }
 
     #[test]

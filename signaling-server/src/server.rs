@@ -6,11 +6,20 @@
 //! by our own loop over hyper's HTTP/1 server (not `axum::serve`, whose protocol-sniffing
 //! wrapper hides the socket): after the RFC 6455 handshake the raw `TcpStream` is taken
 //! back from hyper, so an idle connection can wait on readiness with no buffer.
+//!
+//! Every phase of an HTTP connection has a deadline, so that no client can hold a
+//! connection (and with it the server's shutdown) for ever: the request line and
+//! headers (hyper's header timer, which also runs while a kept-alive connection waits
+//! for its next request), the body (`http_api`, answered `408`), and no bytes moving
+//! either way (a watchdog here; catches a client that never reads its answer). Shutdown
+//! lets connections finish for `shutdown_grace`, then drops the rest.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{Request, State};
@@ -19,6 +28,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -42,7 +52,10 @@ pub(crate) struct Shared {
     pub config: Config,
     pub ice: IceConfig,
     pub hub: Hub,
+    /// Stop accepting; connections finish what they are doing and close.
     pub shutdown: CancellationToken,
+    /// The shutdown grace is over: connection tasks end at once, dropping their sockets.
+    pub force_close: CancellationToken,
     pub tasks: TaskTracker,
     pub connections: AtomicUsize,
     pub store: Store,
@@ -79,6 +92,7 @@ pub struct Server {
 impl Server {
     /// Binds `config.listen` and starts serving in the current tokio runtime.
     pub async fn start(config: Config) -> Result<Server, StartError> {
+        config.check_timeouts()?;
         let mut ice = config.ice_config()?;
         let api_key = config.api_key()?;
         let public_url = config.public_url()?;
@@ -117,10 +131,12 @@ impl Server {
         for stored in meetings {
             hub.add_meeting(&stored.room_id, stored.meeting);
         }
-        if api_key.is_none() && !local_addr.ip().is_loopback() {
+        // Also on loopback: a local server is often reached through a tunnel or proxy.
+        if api_key.is_none() {
             warn!(
-                "no API key: anyone who reaches this server can create and list rooms \
-                 (set --api-key-file or DUET_API_KEY)"
+                per_minute = config.create_rate_per_minute,
+                "no API key: anyone who reaches this server can create rooms (rate-limited \
+                 per address) and listing rooms is disabled; set --api-key-file or DUET_API_KEY"
             );
         }
         let api = ApiState::new(
@@ -131,6 +147,11 @@ impl Server {
                 per_second: config.api_rate_per_second,
                 max_dropped: u32::MAX,
             },
+            RateLimit {
+                burst: config.create_rate_burst.max(1.0),
+                per_second: config.create_rate_per_minute / 60.0,
+                max_dropped: u32::MAX,
+            },
         );
         let shared = Arc::new(Shared {
             hub,
@@ -139,6 +160,7 @@ impl Server {
             local_addr,
             ice,
             shutdown: CancellationToken::new(),
+            force_close: CancellationToken::new(),
             tasks: TaskTracker::new(),
             connections: AtomicUsize::new(0),
             config,
@@ -190,19 +212,162 @@ impl Server {
         self.shared.hub.members(room)
     }
 
-    /// Closes every connection (code 1001), stops listening and waits until every task
-    /// of this server has ended.
+    /// Stops listening, closes every WebSocket (code 1001), lets HTTP requests in
+    /// progress finish for `shutdown_grace`, then drops whatever connection is left, and
+    /// waits until every task of this server has ended. Bounded whatever clients do.
     pub async fn stop(self) {
-        self.shared.shutdown.cancel();
-        self.shared.tasks.close();
-        self.shared.tasks.wait().await;
+        let shared = &self.shared;
+        shared.shutdown.cancel();
+        shared.tasks.close();
+        let drain = async {
+            let grace = shared.config.shutdown_grace;
+            if tokio::time::timeout(grace, shared.tasks.wait())
+                .await
+                .is_err()
+            {
+                warn!(
+                    tasks = shared.tasks.len(),
+                    "connections still open after the shutdown grace; closing them"
+                );
+                shared.force_close.cancel();
+                // Connection tasks end at their next poll; what is left (a room being
+                // stored) waits for the database thread, which answers promptly.
+                if tokio::time::timeout(FORCE_WAIT, shared.tasks.wait())
+                    .await
+                    .is_err()
+                {
+                    warn!(
+                        tasks = shared.tasks.len(),
+                        "tasks still running; not waiting"
+                    );
+                }
+            }
+        };
+        // The TURN server shuts down on its own clock, at the same time.
+        let turn = async {
+            if let Some(turn) = self.turn {
+                turn.stop().await;
+            }
+        };
+        tokio::join!(drain, turn);
         let _ = self.serve.await;
-        if let Some(turn) = self.turn {
-            turn.stop().await;
-        }
         let store_thread = self.store_thread;
         let _ = tokio::task::spawn_blocking(move || store_thread.stop()).await;
         info!(addr = %self.local_addr, "signaling server stopped");
+    }
+}
+
+/// How long [`Server::stop`] waits for tasks after forcing connections closed.
+const FORCE_WAIT: Duration = Duration::from_secs(1);
+
+/// Spawns a connection's task, which ends (dropping its socket) when shutdown is forced.
+fn spawn_connection<F>(shared: &Shared, task: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let force = shared.force_close.clone();
+    shared.tasks.spawn(async move {
+        tokio::select! {
+            () = task => {}
+            () = force.cancelled() => debug!("connection closed by the shutdown"),
+        }
+    });
+}
+
+/// When bytes last moved on a connection, for the idle deadline.
+#[derive(Debug)]
+struct Activity {
+    origin: Instant,
+    /// Milliseconds after `origin`.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            origin: Instant::now(),
+            last: AtomicU64::new(0),
+        })
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    fn idle_deadline(&self, limit: Duration) -> Instant {
+        self.origin + Duration::from_millis(self.last.load(Ordering::Relaxed)) + limit
+    }
+
+    /// Resolves once no byte has moved for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let deadline = self.idle_deadline(limit);
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+    }
+}
+
+/// A TCP stream that notes in [`Activity`] every time bytes move.
+#[derive(Debug)]
+struct Watched {
+    tcp: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        result
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.tcp).poll_write(cx, data);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }
 
@@ -231,22 +396,35 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             },
         ));
         let shutdown = shared.shutdown.clone();
-        shared.tasks.spawn(async move {
+        let header_timeout = shared.config.http_header_timeout;
+        let idle_timeout = shared.config.http_idle_timeout;
+        let activity = Activity::new();
+        let io = Watched {
+            tcp,
+            activity: Arc::clone(&activity),
+        };
+        spawn_connection(&shared, async move {
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(tcp), service)
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(io), service)
                 .with_upgrades();
             tokio::pin!(connection);
+            let idle = activity.idle_for(idle_timeout);
+            tokio::pin!(idle);
             tokio::select! {
                 result = connection.as_mut() => {
                     if let Err(e) = result {
-                        debug!(error = %e, "HTTP connection ended with an error");
+                        debug!(error = %e, %peer, "HTTP connection ended with an error");
                     }
                 }
-                _ = shutdown.cancelled() => {
+                () = &mut idle => debug!(%peer, "HTTP connection idle; closing it"),
+                () = shutdown.cancelled() => {
                     connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
+                    tokio::select! {
+                        _ = connection => {}
+                        () = idle => {}
+                    }
                 }
             }
         });
@@ -330,24 +508,34 @@ async fn upgrade(State(shared): State<Arc<Shared>>, request: Request) -> Respons
     }
 
     let on_upgrade = hyper::upgrade::on(request);
+    let handshake_limit = shared.config.http_idle_timeout;
     let fut = async move {
         let _slot = slot;
-        let upgraded = match on_upgrade.await {
-            Ok(upgraded) => upgraded,
-            Err(e) => {
+        // The 101 is written by the HTTP connection's task; a client that does not take
+        // it in time is dropped there, which ends this wait too. The timeout is a second
+        // line, so this task can never outlive a lost connection.
+        let upgraded = match tokio::time::timeout(handshake_limit, on_upgrade).await {
+            Ok(Ok(upgraded)) => upgraded,
+            Ok(Err(e)) => {
                 debug!(error = %e, "upgrade failed");
                 return;
             }
+            Err(_) => {
+                debug!("WebSocket handshake not completed in time");
+                return;
+            }
         };
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
+        match upgraded.downcast::<TokioIo<Watched>>() {
             Ok(parts) => {
                 let shared = Arc::clone(&_slot.0);
-                connection::run(parts.io.into_inner(), parts.read_buf, shared).await;
+                // From here the WebSocket's own deadlines apply (pings, write timeout).
+                let tcp = parts.io.into_inner().tcp;
+                connection::run(tcp, parts.read_buf, shared).await;
             }
             Err(_) => warn!("upgraded connection is not a TCP stream; dropping it"),
         }
     };
-    shared.tasks.spawn(fut);
+    spawn_connection(&shared, fut);
 
     let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
     let h = response.headers_mut();

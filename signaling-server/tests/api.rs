@@ -16,9 +16,24 @@ use signaling_server::config::{ConfigError, Secret};
 use signaling_server::{Config, Server, StartError, ids, store};
 
 const KEY: &str = "0123456789abcdef0123456789abcdef-test-key";
+/// The `Authorization` header for [`KEY`]. A server without a key ignores it.
+const AUTH: [(&str, &str); 1] = [(
+    "Authorization",
+    "Bearer 0123456789abcdef0123456789abcdef-test-key",
+)];
 
+/// Creates a room, sending [`KEY`] (which a server without a key ignores).
 async fn post(s: &Server, body: Value) -> HttpResponse {
-    request(s, "POST", "/api/rooms", &[], body.to_string().as_bytes()).await
+    request(s, "POST", "/api/rooms", &AUTH, body.to_string().as_bytes()).await
+}
+
+/// Lists rooms with [`KEY`] (listing always needs a key).
+async fn list_rooms(s: &Server, query: &str) -> HttpResponse {
+    request(s, "GET", &format!("/api/rooms{query}"), &AUTH, b"").await
+}
+
+fn with_key(c: &mut Config) {
+    c.api_key = Some(Secret(KEY.into()));
 }
 
 async fn create(s: &Server, body: Value) -> CreatedRoom {
@@ -57,7 +72,7 @@ fn db_server_config(path: &Path) -> impl FnOnce(&mut Config) + use<> {
 
 #[tokio::test]
 async fn create_then_read_list_and_the_other_endpoints() {
-    let s = start_server(|_| {}).await;
+    let s = start_server(with_key).await;
     let r = post(&s, json!({"title":"Weekly 1:1","ttl_s":900})).await;
     assert_eq!(r.status, 201, "{r:?}");
     let created: CreatedRoom = serde_json::from_str(&r.body).unwrap();
@@ -84,13 +99,13 @@ async fn create_then_read_list_and_the_other_endpoints() {
     assert_eq!(info.ttl_s, 900);
 
     // An empty body is `{}`: default start (now) and ttl (600 s).
-    let plain = request(&s, "POST", "/api/rooms", &[], b"").await;
+    let plain = request(&s, "POST", "/api/rooms", &AUTH, b"").await;
     assert_eq!(plain.status, 201, "{plain:?}");
     let plain: CreatedRoom = serde_json::from_str(&plain.body).unwrap();
     assert_eq!(get_room(&s, &plain.room_id).await.ttl_s, 600);
 
     let later = create(&s, json!({"starts_at": rfc3339_in(7200)})).await;
-    let list = request(&s, "GET", "/api/rooms", &[], b"").await.json();
+    let list = list_rooms(&s, "").await.json();
     let listed: Vec<&str> = list["rooms"]
         .as_array()
         .unwrap()
@@ -99,24 +114,13 @@ async fn create_then_read_list_and_the_other_endpoints() {
         .collect();
     assert_eq!(listed.len(), 3);
     assert_eq!(listed[2], later.room_id, "earliest first");
-    let window = format!(
-        "/api/rooms?from={}&to={}",
-        rfc3339_in(3600),
-        rfc3339_in(3 * 3600)
-    );
-    let list = request(&s, "GET", &window, &[], b"").await.json();
+    let window = format!("?from={}&to={}", rfc3339_in(3600), rfc3339_in(3 * 3600));
+    let list = list_rooms(&s, &window).await.json();
     assert_eq!(list["rooms"].as_array().unwrap().len(), 1, "{list}");
     assert_eq!(list["rooms"][0]["room_id"], later.room_id.as_str());
     assert_eq!(list["rooms"][0]["state"], "scheduled");
     // An unescaped `+` in an offset reads as a space; it is still understood.
-    let plus = request(
-        &s,
-        "GET",
-        "/api/rooms?from=2000-01-01T00:00:00+01:00",
-        &[],
-        b"",
-    )
-    .await;
+    let plus = list_rooms(&s, "?from=2000-01-01T00:00:00+01:00").await;
     assert_eq!(plus.json()["rooms"].as_array().unwrap().len(), 3);
 
     let ice = request(&s, "GET", "/api/ice-servers", &[], b"").await;
@@ -136,7 +140,7 @@ async fn create_then_read_list_and_the_other_endpoints() {
 
 #[tokio::test]
 async fn ad_hoc_rooms_are_readable_too() {
-    let s = start_server(|_| {}).await;
+    let s = start_server(with_key).await;
     let mut a = Client::connect(&s).await;
     a.join("standup").await;
     let info = get_room(&s, "standup").await;
@@ -150,8 +154,7 @@ async fn ad_hoc_rooms_are_readable_too() {
     assert_eq!(info.state, RoomState::Open);
     assert!(info.expires_at.is_some());
     // Ad-hoc rooms are not listed (they have no schedule) and have no host token.
-    let list = request(&s, "GET", "/api/rooms", &[], b"").await.json();
-    assert_eq!(list, json!({"rooms": []}));
+    assert_eq!(list_rooms(&s, "").await.json(), json!({"rooms": []}));
     delete(&s, "standup", Some("anything"))
         .await
         .assert_error(401, "unauthorized");
@@ -225,16 +228,11 @@ async fn every_bad_request_gets_a_json_error_with_a_fitting_status() {
         .await
         .assert_error(409, "room_ended");
 
-    for q in [
-        "from=yesterday",
-        "to=2026-13-01T00:00:00Z",
-        "from=2026-02-01T00:00:00Z&to=2026-01-01T00:00:00Z",
-        "from=%ZZ",
-    ] {
-        request(&s, "GET", &format!("/api/rooms?{q}"), &[], b"")
-            .await
-            .assert_error(400, "bad_field");
-    }
+    // Without an API key, listing is refused whatever the query.
+    let m = list_rooms(&s, "?from=yesterday")
+        .await
+        .assert_error(403, "forbidden");
+    assert!(m.contains("API key"), "{m}");
     request(&s, "PUT", "/api/rooms", &[], b"{}")
         .await
         .assert_error(405, "method_not_allowed");
@@ -242,11 +240,28 @@ async fn every_bad_request_gets_a_json_error_with_a_fitting_status() {
         .await
         .assert_error(404, "not_found");
     s.stop().await;
+
+    let s = start_server(with_key).await;
+    for q in [
+        "from=yesterday",
+        "to=2026-13-01T00:00:00Z",
+        "from=2026-02-01T00:00:00Z&to=2026-01-01T00:00:00Z",
+        "from=%ZZ",
+    ] {
+        list_rooms(&s, &format!("?{q}"))
+            .await
+            .assert_error(400, "bad_field");
+    }
+    s.stop().await;
 }
 
 #[tokio::test]
 async fn random_bodies_never_break_the_server() {
-    let s = start_server(|c| c.api_rate_per_second = 0.0).await;
+    let s = start_server(|c| {
+        c.api_rate_per_second = 0.0;
+        c.create_rate_per_minute = 0.0;
+    })
+    .await;
     let pieces = [
         "{",
         "}",
@@ -287,11 +302,12 @@ async fn random_bodies_never_break_the_server() {
 
 #[tokio::test]
 async fn an_api_key_guards_creating_and_listing() {
-    let s = start_server(|c| c.api_key = Some(Secret(KEY.into()))).await;
-    let bearer = format!("Bearer {KEY}");
-    let with_key = [("Authorization", bearer.as_str())];
+    let s = start_server(with_key).await;
+    let with_key = AUTH;
     let wrong = [("Authorization", "Bearer 0123456789abcdef0123456789abcdeX")];
-    let m = post(&s, json!({})).await.assert_error(401, "unauthorized");
+    let m = request(&s, "POST", "/api/rooms", &[], b"{}")
+        .await
+        .assert_error(401, "unauthorized");
     assert!(m.contains("API key"), "{m}");
     request(&s, "POST", "/api/rooms", &wrong, b"{}")
         .await
@@ -535,6 +551,7 @@ async fn a_hundred_parallel_creates_get_distinct_ids_all_stored() {
     let s = start_server(move |c| {
         c.db = path;
         c.api_rate_per_second = 0.0;
+        with_key(c);
     })
     .await;
     let s = std::sync::Arc::new(s);
@@ -558,8 +575,12 @@ async fn a_hundred_parallel_creates_get_distinct_ids_all_stored() {
     assert_eq!(stored, ids);
     std::sync::Arc::try_unwrap(s).unwrap().stop().await;
 
-    let s = start_server(db_server_config(&db)).await;
-    let list = request(&s, "GET", "/api/rooms", &[], b"").await.json();
+    let s = start_server(|c| {
+        db_server_config(&db)(c);
+        with_key(c);
+    })
+    .await;
+    let list = list_rooms(&s, "").await.json();
     let listed: HashSet<String> = list["rooms"]
         .as_array()
         .unwrap()
