@@ -17,7 +17,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use rtc::interceptor::{Attribute, Interceptor, Pacer, Packet, StreamInfo, TaggedPacket};
+use rtc::interceptor::{Attribute, Interceptor, Packet, StreamInfo, TaggedPacket};
 use rtc::sansio::Protocol;
 use rtc::shared::marshal::MarshalSize as _;
 
@@ -29,8 +29,51 @@ pub const MAX_QUEUE_TIME: Duration = Duration::from_millis(500);
 /// them, so a refused packet is repaired like a lost one).
 const MAX_QUEUED_PACKETS: usize = 4096;
 
+/// A leaky bucket of bits: refilled at a rate, capped at one burst, and never more than one
+/// burst in debt (an overdue release may overdraw it, but must not silence the pacer for
+/// seconds afterwards: a debt that deep is how a standing queue forms).
+#[derive(Debug, Clone)]
+struct Bucket {
+    rate_bps: f64,
+    bits: f64,
+    at: Option<Instant>,
+}
+
+impl Bucket {
+    fn burst(&self) -> f64 {
+        // 40 ms at the current rate, but at least two full packets.
+        (self.rate_bps * 0.04).max(2.0 * 1500.0 * 8.0)
+    }
+
+    fn refill(&mut self, now: Instant) {
+        if let Some(at) = self.at {
+            let elapsed = now.saturating_duration_since(at).as_secs_f64();
+            self.bits = (self.bits + elapsed * self.rate_bps).min(self.burst());
+        }
+        self.at = Some(self.at.map_or(now, |at| at.max(now)));
+    }
+
+    fn can_release(&self) -> bool {
+        self.bits > 0.0
+    }
+
+    fn consume(&mut self, bits: f64) {
+        self.bits = (self.bits - bits).max(-self.burst());
+    }
+
+    /// When the budget is positive again.
+    fn releasable_at(&self) -> Option<Instant> {
+        let at = self.at?;
+        if self.bits > 0.0 {
+            return Some(at);
+        }
+        let wait = (-self.bits + 1.0) / self.rate_bps.max(1.0);
+        Some(at + Duration::from_secs_f64(wait))
+    }
+}
+
 pub struct MediaPacer {
-    bucket: Pacer,
+    bucket: Bucket,
     /// The congestion controller's latest estimate, bits per second.
     target_bps: f64,
     audio_ssrcs: HashSet<u32>,
@@ -45,7 +88,11 @@ pub struct MediaPacer {
 impl MediaPacer {
     pub fn new(initial_bps: f64) -> MediaPacer {
         MediaPacer {
-            bucket: Pacer::new(initial_bps * PACING_FACTOR),
+            bucket: Bucket {
+                rate_bps: initial_bps * PACING_FACTOR,
+                bits: initial_bps * PACING_FACTOR * 0.04,
+                at: None,
+            },
             target_bps: initial_bps,
             audio_ssrcs: HashSet::new(),
             video: VecDeque::new(),
@@ -131,7 +178,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for MediaPacer {
         let deadline = head.now + MAX_QUEUE_TIME;
         Some(
             self.bucket
-                .releasable_at(Self::bits_of(head))
+                .releasable_at()
                 .map_or(deadline, |t| t.min(deadline)),
         )
     }
@@ -143,13 +190,12 @@ impl MediaPacer {
         let Some(now) = now.or_else(|| self.video.back().map(|p| p.now)) else {
             return;
         };
-        self.bucket
-            .set_target_bitrate(self.target_bps * PACING_FACTOR);
+        self.bucket.rate_bps = self.target_bps * PACING_FACTOR;
         self.bucket.refill(now);
         while let Some(head) = self.video.front() {
             let bits = Self::bits_of(head);
             let overdue = now >= head.now + MAX_QUEUE_TIME;
-            if !overdue && !self.bucket.can_release(bits) {
+            if !overdue && !self.bucket.can_release() {
                 break;
             }
             let Some(mut packet) = self.video.pop_front() else {
@@ -213,6 +259,46 @@ mod tests {
                 _ => 0,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_burst_of_overdue_packets_does_not_leave_a_standing_queue() {
+        let t = Instant::now();
+        let mut p = MediaPacer::new(1_000_000.0);
+        bind(&mut p, 2, "video/H264");
+        // A retransmission storm: 1500 packets at once, far beyond the rate.
+        for i in 0..1500 {
+            p.handle_write(rtp(2, i, 1200, t)).ok();
+        }
+        let mut now = t;
+        drain(&mut p);
+        while p.queued() > 0 {
+            now += Duration::from_millis(5);
+            p.handle_timeout(now).ok();
+            drain(&mut p);
+        }
+        // Then ordinary traffic: a 4-packet frame every 33 ms leaves within a frame time.
+        for f in 0..30u16 {
+            now += Duration::from_millis(33);
+            for i in 0..4 {
+                p.handle_write(rtp(2, 2000 + f * 4 + i, 1200, now)).ok();
+            }
+            let mut waited = Duration::ZERO;
+            drain(&mut p);
+            while p.queued() > 0 {
+                let next = p
+                    .poll_timeout()
+                    .unwrap_or(now)
+                    .max(now + Duration::from_millis(1));
+                waited = next - now;
+                p.handle_timeout(next).ok();
+                drain(&mut p);
+            }
+            assert!(
+                waited < Duration::from_millis(40),
+                "frame {f} waited {waited:?}"
+            );
+        }
     }
 
     #[test]

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rtc::interceptor::{
-    Attribute, CongestionControlBuilder, Gcc, Interceptor, NackGeneratorBuilder,
-    NackResponderBuilder, Packet, StreamInfo, TaggedPacket, TwccReceiverBuilder, TwccSenderBuilder,
+    Attribute, CongestionControlBuilder, Gcc, Interceptor, NackResponderBuilder, Packet,
+    StreamInfo, TaggedPacket, TwccReceiverBuilder, TwccSenderBuilder,
 };
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::interceptor_registry::{
@@ -217,8 +217,11 @@ fn opus_codec() -> RTCRtpCodec {
 /// The interceptor chain of a call (the crate's `register_default_interceptors` and
 /// `configure_congestion_control`, composed here because three of their pieces are
 /// chosen differently, and a registry warns about every replaced piece):
-/// - NACK both ways, the generator asking within 20 ms instead of 100 (the receiver holds
-///   the frame for the retransmission, so this is latency);
+/// - the NACK responder (retransmits what the other side asks for); our NACKs come from
+///   the video receiver's [`FrameAssembler`](crate::media::assembler::FrameAssembler),
+///   which knows the round trip and which frames are already given up (the crate's
+///   generator asks for every gap every interval without limit: after an outage, a
+///   retransmission storm);
 /// - sender and receiver reports; the SDES header extensions;
 /// - send-side congestion control: GCC fed by TWCC, starting near 1 Mbit/s (its default,
 ///   300 kbit/s, takes tens of seconds to climb to a usable picture), and TWCC feedback
@@ -252,12 +255,6 @@ fn interceptors(media: &mut MediaEngine) -> Result<Registry, PeerError> {
     );
     let registry = configure_rtcp_reports(Registry::new())
         .with(Slot::NackResponder, NackResponderBuilder::new().build())
-        .with(
-            Slot::NackGenerator,
-            NackGeneratorBuilder::new()
-                .with_interval(Duration::from_millis(20))
-                .build(),
-        )
         .with(
             Slot::CongestionControl,
             CongestionControlBuilder::new(gcc).build(),

@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rtc::media::Sample;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::{
+    TransportLayerNack, nack_pairs_from_sequence_numbers,
+};
 use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use tokio::sync::mpsc;
 use tokio::time::sleep_until as tokio_sleep_until;
@@ -52,6 +55,8 @@ pub struct MediaStats {
     pub keyframe_requests_received: u64,
     /// PLIs we sent (the assembler's decisions).
     pub keyframe_requests_sent: u64,
+    /// Video packets we asked for again (NACK).
+    pub nacked_packets: u64,
     /// The bitrate the video encoder is asked for now.
     pub encoder_bitrate_bps: u32,
     pub audio_frames_sent: u64,
@@ -102,6 +107,7 @@ impl MediaStats {
             keyframes_sent: 0,
             keyframe_requests_received: 0,
             keyframe_requests_sent: 0,
+            nacked_packets: 0,
             encoder_bitrate_bps: 0,
             audio_frames_sent: 0,
             video_frames_received: 0,
@@ -157,7 +163,7 @@ impl MediaStats {
             received_kbps: kbps(peer.bytes_received, received_before, secs),
             rtt_ms: peer.rtt_ms.map(|r| (r * 10.0).round() / 10.0),
             packets_lost: peer.packets_lost,
-            nacks_sent: peer.nacks_sent,
+            nacks_sent: self.nacked_packets,
             retransmitted_packets: peer.retransmitted_packets,
             plis_sent: peer.plis_sent,
             plis_received: peer.plis_received,
@@ -534,6 +540,15 @@ impl Pipelines {
                                 assembler.decoder_failed(now);
                             }
                         }
+                        Assembled::Nack(seqs) => {
+                            let nack = TransportLayerNack {
+                                sender_ssrc: 0,
+                                media_ssrc,
+                                nacks: nack_pairs_from_sequence_numbers(&seqs),
+                            };
+                            let sent = track.write_rtcp(vec![Box::new(nack)]).await;
+                            tracing::trace!(?sent, ?seqs, "NACK sent");
+                        }
                         Assembled::RequestKeyframe => {
                             let pli = PictureLossIndication {
                                 sender_ssrc: 0,
@@ -549,6 +564,7 @@ impl Pipelines {
                 s.video_frames_broken = a.frames_dropped;
                 s.video_frames_repaired = a.frames_repaired;
                 s.keyframe_requests_sent = a.keyframe_requests;
+                s.nacked_packets = a.nacked_packets;
             }
         }));
         let stop = self.stop.clone();

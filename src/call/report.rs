@@ -55,6 +55,7 @@ pub struct Report {
     pub local_candidate_type: Option<String>,
     pub remote_candidate_type: Option<String>,
     pub packets_lost: u64,
+    /// Video packets we asked for again (NACK), and NACKs the other side sent us.
     pub nacks_sent: u64,
     pub nacks_received: u64,
     pub retransmitted_packets: u64,
@@ -163,7 +164,7 @@ impl Report {
             local_candidate_type: peer.local_candidate_type.clone(),
             remote_candidate_type: peer.remote_candidate_type.clone(),
             packets_lost: peer.packets_lost,
-            nacks_sent: peer.nacks_sent,
+            nacks_sent: s.nacked_packets,
             nacks_received: peer.nacks_received,
             retransmitted_packets: peer.retransmitted_packets,
             target_bitrate_kbps: peer.target_bitrate_bps.map(|b| (b as f64 / 1000.0).round()),

@@ -3,6 +3,10 @@
 //! come out, at the times the caller asks (`poll(now)`, `poll_timeout()`).
 //!
 //! What it decides, libwebrtc-style:
+//! - Which packets to ask for again (NACK): a missing packet at once, then again each
+//!   round trip if it has still not come, at most [`MAX_NACKS`] times; never packets of a
+//!   frame already given up, and none at all for a hole too large to repair (after an
+//!   outage a keyframe is cheaper than a retransmission storm).
 //! - Frames leave in order. A frame with a missing packet is held for a retransmission
 //!   (NACK) for about one round trip ([`FrameAssembler::repair_wait`]); frames behind it
 //!   wait too (a P-frame needs the one before it).
@@ -26,6 +30,13 @@ use rtc::rtp::packetizer::Depacketizer as _;
 /// 720p video); beyond it the frame is given up at once, so a hostile or broken sender
 /// cannot grow the receiver.
 const MAX_HELD_PACKETS: usize = 2048;
+/// A packet is asked for at most this many times.
+pub const MAX_NACKS: u32 = 10;
+/// A hole of more packets than this is not repaired packet by packet.
+const MAX_NACK_HOLE: u64 = 300;
+/// Nor is one across which the RTP clock (90 kHz) jumps more than half a second: that was
+/// an outage, and its frames are stale by now.
+const MAX_NACK_HOLE_TICKS: u32 = 45_000;
 
 /// One complete access unit, Annex B, ready for the decoder.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +55,8 @@ pub enum Assembled {
     Frame(AccessUnit),
     /// Ask the sender for a keyframe (RTCP PLI).
     RequestKeyframe,
+    /// Ask the sender to send these packets again (RTCP NACK).
+    Nack(Vec<u16>),
 }
 
 /// Counters for the report.
@@ -56,6 +69,9 @@ pub struct AssemblerStats {
     /// Frames given up (a packet never came) or dropped while waiting for a keyframe.
     pub frames_dropped: u64,
     pub keyframe_requests: u64,
+    /// NACK messages sent, and packets asked for in them.
+    pub nacks: u64,
+    pub nacked_packets: u64,
     pub duplicate_packets: u64,
     /// Packets that arrived after their frame was handed out or given up.
     pub late_packets: u64,
@@ -70,12 +86,21 @@ struct Held {
     out_of_order: bool,
 }
 
+/// A packet that has not arrived: when we last asked for it, and how often.
+#[derive(Debug, Clone, Copy)]
+struct Missing {
+    asked: Option<Instant>,
+    times: u32,
+}
+
 /// The receive-side reassembly of one H.264 RTP stream. See the module docs.
 #[derive(Debug)]
 pub struct FrameAssembler {
     held: BTreeMap<u64, Held>,
-    /// The highest extended sequence number seen (for unwrapping 16-bit numbers).
+    /// The highest extended sequence number seen (for unwrapping 16-bit numbers), and
+    /// its packet's RTP timestamp.
     highest: Option<u64>,
+    highest_timestamp: u32,
     /// Where the next frame to hand out starts; None: not known (at the start, or after
     /// giving up), then the next keyframe's first packet decides.
     next: Option<u64>,
@@ -86,6 +111,8 @@ pub struct FrameAssembler {
     /// Frames are dropped until a keyframe starts (since when, for the first request).
     awaiting_keyframe: Option<Instant>,
     last_request: Option<Instant>,
+    /// Packets to ask for again, by extended sequence number.
+    missing: BTreeMap<u64, Missing>,
     rtt: Duration,
     stats: AssemblerStats,
 }
@@ -101,11 +128,13 @@ impl FrameAssembler {
         FrameAssembler {
             held: BTreeMap::new(),
             highest: None,
+            highest_timestamp: 0,
             next: None,
             floor: None,
             incomplete_since: None,
             awaiting_keyframe: None,
             last_request: None,
+            missing: BTreeMap::new(),
             rtt: Duration::from_millis(100),
             stats: AssemblerStats::default(),
         }
@@ -138,6 +167,27 @@ impl FrameAssembler {
         let first_ever = self.highest.is_none();
         let seq = self.unwrap(seq);
         let out_of_order = self.highest.is_some_and(|h| seq < h);
+        if let Some(h) = self.highest.filter(|&h| seq > h + 1) {
+            let jump = timestamp.wrapping_sub(self.highest_timestamp);
+            if seq - h - 1 > MAX_NACK_HOLE || (jump < 0x8000_0000 && jump > MAX_NACK_HOLE_TICKS) {
+                // An outage, not a loss: the frames in it are gone; a keyframe follows.
+                self.missing.clear();
+            } else {
+                for m in h + 1..seq {
+                    self.missing.insert(
+                        m,
+                        Missing {
+                            asked: None,
+                            times: 0,
+                        },
+                    );
+                }
+            }
+        }
+        self.missing.remove(&seq);
+        if self.highest.is_none_or(|h| seq > h) {
+            self.highest_timestamp = timestamp;
+        }
         self.highest = Some(self.highest.map_or(seq, |h| h.max(seq)));
         if first_ever {
             // The stream must begin with a keyframe; if its first packets are late, a
@@ -178,10 +228,37 @@ impl FrameAssembler {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let repair = self.incomplete_since.map(|t| t + self.repair_wait());
         let request = self.awaiting_keyframe.map(|due| self.request_due_at(due));
-        match (repair, request) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        let nack = self
+            .missing
+            .values()
+            .filter(|m| m.times < MAX_NACKS)
+            .filter_map(|m| m.asked.map(|t| t + self.nack_interval()))
+            .min();
+        [repair, request, nack].into_iter().flatten().min()
+    }
+
+    /// How long to wait before asking for a packet again: its retransmission needs a
+    /// round trip, plus margin for the sender's pacer (asking again too soon only buys a
+    /// second copy of the same packet).
+    fn nack_interval(&self) -> Duration {
+        self.rtt + (self.rtt / 2).max(Duration::from_millis(25))
+    }
+
+    /// The packets to ask for now (updating when each was asked for).
+    fn due_nacks(&mut self, now: Instant) -> Vec<u16> {
+        let floor = self.floor.unwrap_or(0);
+        self.missing
+            .retain(|&seq, m| seq >= floor && m.times < MAX_NACKS);
+        let interval = self.nack_interval();
+        let mut due = Vec::new();
+        for (&seq, m) in self.missing.iter_mut() {
+            if m.asked.is_none_or(|t| now >= t + interval) {
+                m.asked = Some(now);
+                m.times += 1;
+                due.push(seq as u16); // the low 16 bits are the RTP sequence number
+            }
         }
+        due
     }
 
     fn request_due_at(&self, due: Instant) -> Instant {
@@ -193,6 +270,14 @@ impl FrameAssembler {
 
     /// What to do now; call until it returns None.
     pub fn poll(&mut self, now: Instant) -> Option<Assembled> {
+        if self.awaiting_keyframe.is_none() {
+            let nacks = self.due_nacks(now);
+            if !nacks.is_empty() {
+                self.stats.nacks += 1;
+                self.stats.nacked_packets += nacks.len() as u64;
+                return Some(Assembled::Nack(nacks));
+            }
+        }
         if let Some(frame) = self.next_frame(now) {
             return Some(Assembled::Frame(frame));
         }
@@ -342,6 +427,8 @@ impl FrameAssembler {
         self.next = None;
         self.incomplete_since = None;
         self.awaiting_keyframe.get_or_insert(now);
+        // Nothing before the keyframe is worth a retransmission now.
+        self.missing.clear();
     }
 
     fn unwrap(&self, seq: u16) -> u64 {
@@ -418,8 +505,24 @@ mod tests {
         out.iter()
             .filter_map(|o| match o {
                 Assembled::Frame(f) => Some(f.rtp_timestamp),
-                Assembled::RequestKeyframe => None,
+                _ => None,
             })
+            .collect()
+    }
+
+    fn nacked(out: &[Assembled]) -> Vec<u16> {
+        out.iter()
+            .flat_map(|o| match o {
+                Assembled::Nack(seqs) => seqs.clone(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    /// Everything but NACKs.
+    fn decisions(out: Vec<Assembled>) -> Vec<Assembled> {
+        out.into_iter()
+            .filter(|o| !matches!(o, Assembled::Nack(_)))
             .collect()
     }
 
@@ -461,9 +564,9 @@ mod tests {
         let s = stream(3);
         push_all(&mut a, &s[..2], t); // keyframe
         assert_eq!(timestamps(&drain(&mut a, t)), [0]);
-        // 12 is late: 13 and 14 wait behind it.
+        // 12 is late: 13 and 14 wait behind it, and 12 is asked for.
         push_all(&mut a, &s[3..], t);
-        assert!(drain(&mut a, t).is_empty());
+        assert_eq!(drain(&mut a, t), [Assembled::Nack(vec![12])]);
         assert!(a.poll_timeout().is_some());
         push_all(&mut a, &s[2..3], t + Duration::from_millis(30));
         let out = drain(&mut a, t + Duration::from_millis(30));
@@ -481,12 +584,46 @@ mod tests {
         push_all(&mut a, &s[..2], t);
         drain(&mut a, t);
         push_all(&mut a, &s[3..], t); // 12 lost
+        assert_eq!(nacked(&drain(&mut a, t)), [12]);
+        // Not asked again before its retransmission could be here; then once more.
+        let within = t + Duration::from_millis(110);
+        assert!(drain(&mut a, within).is_empty());
+        let after_rtt = t + Duration::from_millis(120);
+        assert_eq!(drain(&mut a, after_rtt), [Assembled::Nack(vec![12])]);
         let before = t + a.repair_wait() - Duration::from_millis(1);
-        assert!(drain(&mut a, before).is_empty());
+        assert!(decisions(drain(&mut a, before)).is_empty());
         push_all(&mut a, &s[2..3], before); // the retransmission
         let out = drain(&mut a, before);
         assert_eq!(requests(&out), 0);
         assert_eq!(timestamps(&out), [3000, 6000, 9000, 12000, 15000]);
+        assert_eq!(a.poll_timeout(), None, "nothing left to ask for");
+        assert_eq!(a.stats().nacked_packets, 2);
+    }
+
+    #[test]
+    fn a_hole_from_an_outage_is_not_nacked_and_a_given_up_frame_is_not_asked_for_again() {
+        let t = Instant::now();
+        let mut a = FrameAssembler::new();
+        push_all(&mut a, &stream(0), t);
+        drain(&mut a, t);
+        // 1000 packets lost in an outage: no NACK storm.
+        push_all(&mut a, &frame(1012, 90000, &[P]), t);
+        assert!(nacked(&drain(&mut a, t)).is_empty());
+        // Nor for a few packets of a thin stream across a second of silence.
+        let mut a = FrameAssembler::new();
+        push_all(&mut a, &stream(0), t);
+        drain(&mut a, t);
+        push_all(&mut a, &frame(40, 90000, &[P]), t);
+        assert!(nacked(&drain(&mut a, t)).is_empty());
+        // A small loss is asked for, until the frame is given up.
+        let mut a = FrameAssembler::new();
+        push_all(&mut a, &stream(0), t);
+        drain(&mut a, t);
+        push_all(&mut a, &frame(13, 6000, &[P]), t);
+        assert_eq!(nacked(&drain(&mut a, t)), [12]);
+        let late = t + a.repair_wait();
+        assert_eq!(decisions(drain(&mut a, late)), [Assembled::RequestKeyframe]);
+        assert!(nacked(&drain(&mut a, late + Duration::from_secs(1))).is_empty());
     }
 
     #[test]
@@ -498,10 +635,13 @@ mod tests {
         push_all(&mut a, &s[..2], t);
         drain(&mut a, t);
         push_all(&mut a, &s[3..], t); // 12 lost for good
-        assert!(drain(&mut a, t).is_empty(), "held for a retransmission");
+        assert_eq!(
+            drain(&mut a, t),
+            [Assembled::Nack(vec![12])],
+            "held for a retransmission"
+        );
         let late = t + a.repair_wait();
-        assert_eq!(a.poll_timeout(), Some(late));
-        let out = drain(&mut a, late);
+        let out = decisions(drain(&mut a, late));
         assert_eq!(
             out,
             [Assembled::RequestKeyframe],

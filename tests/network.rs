@@ -1,0 +1,107 @@
+//! Calls over impaired links, in network namespaces this test builds (`common::netns`:
+//! two clients behind two cone NATs, the server on the "public" segment).
+//!
+//! - Lossy: 3 % of UDP packets dropped at one router, both ways. Lost packets must be
+//!   repaired (NACK + retransmission) and nearly every frame decoded.
+//! - Outage: all UDP through both routers dropped for 5 s mid-call. The call must not
+//!   end; ICE restarts if needed, and video must come back.
+//!
+//! Pass/fail with generous margins; the numbers themselves are measured by the network
+//! benchmark (docs/PERFORMANCE.md). Needs root, `ip` and `iptables`; without them the test
+//! says so and passes, unless `DUET_REQUIRE_NAT_TEST=1` (set by `make test`).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::netns::{Topology, able, call_with};
+use serde_json::Value;
+
+fn u(r: &Value, key: &str) -> u64 {
+    r[key].as_u64().unwrap_or(0)
+}
+
+/// Frames decoded during the last `secs` seconds of the call, from the timeline.
+fn decoded_in_last(r: &Value, secs: f64) -> u64 {
+    let timeline = r["timeline"].as_array().cloned().unwrap_or_default();
+    let Some(last) = timeline.last() else {
+        return 0;
+    };
+    let end = last["t_s"].as_f64().unwrap_or(0.0);
+    let before = timeline
+        .iter()
+        .rev()
+        .find(|s| s["t_s"].as_f64().unwrap_or(0.0) <= end - secs)
+        .map_or(0, |s| u(s, "frames_decoded"));
+    u(last, "frames_decoded").saturating_sub(before)
+}
+
+#[test]
+fn calls_survive_loss_and_an_outage() {
+    if !able() {
+        assert!(
+            std::env::var("DUET_REQUIRE_NAT_TEST").is_err(),
+            "the network test needs root, ip and iptables"
+        );
+        eprintln!("skipped: needs root, ip and iptables");
+        return;
+    }
+    let pid = std::process::id() % 10_000;
+
+    // Lossy.
+    let lossy = Topology::build(&format!("{pid}l"), false);
+    let (ra, rb) = call_with(&lossy, "lossy", "10s", |t, _| t.add_loss("a", 0.03));
+    drop(lossy);
+    for (me, other) in [(&ra, &rb), (&rb, &ra)] {
+        eprintln!(
+            "lossy: decoded {} of {} sent, repaired {}, given up {}, PLIs {}, freezes {}",
+            u(me, "frames_decoded"),
+            u(other, "frames_sent"),
+            u(me, "frames_repaired"),
+            u(me, "frames_broken"),
+            u(me, "keyframe_requests_sent"),
+            u(me, "freeze_count"),
+        );
+        assert!(
+            u(me, "frames_decoded") * 100 >= u(other, "frames_sent") * 85,
+            "most frames survive 3 % loss: {me}"
+        );
+    }
+    assert!(
+        u(&ra, "frames_repaired") + u(&rb, "frames_repaired") > 0,
+        "losses were repaired by retransmission: {ra}\n{rb}"
+    );
+
+    // Outage.
+    let flaky = Topology::build(&format!("{pid}f"), false);
+    let (ra, rb) = call_with(&flaky, "outage", "16s", |t, _| {
+        std::thread::sleep(Duration::from_secs(3));
+        t.set_outage("a", true);
+        t.set_outage("b", true);
+        std::thread::sleep(Duration::from_secs(5));
+        t.set_outage("a", false);
+        t.set_outage("b", false);
+    });
+    drop(flaky);
+    for r in [&ra, &rb] {
+        eprintln!(
+            "outage: ended {}, decoded {}, in the last 4 s {}, freezes {} ({} ms)",
+            r["ended"],
+            u(r, "frames_decoded"),
+            decoded_in_last(r, 4.0),
+            u(r, "freeze_count"),
+            r["freeze_total_ms"],
+        );
+        // Whoever's --duration ran out first hung up; the other saw them leave.
+        let kind = r["ended"]["kind"].as_str().unwrap_or_default();
+        assert!(
+            kind == "hung_up" || (kind == "peer_left" && r["ended"]["disconnected"] == false),
+            "the call outlived the outage: {r}"
+        );
+        assert!(
+            decoded_in_last(r, 4.0) >= 60,
+            "video came back after the outage: {r}"
+        );
+    }
+}
