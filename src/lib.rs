@@ -3,10 +3,13 @@
 //! # Layout
 //! - [`signaling`]: the wire messages (re-exported from `signaling-server`, defined once)
 //!   and the embedded-server helper the app uses when no server is configured.
-//! - [`call`]: the call as a sans-I/O state machine (`CallState`, events in, actions out),
-//!   the session that runs it with a peer connection and media pipelines, and presence
-//!   (being reachable by name for direct calls).
-//! - [`media`]: frames, sources, codecs (openh264, Opus) and sinks; each stage a trait
+//! - [`call`]: the call as a sans-I/O state machine (`call::Call`: events and time in,
+//!   actions and deadlines out, including media start, chat, camera/microphone, ICE
+//!   restart and giving up), the session that executes it with a peer connection
+//!   (congestion control, our pacer) and media pipelines, the report, and presence
+//!   (being reachable by name for direct calls). `call`'s own doc lists its files.
+//! - [`media`]: frames, sources, codecs (openh264 with run-time rate changes, Opus), the
+//!   receive-side frame assembler (loss repair decisions), and sinks; each stage a trait
 //!   with real and synthetic implementations.
 //! - [`process`]: CPU time and peak memory of this process, for reports and benchmarks.
 //! - [`meetings`]: creating meetings (now or scheduled) through the server's HTTP API.

@@ -35,8 +35,10 @@ use crate::media::audio::{
     AudioSink, AudioSource, JitterBuffer, OpusDecoder, OpusEncoder, Playout, SAMPLE_RATE,
 };
 use crate::media::h264::{EncoderSettings, H264Decoder, H264Encoder};
+use crate::media::ladder::{Ladder, scaled_size};
 use crate::media::pace;
 use crate::media::picture::{Notify, Picture, PictureSlot};
+use crate::media::scale::Scaler;
 use crate::media::video::{
     TestPattern, VideoFrame, Y4mWriter, psnr_luma, read_strip, wall_clock_us32,
 };
@@ -59,6 +61,8 @@ pub struct MediaStats {
     pub nacked_packets: u64,
     /// The bitrate the video encoder is asked for now.
     pub encoder_bitrate_bps: u32,
+    /// The size of the pictures sent now (the resolution ladder's step).
+    pub sent_resolution: (usize, usize),
     pub audio_frames_sent: u64,
     pub video_frames_received: u64,
     pub video_frames_decoded: u64,
@@ -109,6 +113,7 @@ impl MediaStats {
             keyframe_requests_sent: 0,
             nacked_packets: 0,
             encoder_bitrate_bps: 0,
+            sent_resolution: (0, 0),
             audio_frames_sent: 0,
             video_frames_received: 0,
             video_frames_decoded: 0,
@@ -159,6 +164,7 @@ impl MediaStats {
             t_s: (t.as_secs_f64() * 10.0).round() / 10.0,
             target_kbps: peer.target_bitrate_bps.map(|b| (b as f64 / 1000.0).round()),
             encoder_kbps: f64::from(self.encoder_bitrate_bps / 1000),
+            sent_height: self.sent_resolution.1,
             sent_kbps: kbps(peer.bytes_sent, sent_before, secs),
             received_kbps: kbps(peer.bytes_received, received_before, secs),
             rtt_ms: peer.rtt_ms.map(|r| (r * 10.0).round() / 10.0),
@@ -187,6 +193,8 @@ pub struct Second {
     pub target_kbps: Option<f64>,
     /// What the video encoder is asked for.
     pub encoder_kbps: f64,
+    /// The height of the pictures sent (the resolution ladder's step).
+    pub sent_height: usize,
     /// Bytes on the wire (all media, headers, retransmissions) over the last second.
     pub sent_kbps: Option<f64>,
     pub received_kbps: Option<f64>,
@@ -325,6 +333,10 @@ impl Pipelines {
                 let mut last_sample = Instant::now();
                 let mut keyframes = KeyframePacer::default();
                 let mut size = (640, 360);
+                // The resolution ladder starts with the first frame (the source's size).
+                let mut ladder: Option<Ladder> = None;
+                let mut scaler = Scaler::new();
+                let mut next_due = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
                     let frame = match frames.recv_timeout(Duration::from_millis(250)) {
                         Ok(f) => {
@@ -334,15 +346,40 @@ impl Pipelines {
                         Err(_) => VideoFrame::black(size.0, size.1),
                     };
                     let now = Instant::now();
+                    let ladder =
+                        ladder.get_or_insert_with(|| Ladder::new(frame.height, settings.fps));
                     for c in control.try_iter() {
                         match c {
                             EncoderControl::Keyframe => keyframes.request(),
                             // The configured bitrate is the ceiling.
                             EncoderControl::Bitrate(bps) => {
-                                encoder.set_bitrate(bps.min(settings.bitrate_bps));
+                                let bps = bps.min(settings.bitrate_bps);
+                                encoder.set_bitrate(bps);
+                                if let Some(step) = ladder.update(bps, now) {
+                                    tracing::info!(?step, bps, "sending resolution/frame rate");
+                                    encoder.set_frame_rate(step.fps);
+                                }
                             }
                         }
                     }
+                    // Below the source's frame rate, frames are dropped evenly.
+                    let step = ladder.step();
+                    if step.fps < settings.fps {
+                        if now + Duration::from_millis(5) < next_due {
+                            continue;
+                        }
+                        let interval = Duration::from_secs_f32(1.0 / step.fps.max(1.0));
+                        next_due = (next_due + interval).max(now + interval / 2);
+                    }
+                    let (w, h) = scaled_size((frame.width, frame.height), step.height);
+                    let frame = match scaler.scale(frame, w, h) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "scaling a frame");
+                            continue;
+                        }
+                    };
+                    thread_stats.lock().sent_resolution = (frame.width, frame.height);
                     if keyframes.take_due(now) {
                         encoder.request_keyframe();
                     }
@@ -746,16 +783,16 @@ fn video_decode_loop(
         let latency = strip.map(|s| wall_clock_us32().wrapping_sub(s.captured_us));
         // Re-rendering the reference costs as much as rendering the source, so quality
         // is sampled on every 10th frame to keep measuring cheaper than calling.
+        // The reference is the pattern at the first (full) size; pictures the sender
+        // scaled down for a thin link are not compared with it.
         let psnr = match (strip, sinks.reference_pattern) {
             (Some(s), Some(noisy)) if decoded % 10 == 0 => {
                 let pattern = reference.get_or_insert_with(|| {
                     TestPattern::new(frame.width, frame.height, 30.0, noisy)
                 });
-                Some(psnr_luma(
-                    &pattern.render(s.frame_number),
-                    &frame,
-                    pattern.content_top(),
-                ))
+                let reference = pattern.render(s.frame_number);
+                (reference.width == frame.width && reference.height == frame.height)
+                    .then(|| psnr_luma(&reference, &frame, pattern.content_top()))
             }
             _ => None,
         };

@@ -4,6 +4,8 @@
 //!
 //! - [`video`]: I420 frames, the `VideoSource` trait, test pattern + strip, Y4M files.
 //! - [`h264`]: H.264 encoding/decoding with openh264.
+//! - [`ladder`]: which resolution and frame rate to send at a bitrate (pure).
+//! - [`scale`]: I420 frames to a smaller size (fast_image_resize), strip kept.
 //! - [`openh264_rate`]: bitrate and frame rate changes while encoding (the crate's only
 //!   `unsafe`: two openh264 `SetOption` calls).
 //! - [`assembler`]: received H.264 RTP packets -> complete access units, waiting for
@@ -20,8 +22,10 @@ pub mod camera;
 pub mod capture;
 pub mod device;
 pub mod h264;
+pub mod ladder;
 pub mod openh264_rate;
 pub mod picture;
+pub mod scale;
 pub mod sources;
 pub mod video;
 

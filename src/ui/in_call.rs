@@ -295,6 +295,7 @@ fn stats_overlay(ui: &egui::Ui, area: egui::Rect, c: &InCall) {
         "-".into()
     };
     let encoder_kbps = s.encoder_bitrate_bps / 1000;
+    let (sent_w, sent_h) = s.sent_resolution;
     drop(s);
     let p = &c.live.peer;
     let total = p.packets_received + p.packets_lost;
@@ -315,7 +316,10 @@ fn stats_overlay(ui: &egui::Ui, area: egui::Rect, c: &InCall) {
         .map_or("-".into(), |b| format!("{} kbit/s", b / 1000));
     let lines = [
         ("network", format!("{network} (estimate {estimate})")),
-        ("sending", format!("video at {encoder_kbps} kbit/s")),
+        (
+            "sending",
+            format!("{sent_w}x{sent_h} at {encoder_kbps} kbit/s"),
+        ),
         ("resolution", resolution),
         ("fps", format!("{:.0}", c.rates.fps)),
         (

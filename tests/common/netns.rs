@@ -48,6 +48,8 @@ pub fn able() -> bool {
 pub struct Topology {
     names: Vec<String>,
     tag: String,
+    /// Added to every client's `duet call` (e.g. a resolution for a benchmark).
+    pub client_args: Vec<String>,
 }
 
 impl Drop for Topology {
@@ -68,6 +70,7 @@ impl Topology {
         let mut t = Topology {
             names: Vec::new(),
             tag: tag.to_owned(),
+            client_args: Vec::new(),
         };
         for role in ["pub", "ra", "rb", "a", "b"] {
             let n = t.ns(role);
@@ -177,9 +180,15 @@ impl Topology {
 
     pub fn spawn(&self, role: &str, args: &[&str], log: &Path) -> Child {
         let log = std::fs::File::create(log).unwrap();
+        let extra: &[String] = if role == "pub" {
+            &[]
+        } else {
+            &self.client_args
+        };
         Command::new("ip")
             .args(["netns", "exec", &self.ns(role), env!("CARGO_BIN_EXE_duet")])
             .args(args)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -255,6 +264,55 @@ impl Topology {
                 &p,
                 "-j",
                 "DROP",
+            ],
+        );
+    }
+
+    /// Drops this fraction of the UDP packets leaving through the router of `side` (its
+    /// client's uplink only).
+    pub fn add_uplink_loss(&self, side: &str, fraction: f64) {
+        let p = format!("{fraction}");
+        self.router(
+            side,
+            &[
+                "iptables",
+                "-I",
+                "FORWARD",
+                "-o",
+                "wan",
+                "-p",
+                "udp",
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                &p,
+                "-j",
+                "DROP",
+            ],
+        );
+    }
+
+    /// Limits the uplink of `side` (its router's outside interface) to `kbit` kbit/s with
+    /// a token bucket holding at most 200 ms of queue; again to change the rate.
+    pub fn set_uplink_rate(&self, side: &str, kbit: u32) {
+        let rate = format!("{kbit}kbit");
+        // Burst: at least a few full packets, or the bucket cannot pass a 1.5 kB packet.
+        let burst = format!("{}", (kbit as usize * 1000 / 8 / 50).max(6_000));
+        let router = self.ns(&format!("r{side}"));
+        let exists = Command::new("ip")
+            .args([
+                "netns", "exec", &router, "tc", "qdisc", "show", "dev", "wan",
+            ])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("tbf"));
+        let verb = if exists { "change" } else { "add" };
+        self.router(
+            side,
+            &[
+                "tc", "qdisc", verb, "dev", "wan", "root", "tbf", "rate", &rate, "burst", &burst,
+                "latency", "200ms",
             ],
         );
     }

@@ -1,0 +1,129 @@
+//! `netbench`: Duet <-> Duet calls over impaired links, one fresh call per row, in network
+//! namespaces (two clients behind two cone NATs, the server on the "public" segment; see
+//! tests/common/netns.rs). Each client's uplink is impaired the ways this kernel allows:
+//! `tbf` rate limits, iptables `statistic` random loss, a DROP rule for an outage.
+//! Prints one JSON object: per row and per client, frames decoded of those sent,
+//! glass-to-glass latency, bitrate sent, keyframes and what asked for them, NACKs,
+//! freezes (WebRTC definition), and the per-second timeline for the `step` row.
+//!
+//! Needs root, `ip`, `iptables` and `tc`. Not part of CI (minutes, and root).
+//! `cargo bench -p duet --bench netbench -- [--only ROW] [--seconds 20]`
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../tests/common/netns.rs"]
+mod netns;
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use netns::{Topology, able, call_with};
+use serde_json::{Value, json};
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Only this row: clean, lossy, home, bad, step, flap.
+    #[arg(long)]
+    only: Option<String>,
+    /// Length of each call (the step row takes 35 s whatever this says).
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn u(r: &Value, key: &str) -> u64 {
+    r[key].as_u64().unwrap_or(0)
+}
+
+/// The numbers of one client in one row.
+fn summary(me: &Value, other: &Value) -> Value {
+    json!({
+        "frames_decoded": u(me, "frames_decoded"),
+        "frames_sent_by_other": u(other, "frames_sent"),
+        "fps_received": me["fps_received"],
+        "latency_ms_p50": me["latency_ms_p50"],
+        "latency_ms_p95": me["latency_ms_p95"],
+        "bitrate_sent_kbps": me["bitrate_sent_kbps"],
+        "target_bitrate_kbps_at_end": me["target_bitrate_kbps"],
+        "keyframes_sent": u(me, "keyframes_sent"),
+        "keyframe_requests_received": u(me, "keyframe_requests_received"),
+        "keyframe_requests_sent": u(me, "keyframe_requests_sent"),
+        "nacks_sent": u(me, "nacks_sent"),
+        "frames_repaired": u(me, "frames_repaired"),
+        "frames_given_up": u(me, "frames_broken"),
+        "freeze_count": u(me, "freeze_count"),
+        "freeze_total_ms": me["freeze_total_ms"],
+        "audio_frames_concealed": u(me, "audio_frames_concealed"),
+        "end": me["end_reason"],
+    })
+}
+
+fn main() {
+    let args = Args::parse();
+    assert!(able(), "netbench needs root, ip and iptables");
+    let rows = ["clean", "lossy", "home", "bad", "step", "flap"];
+    let mut out = serde_json::Map::new();
+    let pid = std::process::id() % 10_000;
+    for row in rows {
+        if args.only.as_deref().is_some_and(|o| o != row) {
+            continue;
+        }
+        let t = Topology::build(&format!("{pid}{}", &row[..2]), false);
+        let mut t = t;
+        t.client_args = ["--width", "640", "--height", "480", "--fps", "30"]
+            .map(String::from)
+            .to_vec();
+        let secs = if row == "step" { 35 } else { args.seconds };
+        let duration = format!("{secs}s");
+        for side in ["a", "b"] {
+            match row {
+                "lossy" => t.add_uplink_loss(side, 0.02),
+                "home" => {
+                    t.set_uplink_rate(side, 1000);
+                    t.add_uplink_loss(side, 0.02);
+                }
+                "bad" => t.add_uplink_loss(side, 0.05),
+                "step" => t.set_uplink_rate(side, 3000),
+                _ => {}
+            }
+        }
+        let started = Instant::now();
+        let (ra, rb) = call_with(&t, &format!("netbench-{row}"), &duration, |t, _| {
+            let at = Instant::now();
+            match row {
+                "step" => {
+                    std::thread::sleep(Duration::from_secs(10));
+                    t.set_uplink_rate("a", 500);
+                    t.set_uplink_rate("b", 500);
+                    std::thread::sleep(Duration::from_secs(25).saturating_sub(at.elapsed()));
+                    t.set_uplink_rate("a", 3000);
+                    t.set_uplink_rate("b", 3000);
+                }
+                "flap" => {
+                    std::thread::sleep(Duration::from_secs(8));
+                    t.set_outage("a", true);
+                    t.set_outage("b", true);
+                    std::thread::sleep(Duration::from_secs(5));
+                    t.set_outage("a", false);
+                    t.set_outage("b", false);
+                }
+                _ => {}
+            }
+        });
+        let mut r = json!({
+            "a": summary(&ra, &rb),
+            "b": summary(&rb, &ra),
+            "wall_s": started.elapsed().as_secs(),
+        });
+        if row == "step" || row == "flap" {
+            r["timeline_a"] = ra["timeline"].clone();
+        }
+        eprintln!("{row}: {}", serde_json::to_string(&r["a"]).unwrap());
+        out.insert(row.to_owned(), r);
+        drop(t);
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&Value::Object(out)).unwrap()
+    );
+}

@@ -1,0 +1,271 @@
+//! `Ladder`: which resolution and frame rate to send at a given bitrate, libwebrtc's
+//! "balanced" degradation as a pure type. Bitrates in, (height, fps) decisions out.
+//!
+//! - Down at once: when the bitrate falls below what the current rung needs, the sender
+//!   steps to the highest rung the bitrate can hold (720p -> 540p -> 360p -> 270p -> 180p);
+//!   below the lowest rung's floor the frame rate goes down instead (30 -> 20 -> 15 fps).
+//! - Up slowly: one step at a time, and only after the bitrate has stayed above the next
+//!   rung's (higher) threshold for [`Ladder::UP_AFTER`]; the gap between the two
+//!   thresholds and the wait are the hysteresis that keeps it from flapping.
+//! - Never above the source: a 360p camera starts (and stays at most) at 360p.
+
+use std::time::{Duration, Instant};
+
+/// One step of the ladder: a picture height, and the video bitrates (bits per second)
+/// below which it is left and above which it is entered from the rung below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rung {
+    pub height: usize,
+    pub stay_above: u32,
+    pub enter_above: u32,
+}
+
+/// Heights and thresholds at 30 fps for openh264 at Constrained Baseline, from
+/// libwebrtc's defaults for the same resolutions, rounded.
+pub const RUNGS: [Rung; 5] = [
+    Rung {
+        height: 720,
+        stay_above: 1_000_000,
+        enter_above: 1_500_000,
+    },
+    Rung {
+        height: 540,
+        stay_above: 600_000,
+        enter_above: 900_000,
+    },
+    Rung {
+        height: 360,
+        stay_above: 300_000,
+        enter_above: 450_000,
+    },
+    Rung {
+        height: 270,
+        stay_above: 180_000,
+        enter_above: 270_000,
+    },
+    Rung {
+        height: 180,
+        stay_above: 0,
+        enter_above: 0,
+    },
+];
+
+/// Frame rates below the lowest rung, with the bitrate each needs to stay and to enter.
+const FRAME_RATES: [(f32, u32, u32); 3] = [
+    (30.0, 110_000, 160_000),
+    (20.0, 75_000, 110_000),
+    (15.0, 0, 0),
+];
+
+/// What to send: picture height (the width follows the source's aspect) and frame rate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Step {
+    pub height: usize,
+    pub fps: f32,
+}
+
+/// Where the sender is on the ladder. See the module docs.
+#[derive(Debug, Clone)]
+pub struct Ladder {
+    /// The highest rung the source allows.
+    top: usize,
+    rung: usize,
+    rate: usize,
+    /// Since when the bitrate has allowed a step up.
+    up_since: Option<Instant>,
+    source_fps: f32,
+}
+
+impl Ladder {
+    /// How long the bitrate must allow a step up before it is taken.
+    pub const UP_AFTER: Duration = Duration::from_secs(3);
+
+    /// A ladder for a source of this height and frame rate, starting at the top.
+    pub fn new(source_height: usize, source_fps: f32) -> Ladder {
+        let top = RUNGS
+            .iter()
+            .position(|r| r.height <= source_height)
+            .unwrap_or(RUNGS.len() - 1);
+        Ladder {
+            top,
+            rung: top,
+            rate: 0,
+            up_since: None,
+            source_fps,
+        }
+    }
+
+    /// What to send now.
+    pub fn step(&self) -> Step {
+        Step {
+            height: RUNGS[self.rung].height,
+            fps: FRAME_RATES[self.rate].0.min(self.source_fps),
+        }
+    }
+
+    /// The video bitrate changed (or is the same, later): the new step if it changes.
+    pub fn update(&mut self, bps: u32, now: Instant) -> Option<Step> {
+        let before = self.step();
+        // Down at once, as far as needed: first the frame rate back to full (it only
+        // goes down at the bottom rung), then the rungs.
+        while self.rate == 0 && self.rung + 1 < RUNGS.len() && bps < RUNGS[self.rung].stay_above {
+            self.rung += 1;
+            self.up_since = None;
+        }
+        if self.rung + 1 == RUNGS.len() {
+            while self.rate + 1 < FRAME_RATES.len() && bps < FRAME_RATES[self.rate].1 {
+                self.rate += 1;
+                self.up_since = None;
+            }
+        }
+        // Up one step, after the bitrate has allowed it for a while.
+        let can_go_up = if self.rate > 0 {
+            bps >= FRAME_RATES[self.rate - 1].2
+        } else {
+            self.rung > self.top && bps >= RUNGS[self.rung - 1].enter_above
+        };
+        if can_go_up {
+            let since = *self.up_since.get_or_insert(now);
+            if now.saturating_duration_since(since) >= Ladder::UP_AFTER {
+                if self.rate > 0 {
+                    self.rate -= 1;
+                } else {
+                    self.rung -= 1;
+                }
+                self.up_since = None;
+            }
+        } else {
+            self.up_since = None;
+        }
+        let after = self.step();
+        (after != before).then_some(after)
+    }
+}
+
+/// The picture size for a step: `height`, and the width that keeps the source's aspect,
+/// both even (I420 halves them for chroma). Never larger than the source.
+pub fn scaled_size(source: (usize, usize), height: usize) -> (usize, usize) {
+    let (w, h) = source;
+    if height >= h || h == 0 {
+        return source;
+    }
+    let width = (w * height + h / 2) / h;
+    (width.max(2) & !1, height.max(2) & !1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_down_at_once_as_far_as_needed() {
+        let t = Instant::now();
+        let mut l = Ladder::new(720, 30.0);
+        assert_eq!(
+            l.step(),
+            Step {
+                height: 720,
+                fps: 30.0
+            }
+        );
+        assert_eq!(l.update(2_000_000, t), None);
+        assert_eq!(
+            l.update(700_000, t),
+            Some(Step {
+                height: 540,
+                fps: 30.0
+            })
+        );
+        assert_eq!(
+            l.update(200_000, t),
+            Some(Step {
+                height: 270,
+                fps: 30.0
+            })
+        );
+        // Below the bottom rung's floor, the frame rate gives.
+        assert_eq!(l.update(90_000, t).map(|s| s.height), Some(180));
+        assert_eq!(l.step().fps, 20.0);
+        assert_eq!(l.update(50_000, t).map(|s| s.fps), Some(15.0));
+    }
+
+    #[test]
+    fn steps_up_one_at_a_time_after_the_bitrate_has_held() {
+        let t = Instant::now();
+        let mut l = Ladder::new(720, 30.0);
+        l.update(50_000, t);
+        assert_eq!(
+            l.step(),
+            Step {
+                height: 180,
+                fps: 15.0
+            }
+        );
+        // Enough for everything, but only one step per UP_AFTER.
+        let mut at = t;
+        let mut steps = Vec::new();
+        for _ in 0..60 {
+            at += Duration::from_millis(500);
+            if let Some(s) = l.update(3_000_000, at) {
+                steps.push((s, at - t));
+            }
+        }
+        let order: Vec<(usize, f32)> = steps.iter().map(|(s, _)| (s.height, s.fps)).collect();
+        assert_eq!(
+            order,
+            [
+                (180, 20.0),
+                (180, 30.0),
+                (270, 30.0),
+                (360, 30.0),
+                (540, 30.0),
+                (720, 30.0)
+            ]
+        );
+        for pair in steps.windows(2) {
+            assert!(pair[1].1 - pair[0].1 >= Ladder::UP_AFTER);
+        }
+    }
+
+    #[test]
+    fn a_bitrate_between_the_thresholds_does_not_flap() {
+        let t = Instant::now();
+        let mut l = Ladder::new(720, 30.0);
+        l.update(800_000, t); // 540p
+        assert_eq!(l.step().height, 540);
+        // Between 540p's floor and 720p's entry: stays, however long.
+        for i in 1..20 {
+            assert_eq!(l.update(1_200_000, t + Duration::from_secs(i)), None);
+        }
+        // A dip resets the wait for going up.
+        let mut l = Ladder::new(720, 30.0);
+        l.update(800_000, t);
+        l.update(1_600_000, t);
+        l.update(800_000, t + Duration::from_secs(2));
+        assert_eq!(l.update(1_600_000, t + Duration::from_secs(4)), None);
+        assert_eq!(
+            l.update(1_600_000, t + Duration::from_secs(7))
+                .map(|s| s.height),
+            Some(720)
+        );
+    }
+
+    #[test]
+    fn never_above_the_source() {
+        let t = Instant::now();
+        let mut l = Ladder::new(360, 15.0);
+        assert_eq!(
+            l.step(),
+            Step {
+                height: 360,
+                fps: 15.0
+            }
+        );
+        assert_eq!(l.update(5_000_000, t + Duration::from_secs(10)), None);
+        assert_eq!(scaled_size((640, 360), 720), (640, 360));
+        assert_eq!(scaled_size((1280, 720), 540), (960, 540));
+        assert_eq!(scaled_size((640, 480), 270), (360, 270));
+        assert_eq!(scaled_size((1280, 720), 180), (320, 180));
+        assert_eq!(scaled_size((641, 361), 180), (320, 180));
+    }
+}
