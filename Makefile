@@ -48,7 +48,8 @@ test: deps audio
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	PULSE_SINK=nullsink PULSE_SOURCE=nullsink.monitor DUET_REQUIRE_WINDOW_TEST=1 \
-		DUET_REQUIRE_NAT_TEST=1 cargo test --workspace
+		DUET_REQUIRE_NAT_TEST=1 DUET_REQUIRE_AUDIO_TEST=1 DUET_REQUIRE_COTURN_TEST=1 \
+		cargo test --workspace
 
 # The benchmarks (print JSON); see docs/PERFORMANCE.md.
 bench: deps

@@ -149,6 +149,23 @@ fn alive_tasks() -> usize {
         .num_alive_tasks()
 }
 
+/// Waits until `f` gives the same value 5 times in a row, 50 ms apart (resources are
+/// released asynchronously), up to 3 s; returns that value.
+async fn steady<T: PartialEq + Copy>(f: impl Fn() -> T) -> T {
+    let mut last = f();
+    let mut same = 0;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = f();
+        same = if now == last { same + 1 } else { 0 };
+        last = now;
+        if same >= 5 {
+            break;
+        }
+    }
+    last
+}
+
 /// Polls until `f` holds (resources are released asynchronously), up to 3 s.
 async fn settles(f: impl Fn() -> bool) -> bool {
     for _ in 0..60 {
@@ -193,8 +210,7 @@ async fn hang_up_frees_everything_and_a_second_call_works() {
             duet_threads()
         );
         if round == 0 {
-            settles(|| false).await;
-            (sockets, tasks) = (open_sockets(), alive_tasks());
+            (sockets, tasks) = steady(|| (open_sockets(), alive_tasks())).await;
         }
         assert!(
             settles(|| open_sockets() == sockets).await,

@@ -468,10 +468,30 @@ async fn uclient(server: &Server, args: &[&str]) -> Option<(bool, String)> {
 }
 
 fn skipped() {
+    assert!(
+        std::env::var("DUET_REQUIRE_COTURN_TEST").is_err(),
+        "turnutils_uclient/turnutils_peer not found: install the Debian package `coturn`"
+    );
     eprintln!(
         "SKIPPED: turnutils_uclient not found; install the Debian package `coturn` \
          (apt-get install coturn) to run the independent TURN client test"
     );
+}
+
+/// Waits until coturn's echo peer on `port` answers (it starts asynchronously; packets
+/// sent before it listens would be counted as lost).
+async fn wait_for_echo(port: u16) {
+    let probe = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut buf = [0u8; 64];
+    for _ in 0..100 {
+        let _ = probe.send_to(b"ping", ("127.0.0.1", port)).await;
+        let answer =
+            tokio::time::timeout(Duration::from_millis(50), probe.recv_from(&mut buf)).await;
+        if matches!(answer, Ok(Ok((4, _)))) {
+            return;
+        }
+    }
+    panic!("turnutils_peer did not answer on port {port}");
 }
 
 /// A free UDP port on loopback (for a helper process that cannot take port 0).
@@ -495,7 +515,7 @@ async fn coturn_uclient_allocates_and_relays_with_minted_credentials() {
         skipped();
         return;
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_for_echo(peer_port).await;
     let (user, pass) = minted("uclient");
     let peer_port = peer_port.to_string();
     let args = [
