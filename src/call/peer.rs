@@ -545,6 +545,13 @@ impl Peer {
             stats.nacks_sent += u64::from(s.nack_count);
             stats.plis_sent += u64::from(s.pli_count);
         }
+        // What the other side reports losing of ours (RTCP receiver reports).
+        for e in report.iter() {
+            if let RTCStatsReportEntry::RemoteInboundRtp(r) = e {
+                let loss = r.fraction_lost.clamp(0.0, 1.0);
+                stats.remote_loss = Some(stats.remote_loss.map_or(loss, |l: f64| l.max(loss)));
+            }
+        }
         for s in report.outbound_rtp_streams() {
             stats.plis_received += u64::from(s.pli_count);
             stats.nacks_received += u64::from(s.nack_count);
@@ -713,6 +720,9 @@ pub struct PeerStats {
     pub retransmitted_packets: u64,
     /// The congestion controller's estimate of what the path carries (all media).
     pub target_bitrate_bps: Option<u64>,
+    /// The fraction of our packets the other side lost lately (its receiver reports;
+    /// the worse of audio and video).
+    pub remote_loss: Option<f64>,
 }
 
 #[cfg(test)]

@@ -270,6 +270,8 @@ pub struct Pipelines {
     rtt: RttWatch,
     /// To the video encoder thread, once it runs.
     encoder_control: Option<std::sync::mpsc::Sender<EncoderControl>>,
+    /// To the audio encoder thread: the loss (percent) the other side reports.
+    audio_loss: Option<std::sync::mpsc::Sender<u8>>,
     threads: Vec<JoinHandle<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -450,6 +452,15 @@ impl Pipelines {
 
     /// The congestion controller's estimate for all media: the video encoder gets what is
     /// left after audio and packet overhead.
+    /// The fraction of our packets the other side loses: Opus FEC is sized to it (with a
+    /// little headroom: loss comes in bursts).
+    pub fn set_remote_loss(&self, fraction: f64) {
+        let percent = expected_loss_percent(fraction);
+        if let Some(tx) = &self.audio_loss {
+            let _ = tx.send(percent);
+        }
+    }
+
     pub fn set_send_bitrate(&self, total_bps: u64) {
         let video = video_bitrate_for(total_bps);
         if let Some(control) = &self.encoder_control {
@@ -468,6 +479,8 @@ impl Pipelines {
         stats: StatsHandle,
     ) {
         let (tx, mut rx) = mpsc::channel::<Bytes>(16);
+        let (loss_tx, loss) = std::sync::mpsc::channel::<u8>();
+        self.audio_loss = Some(loss_tx);
         let stop = self.stop.clone();
         let spawned = std::thread::Builder::new()
             .name("duet-audio-send".into())
@@ -491,6 +504,11 @@ impl Pipelines {
                     };
                     if muted.load(Ordering::Relaxed) {
                         pcm.fill(0);
+                    }
+                    if let Some(percent) = loss.try_iter().last()
+                        && let Err(e) = encoder.set_expected_loss(percent)
+                    {
+                        tracing::warn!(error = %e, "setting Opus FEC");
                     }
                     match encoder.encode(&pcm) {
                         Ok(packet) => {
@@ -678,6 +696,14 @@ pub fn video_bitrate_for(total_bps: u64) -> u32 {
     u32::try_from(video)
         .unwrap_or(u32::MAX)
         .max(crate::media::h264::MIN_BITRATE_BPS)
+}
+
+/// The loss Opus should expect (percent) for a measured loss fraction: a little above it
+/// (loss comes in bursts), at least 1 % (FEC costs little when nothing is lost, and the
+/// first loss is repaired), at most 25 %.
+pub fn expected_loss_percent(fraction: f64) -> u8 {
+    let percent = (fraction.clamp(0.0, 1.0) * 100.0 * 1.5).ceil() as u8;
+    percent.clamp(1, 25)
 }
 
 /// Keyframes on request, but not back to back: a keyframe is many packets, and on a thin
@@ -900,6 +926,15 @@ mod tests {
         );
         k.sent(t + KeyframePacer::MIN_INTERVAL);
         assert!(!k.take_due(t + KeyframePacer::MIN_INTERVAL * 3));
+    }
+
+    #[test]
+    fn opus_expects_a_little_more_loss_than_measured() {
+        assert_eq!(expected_loss_percent(0.0), 1);
+        assert_eq!(expected_loss_percent(0.02), 3);
+        assert_eq!(expected_loss_percent(0.1), 15);
+        assert_eq!(expected_loss_percent(0.9), 25);
+        assert_eq!(expected_loss_percent(f64::NAN), 1);
     }
 
     #[test]

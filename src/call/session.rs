@@ -281,6 +281,9 @@ impl Session {
                     if let Some(target) = stats.target_bitrate_bps {
                         self.pipelines.set_send_bitrate(target);
                     }
+                    if let Some(loss) = stats.remote_loss {
+                        self.pipelines.set_remote_loss(loss);
+                    }
                     lock_live(&self.live).peer = stats;
                     self.notify();
                 }

@@ -192,6 +192,14 @@ impl OpusEncoder {
         })
     }
 
+    /// Tells the encoder how much loss to expect (percent): in-band FEC spends bits on
+    /// repairing a lost packet from the next in proportion.
+    pub fn set_expected_loss(&mut self, percent: u8) -> Result<(), MediaError> {
+        self.inner
+            .set_packet_loss_perc(i32::from(percent.min(100)))
+            .map_err(|e| MediaError::Codec(format!("opus encoder: {e}")))
+    }
+
     /// Encodes one 20 ms frame.
     pub fn encode(&mut self, pcm: &[i16]) -> Result<Vec<u8>, MediaError> {
         let n = self
