@@ -356,13 +356,24 @@ impl Peer {
             })
             .build();
         // The ICE agent checks every 200 ms by default, which is what set-up time on a
-        // LAN is made of; 20 ms checks and no acceptance waits connect in tens of ms.
+        // LAN is made of; 20 ms checks and no acceptance waits connect in tens of ms. A
+        // pair is given up after its 7th unanswered check by default: 140 ms at this pace,
+        // less than one round trip on a long link. 60 checks: about 1.2 s.
         let settings = SettingEngineBuilder::new()
-            .with_ice_connection_attempts(Some(Duration::from_millis(20)), None)
+            .with_ice_connection_attempts(Some(Duration::from_millis(20)), Some(60))
             .with_host_acceptance_min_wait(Some(Duration::ZERO))
             .with_srflx_acceptance_min_wait(Some(Duration::from_millis(100)))
             .with_prflx_acceptance_min_wait(Some(Duration::from_millis(100)))
             .with_relay_acceptance_min_wait(Some(Duration::from_millis(300)))
+            // A path that goes quiet is `disconnected` after 2.5 s (the crate's 5 s plus a
+            // 2 s keepalive meant 7 s of frozen video before an ICE restart could even
+            // start), `failed` after 15 s; keepalives every second keep that honest when
+            // no media flows.
+            .with_ice_timeouts(
+                Some(Duration::from_millis(2500)),
+                Some(Duration::from_secs(15)),
+                Some(Duration::from_secs(1)),
+            )
             .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
             .build();
         let mut addrs = vec!["0.0.0.0:0".to_owned()];

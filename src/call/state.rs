@@ -15,8 +15,9 @@ use signaling_server::protocol::{
 
 /// A connection that has been `disconnected` this long gets an ICE restart.
 pub const ICE_RESTART_AFTER: Duration = Duration::from_secs(2);
-/// While it does not come back, the restart is repeated this often.
-pub const ICE_RESTART_RETRY: Duration = Duration::from_secs(5);
+/// While it does not come back, the restart is repeated this often (a restart during an
+/// outage fails its checks within a fraction of a second; the next one finds the path).
+pub const ICE_RESTART_RETRY: Duration = Duration::from_secs(2);
 /// A connection that has not come back after this long ends the call.
 pub const RECONNECT_GIVE_UP: Duration = Duration::from_secs(30);
 /// Chat lines longer than this (bytes) are cut: a peer must not be able to flood the UI.

@@ -317,6 +317,24 @@ impl Topology {
         );
     }
 
+    /// Gives the client of `side` a new address on its LAN (10.0.x.3 instead of .2), as a
+    /// laptop that changes networks: its NAT mapping, and so its public port, change too.
+    /// The signaling connection (TCP from the old address) is cut by it as well.
+    pub fn move_client(&self, side: &str) {
+        let lan = if side == "a" { "10.0.1" } else { "10.0.2" };
+        let client = self.ns(side);
+        let old = format!("{lan}.2/24");
+        let new = format!("{lan}.3/24");
+        let gateway = format!("{lan}.1");
+        run(&["ip", "-n", &client, "addr", "add", &new, "dev", "eth0"]);
+        run(&["ip", "-n", &client, "addr", "del", &old, "dev", "eth0"]);
+        let _ = Command::new("ip")
+            .args([
+                "-n", &client, "route", "replace", "default", "via", &gateway,
+            ])
+            .status();
+    }
+
     /// Cuts (or restores) all UDP through the router of `side`: media and TURN, not the
     /// signaling WebSocket.
     pub fn set_outage(&self, side: &str, down: bool) {
