@@ -97,6 +97,11 @@ pub enum Incoming {
     },
 }
 
+/// How often the client pings the server.
+const PING_EVERY: Duration = Duration::from_secs(2);
+/// A connection on which nothing (not even a pong) arrived for this long is dead.
+const SILENCE_LIMIT: Duration = Duration::from_secs(6);
+
 /// A connected client. Messages are sent in order by a background task; what arrives
 /// goes to the channel given to [`Client::connect`].
 #[derive(Debug, Clone)]
@@ -122,9 +127,21 @@ impl Client {
             .map_err(|e| unreachable(e.to_string()))?;
         let (mut sink, mut stream) = ws.split();
         let (outgoing, mut to_send) = mpsc::unbounded_channel::<ClientMessage>();
+        // The writer also pings every 2 s: a connection whose path silently died (the
+        // laptop changed networks) is noticed by the reader within seconds instead of
+        // when TCP gives up, minutes later.
         tokio::spawn(async move {
-            while let Some(msg) = to_send.recv().await {
-                if sink.send(Message::text(msg.to_json())).await.is_err() {
+            let mut ping = tokio::time::interval(PING_EVERY);
+            ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let frame = tokio::select! {
+                    msg = to_send.recv() => match msg {
+                        Some(msg) => Message::text(msg.to_json()),
+                        None => break,
+                    },
+                    _ = ping.tick() => Message::Ping(Default::default()),
+                };
+                if sink.send(frame).await.is_err() {
                     break;
                 }
             }
@@ -132,7 +149,13 @@ impl Client {
         });
         tokio::spawn(async move {
             let detail = loop {
-                match stream.next().await {
+                let Ok(next) = tokio::time::timeout(SILENCE_LIMIT, stream.next()).await else {
+                    break format!(
+                        "no answer from the server for {} s",
+                        SILENCE_LIMIT.as_secs()
+                    );
+                };
+                match next {
                     Some(Ok(Message::Text(text))) => match text.parse::<ServerMessage>() {
                         Ok(msg) => {
                             if incoming.send(Incoming::Message(msg)).is_err() {

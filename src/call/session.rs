@@ -64,6 +64,7 @@ pub fn start_on(config: SessionConfig, connection: Option<Connection>) -> Sessio
         pipelines: Pipelines::new(),
         chat: None,
         held: std::collections::VecDeque::new(),
+        signal_tx: None,
         last_peer_stats: PeerStats::default(),
         warnings: Vec::new(),
         sinks: None,
@@ -94,6 +95,8 @@ enum Input {
     Timeout,
     /// A held-back description may go now.
     ReleaseHeld,
+    /// A new signaling connection is open (to resume the seat).
+    SignalingUp(Client),
 }
 
 struct Session {
@@ -114,6 +117,8 @@ struct Session {
     peer: Option<Peer>,
     pipelines: Pipelines,
     chat: Option<Arc<dyn DataChannel>>,
+    /// Where a new signaling connection (resuming the seat) delivers.
+    signal_tx: Option<mpsc::UnboundedSender<Incoming>>,
     /// Offers/answers held back by `hold_description` (a testing aid), with when they go.
     held: std::collections::VecDeque<(Instant, ClientMessage)>,
     last_peer_stats: PeerStats,
@@ -140,25 +145,37 @@ impl Session {
         let mut stats_tick = tokio::time::interval(Duration::from_millis(500));
         stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-        let (connected, mut signal_rx, registered) = match connection {
+        // Everything the server says arrives on one channel, whichever connection (the
+        // first, or one that resumes the seat after a drop) it came on.
+        let (signal_tx, mut signal_rx) = mpsc::unbounded_channel();
+        let (connected, registered) = match connection {
             Some(c) => {
                 self.client = Some(c.client);
                 self.apply(Event::IceServers(c.ice_servers), &peer_tx, &chat_tx)
                     .await;
-                (Ok(()), c.incoming, c.registered)
+                let (forward, mut incoming) = (signal_tx.clone(), c.incoming);
+                tokio::spawn(async move {
+                    while let Some(i) = incoming.recv().await {
+                        if forward.send(i).is_err() {
+                            break;
+                        }
+                    }
+                });
+                (Ok(()), c.registered)
             }
             None => {
-                let (signal_tx, signal_rx) = mpsc::unbounded_channel();
-                let connected = match Client::connect(&self.config.server, signal_tx).await {
+                let connected = match Client::connect(&self.config.server, signal_tx.clone()).await
+                {
                     Ok(client) => {
                         self.client = Some(client);
                         Ok(())
                     }
                     Err(e) => Err(e.to_string()),
                 };
-                (connected, signal_rx, false)
+                (connected, false)
             }
         };
+        self.signal_tx = Some(signal_tx);
         let first = match connected {
             Ok(()) => match self.config.target.clone() {
                 Target::Room { room, host_token } => Event::Join {
@@ -246,6 +263,11 @@ impl Session {
                     .await;
             }
             Input::Timeout => self.apply(Event::Timeout, peer_tx, chat_tx).await,
+            Input::SignalingUp(client) => {
+                self.client = Some(client);
+                self.apply(Event::SignalingConnected, peer_tx, chat_tx)
+                    .await;
+            }
             Input::ReleaseHeld => {
                 let now = Instant::now();
                 while self.held.front().is_some_and(|(at, _)| *at <= now) {
@@ -454,6 +476,27 @@ impl Session {
                 if let Some(peer) = self.peer.as_mut() {
                     peer.add_candidate(c).await;
                 }
+                None
+            }
+            Action::ConnectSignaling => {
+                // Off the loop: connecting may take seconds; media goes on meanwhile.
+                let (server, tx, done) = (
+                    self.config.server.clone(),
+                    self.signal_tx.clone()?,
+                    chat_tx.clone(),
+                );
+                tokio::spawn(async move {
+                    match Client::connect(&server, tx.clone()).await {
+                        Ok(client) => {
+                            let _ = done.send(Input::SignalingUp(client));
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Incoming::Closed {
+                                detail: e.to_string(),
+                            });
+                        }
+                    }
+                });
                 None
             }
             Action::StartMedia => {

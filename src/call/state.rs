@@ -20,6 +20,14 @@ pub const ICE_RESTART_AFTER: Duration = Duration::from_secs(2);
 pub const ICE_RESTART_RETRY: Duration = Duration::from_secs(2);
 /// A connection that has not come back after this long ends the call.
 pub const RECONNECT_GIVE_UP: Duration = Duration::from_secs(30);
+/// After the signaling connection drops mid-call, reconnecting is tried after these
+/// waits (then every 5 s), for as long as the server keeps our seat.
+const SIGNALING_BACKOFF_MS: [u64; 5] = [250, 500, 1000, 2000, 5000];
+/// The server keeps a seat this long (its default `--resume-grace`); trying longer is
+/// pointless.
+pub const RESUME_FOR: Duration = Duration::from_secs(30);
+/// At most this many messages wait for the signaling connection to come back.
+const MAX_OUTBOX: usize = 200;
 /// Chat lines longer than this (bytes) are cut: a peer must not be able to flood the UI.
 pub const MAX_CHAT_BYTES: usize = 4096;
 /// At most this many lines wait for the chat channel to open.
@@ -203,6 +211,8 @@ pub enum Event {
     ServerClosed {
         detail: String,
     },
+    /// A new signaling connection is open (after [`Action::ConnectSignaling`]).
+    SignalingConnected,
     /// Our peer connection produced its offer or answer.
     LocalDescription {
         sdp: String,
@@ -246,6 +256,9 @@ pub enum Action {
     /// Candidates are handed over in arrival order; the peer queues them until it has
     /// the remote description.
     RemoteCandidate(Option<IceCandidate>),
+    /// Open a new signaling connection (the old one dropped mid-call); its outcome comes
+    /// back as [`Event::SignalingConnected`] or [`Event::ServerClosed`].
+    ConnectSignaling,
     /// The media connection is up for the first time: start sending.
     StartMedia,
     /// Restart ICE (new credentials, candidates gathered again) and offer again.
@@ -262,6 +275,25 @@ pub enum Action {
     ClosePeer,
     /// Close the signaling connection.
     Disconnect,
+}
+
+/// The signaling connection, as far as the call cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Signaling {
+    Up,
+    /// Dropped mid-call at `since`; the next attempt to reconnect is due at `next`.
+    Down {
+        since: Instant,
+        attempts: usize,
+        next: Instant,
+    },
+    /// Reconnected; `resume` sent, waiting for `joined`.
+    Resuming {
+        since: Instant,
+    },
+    /// Not coming back (no resume token, or the server no longer holds the seat);
+    /// media may still flow peer to peer.
+    Gone,
 }
 
 /// The machine.
@@ -285,6 +317,11 @@ pub struct Call {
     chat_queue: Vec<String>,
     microphone_on: bool,
     camera_on: bool,
+    signaling: Signaling,
+    /// From `joined`: lets a new connection take our seat back (`resume`).
+    resume_token: Option<String>,
+    /// Messages for the server while the connection is down, sent after `resume`.
+    outbox: std::collections::VecDeque<ClientMessage>,
 }
 
 impl Default for Call {
@@ -311,7 +348,15 @@ impl Call {
             chat_queue: Vec::new(),
             microphone_on: true,
             camera_on: true,
+            signaling: Signaling::Up,
+            resume_token: None,
+            outbox: std::collections::VecDeque::new(),
         }
+    }
+
+    /// Whether the signaling connection is up (false while reconnecting or gone).
+    pub fn signaling_up(&self) -> bool {
+        self.signaling == Signaling::Up
     }
 
     pub fn microphone_on(&self) -> bool {
@@ -324,10 +369,23 @@ impl Call {
 
     /// When the machine wants an [`Event::Timeout`] even if nothing else happens.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let since = self.down_since?;
         if self.state.is_ended() {
             return None;
         }
+        let signaling = match self.signaling {
+            Signaling::Down { next, .. } => Some(next),
+            Signaling::Resuming { since } => Some(since + RESUME_FOR),
+            _ => None,
+        };
+        [self.media_timeout(), signaling]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// The media connection's deadline: the next ICE restart, or giving up.
+    fn media_timeout(&self) -> Option<Instant> {
+        let since = self.down_since?;
         let give_up = since + RECONNECT_GIVE_UP;
         let restart = match self.restarted_at {
             Some(t) => t + ICE_RESTART_RETRY,
@@ -382,6 +440,29 @@ impl Call {
         if self.state.is_ended() {
             return Vec::new(); // an ended call stays ended; a new call is a new machine
         }
+        let actions = self.decide(event);
+        if matches!(self.signaling, Signaling::Up) || self.state.is_ended() {
+            return actions;
+        }
+        // While the connection is down, what is for the server waits for it (in order);
+        // `resume` itself goes on the new connection.
+        let mut out = Vec::with_capacity(actions.len());
+        for action in actions {
+            match action {
+                Action::Send(msg @ ClientMessage::Resume { .. }) => out.push(Action::Send(msg)),
+                Action::Send(msg) => {
+                    if self.outbox.len() >= MAX_OUTBOX {
+                        self.outbox.pop_front();
+                    }
+                    self.outbox.push_back(msg);
+                }
+                other => out.push(other),
+            }
+        }
+        out
+    }
+
+    fn decide(&mut self, event: Event) -> Vec<Action> {
         match event {
             Event::Join {
                 room,
@@ -406,17 +487,26 @@ impl Call {
                 }
             }
             Event::Server(msg) => self.server(msg),
-            Event::ServerClosed { detail } => {
-                if matches!(
-                    self.state,
-                    CallState::InCall { .. } | CallState::Reconnecting { .. }
-                ) {
-                    // Media flows peer to peer; losing signaling does not end the call.
-                    Vec::new()
-                } else {
-                    self.end(EndReason::ServerLost { detail }, false)
+            Event::ServerClosed { detail } => self.signaling_lost(detail),
+            Event::SignalingConnected => match (&self.signaling, &self.resume_token) {
+                (Signaling::Down { .. }, Some(token)) => {
+                    let Some(now) = self.now else {
+                        return Vec::new();
+                    };
+                    let (Some(room), Some(peer_id)) = (self.room(), self.own_peer_id.clone())
+                    else {
+                        return Vec::new();
+                    };
+                    let resume_token = token.clone();
+                    self.signaling = Signaling::Resuming { since: now };
+                    vec![Action::Send(ClientMessage::Resume {
+                        room,
+                        peer_id,
+                        resume_token,
+                    })]
                 }
-            }
+                _ => Vec::new(),
+            },
             Event::LocalDescription { sdp, role } => match role {
                 Role::Offerer => vec![Action::Send(ClientMessage::Offer { sdp })],
                 Role::Answerer => vec![Action::Send(ClientMessage::Answer { sdp })],
@@ -527,14 +617,99 @@ impl Call {
         }
     }
 
+    /// The signaling connection dropped (or a reconnection failed). Mid-call the media
+    /// flows peer to peer, so the call goes on and the seat is resumed on a new
+    /// connection; before the call is up there is nothing to go on with.
+    fn signaling_lost(&mut self, detail: String) -> Vec<Action> {
+        let mid_call = matches!(
+            self.state,
+            CallState::Connecting { .. }
+                | CallState::InCall { .. }
+                | CallState::Reconnecting { .. }
+        );
+        if !mid_call {
+            return self.end(EndReason::ServerLost { detail }, false);
+        }
+        tracing::info!(%detail, "signaling connection lost mid-call");
+        let (Some(now), Some(_)) = (self.now, &self.resume_token) else {
+            // An older server (no resume): the call goes on without signaling.
+            self.signaling = Signaling::Gone;
+            return Vec::new();
+        };
+        let (since, attempts) = match self.signaling {
+            Signaling::Down {
+                since, attempts, ..
+            } => (since, attempts),
+            Signaling::Resuming { since } => (since, 1),
+            Signaling::Up => (now, 0),
+            Signaling::Gone => return Vec::new(),
+        };
+        let wait = SIGNALING_BACKOFF_MS[attempts.min(SIGNALING_BACKOFF_MS.len() - 1)];
+        self.signaling = Signaling::Down {
+            since,
+            attempts,
+            next: now + Duration::from_millis(wait),
+        };
+        Vec::new()
+    }
+
+    /// The room we are in, if any.
+    fn room(&self) -> Option<String> {
+        match &self.state {
+            CallState::WaitingForPeer { room, .. }
+            | CallState::Ringing { room, .. }
+            | CallState::Connecting { room, .. }
+            | CallState::InCall { room, .. }
+            | CallState::Reconnecting { room, .. } => Some(room.clone()),
+            _ => None,
+        }
+    }
+
     fn timeout(&mut self) -> Vec<Action> {
+        let mut actions = self.signaling_timeout();
+        actions.extend(self.media_timeout_due());
+        actions
+    }
+
+    fn signaling_timeout(&mut self) -> Vec<Action> {
+        let Some(now) = self.now else {
+            return Vec::new();
+        };
+        match self.signaling {
+            Signaling::Down {
+                since,
+                attempts,
+                next,
+            } if now >= next => {
+                if now >= since + RESUME_FOR {
+                    tracing::warn!("signaling did not come back; the call goes on without it");
+                    self.signaling = Signaling::Gone;
+                    return Vec::new();
+                }
+                // Guard: if the attempt never reports back, another is due in 5 s.
+                self.signaling = Signaling::Down {
+                    since,
+                    attempts: attempts + 1,
+                    next: now + Duration::from_secs(5),
+                };
+                vec![Action::ConnectSignaling]
+            }
+            Signaling::Resuming { since } if now >= since + RESUME_FOR => {
+                self.signaling = Signaling::Gone;
+                Vec::new()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn media_timeout_due(&mut self) -> Vec<Action> {
         let (Some(since), Some(now)) = (self.down_since, self.now) else {
             return Vec::new();
         };
         if now >= since + RECONNECT_GIVE_UP {
             return self.end(EndReason::ConnectionFailed, true);
         }
-        let due = self.poll_timeout().is_some_and(|t| now >= t);
+        let due = self.media_timeout().is_some_and(|t| now >= t);
         if due && self.restarts() {
             self.restarted_at = Some(now);
             return vec![Action::RestartIce];
@@ -582,6 +757,35 @@ impl Call {
     }
 
     fn server(&mut self, msg: ServerMessage) -> Vec<Action> {
+        if matches!(self.signaling, Signaling::Resuming { .. }) {
+            match msg {
+                ServerMessage::Joined {
+                    host, resume_token, ..
+                } => {
+                    // Our seat is back: what waited goes out, in order.
+                    tracing::info!("signaling resumed");
+                    self.signaling = Signaling::Up;
+                    self.host = host;
+                    self.resume_token = resume_token;
+                    return self.outbox.drain(..).map(Action::Send).collect();
+                }
+                ServerMessage::Error {
+                    code: ErrorCode::ResumeFailed,
+                    message,
+                    ..
+                } => {
+                    // The server gave our seat up: the other side was told we left.
+                    self.signaling = Signaling::Gone;
+                    return self.end(
+                        EndReason::ServerLost {
+                            detail: format!("could not rejoin the call: {message}"),
+                        },
+                        false,
+                    );
+                }
+                _ => {}
+            }
+        }
         match msg {
             ServerMessage::Welcome { ice_servers, .. } => {
                 self.ice_servers = ice_servers;
@@ -624,6 +828,7 @@ impl Call {
                 members,
                 host,
                 peers,
+                resume_token,
             } => {
                 let dialing = match &self.state {
                     CallState::Joining { .. } => None,
@@ -631,6 +836,7 @@ impl Call {
                     _ => return Vec::new(),
                 };
                 self.host = host;
+                self.resume_token = resume_token;
                 self.own_peer_id = Some(peer_id.clone());
                 if let Some(p) = peers.into_iter().next() {
                     self.peer_id = Some(p.peer_id);
@@ -743,6 +949,7 @@ mod tests {
             members,
             host: members == 1,
             peers: Vec::new(),
+            resume_token: Some("token-1".into()),
         })
     }
 
@@ -946,6 +1153,7 @@ mod tests {
             members: 1,
             host: true,
             peers: Vec::new(),
+            resume_token: None,
         }));
         assert_eq!(call.state().describe(), "ringing bob");
         let a = call.handle(Event::Server(ServerMessage::PeerJoined {
@@ -997,6 +1205,7 @@ mod tests {
                 peer_id: "p".into(),
                 name: Some("alice".into()),
             }],
+            resume_token: None,
         }));
         assert!(matches!(
             &a[..],
@@ -1130,6 +1339,152 @@ mod tests {
             [Action::RemoteOffer("restart".into())]
         );
         assert_eq!(call.poll_timeout(), Some(t + RECONNECT_GIVE_UP));
+    }
+
+    #[test]
+    fn a_dropped_signaling_connection_is_resumed_and_what_waited_is_sent_in_order() {
+        let t = Instant::now();
+        let mut call = offerer_in_call(t);
+        assert!(
+            call.handle_at(
+                t,
+                Event::ServerClosed {
+                    detail: "reset".into()
+                }
+            )
+            .is_empty()
+        );
+        assert!(!call.signaling_up());
+        assert_eq!(call.state().describe(), "connected", "media goes on");
+        // A candidate and an ICE-restart offer made meanwhile wait.
+        let cand = IceCandidate {
+            candidate: "candidate:1 1 udp 1 10.0.1.3 5000 typ host".into(),
+            sdp_mid: Some("0".into()),
+            sdp_mline_index: Some(0),
+            username_fragment: None,
+        };
+        assert!(
+            call.handle(Event::LocalCandidate(Some(cand.clone())))
+                .is_empty()
+        );
+        // Reconnect after a short wait; a failed attempt waits longer.
+        let first = call.poll_timeout().unwrap();
+        assert!(first <= t + Duration::from_millis(300));
+        assert_eq!(
+            call.handle_at(first, Event::Timeout),
+            [Action::ConnectSignaling]
+        );
+        call.handle_at(
+            first,
+            Event::ServerClosed {
+                detail: "refused".into(),
+            },
+        );
+        let second = call.poll_timeout().unwrap();
+        assert!(second > first + Duration::from_millis(300), "backoff");
+        assert_eq!(
+            call.handle_at(second, Event::Timeout),
+            [Action::ConnectSignaling]
+        );
+        // Connected: resume with the token from `joined`.
+        assert_eq!(
+            call.handle_at(second, Event::SignalingConnected),
+            [Action::Send(ClientMessage::Resume {
+                room: "r".into(),
+                peer_id: "me".into(),
+                resume_token: "token-1".into(),
+            })]
+        );
+        assert!(
+            call.handle(Event::LocalDescription {
+                sdp: "restart".into(),
+                role: Role::Offerer
+            })
+            .is_empty(),
+            "still waiting for joined"
+        );
+        let resumed = call.handle(Event::Server(ServerMessage::Joined {
+            room: "r".into(),
+            peer_id: "me".into(),
+            members: 2,
+            host: true,
+            peers: Vec::new(),
+            resume_token: Some("token-2".into()),
+        }));
+        assert_eq!(
+            resumed,
+            [
+                Action::Send(ClientMessage::Candidate {
+                    candidate: Some(cand)
+                }),
+                Action::Send(ClientMessage::Offer {
+                    sdp: "restart".into()
+                })
+            ]
+        );
+        assert!(call.signaling_up());
+        assert_eq!(call.state().describe(), "connected");
+        // The next drop resumes with the new token.
+        call.handle_at(
+            second,
+            Event::ServerClosed {
+                detail: "again".into(),
+            },
+        );
+        let at = call.poll_timeout().unwrap();
+        call.handle_at(at, Event::Timeout);
+        assert!(matches!(
+            &call.handle_at(at, Event::SignalingConnected)[..],
+            [Action::Send(ClientMessage::Resume { resume_token, .. })] if resume_token == "token-2"
+        ));
+    }
+
+    #[test]
+    fn a_refused_resume_ends_the_call_and_an_old_server_just_goes_quiet() {
+        let t = Instant::now();
+        let mut call = offerer_in_call(t);
+        call.handle_at(
+            t,
+            Event::ServerClosed {
+                detail: "reset".into(),
+            },
+        );
+        let at = call.poll_timeout().unwrap();
+        call.handle_at(at, Event::Timeout);
+        call.handle_at(at, Event::SignalingConnected);
+        call.handle(Event::Server(ServerMessage::error(
+            ErrorCode::ResumeFailed,
+            "seat expired",
+        )));
+        assert!(matches!(
+            call.state(),
+            CallState::Ended(EndReason::ServerLost { detail }) if detail.contains("seat expired")
+        ));
+
+        // No resume token (an older server): the call goes on without signaling.
+        let mut call = Call::new();
+        call.handle_at(t, Event::IceServers(Vec::new()));
+        start(&mut call);
+        call.handle(Event::Server(ServerMessage::Joined {
+            room: "r".into(),
+            peer_id: "me".into(),
+            members: 2,
+            host: false,
+            peers: Vec::new(),
+            resume_token: None,
+        }));
+        call.handle(Event::Peer(PeerState::Connected));
+        assert!(
+            call.handle_at(
+                t,
+                Event::ServerClosed {
+                    detail: "gone".into()
+                }
+            )
+            .is_empty()
+        );
+        assert_eq!(call.poll_timeout(), None);
+        assert_eq!(call.state().describe(), "connected");
     }
 
     #[test]
