@@ -69,7 +69,13 @@ pub fn start_on(config: SessionConfig, connection: Option<Connection>) -> Sessio
         warnings: Vec::new(),
         sinks: None,
     };
-    let task = tokio::spawn(session.run(command_rx, connection));
+    // One span per session: every log line of this call (and of the tasks it starts
+    // inside it) says which room and which target it belongs to.
+    let span = tracing::info_span!("session", target = ?session.config.target);
+    let task = tokio::spawn(tracing::Instrument::instrument(
+        session.run(command_rx, connection),
+        span,
+    ));
     SessionHandle {
         commands,
         state,

@@ -57,11 +57,14 @@ pub enum EndReason {
     /// The media connection could not be established or was lost.
     ConnectionFailed,
     /// The signaling server refused something (`error` message).
-    Refused { code: String, message: String },
+    Refused { code: ErrorCode, message: String },
     /// The signaling server could not be reached or went away before the call started.
     ServerLost { detail: String },
     /// A direct call did not happen: declined, unanswered, busy or offline.
-    CallRejected { to: String, reason: String },
+    CallRejected {
+        to: String,
+        reason: CallRejectReason,
+    },
     /// The caller gave up before we answered.
     CallCancelled,
 }
@@ -80,20 +83,19 @@ impl std::fmt::Display for EndReason {
             EndReason::RoomEnded { expired: false } => write!(f, "the host ended the meeting"),
             EndReason::RoomEnded { expired: true } => write!(f, "the meeting has expired"),
             EndReason::ConnectionFailed => write!(f, "the media connection failed"),
-            EndReason::Refused { code, message } => match code.as_str() {
-                "not_started" => write!(f, "the meeting has not started yet: {message}"),
-                "room_ended" => write!(f, "that meeting is over"),
-                "not_host" => write!(f, "that is not this meeting's host key"),
-                "name_taken" => write!(f, "your name is already signed in elsewhere"),
-                _ => write!(f, "server refused: {message} ({code})"),
+            EndReason::Refused { code, message } => match code {
+                ErrorCode::NotStarted => write!(f, "the meeting has not started yet: {message}"),
+                ErrorCode::RoomEnded => write!(f, "that meeting is over"),
+                ErrorCode::NotHost => write!(f, "that is not this meeting's host key"),
+                ErrorCode::NameTaken => write!(f, "your name is already signed in elsewhere"),
+                _ => write!(f, "server refused: {message} ({})", code.as_str()),
             },
             EndReason::ServerLost { detail } => write!(f, "signaling server unreachable: {detail}"),
-            EndReason::CallRejected { to, reason } => match reason.as_str() {
-                "rejected" => write!(f, "{to} declined the call"),
-                "no_answer" => write!(f, "{to} did not answer"),
-                "busy" => write!(f, "{to} is busy in another call"),
-                "offline" => write!(f, "{to} is not signed in"),
-                other => write!(f, "the call to {to} did not happen ({other})"),
+            EndReason::CallRejected { to, reason } => match reason {
+                CallRejectReason::Rejected => write!(f, "{to} declined the call"),
+                CallRejectReason::NoAnswer => write!(f, "{to} did not answer"),
+                CallRejectReason::Busy => write!(f, "{to} is busy in another call"),
+                CallRejectReason::Offline => write!(f, "{to} is not signed in"),
             },
             EndReason::CallCancelled => write!(f, "the caller hung up before you answered"),
         }
@@ -800,13 +802,6 @@ impl Call {
             ServerMessage::CallRejected { reason, .. } => match &self.state {
                 CallState::Dialing { to } | CallState::Ringing { to, .. } => {
                     let to = to.clone();
-                    let reason = match reason {
-                        CallRejectReason::Rejected => "rejected",
-                        CallRejectReason::NoAnswer => "no_answer",
-                        CallRejectReason::Busy => "busy",
-                        CallRejectReason::Offline => "offline",
-                    };
-                    let reason = reason.to_owned();
                     // The server has already removed us from the call's room.
                     self.end(EndReason::CallRejected { to, reason }, false)
                 }
@@ -888,13 +883,9 @@ impl Call {
                 // Refusals of the join (or of the direct call) end the attempt; later
                 // errors are logged only (e.g. a late candidate after the peer left is
                 // `not_in_call`).
-                CallState::Joining { .. } | CallState::Dialing { .. } => self.end(
-                    EndReason::Refused {
-                        code: code.as_str().to_owned(),
-                        message,
-                    },
-                    false,
-                ),
+                CallState::Joining { .. } | CallState::Dialing { .. } => {
+                    self.end(EndReason::Refused { code, message }, false)
+                }
                 _ => {
                     if code == ErrorCode::Internal {
                         tracing::warn!(%message, "signaling server internal error");
