@@ -92,6 +92,8 @@ pub enum ErrorCode {
     UnknownCall,
     NotStarted,
     RoomEnded,
+    /// A `resume` was refused (unknown room or peer, wrong token, grace over, not away).
+    ResumeFailed,
     Internal,
 }
 
@@ -110,6 +112,7 @@ impl ErrorCode {
             ErrorCode::UnknownCall => "unknown_call",
             ErrorCode::NotStarted => "not_started",
             ErrorCode::RoomEnded => "room_ended",
+            ErrorCode::ResumeFailed => "resume_failed",
             ErrorCode::Internal => "internal",
         }
     }
@@ -157,6 +160,13 @@ pub enum ClientMessage {
     Reject {
         call_id: String,
     },
+    /// Instead of `join` on a new connection: take back the seat `peer_id` held in `room`
+    /// before its connection dropped, proving it with the `resume_token` from `joined`.
+    Resume {
+        room: String,
+        peer_id: String,
+        resume_token: String,
+    },
 }
 
 /// Server -> client.
@@ -174,6 +184,10 @@ pub enum ServerMessage {
         members: usize,
         host: bool,
         peers: Vec<PeerInfo>,
+        /// Secret for `resume` after a dropped connection. Optional so that clients can
+        /// still parse servers that predate it (or run with resume disabled).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume_token: Option<String>,
     },
     PeerJoined {
         peer_id: String,
@@ -199,6 +213,11 @@ pub enum ServerMessage {
     PeerLeft {
         peer_id: String,
         reason: LeaveReason,
+    },
+    /// The partner's connection dropped without `leave`; its seat is kept for the resume
+    /// grace. Either it resumes (and nothing more is said) or `peer_left` follows.
+    PeerReconnecting {
+        peer_id: String,
     },
     HostChanged {
         peer_id: String,
@@ -288,6 +307,7 @@ const CLIENT_TYPES: &[&str] = &[
     "call",
     "accept",
     "reject",
+    "resume",
 ];
 
 impl ClientMessage {
@@ -338,6 +358,7 @@ impl ClientMessage {
             ClientMessage::Call { .. } => "call",
             ClientMessage::Accept { .. } => "accept",
             ClientMessage::Reject { .. } => "reject",
+            ClientMessage::Resume { .. } => "resume",
         }
     }
 

@@ -227,6 +227,11 @@ impl Rooms {
             ClientMessage::Call { to } => self.call(conn, &to, now, out),
             ClientMessage::Accept { call_id } => self.accept(conn, &call_id, now, out),
             ClientMessage::Reject { call_id } => self.reject(conn, &call_id, out),
+            // Seats are not kept across connections yet.
+            ClientMessage::Resume { .. } => refuse(
+                ErrorCode::ResumeFailed,
+                "this server does not keep seats for resume",
+            ),
         };
         match result {
             Ok(()) => {}
@@ -540,6 +545,7 @@ impl Rooms {
                 members,
                 host,
                 peers,
+                resume_token: None,
             },
         ));
         for other in others {

@@ -623,6 +623,7 @@ impl Call {
                 members,
                 host,
                 peers,
+                ..
             } => {
                 let dialing = match &self.state {
                     CallState::Joining { .. } => None,
@@ -742,6 +743,7 @@ mod tests {
             members,
             host: members == 1,
             peers: Vec::new(),
+            resume_token: None,
         })
     }
 
@@ -945,6 +947,7 @@ mod tests {
             members: 1,
             host: true,
             peers: Vec::new(),
+            resume_token: None,
         }));
         assert_eq!(call.state().describe(), "ringing bob");
         let a = call.handle(Event::Server(ServerMessage::PeerJoined {
@@ -996,6 +999,7 @@ mod tests {
                 peer_id: "p".into(),
                 name: Some("alice".into()),
             }],
+            resume_token: None,
         }));
         assert!(matches!(
             &a[..],
