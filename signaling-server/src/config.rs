@@ -61,7 +61,8 @@ pub struct Config {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub ping_interval: Duration,
 
-    /// A client silent for this long (no pong, no message) is dropped (peer_left/disconnected).
+    /// A client silent for this long (no pong, no message) is dropped (its seat is then
+    /// kept for --resume-grace).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub ping_timeout: Duration,
 
