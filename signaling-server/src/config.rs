@@ -61,7 +61,8 @@ pub struct Config {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub ping_interval: Duration,
 
-    /// A client silent for this long (no pong, no message) is dropped (peer_left/disconnected).
+    /// A client silent for this long (no pong, no message) is dropped (its seat is then
+    /// kept for --resume-grace).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub ping_timeout: Duration,
 
@@ -69,7 +70,13 @@ pub struct Config {
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub ring_timeout: Duration,
 
-    /// How often ring timeouts and room expiry are checked.
+    /// How long a member whose connection dropped without `leave` keeps its seat for a
+    /// `resume` (the partner hears `peer_reconnecting`); 0 turns resume off (a drop is
+    /// `peer_left/disconnected` at once, `joined` carries no `resume_token`).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub resume_grace: Duration,
+
+    /// How often ring timeouts, resume grace and room expiry are checked.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub sweep_interval: Duration,
 
@@ -310,9 +317,11 @@ impl Config {
             ("http-body-timeout", self.http_body_timeout),
             ("http-idle-timeout", self.http_idle_timeout),
             ("shutdown-grace", self.shutdown_grace),
+            ("resume-grace", self.resume_grace),
         ] {
-            // A zero grace is fine: stop closes every connection at once.
-            let zero_allowed = name == "shutdown-grace";
+            // A zero grace is fine: stop closes every connection at once, and resume
+            // is simply off.
+            let zero_allowed = matches!(name, "shutdown-grace" | "resume-grace");
             if (value.is_zero() && !zero_allowed) || value > DAY {
                 return Err(ConfigError::BadTimeout(name));
             }
@@ -399,7 +408,13 @@ mod tests {
         assert_eq!(c.http_idle_timeout, Duration::from_secs(30));
         assert!(c.shutdown_grace < Duration::from_secs(5));
         assert_eq!(c.create_rate_per_minute, 10.0);
+        assert_eq!(c.resume_grace, Duration::from_secs(30));
         assert!(c.check_timeouts().is_ok());
+        let no_resume = Config {
+            resume_grace: Duration::ZERO,
+            ..Config::ephemeral()
+        };
+        assert!(no_resume.check_timeouts().is_ok());
         let zero = Config {
             http_body_timeout: Duration::ZERO,
             ..Config::ephemeral()
@@ -471,9 +486,12 @@ mod tests {
             "stun:example.invalid:3478",
             "--rate-per-second",
             "0",
+            "--resume-grace",
+            "0s",
         ])
         .unwrap();
         assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.resume_grace, Duration::ZERO);
         assert_eq!(c.room_ttl, Duration::from_secs(3600));
         assert_eq!(c.rate_per_second, 0.0);
     }

@@ -38,6 +38,11 @@ pub fn host_token() -> String {
     random_chars(32)
 }
 
+/// A seat's resume token (in `joined`): 32 characters, 160 random bits.
+pub fn resume_token() -> String {
+    random_chars(32)
+}
+
 /// SHA-256 of a secret (host token or API key): what is stored and compared, so the
 /// database never holds a usable token.
 pub fn secret_hash(secret: &str) -> [u8; 32] {
@@ -131,6 +136,8 @@ mod tests {
         );
         assert!(is_room_id(&id));
         assert_eq!(host_token().len(), 32);
+        assert_eq!(resume_token().len(), 32);
+        assert_ne!(resume_token(), resume_token());
         let want = Some("kxp-47qm-zt9-4fh".to_owned());
         assert_eq!(parse_room_ref("kxp-47qm-zt9-4fh"), want);
         assert_eq!(parse_room_ref("  KXP 47QM ZT9 4FH "), want);

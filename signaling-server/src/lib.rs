@@ -1,6 +1,7 @@
 //! Duet's signaling server: rooms of two, offer/answer/candidate relay, direct calls by
-//! name with ringing, host-only room termination, room expiry, scheduled rooms through
-//! an HTTP API (stored in SQLite), and time-limited TURN credentials. The wire contract is `shared/spec/signaling-protocol.md`; what this
+//! name with ringing, host-only room termination, room expiry, seats that survive a
+//! dropped connection (`resume`), scheduled rooms through an HTTP API (stored in
+//! SQLite), and time-limited TURN credentials. The wire contract is `shared/spec/signaling-protocol.md`; what this
 //! code actually does is written up in `docs/PROTOCOL.md`.
 //!
 //! # Layout
@@ -12,7 +13,8 @@
 //! - [`connection`] (private): one task per WebSocket; limits, pings, reading, writing.
 //! - [`websocket`]: RFC 6455 frame decoding/encoding that can skip oversized messages.
 //! - [`hub`]: the room state behind one mutex, and delivery to connection queues.
-//! - [`rooms`]: the room, meeting and direct-call state machine, without any I/O.
+//! - [`rooms`]: the room, meeting and direct-call state machine, without any I/O,
+//!   including the seats of dropped members kept for `resume` and their queues.
 //! - [`clock`]: monotonic and wall-clock time passed into it; RFC 3339 helpers.
 //! - [`store`]: SQLite persistence of meetings on a thread of its own.
 //! - [`rate_limit`]: the token bucket (per WebSocket connection, per HTTP client address).

@@ -498,6 +498,50 @@ mod tests {
     }
 
     #[test]
+    fn resume_messages_are_additive() {
+        let m = ClientMessage::parse(
+            r#"{"type":"resume","room":"r","peer_id":"p","resume_token":"t"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            ClientMessage::Resume {
+                room: "r".into(),
+                peer_id: "p".into(),
+                resume_token: "t".into()
+            }
+        );
+        assert_eq!(m.kind(), "resume");
+        let e = ClientMessage::parse(r#"{"type":"resume","room":"r","peer_id":"p"}"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadField);
+        // A `joined` from a server without resume still parses, and one without a token
+        // is written without the field.
+        let old =
+            r#"{"type":"joined","room":"r","peer_id":"p","members":1,"host":true,"peers":[]}"#;
+        let joined = old.parse::<ServerMessage>().unwrap();
+        assert!(matches!(
+            joined,
+            ServerMessage::Joined {
+                resume_token: None,
+                ..
+            }
+        ));
+        assert_eq!(joined.to_json(), old);
+        assert_eq!(
+            ServerMessage::PeerReconnecting {
+                peer_id: "p".into()
+            }
+            .to_json(),
+            r#"{"type":"peer_reconnecting","peer_id":"p"}"#
+        );
+        assert_eq!(ErrorCode::ResumeFailed.as_str(), "resume_failed");
+        assert_eq!(
+            serde_json::to_string(&ErrorCode::ResumeFailed).unwrap(),
+            r#""resume_failed""#
+        );
+    }
+
+    #[test]
     fn names_are_validated() {
         assert_eq!(validate_name("room", "  a b ").unwrap(), "a b");
         assert!(validate_name("room", "   ").is_err());

@@ -14,12 +14,20 @@
 //! the earliest, and it stays `ended` for `ended_retention` so late joiners hear so.
 //! Meeting changes that must outlive the process (ended, forgotten) are queued as
 //! [`MeetingEvent`]s for the store.
+//!
+//! Seats survive a dropped connection. Every `joined` carries a fresh resume token (only
+//! its hash is kept). When a member's connection ends without `leave`, the member stays
+//! in the room as *away* for `resume_grace`: the seat still counts, the partner hears
+//! `peer_reconnecting`, and whatever would have been sent to the member is queued
+//! (bounded). A `resume` with the token on a new connection moves the seat there and
+//! replays the queue; when the grace runs out, [`Rooms::tick`] removes the member exactly
+//! as an abrupt disconnect did before (`peer_left/disconnected`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::api::{RoomInfo, RoomState};
 use crate::clock::{Now, format_rfc3339};
@@ -46,7 +54,15 @@ pub struct RoomsConfig {
     pub early_join: Duration,
     /// How long an ended meeting is remembered (refusing joins with `room_ended`).
     pub ended_retention: Duration,
+    /// How long a member whose connection dropped keeps its seat for a `resume`; zero
+    /// turns resume off (no token in `joined`, a drop leaves the room at once).
+    pub resume_grace: Duration,
 }
+
+/// Most messages kept for an away member; beyond that the oldest are dropped.
+pub const AWAY_QUEUE_MESSAGES: usize = 64;
+/// Most bytes (of JSON) kept for an away member; beyond that the oldest are dropped.
+pub const AWAY_QUEUE_BYTES: usize = 256 * 1024;
 
 /// How long an ended meeting is remembered by default: 7 days.
 pub const ENDED_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -116,6 +132,52 @@ struct Conn {
     room: Option<String>,
     /// The call that is ringing this connection, if any.
     rung_by: Option<String>,
+    /// Hash of the resume token of the seat it holds (set with each `joined`).
+    resume_hash: Option<[u8; 32]>,
+}
+
+/// A member whose connection dropped: its seat is kept until `deadline`, and what would
+/// have been sent to it waits here.
+#[derive(Debug)]
+struct Away {
+    deadline: Instant,
+    queue: VecDeque<(ServerMessage, usize)>,
+    /// Sum of the queued messages' JSON lengths.
+    bytes: usize,
+    /// Messages dropped because the queue was full.
+    dropped: usize,
+}
+
+impl Away {
+    fn new(deadline: Instant) -> Away {
+        Away {
+            deadline,
+            queue: VecDeque::new(),
+            bytes: 0,
+            dropped: 0,
+        }
+    }
+
+    /// Queues `msg`, dropping the oldest messages to stay within the bounds: a member
+    /// that comes back needs the latest state (a new offer supersedes an old one) more
+    /// than the history.
+    fn push(&mut self, msg: ServerMessage, peer_id: &str) {
+        let size = msg.to_json().len();
+        self.queue.push_back((msg, size));
+        self.bytes += size;
+        while self.queue.len() > AWAY_QUEUE_MESSAGES || self.bytes > AWAY_QUEUE_BYTES {
+            let Some((_, dropped)) = self.queue.pop_front() else {
+                break;
+            };
+            self.bytes -= dropped;
+            self.dropped += 1;
+            warn!(
+                peer = %peer_id,
+                dropped = self.dropped,
+                "queue of an away member full; dropped its oldest message"
+            );
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -151,6 +213,8 @@ pub struct Rooms {
     rooms: HashMap<String, Room>,
     names: HashMap<String, ConnId>,
     calls: HashMap<String, PendingCall>,
+    /// Members whose connection dropped, by the `ConnId` that still holds their seat.
+    away: HashMap<ConnId, Away>,
     events: Vec<MeetingEvent>,
 }
 
@@ -162,6 +226,7 @@ impl Rooms {
             rooms: HashMap::new(),
             names: HashMap::new(),
             calls: HashMap::new(),
+            away: HashMap::new(),
             events: Vec::new(),
         }
     }
@@ -176,18 +241,34 @@ impl Rooms {
                 registered: None,
                 room: None,
                 rung_by: None,
+                resume_hash: None,
             },
         );
     }
 
-    /// The connection ended (closed, dropped or kicked): leave everything it was part of.
+    /// The connection ended (closed, dropped or kicked) without `leave`. A member of a
+    /// room keeps its seat as away for the resume grace; everything else it was part of
+    /// (a registered name, a call ringing it) is let go at once.
     pub fn disconnect(&mut self, conn: ConnId, now: Now, out: &mut Outbox) {
-        if !self.conns.contains_key(&conn) {
+        if !self.conns.contains_key(&conn) || self.away.contains_key(&conn) {
             return;
         }
-        self.leave_room(conn, LeaveReason::Disconnected, now, out);
+        let keeps_seat = self.keeps_seat(conn);
+        if keeps_seat {
+            self.go_away(conn, now, out);
+        } else {
+            self.leave_room(conn, LeaveReason::Disconnected, now, out);
+        }
         if let Some(call_id) = self.conn_mut(conn).and_then(|c| c.rung_by.take()) {
             self.end_pending_call(&call_id, Some(CallRejectReason::Offline), false, out);
+        }
+        if keeps_seat {
+            // Names belong to the connection, not the seat: the next connection
+            // registers again (and a caller meanwhile hears `offline`).
+            if let Some(name) = self.conn_mut(conn).and_then(|c| c.registered.take()) {
+                self.names.remove(&name);
+            }
+            return;
         }
         if let Some(c) = self.conns.remove(&conn) {
             if let Some(name) = c.registered {
@@ -195,6 +276,81 @@ impl Rooms {
             }
             debug!(peer = %c.peer_id, "connection removed");
         }
+    }
+
+    /// Whether a drop of `conn` keeps its seat: resume is on and it sits in a live room.
+    /// A caller whose call still rings does not: there is no call to come back to yet.
+    fn keeps_seat(&self, conn: ConnId) -> bool {
+        if self.config.resume_grace.is_zero() {
+            return false;
+        }
+        let Some(room_name) = self.conns.get(&conn).and_then(|c| c.room.as_deref()) else {
+            return false;
+        };
+        let ringing = self.calls.contains_key(room_name);
+        !ringing
+            && self
+                .rooms
+                .get(room_name)
+                .is_some_and(|r| r.ended_at.is_none() && r.members.contains(&conn))
+    }
+
+    /// Marks `conn` (in a room) away and tells the other member.
+    fn go_away(&mut self, conn: ConnId, now: Now, out: &mut Outbox) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let peer_id = c.peer_id.clone();
+        let room_name = c.room.clone().unwrap_or_default();
+        info!(room = %room_name, peer = %peer_id, grace = ?self.config.resume_grace, "away");
+        self.away
+            .insert(conn, Away::new(now.mono + self.config.resume_grace));
+        for other in self.others(&room_name, conn) {
+            self.send(
+                other,
+                ServerMessage::PeerReconnecting {
+                    peer_id: peer_id.clone(),
+                },
+                out,
+            );
+        }
+    }
+
+    /// The members of `room_name` other than `conn`.
+    fn others(&self, room_name: &str, conn: ConnId) -> Vec<ConnId> {
+        self.rooms
+            .get(room_name)
+            .map(|r| r.members.iter().copied().filter(|&m| m != conn).collect())
+            .unwrap_or_default()
+    }
+
+    /// Sends `msg` to a room member, or queues it while the member is away.
+    fn send(&mut self, to: ConnId, msg: ServerMessage, out: &mut Outbox) {
+        match self.away.get_mut(&to) {
+            Some(away) => {
+                let peer_id = self.conns.get(&to).map_or("", |c| c.peer_id.as_str());
+                away.push(msg, peer_id);
+            }
+            None => out.push((to, msg)),
+        }
+    }
+
+    /// The away member `conn` did not come back in time: it leaves as a dropped
+    /// connection did before resume existed.
+    fn expire_away(&mut self, conn: ConnId, now: Now, out: &mut Outbox) {
+        let Some(away) = self.away.remove(&conn) else {
+            return;
+        };
+        if let Some(c) = self.conns.get(&conn) {
+            info!(
+                peer = %c.peer_id,
+                room = ?c.room,
+                undelivered = away.queue.len(),
+                "resume grace over"
+            );
+        }
+        self.leave_room(conn, LeaveReason::Disconnected, now, out);
+        self.conns.remove(&conn);
     }
 
     /// One message from `conn`.
@@ -227,11 +383,11 @@ impl Rooms {
             ClientMessage::Call { to } => self.call(conn, &to, now, out),
             ClientMessage::Accept { call_id } => self.accept(conn, &call_id, now, out),
             ClientMessage::Reject { call_id } => self.reject(conn, &call_id, out),
-            // Seats are not kept across connections yet.
-            ClientMessage::Resume { .. } => refuse(
-                ErrorCode::ResumeFailed,
-                "this server does not keep seats for resume",
-            ),
+            ClientMessage::Resume {
+                room,
+                peer_id,
+                resume_token,
+            } => self.resume(conn, &room, &peer_id, &resume_token, now, out),
         };
         match result {
             Ok(()) => {}
@@ -249,8 +405,20 @@ impl Rooms {
         }
     }
 
-    /// Time passes: unanswered calls stop ringing, empty and ended rooms expire.
+    /// Time passes: away members whose grace ran out leave, unanswered calls stop
+    /// ringing, empty and ended rooms expire.
     pub fn tick(&mut self, now: Now, out: &mut Outbox) {
+        let mut gone: Vec<ConnId> = self
+            .away
+            .iter()
+            .filter(|(_, a)| a.deadline <= now.mono)
+            .map(|(&c, _)| c)
+            .collect();
+        // In connection order, so that the outcome does not depend on hash order.
+        gone.sort_unstable();
+        for conn in gone {
+            self.expire_away(conn, now, out);
+        }
         let overdue: Vec<String> = self
             .calls
             .iter()
@@ -414,9 +582,14 @@ impl Rooms {
         true
     }
 
-    /// Number of live connections.
+    /// Number of live connections (away members are not connected).
     pub fn connection_count(&self) -> usize {
-        self.conns.len()
+        self.conns.len() - self.away.len()
+    }
+
+    /// Number of members away (connection dropped, seat kept for a resume).
+    pub fn away_count(&self) -> usize {
+        self.away.len()
     }
 
     /// Number of rooms, including empty and ended ones not yet expired.
@@ -530,11 +703,13 @@ impl Rooms {
                 name: c.display_name.clone(),
             })
             .collect();
+        let resume_token = self.new_resume_token();
         let Some(me) = self.conns.get_mut(&conn) else {
             return;
         };
         me.room = Some(room_name.to_owned());
         me.display_name = display.clone();
+        me.resume_hash = resume_token.as_deref().map(ids::secret_hash);
         let peer_id = me.peer_id.clone();
         info!(room = room_name, peer = %peer_id, members, host, "joined");
         out.push((
@@ -545,26 +720,146 @@ impl Rooms {
                 members,
                 host,
                 peers,
-                resume_token: None,
+                resume_token,
             },
         ));
         for other in others {
-            out.push((
+            self.send(
                 other,
                 ServerMessage::PeerJoined {
                     peer_id: peer_id.clone(),
                     name: display.clone(),
                 },
-            ));
+                out,
+            );
             if deposed == Some(other) {
-                out.push((
+                self.send(
                     other,
                     ServerMessage::HostChanged {
                         peer_id: peer_id.clone(),
                     },
-                ));
+                    out,
+                );
             }
         }
+    }
+
+    /// A fresh resume token for a `joined`, or none when resume is off.
+    fn new_resume_token(&self) -> Option<String> {
+        (!self.config.resume_grace.is_zero()).then(ids::resume_token)
+    }
+
+    /// `conn` (a new connection) takes back the seat `peer_id` left in `room` when its
+    /// connection dropped: same peer id, host role and partner; a fresh token; then what
+    /// was queued meanwhile. The partner hears nothing (it was told `peer_reconnecting`).
+    fn resume(
+        &mut self,
+        conn: ConnId,
+        room: &str,
+        peer_id: &str,
+        token: &str,
+        now: Now,
+        out: &mut Outbox,
+    ) -> Result<(), Refusal> {
+        let fail = |why: &str| refuse(ErrorCode::ResumeFailed, why);
+        if self.config.resume_grace.is_zero() {
+            return fail("this server does not keep seats (resume is off)");
+        }
+        if self.conns.get(&conn).is_none_or(|c| c.room.is_some()) {
+            return fail("this connection is in a room already; resume on a new connection");
+        }
+        let room_name = room.trim();
+        let Some(r) = self.rooms.get(room_name) else {
+            return fail("there is no such room (it may have expired)");
+        };
+        if r.ended_at.is_some() {
+            return fail("the room has ended");
+        }
+        let seat = r
+            .members
+            .iter()
+            .copied()
+            .find(|m| self.conns.get(m).is_some_and(|c| c.peer_id == peer_id));
+        let Some(seat) = seat else {
+            return fail("`peer_id` is not in that room (its grace may be over)");
+        };
+        // The token is checked before anything about the seat is revealed.
+        let matches = self
+            .conns
+            .get(&seat)
+            .and_then(|c| c.resume_hash.as_ref())
+            .is_some_and(|hash| ids::secret_matches(hash, token));
+        if !matches {
+            info!(
+                room = room_name,
+                peer = peer_id,
+                "resume with a wrong token"
+            );
+            return fail("wrong `resume_token`");
+        }
+        let Some(away) = self.away.get(&seat) else {
+            return fail("that member is still connected (not away); try again shortly");
+        };
+        if away.deadline <= now.mono {
+            // The sweep has not run yet; do what it would do.
+            self.expire_away(seat, now, out);
+            return fail("the grace period is over");
+        }
+        let away = self.away.remove(&seat);
+        let old = self.conns.remove(&seat);
+        let (Some(away), Some(old)) = (away, old) else {
+            return refuse(ErrorCode::Internal, "away member state missing");
+        };
+        let Some(r) = self.rooms.get_mut(room_name) else {
+            return refuse(ErrorCode::Internal, "room state missing");
+        };
+        for m in &mut r.members {
+            if *m == seat {
+                *m = conn;
+            }
+        }
+        if r.host == Some(seat) {
+            r.host = Some(conn);
+        }
+        let host = r.host == Some(conn);
+        let members = r.members.len();
+        let others = self.others(room_name, conn);
+        let peers = others
+            .iter()
+            .filter_map(|m| self.conns.get(m))
+            .map(|c| PeerInfo {
+                peer_id: c.peer_id.clone(),
+                name: c.display_name.clone(),
+            })
+            .collect();
+        let resume_token = self.new_resume_token();
+        let Some(me) = self.conns.get_mut(&conn) else {
+            return refuse(ErrorCode::Internal, "unknown connection");
+        };
+        me.peer_id = old.peer_id;
+        me.display_name = old.display_name;
+        me.room = Some(room_name.to_owned());
+        me.resume_hash = resume_token.as_deref().map(ids::secret_hash);
+        info!(
+            room = room_name,
+            peer = %me.peer_id,
+            replayed = away.queue.len(),
+            dropped = away.dropped,
+            "resumed"
+        );
+        out.push((
+            conn,
+            ServerMessage::Joined {
+                room: room_name.to_owned(),
+                peer_id: me.peer_id.clone(),
+                members,
+                host,
+                peers,
+                resume_token,
+            },
+        ));
+        out.extend(away.queue.into_iter().map(|(msg, _)| (conn, msg)));
+        Ok(())
     }
 
     /// Takes `conn` out of its room (if any), telling the other member and handing over
@@ -576,6 +871,7 @@ impl Rooms {
         let Some(room_name) = c.room.take() else {
             return;
         };
+        c.resume_hash = None;
         let peer_id = c.peer_id.clone();
         info!(room = %room_name, peer = %peer_id, ?reason, "left");
         if self
@@ -590,24 +886,32 @@ impl Rooms {
             return;
         };
         room.members.retain(|&m| m != conn);
-        for &other in &room.members {
-            out.push((
-                other,
-                ServerMessage::PeerLeft {
-                    peer_id: peer_id.clone(),
-                    reason,
-                },
-            ));
-        }
+        let remaining = room.members.clone();
+        let mut new_host = None;
         if room.host == Some(conn) && room.meeting.is_some() {
             // A meeting's host is whoever presents its token; nobody inherits the role.
             room.host = None;
         } else if room.host == Some(conn) {
             room.host = room.members.first().copied();
-            if let Some(new_host) = room.host {
-                let host_peer = self.peer_id(new_host);
-                out.push((new_host, ServerMessage::HostChanged { peer_id: host_peer }));
-            }
+            new_host = room.host;
+        }
+        for other in remaining {
+            self.send(
+                other,
+                ServerMessage::PeerLeft {
+                    peer_id: peer_id.clone(),
+                    reason,
+                },
+                out,
+            );
+        }
+        if let Some(new_host) = new_host {
+            let host_peer = self.peer_id(new_host);
+            self.send(
+                new_host,
+                ServerMessage::HostChanged { peer_id: host_peer },
+                out,
+            );
         }
         if let Some(room) = self.rooms.get_mut(&room_name)
             && room.members.is_empty()
@@ -674,8 +978,17 @@ impl Rooms {
             ));
         }
         for m in members {
+            if self.away.remove(&m).is_some() {
+                // Nobody to tell and no seat to keep: a `resume` now hears that the room
+                // ended, and so does a fresh `join`.
+                if let Some(c) = self.conns.remove(&m) {
+                    info!(room = room_name, peer = %c.peer_id, "away member's room ended");
+                }
+                continue;
+            }
             if let Some(c) = self.conns.get_mut(&m) {
                 c.room = None;
+                c.resume_hash = None;
             }
             out.push((
                 m,
@@ -710,7 +1023,7 @@ impl Rooms {
         };
         let msg = make(me.peer_id.clone());
         debug!(peer = %me.peer_id, room = ?me.room, "relay");
-        out.push((other, msg));
+        self.send(other, msg, out);
         Ok(())
     }
 
@@ -898,6 +1211,7 @@ mod tests {
         ring_timeout: Duration::from_secs(30),
         early_join: Duration::from_secs(300),
         ended_retention: ENDED_RETENTION,
+        resume_grace: Duration::ZERO,
     };
 
     fn kinds(out: &Outbox) -> Vec<(ConnId, &'static str)> {
@@ -916,6 +1230,9 @@ mod tests {
                     ServerMessage::Registered { .. } => "registered",
                     ServerMessage::RoomEnded { .. } => "room_ended",
                     ServerMessage::Error { .. } => "error",
+                    ServerMessage::PeerReconnecting { .. } => "peer_reconnecting",
+                    ServerMessage::Offer { .. } => "offer",
+                    ServerMessage::Candidate { .. } => "candidate",
                     _ => "other",
                 };
                 (*c, kind)
@@ -1146,5 +1463,300 @@ mod tests {
         out.clear();
         r.handle(3, ClientMessage::Register { name: "a".into() }, t, &mut out);
         assert_eq!(kinds(&out), vec![(3, "registered")], "name freed");
+    }
+
+    const GRACE: Duration = Duration::from_secs(30);
+
+    fn resumable(n: u64) -> Rooms {
+        let mut r = Rooms::new(RoomsConfig {
+            resume_grace: GRACE,
+            ..CFG
+        });
+        for c in 1..=n {
+            r.connect(c, format!("peer{c}"));
+        }
+        r
+    }
+
+    /// The `resume_token` of the last `joined` sent to `conn`.
+    fn token_of(out: &Outbox, conn: ConnId) -> String {
+        out.iter()
+            .rev()
+            .find_map(|(c, m)| match m {
+                ServerMessage::Joined {
+                    resume_token: Some(t),
+                    ..
+                } if *c == conn => Some(t.clone()),
+                _ => None,
+            })
+            .expect("a joined with a token")
+    }
+
+    fn resume(room: &str, peer_id: &str, token: &str) -> ClientMessage {
+        ClientMessage::Resume {
+            room: room.into(),
+            peer_id: peer_id.into(),
+            resume_token: token.into(),
+        }
+    }
+
+    fn error_code(out: &Outbox) -> Option<ErrorCode> {
+        out.iter().find_map(|(_, m)| match m {
+            ServerMessage::Error { code, .. } => Some(*code),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_dropped_member_keeps_its_seat_and_resumes_it() {
+        let t = Now::system();
+        let mut r = resumable(5);
+        let mut out = Outbox::new();
+        r.handle(1, join("x"), t, &mut out);
+        r.handle(2, join("x"), t, &mut out);
+        let token = token_of(&out, 1);
+        assert!(token.len() >= 32);
+        assert_ne!(token, token_of(&out, 2));
+        out.clear();
+        r.disconnect(1, t, &mut out);
+        assert_eq!(kinds(&out), vec![(2, "peer_reconnecting")]);
+        assert_eq!((r.connection_count(), r.away_count()), (4, 1));
+        out.clear();
+        // The seat still counts, and what the partner sends waits for it.
+        r.handle(3, join("x"), t, &mut out);
+        assert_eq!(kinds(&out), vec![(3, "room_full")]);
+        out.clear();
+        r.handle(2, ClientMessage::Offer { sdp: "o".into() }, t, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        // A wrong token changes nothing.
+        r.handle(4, resume("x", "peer1", "wrong"), t, &mut out);
+        assert_eq!(error_code(&out), Some(ErrorCode::ResumeFailed));
+        assert_eq!(out.len(), 1);
+        assert_eq!((r.members("x"), r.away_count()), (Some(2), 1));
+        out.clear();
+        let soon = t.later(Duration::from_secs(10));
+        r.handle(4, resume(" x ", "peer1", &token), soon, &mut out);
+        assert_eq!(kinds(&out), vec![(4, "joined"), (4, "offer")]);
+        let ServerMessage::Joined {
+            room,
+            peer_id,
+            members,
+            host,
+            peers,
+            resume_token: Some(fresh),
+        } = &out[0].1
+        else {
+            panic!("{out:?}");
+        };
+        assert_eq!((room.as_str(), peer_id.as_str()), ("x", "peer1"));
+        assert_eq!((*members, *host), (2, true));
+        assert_eq!(peers[0].peer_id, "peer2");
+        assert_ne!(fresh, &token);
+        let fresh = fresh.clone();
+        assert_eq!((r.connection_count(), r.away_count()), (4, 0));
+        out.clear();
+        // The resumed seat is an ordinary one: relaying works both ways, the host
+        // role is there, and the grace no longer runs.
+        r.handle(2, ClientMessage::Answer { sdp: "a".into() }, soon, &mut out);
+        r.handle(4, ClientMessage::Offer { sdp: "o".into() }, soon, &mut out);
+        assert_eq!(kinds(&out), vec![(4, "other"), (2, "offer")]);
+        out.clear();
+        r.tick(t.later(GRACE * 2), &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        // The old token is spent; the fresh one works once more.
+        r.disconnect(4, soon, &mut out);
+        out.clear();
+        r.handle(5, resume("x", "peer1", &token), soon, &mut out);
+        assert_eq!(error_code(&out), Some(ErrorCode::ResumeFailed));
+        out.clear();
+        r.handle(5, resume("x", "peer1", &fresh), soon, &mut out);
+        assert_eq!(kinds(&out), vec![(5, "joined")]);
+        r.handle(5, ClientMessage::EndRoom, soon, &mut out);
+        assert_eq!(r.members("x"), Some(0));
+    }
+
+    #[test]
+    fn the_grace_runs_out_on_the_clock_like_a_disconnect() {
+        let t = Now::system();
+        let mut r = resumable(3);
+        let mut out = Outbox::new();
+        r.handle(1, join("x"), t, &mut out);
+        r.handle(2, join("x"), t, &mut out);
+        let token = token_of(&out, 1);
+        r.disconnect(1, t, &mut out);
+        out.clear();
+        r.tick(t.later(GRACE - Duration::from_millis(1)), &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        r.tick(t.later(GRACE), &mut out);
+        assert_eq!(kinds(&out), vec![(2, "peer_left"), (2, "host_changed")]);
+        assert!(matches!(
+            out[0].1,
+            ServerMessage::PeerLeft {
+                reason: LeaveReason::Disconnected,
+                ..
+            }
+        ));
+        assert_eq!((r.connection_count(), r.away_count()), (2, 0));
+        assert_eq!(r.members("x"), Some(1));
+        out.clear();
+        r.handle(3, resume("x", "peer1", &token), t, &mut out);
+        assert_eq!(error_code(&out), Some(ErrorCode::ResumeFailed));
+        // A resume that beats the sweep to an overdue seat finds the grace over too.
+        r.handle(3, join("x"), t, &mut out);
+        let token3 = token_of(&out, 3);
+        r.disconnect(3, t, &mut out);
+        r.connect(4, "peer4".into());
+        out.clear();
+        r.handle(4, resume("x", "peer3", &token3), t.later(GRACE), &mut out);
+        assert_eq!(kinds(&out), vec![(2, "peer_left"), (4, "error")]);
+        assert_eq!(r.members("x"), Some(1));
+    }
+
+    #[test]
+    fn the_away_queue_is_bounded_and_keeps_the_newest() {
+        let t = Now::system();
+        let mut r = resumable(3);
+        let mut out = Outbox::new();
+        r.handle(1, join("x"), t, &mut out);
+        r.handle(2, join("x"), t, &mut out);
+        let token = token_of(&out, 1);
+        r.disconnect(1, t, &mut out);
+        for i in 0..100 {
+            let sdp = format!("{i}");
+            r.handle(2, ClientMessage::Offer { sdp }, t, &mut out);
+        }
+        out.clear();
+        r.handle(3, resume("x", "peer1", &token), t, &mut out);
+        assert_eq!(out.len(), 1 + AWAY_QUEUE_MESSAGES);
+        assert!(matches!(&out[1].1, ServerMessage::Offer { sdp, .. } if sdp == "36"));
+        assert!(matches!(&out[64].1, ServerMessage::Offer { sdp, .. } if sdp == "99"));
+        let token = token_of(&out, 3);
+        r.disconnect(3, t, &mut out);
+        // Big messages hit the byte bound before the count bound.
+        let big = "v".repeat(60_000);
+        for _ in 0..10 {
+            let sdp = big.clone();
+            r.handle(2, ClientMessage::Offer { sdp }, t, &mut out);
+        }
+        r.connect(4, "peer4".into());
+        out.clear();
+        r.handle(4, resume("x", "peer1", &token), t, &mut out);
+        assert_eq!(out.len(), 1 + 4, "256 KiB hold four 60 kB offers");
+    }
+
+    #[test]
+    fn without_a_grace_a_drop_leaves_at_once_and_resume_is_refused() {
+        let t = Now::system();
+        let mut r = rooms_with(3);
+        let mut out = Outbox::new();
+        r.handle(1, join("x"), t, &mut out);
+        r.handle(2, join("x"), t, &mut out);
+        assert!(out.iter().all(|(_, m)| !matches!(
+            m,
+            ServerMessage::Joined {
+                resume_token: Some(_),
+                ..
+            }
+        )));
+        out.clear();
+        r.disconnect(1, t, &mut out);
+        assert_eq!(kinds(&out), vec![(2, "peer_left"), (2, "host_changed")]);
+        out.clear();
+        r.handle(3, resume("x", "peer1", "anything"), t, &mut out);
+        assert_eq!(error_code(&out), Some(ErrorCode::ResumeFailed));
+    }
+
+    #[test]
+    fn resume_is_refused_for_present_members_ended_rooms_and_busy_connections() {
+        let t = Now::system();
+        let mut r = resumable(4);
+        let mut out = Outbox::new();
+        r.handle(1, join("x"), t, &mut out);
+        r.handle(2, join("x"), t, &mut out);
+        let token1 = token_of(&out, 1);
+        let token2 = token_of(&out, 2);
+        out.clear();
+        // Peer 1 is still connected: its token proves nothing to take over.
+        r.handle(3, resume("x", "peer1", &token1), t, &mut out);
+        assert_eq!(kinds(&out), vec![(3, "error")]);
+        // Unknown room or peer.
+        r.handle(3, resume("y", "peer1", &token1), t, &mut out);
+        r.handle(3, resume("x", "peer9", &token1), t, &mut out);
+        assert_eq!(out.len(), 3);
+        out.clear();
+        // A connection in a room resumes nothing.
+        r.disconnect(2, t, &mut out);
+        r.handle(4, join("z"), t, &mut out);
+        out.clear();
+        r.handle(4, resume("x", "peer2", &token2), t, &mut out);
+        assert_eq!(error_code(&out), Some(ErrorCode::ResumeFailed));
+        out.clear();
+        // The host ends the room while the partner is away: the seat goes with it.
+        r.handle(1, ClientMessage::EndRoom, t, &mut out);
+        assert_eq!(kinds(&out), vec![(1, "room_ended")]);
+        assert_eq!(r.away_count(), 0);
+        out.clear();
+        r.handle(3, resume("x", "peer2", &token2), t, &mut out);
+        assert_eq!(error_code(&out), Some(ErrorCode::ResumeFailed));
+    }
+
+    #[test]
+    fn an_explicit_leave_while_the_partner_is_away_is_queued_for_it() {
+        let t = Now::system();
+        let mut r = resumable(3);
+        let mut out = Outbox::new();
+        r.handle(1, join("x"), t, &mut out);
+        r.handle(2, join("x"), t, &mut out);
+        let token = token_of(&out, 2);
+        r.disconnect(2, t, &mut out);
+        r.handle(1, ClientMessage::Leave, t, &mut out);
+        out.clear();
+        r.handle(3, resume("x", "peer2", &token), t, &mut out);
+        assert_eq!(
+            kinds(&out),
+            vec![(3, "joined"), (3, "peer_left"), (3, "host_changed")]
+        );
+        assert!(matches!(
+            out[0].1,
+            ServerMessage::Joined {
+                members: 1,
+                host: true,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_ringing_caller_that_drops_cancels_the_call_and_names_are_released() {
+        let t = Now::system();
+        let mut r = resumable(3);
+        let mut out = Outbox::new();
+        r.handle(1, ClientMessage::Register { name: "a".into() }, t, &mut out);
+        r.handle(2, ClientMessage::Register { name: "b".into() }, t, &mut out);
+        r.handle(1, ClientMessage::Call { to: "b".into() }, t, &mut out);
+        out.clear();
+        r.disconnect(1, t, &mut out);
+        assert_eq!(kinds(&out), vec![(2, "call_cancelled")]);
+        assert_eq!(r.away_count(), 0);
+        out.clear();
+        // Once accepted, a call's room keeps seats like any other; the name does not
+        // stay with the away seat.
+        r.connect(4, "peer4".into());
+        r.handle(4, ClientMessage::Register { name: "d".into() }, t, &mut out);
+        r.handle(4, ClientMessage::Call { to: "b".into() }, t, &mut out);
+        let call_id = out
+            .iter()
+            .find_map(|(_, m)| match m {
+                ServerMessage::IncomingCall { call_id, .. } => Some(call_id.clone()),
+                _ => None,
+            })
+            .unwrap();
+        r.handle(2, ClientMessage::Accept { call_id }, t, &mut out);
+        out.clear();
+        r.disconnect(2, t, &mut out);
+        assert_eq!(kinds(&out), vec![(4, "peer_reconnecting")]);
+        out.clear();
+        r.handle(3, ClientMessage::Register { name: "b".into() }, t, &mut out);
+        assert_eq!(kinds(&out), vec![(3, "registered")]);
     }
 }

@@ -124,6 +124,7 @@ impl Server {
                 ring_timeout: config.ring_timeout,
                 early_join: config.early_join,
                 ended_retention: ENDED_RETENTION,
+                resume_grace: config.resume_grace,
             },
             config.send_queue,
             Some(store.clone()),

@@ -122,7 +122,9 @@ async fn relay_refused_when_alone_or_outside_a_room() {
 
 #[tokio::test]
 async fn leave_says_left_and_disconnect_says_disconnected() {
-    let s = server().await;
+    // A dropped member keeps its seat for the resume grace; short here, so that the
+    // final `peer_left` comes quickly.
+    let s = start_server(|c| c.resume_grace = Duration::from_millis(300)).await;
     let (mut a, mut b, a_id, b_id) = pair(&s, "bye").await;
     b.send(json!({"type":"leave"})).await;
     let left = a.expect("peer_left").await;
@@ -139,6 +141,10 @@ async fn leave_says_left_and_disconnect_says_disconnected() {
     assert_eq!(jc["members"], 2);
     a.expect("peer_joined").await;
     drop(c); // TCP connection closed without `leave` or a close frame
+    assert_eq!(
+        a.expect("peer_reconnecting").await["peer_id"],
+        jc["peer_id"]
+    );
     let gone = a.expect("peer_left").await;
     assert_eq!(gone["peer_id"], jc["peer_id"]);
     assert_eq!(gone["reason"], "disconnected");
@@ -147,6 +153,7 @@ async fn leave_says_left_and_disconnect_says_disconnected() {
     d.join("bye").await;
     a.expect("peer_joined").await;
     d.close().await; // a clean WebSocket close without `leave` is still "disconnected"
+    a.expect("peer_reconnecting").await;
     assert_eq!(a.expect("peer_left").await["reason"], "disconnected");
     assert_eq!(s.room_members("bye"), Some(1));
     let _ = a_id;
