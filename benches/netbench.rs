@@ -1,7 +1,8 @@
 //! `netbench`: Duet <-> Duet calls over impaired links, one fresh call per row, in network
 //! namespaces (two clients behind two cone NATs, the server on the "public" segment; see
 //! tests/common/netns.rs). Each client's uplink is impaired the ways this kernel allows:
-//! `tbf` rate limits, iptables `statistic` random loss, a DROP rule for an outage.
+//! `tbf` rate limits, iptables `statistic` random loss, a DROP rule for an outage, and
+//! a new address for one client (`move`: a laptop changing networks).
 //! Prints one JSON object: per row and per client, frames decoded of those sent,
 //! glass-to-glass latency, bitrate sent, keyframes and what asked for them, NACKs,
 //! freezes (WebRTC definition), and the per-second timeline for the `step` row.
@@ -21,7 +22,7 @@ use serde_json::{Value, json};
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// Only this row: clean, lossy, home, bad, step, flap.
+    /// Only this row: clean, lossy, home, bad, step, flap, move.
     #[arg(long)]
     only: Option<String>,
     /// Length of each call (the step row takes 35 s whatever this says).
@@ -61,7 +62,7 @@ fn summary(me: &Value, other: &Value) -> Value {
 fn main() {
     let args = Args::parse();
     assert!(able(), "netbench needs root, ip and iptables");
-    let rows = ["clean", "lossy", "home", "bad", "step", "flap"];
+    let rows = ["clean", "lossy", "home", "bad", "step", "flap", "move"];
     let mut out = serde_json::Map::new();
     let pid = std::process::id() % 10_000;
     for row in rows {
@@ -99,6 +100,10 @@ fn main() {
                     t.set_uplink_rate("a", 3000);
                     t.set_uplink_rate("b", 3000);
                 }
+                "move" => {
+                    std::thread::sleep(Duration::from_secs(8));
+                    t.move_client("a");
+                }
                 "flap" => {
                     std::thread::sleep(Duration::from_secs(8));
                     t.set_outage("a", true);
@@ -115,7 +120,7 @@ fn main() {
             "b": summary(&rb, &ra),
             "wall_s": started.elapsed().as_secs(),
         });
-        if row == "step" || row == "flap" {
+        if row == "step" || row == "flap" || row == "move" {
             r["timeline_a"] = ra["timeline"].clone();
         }
         eprintln!("{row}: {}", serde_json::to_string(&r["a"]).unwrap());

@@ -104,23 +104,4 @@ fn calls_survive_loss_and_an_outage() {
             "video came back after the outage: {r}"
         );
     }
-
-    // Move: client a's address changes mid-call (a new network): ICE restarts and
-    // media comes back.
-    let moving = Topology::build(&format!("{pid}m"), false);
-    let (ra, rb) = call_with(&moving, "move", "14s", |t, _| {
-        std::thread::sleep(Duration::from_secs(3));
-        t.move_client("a");
-    });
-    drop(moving);
-    for r in [&ra, &rb] {
-        eprintln!(
-            "move: ended {}, decoded {}, in the last 4 s {}, freezes {} ({} ms)",
-            r["ended"],
-            u(r, "frames_decoded"),
-            decoded_in_last(r, 4.0),
-            u(r, "freeze_count"),
-            r["freeze_total_ms"],
-        );
-    }
 }

@@ -797,8 +797,20 @@ impl Rooms {
             );
             return fail("wrong `resume_token`");
         }
+        if !self.away.contains_key(&seat) {
+            // Its old connection has not been noticed dead yet (a path that died
+            // silently, e.g. the client changed networks, is only noticed at the ping
+            // timeout). The token proves the client: its new connection wins, and the
+            // old one is treated as dropped now.
+            info!(
+                room = room_name,
+                peer = peer_id,
+                "resume takes over a connection not yet noticed dead"
+            );
+            self.disconnect(seat, now, out);
+        }
         let Some(away) = self.away.get(&seat) else {
-            return fail("that member is still connected (not away); try again shortly");
+            return fail("that member's seat cannot be kept (e.g. its call still rings)");
         };
         if away.deadline <= now.mono {
             // The sweep has not run yet; do what it would do.
@@ -1666,23 +1678,41 @@ mod tests {
         assert_eq!(error_code(&out), Some(ErrorCode::ResumeFailed));
     }
 
+    fn wrong_token(token: &str) -> String {
+        token.chars().rev().collect()
+    }
+
     #[test]
-    fn resume_is_refused_for_present_members_ended_rooms_and_busy_connections() {
+    fn resume_takes_over_present_members_and_is_refused_for_ended_rooms_and_busy_connections() {
         let t = Now::system();
-        let mut r = resumable(4);
+        let mut r = resumable(5);
         let mut out = Outbox::new();
         r.handle(1, join("x"), t, &mut out);
         r.handle(2, join("x"), t, &mut out);
         let token1 = token_of(&out, 1);
         let token2 = token_of(&out, 2);
         out.clear();
-        // Peer 1 is still connected: its token proves nothing to take over.
+        // Peer 1 still looks connected, but the token proves it: the new connection
+        // takes the seat over (its old path may have died silently).
+        r.handle(3, resume("x", "peer1", &wrong_token(&token1)), t, &mut out);
+        assert_eq!(kinds(&out), vec![(3, "error")], "not with a wrong token");
+        out.clear();
         r.handle(3, resume("x", "peer1", &token1), t, &mut out);
-        assert_eq!(kinds(&out), vec![(3, "error")]);
+        assert_eq!(
+            kinds(&out),
+            vec![(2, "peer_reconnecting"), (3, "joined")],
+            "{out:?}"
+        );
+        let token1 = token_of(&out, 3);
+        out.clear();
+        // The old connection closing later changes nothing.
+        r.disconnect(1, t, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(r.away_count(), 0);
         // Unknown room or peer.
-        r.handle(3, resume("y", "peer1", &token1), t, &mut out);
-        r.handle(3, resume("x", "peer9", &token1), t, &mut out);
-        assert_eq!(out.len(), 3);
+        r.handle(5, resume("y", "peer1", &token1), t, &mut out);
+        r.handle(5, resume("x", "peer9", &token1), t, &mut out);
+        assert_eq!(out.len(), 2);
         out.clear();
         // A connection in a room resumes nothing.
         r.disconnect(2, t, &mut out);
@@ -1691,9 +1721,10 @@ mod tests {
         r.handle(4, resume("x", "peer2", &token2), t, &mut out);
         assert_eq!(error_code(&out), Some(ErrorCode::ResumeFailed));
         out.clear();
-        // The host ends the room while the partner is away: the seat goes with it.
-        r.handle(1, ClientMessage::EndRoom, t, &mut out);
-        assert_eq!(kinds(&out), vec![(1, "room_ended")]);
+        // The host (peer 1, on connection 3 since the takeover) ends the room while the
+        // partner is away: the seat goes with it.
+        r.handle(3, ClientMessage::EndRoom, t, &mut out);
+        assert_eq!(kinds(&out), vec![(3, "room_ended")]);
         assert_eq!(r.away_count(), 0);
         out.clear();
         r.handle(3, resume("x", "peer2", &token2), t, &mut out);

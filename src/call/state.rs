@@ -393,7 +393,8 @@ impl Call {
             Some(t) => t + ICE_RESTART_RETRY,
             None => since + ICE_RESTART_AFTER,
         };
-        Some(if self.restarts() {
+        // Without signaling a restart cannot be negotiated: only giving up is due then.
+        Some(if self.restarts() && self.signaling == Signaling::Up {
             restart.min(give_up)
         } else {
             give_up
@@ -453,6 +454,12 @@ impl Call {
             match action {
                 Action::Send(msg @ ClientMessage::Resume { .. }) => out.push(Action::Send(msg)),
                 Action::Send(msg) => {
+                    if matches!(msg, ClientMessage::Offer { .. }) {
+                        // Only the newest offer means anything (an older one's answer
+                        // would not fit our description any more).
+                        self.outbox
+                            .retain(|m| !matches!(m, ClientMessage::Offer { .. }));
+                    }
                     if self.outbox.len() >= MAX_OUTBOX {
                         self.outbox.pop_front();
                     }
@@ -544,7 +551,10 @@ impl Call {
                 } else if self.media_started {
                     // It worked before: ICE restart may bring it back (offerer at once).
                     self.connection_lost();
-                    if self.restarts() && self.restarted_at.is_none() {
+                    if self.restarts()
+                        && self.restarted_at.is_none()
+                        && self.signaling == Signaling::Up
+                    {
                         self.restarted_at = self.now;
                         vec![Action::RestartIce]
                     } else {
@@ -712,7 +722,9 @@ impl Call {
             return self.end(EndReason::ConnectionFailed, true);
         }
         let due = self.media_timeout().is_some_and(|t| now >= t);
-        if due && self.restarts() {
+        // A restart needs signaling (its offer must reach the other side): while the
+        // connection is down, wait; resuming restarts at once.
+        if due && self.restarts() && self.signaling == Signaling::Up {
             self.restarted_at = Some(now);
             return vec![Action::RestartIce];
         }
@@ -769,7 +781,15 @@ impl Call {
                     self.signaling = Signaling::Up;
                     self.host = host;
                     self.resume_token = resume_token;
-                    return self.outbox.drain(..).map(Action::Send).collect();
+                    let mut actions: Vec<Action> =
+                        self.outbox.drain(..).map(Action::Send).collect();
+                    // The media connection went down too (e.g. the network changed):
+                    // restart ICE now that its offer can get through.
+                    if self.down_since.is_some() && self.restarts() {
+                        self.restarted_at = self.now;
+                        actions.push(Action::RestartIce);
+                    }
+                    return actions;
                 }
                 ServerMessage::Error {
                     code: ErrorCode::ResumeFailed,
@@ -1428,6 +1448,75 @@ mod tests {
             &call.handle_at(at, Event::SignalingConnected)[..],
             [Action::Send(ClientMessage::Resume { resume_token, .. })] if resume_token == "token-2"
         ));
+    }
+
+    #[test]
+    fn a_moved_client_restarts_ice_once_signaling_is_back_not_before() {
+        let t = Instant::now();
+        let mut call = offerer_in_call(t);
+        // The network changed: both connections drop.
+        call.handle_at(t, Event::Peer(PeerState::Disconnected));
+        call.handle_at(
+            t,
+            Event::ServerClosed {
+                detail: "gone".into(),
+            },
+        );
+        // Restarting is due, but its offer could not get through: only reconnecting.
+        let later = t + ICE_RESTART_AFTER + Duration::from_millis(100);
+        assert_eq!(
+            call.handle_at(later, Event::Timeout),
+            [Action::ConnectSignaling]
+        );
+        assert!(
+            call.poll_timeout().is_some_and(|d| d > later),
+            "no busy deadline"
+        );
+        call.handle_at(later, Event::SignalingConnected);
+        let resumed = call.handle(Event::Server(ServerMessage::Joined {
+            room: "r".into(),
+            peer_id: "me".into(),
+            members: 2,
+            host: true,
+            peers: Vec::new(),
+            resume_token: Some("token-2".into()),
+        }));
+        assert_eq!(
+            resumed,
+            [Action::RestartIce],
+            "restart as soon as signaling is back"
+        );
+        // Two restart offers made while down: only the newest is sent.
+        let mut call = offerer_in_call(t);
+        call.handle_at(
+            t,
+            Event::ServerClosed {
+                detail: "gone".into(),
+            },
+        );
+        for sdp in ["first", "second"] {
+            call.handle(Event::LocalDescription {
+                sdp: sdp.into(),
+                role: Role::Offerer,
+            });
+        }
+        let at = call.poll_timeout().unwrap();
+        call.handle_at(at, Event::Timeout);
+        call.handle_at(at, Event::SignalingConnected);
+        let resumed = call.handle(Event::Server(ServerMessage::Joined {
+            room: "r".into(),
+            peer_id: "me".into(),
+            members: 2,
+            host: true,
+            peers: Vec::new(),
+            resume_token: None,
+        }));
+        assert_eq!(
+            resumed,
+            [Action::Send(ClientMessage::Offer {
+                sdp: "second".into()
+            })]
+        );
     }
 
     #[test]

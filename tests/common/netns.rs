@@ -326,13 +326,12 @@ impl Topology {
         let old = format!("{lan}.2/24");
         let new = format!("{lan}.3/24");
         let gateway = format!("{lan}.1");
-        run(&["ip", "-n", &client, "addr", "add", &new, "dev", "eth0"]);
+        // Old first: deleting a primary address takes the secondaries of its subnet along.
         run(&["ip", "-n", &client, "addr", "del", &old, "dev", "eth0"]);
-        let _ = Command::new("ip")
-            .args([
-                "-n", &client, "route", "replace", "default", "via", &gateway,
-            ])
-            .status();
+        run(&["ip", "-n", &client, "addr", "add", &new, "dev", "eth0"]);
+        run(&[
+            "ip", "-n", &client, "route", "replace", "default", "via", &gateway,
+        ]);
     }
 
     /// Cuts (or restores) all UDP through the router of `side`: media and TURN, not the
