@@ -67,8 +67,9 @@ pub struct Step {
 /// Where the sender is on the ladder. See the module docs.
 #[derive(Debug, Clone)]
 pub struct Ladder {
-    /// The highest rung the source allows.
+    /// The highest rung the source allows, and the height sent there.
     top: usize,
+    top_height: usize,
     rung: usize,
     rate: usize,
     /// Since when the bitrate has allowed a step up.
@@ -80,14 +81,17 @@ impl Ladder {
     /// How long the bitrate must allow a step up before it is taken.
     pub const UP_AFTER: Duration = Duration::from_secs(3);
 
-    /// A ladder for a source of this height and frame rate, starting at the top.
+    /// A ladder for a source of this height and frame rate, starting at the top: the
+    /// source's own height (at most 720p), with the thresholds of the smallest rung that
+    /// is at least as high (a 480p camera is sent at 480p, and holds it like 540p).
     pub fn new(source_height: usize, source_fps: f32) -> Ladder {
         let top = RUNGS
             .iter()
-            .position(|r| r.height <= source_height)
-            .unwrap_or(RUNGS.len() - 1);
+            .rposition(|r| r.height >= source_height)
+            .unwrap_or(0);
         Ladder {
             top,
+            top_height: source_height.min(RUNGS[top].height),
             rung: top,
             rate: 0,
             up_since: None,
@@ -97,8 +101,13 @@ impl Ladder {
 
     /// What to send now.
     pub fn step(&self) -> Step {
+        let height = if self.rung == self.top {
+            self.top_height
+        } else {
+            RUNGS[self.rung].height
+        };
         Step {
-            height: RUNGS[self.rung].height,
+            height,
             fps: FRAME_RATES[self.rate].0.min(self.source_fps),
         }
     }
@@ -248,6 +257,26 @@ mod tests {
                 .map(|s| s.height),
             Some(720)
         );
+    }
+
+    #[test]
+    fn a_source_between_rungs_is_sent_at_its_own_height_first() {
+        let t = Instant::now();
+        let mut l = Ladder::new(480, 30.0);
+        assert_eq!(
+            l.step(),
+            Step {
+                height: 480,
+                fps: 30.0
+            }
+        );
+        // It holds like 540p, then steps to the rungs below, and back to 480.
+        assert_eq!(l.update(500_000, t).map(|s| s.height), Some(360));
+        let back = (1..10).find_map(|i| l.update(1_000_000, t + Duration::from_secs(i)));
+        assert_eq!(back.map(|s| s.height), Some(480));
+        // Above 720p, 720p is the top.
+        assert_eq!(Ladder::new(1080, 30.0).step().height, 720);
+        assert_eq!(Ladder::new(100, 30.0).step().height, 100);
     }
 
     #[test]
