@@ -93,6 +93,13 @@ fn host_of(url: &str) -> &str {
         .map_or(authority, |(host, _)| host)
 }
 
+/// A plain `ws://` handshake answered with something that is not HTTP at all: most
+/// likely a TLS alert from a server that only speaks TLS.
+fn looks_like_tls(error: &tokio_tungstenite::tungstenite::Error) -> bool {
+    use tokio_tungstenite::tungstenite::error::{Error, ProtocolError};
+    matches!(error, Error::Protocol(ProtocolError::HttparseError(_)))
+}
+
 /// Why the signaling connection could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SignalingError {
@@ -170,6 +177,9 @@ impl Client {
                     url: url.clone(),
                     reason,
                 },
+                None if url.starts_with("ws://") && looks_like_tls(&e) => {
+                    unreachable(format!("{e} (the server seems to speak TLS: use wss://)"))
+                }
                 None => unreachable(e.to_string()),
             })?;
         let (mut sink, mut stream) = ws.split();

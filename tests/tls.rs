@@ -272,6 +272,13 @@ async fn wss_and_meetings_over_https_with_the_right_ca() {
         );
     }
 
+    // Plain ws:// to the TLS port fails, with a hint.
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let err = Client::connect_with(&localhost(&server, "ws"), &trust, tx)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("use wss://"), "{err}");
+
     // The system roots alone do not know this CA: refused, with the hint to --ca-file.
     let err = connect_error(&server, &Trust::system()).await;
     assert!(
