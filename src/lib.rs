@@ -13,6 +13,8 @@
 //!   with real and synthetic implementations.
 //! - [`process`]: CPU time and peak memory of this process, for reports and benchmarks.
 //! - [`meetings`]: creating meetings (now or scheduled) through the server's HTTP API.
+//! - [`tls`]: rustls for `wss://` and `https://` (system roots plus `--ca-file`), and
+//!   certificate errors in words.
 //! - [`ui`]: the desktop window (egui/eframe): lobby (devices, preview, meetings, direct
 //!   calls) and call view (video, controls, chat, stats).
 
@@ -21,4 +23,5 @@ pub mod media;
 pub mod meetings;
 pub mod process;
 pub mod signaling;
+pub mod tls;
 pub mod ui;

@@ -28,7 +28,7 @@ struct Cli {
 /// Options of the desktop window (`duet` without a subcommand).
 #[derive(Debug, Args)]
 struct WindowArgs {
-    /// Signaling server (HOST:PORT or ws:// URL); default: built in.
+    /// Signaling server (HOST:PORT, ws:// or wss:// URL); default: built in.
     #[arg(long)]
     server: Option<String>,
     /// Room to call into: a name, a meeting id or a join link.
@@ -73,8 +73,8 @@ struct CallArgs {
     /// `duet --room NAME --auto-call`).
     #[arg(long)]
     headless: bool,
-    /// Signaling server (HOST:PORT or ws:// URL). Default: 127.0.0.1:8787, started
-    /// in-process when nothing answers there.
+    /// Signaling server (HOST:PORT, ws:// or wss:// URL). Default: 127.0.0.1:8787,
+    /// started in-process when nothing answers there.
     #[arg(long)]
     server: Option<String>,
     /// Room to join.
@@ -151,9 +151,21 @@ struct NetworkArgs {
     /// side, and tests the relay.
     #[arg(long)]
     relay_only: bool,
+    /// Also trust the certificate authorities in this PEM file for wss:// and https://
+    /// servers (a private CA); the system's roots are always trusted.
+    #[arg(long, value_name = "PEM", env = "DUET_CA_FILE")]
+    ca_file: Option<PathBuf>,
 }
 
 impl NetworkArgs {
+    /// Makes `--ca-file` the trust of every wss:// and https:// connection of this process.
+    fn apply_trust(&self) -> anyhow::Result<()> {
+        if let Some(path) = &self.ca_file {
+            duet::tls::set_default_trust(duet::tls::Trust::with_ca_file(path)?);
+        }
+        Ok(())
+    }
+
     fn extra_ice_servers(&self) -> Vec<IceServer> {
         if self.ice_servers.is_empty() {
             return Vec::new();
@@ -169,6 +181,14 @@ impl NetworkArgs {
 fn main() -> ExitCode {
     signaling_server::init_logging("warn");
     let cli = Cli::parse();
+    let network = match &cli.command {
+        Some(Command::Call(args)) => &args.network,
+        _ => &cli.window.network,
+    };
+    if let Err(e) = network.apply_trust() {
+        eprintln!("duet: --ca-file: {e:#}");
+        return ExitCode::FAILURE;
+    }
     if cli.command.is_none() {
         return run_window(cli.window);
     }

@@ -12,7 +12,10 @@ use std::time::Duration;
 use futures_util::{SinkExt as _, StreamExt as _};
 use protocol::{ClientMessage, ServerMessage};
 use tokio::sync::mpsc;
+use tokio_tungstenite::Connector;
 use tokio_tungstenite::tungstenite::Message;
+
+use crate::tls::Trust;
 
 /// The address the app uses when no server is configured.
 pub const DEFAULT_SERVER: &str = "127.0.0.1:8787";
@@ -78,11 +81,34 @@ pub fn ws_url(server: &str) -> String {
     format!("ws://{rest}{path}")
 }
 
+/// The host of a `ws://` / `wss://` URL (no port, no brackets), for messages.
+fn host_of(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    if let Some(v6) = authority.strip_prefix('[') {
+        return v6.split(']').next().unwrap_or(v6);
+    }
+    authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host)
+}
+
+/// A plain `ws://` handshake answered with something that is not HTTP at all: most
+/// likely a TLS alert from a server that only speaks TLS.
+fn looks_like_tls(error: &tokio_tungstenite::tungstenite::Error) -> bool {
+    use tokio_tungstenite::tungstenite::error::{Error, ProtocolError};
+    matches!(error, Error::Protocol(ProtocolError::HttparseError(_)))
+}
+
 /// Why the signaling connection could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SignalingError {
     #[error("cannot reach the signaling server at {url}: {detail}")]
     Unreachable { url: String, detail: String },
+    /// A `wss://` connection failed in TLS: `reason` says why in words ("the server's
+    /// certificate has expired ...").
+    #[error("cannot connect securely to {url}: {reason}")]
+    Tls { url: String, reason: String },
     #[error("the signaling server connection is closed")]
     Closed,
 }
@@ -110,9 +136,20 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects (with a timeout) and starts the reader and writer tasks.
+    /// Connects (with a timeout) and starts the reader and writer tasks. `wss://`
+    /// servers are checked against the process's default [`Trust`]
+    /// ([`crate::tls::set_default_trust`]).
     pub async fn connect(
         server: &str,
+        incoming: mpsc::UnboundedSender<Incoming>,
+    ) -> Result<Client, SignalingError> {
+        Client::connect_with(server, &crate::tls::default_trust(), incoming).await
+    }
+
+    /// [`Client::connect`] trusting the certificate authorities of `trust`.
+    pub async fn connect_with(
+        server: &str,
+        trust: &Trust,
         incoming: mpsc::UnboundedSender<Incoming>,
     ) -> Result<Client, SignalingError> {
         let url = ws_url(server);
@@ -120,11 +157,36 @@ impl Client {
             url: url.clone(),
             detail,
         };
-        let connecting = tokio_tungstenite::connect_async(url.as_str());
+        // wss:// always goes through rustls; a TLS failure is an error, never a reason
+        // to try without TLS.
+        let connector = if url.starts_with("wss://") {
+            let config = trust.client_config().map_err(|e| SignalingError::Tls {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?;
+            Connector::Rustls(config)
+        } else {
+            Connector::Plain
+        };
+        let connecting = tokio_tungstenite::connect_async_tls_with_config(
+            url.as_str(),
+            None,
+            false,
+            Some(connector),
+        );
         let (ws, _) = tokio::time::timeout(Duration::from_secs(5), connecting)
             .await
             .map_err(|_| unreachable("timed out after 5 s".into()))?
-            .map_err(|e| unreachable(e.to_string()))?;
+            .map_err(|e| match crate::tls::explain(&e, host_of(&url)) {
+                Some(reason) => SignalingError::Tls {
+                    url: url.clone(),
+                    reason,
+                },
+                None if url.starts_with("ws://") && looks_like_tls(&e) => {
+                    unreachable(format!("{e} (the server seems to speak TLS: use wss://)"))
+                }
+                None => unreachable(e.to_string()),
+            })?;
         let (mut sink, mut stream) = ws.split();
         let (outgoing, mut to_send) = mpsc::unbounded_channel::<ClientMessage>();
         // The writer also pings every 2 s: a connection whose path silently died (the
@@ -195,5 +257,9 @@ mod tests {
         assert_eq!(ws_url("ws://h:1/ws"), "ws://h:1/ws");
         assert_eq!(ws_url("http://h:1/"), "ws://h:1/ws");
         assert_eq!(ws_url("wss://example.org"), "wss://example.org/ws");
+        assert_eq!(ws_url("https://h:8443/"), "wss://h:8443/ws");
+        assert_eq!(host_of("wss://localhost:8443/ws"), "localhost");
+        assert_eq!(host_of("wss://example.org/ws"), "example.org");
+        assert_eq!(host_of("wss://[::1]:9/ws"), "::1");
     }
 }

@@ -118,7 +118,8 @@ pub struct Config {
     pub db: PathBuf,
 
     /// Base URL of this server as people reach it, for `join_url` (e.g.
-    /// https://duet.example.org). Default: `http://` plus the request's Host header.
+    /// https://duet.example.org). Default: `http://` (`https://` with --tls-cert) plus
+    /// the request's Host header.
     #[arg(long, value_name = "URL")]
     pub public_url: Option<String>,
 
@@ -177,6 +178,16 @@ pub struct Config {
     /// requests complete) before the rest are closed forcibly.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// PEM certificate chain (e.g. certbot's fullchain.pem): serve HTTPS and WSS on
+    /// --listen itself, with --tls-key. Both files are read again on SIGHUP. Without it
+    /// the server speaks plain HTTP/WS (put a TLS proxy in front on a public host).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert (PKCS#8, PKCS#1 or SEC1, e.g. certbot's privkey.pem).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 
     /// Log filter: error, warn, info, debug, trace, or a tracing directive such as
     /// `signaling_server=debug`. RUST_LOG overrides it.

@@ -12,7 +12,6 @@ use std::time::{Instant, SystemTime};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{Duration, sleep_until, timeout};
 use tracing::{Instrument as _, debug, info, info_span};
@@ -22,6 +21,7 @@ use crate::protocol::{ClientMessage, ErrorCode, PROTOCOL_VERSION, ServerMessage}
 use crate::rate_limit::{RateLimiter, Verdict};
 use crate::rooms::ConnId;
 use crate::server::Shared;
+use crate::tls::Stream;
 use crate::websocket::{Decoder, Event, Opcode, close_code, encode_close, encode_frame};
 
 /// How much to ask the kernel for per read.
@@ -37,7 +37,7 @@ enum Exit {
 
 /// Runs the connection until it ends; `read_ahead` is what the HTTP layer had already
 /// read past the upgrade request.
-pub(crate) async fn run(stream: TcpStream, read_ahead: bytes::Bytes, shared: Arc<Shared>) {
+pub(crate) async fn run(stream: Stream, read_ahead: bytes::Bytes, shared: Arc<Shared>) {
     let registration = shared.hub.connect();
     let span = info_span!("ws", peer = %registration.peer_id);
     let conn = registration.conn;
@@ -60,7 +60,7 @@ pub(crate) async fn run(stream: TcpStream, read_ahead: bytes::Bytes, shared: Arc
 }
 
 struct Connection {
-    stream: TcpStream,
+    stream: Stream,
     /// Bytes read but not yet decoded (empty and unallocated when idle).
     inbox: BytesMut,
     /// Frames to write (empty and unallocated when idle).
@@ -74,7 +74,7 @@ struct Connection {
 
 impl Connection {
     fn new(
-        stream: TcpStream,
+        stream: Stream,
         read_ahead: bytes::Bytes,
         shared: &Shared,
         registration: Registration,
@@ -129,8 +129,8 @@ impl Connection {
                         "too slow reading messages",
                     )),
                 },
-                ready = self.stream.readable() => match ready {
-                    Ok(()) => self.read(hub, conn),
+                ready = self.stream.wait_readable(&mut self.inbox) => match ready {
+                    Ok(already_read) => self.read(hub, conn, already_read),
                     Err(_) => Err(Exit::Drop("socket error")),
                 },
                 () = &mut ping => {
@@ -150,10 +150,17 @@ impl Connection {
         }
     }
 
-    /// One non-blocking read, then decoding of everything complete.
-    fn read(&mut self, hub: &Hub, conn: ConnId) -> Result<(), Exit> {
-        self.inbox.reserve(READ_CHUNK);
-        match self.stream.try_read_buf(&mut self.inbox) {
+    /// One non-blocking read (unless `already_read` says how much a TLS read just
+    /// added), then decoding of everything complete.
+    fn read(&mut self, hub: &Hub, conn: ConnId, already_read: Option<usize>) -> Result<(), Exit> {
+        let read = match already_read {
+            Some(n) => Ok(n),
+            None => {
+                self.inbox.reserve(READ_CHUNK);
+                self.stream.try_read_buf(&mut self.inbox)
+            }
+        };
+        match read {
             Ok(0) => return Err(Exit::Drop("connection closed without a close frame")),
             Ok(_) => self.last_heard = Instant::now(),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -278,7 +285,12 @@ impl Connection {
     }
 
     async fn flush_slowly(&mut self, limit: Duration) -> Result<(), Exit> {
-        match timeout(limit, self.stream.write_all(&self.outbox)).await {
+        let write = async {
+            self.stream.write_all(&self.outbox).await?;
+            // TLS may hold the last record back until flushed; a no-op on plain TCP.
+            self.stream.flush().await
+        };
+        match timeout(limit, write).await {
             Ok(Ok(())) => {
                 self.outbox = Vec::new();
                 Ok(())

@@ -321,7 +321,8 @@ fn require_api_key(shared: &Shared, headers: &HeaderMap) -> Result<(), Failure> 
     }
 }
 
-/// `http://<Host>` when no `--public-url` is set (the Host header checked for shape).
+/// `http://<Host>` (`https://` with TLS) when no `--public-url` is set (the Host header
+/// checked for shape).
 fn base_url(shared: &Shared, headers: &HeaderMap) -> String {
     if let Some(url) = &shared.api.public_url {
         return url.clone();
@@ -336,8 +337,8 @@ fn base_url(shared: &Shared, headers: &HeaderMap) -> String {
                     .all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b))
         });
     match host {
-        Some(host) => format!("http://{host}"),
-        None => format!("http://{}", shared.local_addr),
+        Some(host) => format!("{}://{host}", shared.http_scheme()),
+        None => format!("{}://{}", shared.http_scheme(), shared.local_addr),
     }
 }
 

@@ -18,6 +18,7 @@
 //! - [`clock`]: monotonic and wall-clock time passed into it; RFC 3339 helpers.
 //! - [`store`]: SQLite persistence of meetings on a thread of its own.
 //! - [`rate_limit`]: the token bucket (per WebSocket connection, per HTTP client address).
+//! - [`tls`]: optional HTTPS/WSS on the same port (`--tls-cert`, `--tls-key`), reloadable.
 //! - [`turn`]: TURN REST credentials and the `ice_servers` list.
 //! - [`turn_server`]: the optional embedded STUN/TURN server (UDP) that checks those
 //!   credentials, with peer-address filtering, quotas and a relay port range.
@@ -45,6 +46,7 @@ pub mod rate_limit;
 pub mod rooms;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod turn;
 pub mod turn_server;
 pub mod websocket;

@@ -13,6 +13,10 @@
 //! for its next request), the body (`http_api`, answered `408`), and no bytes moving
 //! either way (a watchdog here; catches a client that never reads its answer). Shutdown
 //! lets connections finish for `shutdown_grace`, then drops the rest.
+//!
+//! With `--tls-cert`/`--tls-key` every accepted connection first completes a TLS
+//! handshake (within the header deadline, in the connection's own task), then the same
+//! HTTP/1 and WebSocket code runs over the TLS stream (`tls::Stream`).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -29,7 +33,7 @@ use axum::routing::get;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -42,6 +46,7 @@ use crate::hub::Hub;
 use crate::rate_limit::RateLimit;
 use crate::rooms::{ENDED_RETENTION, RoomsConfig};
 use crate::store::{Store, StoreError, StoreThread};
+use crate::tls::{ServerTls, Stream, TlsError};
 use crate::turn::IceConfig;
 use crate::turn_server::{TurnError, TurnServer};
 use crate::{connection, websocket};
@@ -61,6 +66,15 @@ pub(crate) struct Shared {
     pub store: Store,
     pub api: ApiState,
     pub local_addr: SocketAddr,
+    /// HTTPS/WSS settings when `--tls-cert` is set.
+    pub tls: Option<Arc<ServerTls>>,
+}
+
+impl Shared {
+    /// `https` with TLS, else `http`.
+    pub fn http_scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
 }
 
 /// The server could not start.
@@ -77,6 +91,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// A running server. Dropping it does not stop it; call [`Server::stop`].
@@ -96,6 +112,8 @@ impl Server {
         let mut ice = config.ice_config()?;
         let api_key = config.api_key()?;
         let public_url = config.public_url()?;
+        let tls = ServerTls::from_files(config.tls_cert.as_deref(), config.tls_key.as_deref())?
+            .map(Arc::new);
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -159,6 +177,7 @@ impl Server {
             store,
             api,
             local_addr,
+            tls,
             ice,
             shutdown: CancellationToken::new(),
             force_close: CancellationToken::new(),
@@ -167,8 +186,13 @@ impl Server {
             config,
         });
         shared.tasks.spawn(sweep(Arc::clone(&shared)));
+        if let Some(tls) = &shared.tls {
+            shared
+                .tasks
+                .spawn(reload_on_hangup(Arc::clone(tls), shared.shutdown.clone()));
+        }
         let serve = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
-        info!(%local_addr, "signaling server listening");
+        info!(%local_addr, tls = shared.tls.is_some(), "signaling server listening");
         Ok(Server {
             local_addr,
             shared,
@@ -193,14 +217,29 @@ impl Server {
         self.local_addr
     }
 
-    /// `ws://ADDR/ws`.
+    /// `ws://ADDR/ws`, or `wss://ADDR/ws` with TLS.
     pub fn ws_url(&self) -> String {
-        format!("ws://{}/ws", self.local_addr)
+        let scheme = if self.shared.tls.is_some() {
+            "wss"
+        } else {
+            "ws"
+        };
+        format!("{scheme}://{}/ws", self.local_addr)
     }
 
-    /// `http://ADDR`.
+    /// `http://ADDR`, or `https://ADDR` with TLS.
     pub fn http_url(&self) -> String {
-        format!("http://{}", self.local_addr)
+        format!("{}://{}", self.shared.http_scheme(), self.local_addr)
+    }
+
+    /// Reads the TLS certificate and key files again (what SIGHUP does); new
+    /// connections get them, open ones keep theirs. On an error the old ones stay.
+    /// Without TLS there is nothing to do.
+    pub fn reload_tls(&self) -> Result<(), TlsError> {
+        match &self.shared.tls {
+            Some(tls) => tls.reload(),
+            None => Ok(()),
+        }
     }
 
     /// (open WebSocket connections, rooms including empty ones not yet expired).
@@ -312,10 +351,10 @@ impl Activity {
     }
 }
 
-/// A TCP stream that notes in [`Activity`] every time bytes move.
+/// A connection's stream that notes in [`Activity`] every time bytes move.
 #[derive(Debug)]
 struct Watched {
-    tcp: TcpStream,
+    stream: Stream,
     activity: Arc<Activity>,
 }
 
@@ -326,7 +365,7 @@ impl AsyncRead for Watched {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
-        let result = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        let result = Pin::new(&mut self.stream).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.activity.touch();
         }
@@ -340,7 +379,7 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let result = Pin::new(&mut self.tcp).poll_write(cx, data);
+        let result = Pin::new(&mut self.stream).poll_write(cx, data);
         if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
             self.activity.touch();
         }
@@ -352,7 +391,7 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        let result = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        let result = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
         if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
             self.activity.touch();
         }
@@ -360,15 +399,15 @@ impl AsyncWrite for Watched {
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
+        self.stream.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
+        Pin::new(&mut self.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -400,11 +439,34 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         let header_timeout = shared.config.http_header_timeout;
         let idle_timeout = shared.config.http_idle_timeout;
         let activity = Activity::new();
-        let io = Watched {
-            tcp,
-            activity: Arc::clone(&activity),
-        };
+        let tls = shared.tls.as_ref().map(|tls| tls.acceptor());
         spawn_connection(&shared, async move {
+            let stream = match tls {
+                None => Stream::Plain(tcp),
+                Some(acceptor) => {
+                    // Under the header deadline: a client that stalls the handshake is
+                    // no different from one that stalls its request.
+                    let handshake = tokio::time::timeout(header_timeout, acceptor.accept(tcp));
+                    tokio::select! {
+                        result = handshake => match result {
+                            Ok(Ok(tls)) => Stream::Tls(Box::new(tls)),
+                            Ok(Err(e)) => {
+                                debug!(error = %e, %peer, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                debug!(%peer, "TLS handshake not completed in time");
+                                return;
+                            }
+                        },
+                        () = shutdown.cancelled() => return,
+                    }
+                }
+            };
+            let io = Watched {
+                stream,
+                activity: Arc::clone(&activity),
+            };
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
@@ -530,10 +592,10 @@ async fn upgrade(State(shared): State<Arc<Shared>>, request: Request) -> Respons
             Ok(parts) => {
                 let shared = Arc::clone(&_slot.0);
                 // From here the WebSocket's own deadlines apply (pings, write timeout).
-                let tcp = parts.io.into_inner().tcp;
-                connection::run(tcp, parts.read_buf, shared).await;
+                let stream = parts.io.into_inner().stream;
+                connection::run(stream, parts.read_buf, shared).await;
             }
-            Err(_) => warn!("upgraded connection is not a TCP stream; dropping it"),
+            Err(_) => warn!("upgraded connection is not our stream; dropping it"),
         }
     };
     spawn_connection(&shared, fut);
@@ -544,6 +606,39 @@ async fn upgrade(State(shared): State<Arc<Shared>>, request: Request) -> Respons
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     response
+}
+
+/// Reloads the TLS certificate and key on SIGHUP until shutdown (Unix).
+async fn reload_on_hangup(tls: Arc<ServerTls>, shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGHUP; the TLS certificate will not be reloaded");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                received = hangup.recv() => {
+                    if received.is_none() {
+                        return;
+                    }
+                    match tls.reload() {
+                        Ok(()) => info!(cert = %tls.cert_path().display(), "TLS certificate reloaded"),
+                        Err(e) => warn!(error = %e, "TLS certificate not reloaded; keeping the old one"),
+                    }
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (tls, shutdown);
+    }
 }
 
 /// Drives time-based rules: ring timeouts and room expiry.
