@@ -4,8 +4,9 @@
 //! axum routes HTTP because the meetings API grows here; its `ws` extractor is not used
 //! because the server does its own framing (see `websocket.rs`). Connections are accepted
 //! by our own loop over hyper's HTTP/1 server (not `axum::serve`, whose protocol-sniffing
-//! wrapper hides the socket): after the RFC 6455 handshake the raw `TcpStream` is taken
-//! back from hyper, so an idle connection can wait on readiness with no buffer.
+//! wrapper hides the socket): after the RFC 6455 handshake the raw stream (TCP, or TLS over
+//! TCP) is taken back from hyper, so an idle plain-TCP connection can wait on readiness
+//! with no buffer.
 //!
 //! Every phase of an HTTP connection has a deadline, so that no client can hold a
 //! connection (and with it the server's shutdown) for ever: the request line and
