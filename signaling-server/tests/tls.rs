@@ -267,9 +267,10 @@ async fn wss_clients_join_relay_and_close() {
             break;
         }
     }
-    // A normal close: bob hears that alice left, alice gets the close echoed.
+    // A close without `leave`: alice's seat is kept for a resume, so bob hears that she
+    // is reconnecting; alice gets the close echoed.
     alice.close(None).await.unwrap();
-    expect(&mut bob, "peer_left").await;
+    expect(&mut bob, "peer_reconnecting").await;
     let ended = tokio::time::timeout(WAIT, async {
         while let Some(m) = alice.next().await {
             if m.is_err() {

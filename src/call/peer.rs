@@ -649,14 +649,25 @@ impl CandidateEnd {
     /// The real type of this end: a peer-reflexive end (learned from a connectivity
     /// check before, or without, its candidate being signaled) takes the type of a known
     /// candidate at the same address and port, when there is one.
+    ///
+    /// A peer-reflexive end on a loopback address is a host end: nothing on loopback goes
+    /// through a NAT. (It happens on one machine: a socket bound to 0.0.0.0 answers a
+    /// check to 127.0.0.1 from 127.0.0.1 and its own port, an address it never signaled.)
     pub fn resolve(&self, known: &[CandidateEnd]) -> String {
         if self.kind != "prflx" {
             return self.kind.clone();
         }
-        known
+        if let Some(k) = known
             .iter()
             .find(|k| k.kind != "prflx" && k.address == self.address && k.port == self.port)
-            .map_or_else(|| self.kind.clone(), |k| k.kind.clone())
+        {
+            return k.kind.clone();
+        }
+        let loopback = self
+            .address
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+        if loopback { "host" } else { "prflx" }.to_owned()
     }
 }
 
@@ -783,7 +794,11 @@ mod tests {
         assert_eq!(end("198.51.100.1", 6001, "prflx").resolve(&known), "prflx");
         // Known types are kept as they are.
         assert_eq!(end("203.0.113.7", 1, "relay").resolve(&known), "relay");
-        assert_eq!(end("127.0.0.1", 7000, "prflx").resolve(&known), "prflx");
+        // Nothing on loopback is reflexive: a 0.0.0.0 socket answering from 127.0.0.1.
+        assert_eq!(end("127.0.0.1", 7000, "prflx").resolve(&known), "host");
+        assert_eq!(end("127.0.0.1", 9999, "prflx").resolve(&[]), "host");
+        assert_eq!(end("::1", 9999, "prflx").resolve(&[]), "host");
+        assert_eq!(end("10.0.0.9", 9999, "prflx").resolve(&[]), "prflx");
     }
 
     #[test]
