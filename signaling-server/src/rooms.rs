@@ -316,6 +316,18 @@ impl Rooms {
         }
     }
 
+    /// `peers` of a `joined`: who these members are.
+    fn peer_infos(&self, members: &[ConnId]) -> Vec<PeerInfo> {
+        members
+            .iter()
+            .filter_map(|m| self.conns.get(m))
+            .map(|c| PeerInfo {
+                peer_id: c.peer_id.clone(),
+                name: c.display_name.clone(),
+            })
+            .collect()
+    }
+
     /// The members of `room_name` other than `conn`.
     fn others(&self, room_name: &str, conn: ConnId) -> Vec<ConnId> {
         self.rooms
@@ -689,20 +701,8 @@ impl Rooms {
         }
         let host = room.host == Some(conn);
         let members = room.members.len();
-        let others: Vec<ConnId> = room
-            .members
-            .iter()
-            .copied()
-            .filter(|&m| m != conn)
-            .collect();
-        let peers = others
-            .iter()
-            .filter_map(|m| self.conns.get(m))
-            .map(|c| PeerInfo {
-                peer_id: c.peer_id.clone(),
-                name: c.display_name.clone(),
-            })
-            .collect();
+        let others = self.others(room_name, conn);
+        let peers = self.peer_infos(&others);
         let resume_token = self.new_resume_token();
         let Some(me) = self.conns.get_mut(&conn) else {
             return;
@@ -835,15 +835,7 @@ impl Rooms {
         }
         let host = r.host == Some(conn);
         let members = r.members.len();
-        let others = self.others(room_name, conn);
-        let peers = others
-            .iter()
-            .filter_map(|m| self.conns.get(m))
-            .map(|c| PeerInfo {
-                peer_id: c.peer_id.clone(),
-                name: c.display_name.clone(),
-            })
-            .collect();
+        let peers = self.peer_infos(&self.others(room_name, conn));
         let resume_token = self.new_resume_token();
         let Some(me) = self.conns.get_mut(&conn) else {
             return refuse(ErrorCode::Internal, "unknown connection");

@@ -27,3 +27,13 @@ pub use presence::{Presence, PresenceEvent};
 pub use report::Report;
 pub use session::{start, start_on};
 pub use state::{Action, Call, CallState, EndReason, Event, PeerState, Role};
+
+/// Sleeps until `at`; forever when there is none (for a `select!` arm that is off then).
+/// The call's deadlines are std instants (the state machine and the assembler are
+/// sans-I/O and take no tokio types).
+pub(crate) async fn sleep_until(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}

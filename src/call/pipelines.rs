@@ -25,11 +25,11 @@ use rtc::rtcp::transport_feedbacks::transport_layer_nack::{
 };
 use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use tokio::sync::mpsc;
-use tokio::time::sleep_until as tokio_sleep_until;
 use webrtc::media_stream::track_local::{TrackLocal as _, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 
 use super::peer::{LocalTrack, PeerStats, is_keyframe_request};
+use super::sleep_until;
 use crate::media::assembler::{AccessUnit, Assembled, FrameAssembler};
 use crate::media::audio::{
     AudioSink, AudioSource, JitterBuffer, OpusDecoder, OpusEncoder, Playout, SAMPLE_RATE,
@@ -875,14 +875,6 @@ async fn wait_payload_type(track: &LocalTrack) -> Option<rtc::rtp_transceiver::P
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     None
-}
-
-/// Sleeps until `at` (a std instant); forever when there is none (the select arm is off).
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio_sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use super::handle::{ChatLine, Command, Live, LiveHandle, SessionHandle, lock_liv
 use super::peer::{Peer, PeerConfig, PeerEvent, PeerStats};
 use super::pipelines::{Pipelines, ReceiveSinks, StatsHandle};
 use super::report::Report;
+use super::sleep_until;
 use super::state::{Action, Call, CallState, Event, PeerState, Role};
 use crate::media::audio::{AudioSink, NullSink, WavSink};
 use crate::media::capture::Capture;
@@ -729,12 +730,4 @@ const CHAT_SCROLLBACK: usize = 500;
 fn trim_scrollback(chat: &mut Vec<ChatLine>) {
     let excess = chat.len().saturating_sub(CHAT_SCROLLBACK);
     chat.drain(..excess);
-}
-
-/// Sleeps until `at`; forever when there is none (the select arm is off then).
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
 }

@@ -247,51 +247,33 @@ impl Topology {
 
     /// Drops this fraction of the UDP packets crossing the router of `side`, both ways.
     pub fn add_loss(&self, side: &str, fraction: f64) {
-        let p = format!("{fraction}");
-        self.router(
-            side,
-            &[
-                "iptables",
-                "-I",
-                "FORWARD",
-                "-p",
-                "udp",
-                "-m",
-                "statistic",
-                "--mode",
-                "random",
-                "--probability",
-                &p,
-                "-j",
-                "DROP",
-            ],
-        );
+        self.drop_udp(side, fraction, &[]);
     }
 
     /// Drops this fraction of the UDP packets leaving through the router of `side` (its
     /// client's uplink only).
     pub fn add_uplink_loss(&self, side: &str, fraction: f64) {
+        self.drop_udp(side, fraction, &["-o", "wan"]);
+    }
+
+    /// An iptables rule dropping `fraction` of the forwarded UDP matching `filter`.
+    fn drop_udp(&self, side: &str, fraction: f64, filter: &[&str]) {
         let p = format!("{fraction}");
-        self.router(
-            side,
-            &[
-                "iptables",
-                "-I",
-                "FORWARD",
-                "-o",
-                "wan",
-                "-p",
-                "udp",
-                "-m",
-                "statistic",
-                "--mode",
-                "random",
-                "--probability",
-                &p,
-                "-j",
-                "DROP",
-            ],
-        );
+        let mut rule = vec!["iptables", "-I", "FORWARD"];
+        rule.extend_from_slice(filter);
+        rule.extend([
+            "-p",
+            "udp",
+            "-m",
+            "statistic",
+            "--mode",
+            "random",
+            "--probability",
+            &p,
+            "-j",
+            "DROP",
+        ]);
+        self.router(side, &rule);
     }
 
     /// Limits the uplink of `side` (its router's outside interface) to `kbit` kbit/s with
