@@ -46,6 +46,7 @@ fn summary(me: &Value, other: &Value) -> Value {
         "latency_ms_p95": me["latency_ms_p95"],
         "bitrate_sent_kbps": me["bitrate_sent_kbps"],
         "target_bitrate_kbps_at_end": me["target_bitrate_kbps"],
+        "estimate_bitrate_kbps_at_end": me["estimate_bitrate_kbps"],
         "keyframes_sent": u(me, "keyframes_sent"),
         "keyframe_requests_received": u(me, "keyframe_requests_received"),
         "keyframe_requests_sent": u(me, "keyframe_requests_sent"),
@@ -120,7 +121,7 @@ fn main() {
             "b": summary(&rb, &ra),
             "wall_s": started.elapsed().as_secs(),
         });
-        if row == "step" || row == "flap" || row == "move" {
+        if row != "clean" {
             r["timeline_a"] = ra["timeline"].clone();
         }
         eprintln!("{row}: {}", serde_json::to_string(&r["a"]).unwrap());

@@ -7,6 +7,8 @@
 pub use signaling_server::protocol;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
@@ -133,6 +135,8 @@ const SILENCE_LIMIT: Duration = Duration::from_secs(6);
 #[derive(Debug, Clone)]
 pub struct Client {
     outgoing: mpsc::UnboundedSender<ClientMessage>,
+    /// Set by [`Client::abandon`]: the reader reports nothing more.
+    abandoned: Arc<AtomicBool>,
 }
 
 impl Client {
@@ -209,6 +213,8 @@ impl Client {
             }
             let _ = sink.close().await;
         });
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let quiet = abandoned.clone();
         tokio::spawn(async move {
             let detail = loop {
                 let Ok(next) = tokio::time::timeout(SILENCE_LIMIT, stream.next()).await else {
@@ -220,7 +226,9 @@ impl Client {
                 match next {
                     Some(Ok(Message::Text(text))) => match text.parse::<ServerMessage>() {
                         Ok(msg) => {
-                            if incoming.send(Incoming::Message(msg)).is_err() {
+                            if quiet.load(Ordering::Relaxed)
+                                || incoming.send(Incoming::Message(msg)).is_err()
+                            {
                                 return;
                             }
                         }
@@ -236,9 +244,21 @@ impl Client {
                     None => break "connection closed".to_owned(),
                 }
             };
-            let _ = incoming.send(Incoming::Closed { detail });
+            if !quiet.load(Ordering::Relaxed) {
+                let _ = incoming.send(Incoming::Closed { detail });
+            }
         });
-        Ok(Client { outgoing })
+        Ok(Client {
+            outgoing,
+            abandoned,
+        })
+    }
+
+    /// Gives this connection up (a newer one replaces it, or the network it ran on is
+    /// gone): nothing it still receives, not even its end, is reported any more, so an
+    /// old connection dying late cannot be mistaken for the new one.
+    pub fn abandon(&self) {
+        self.abandoned.store(true, Ordering::Relaxed);
     }
 
     /// Queues a message; fails only when the connection is gone.

@@ -5,7 +5,10 @@
 //!   events for `Call` and carries out its actions.
 //! - [`handle`]: how the program sees a running call (`SessionHandle`, `Live`, commands).
 //! - [`peer`]: the WebRTC peer connection and its interceptor chain.
-//! - [`pacer`]: the send pacer in that chain (audio first, video at 2.5x the estimate).
+//! - [`pacer`]: the send pacer in that chain (audio first, video at 2.5x the estimate,
+//!   the estimate capped by what is really sent).
+//! - [`runtime`]: the async runtime given to the peer connection (tokio's, with its
+//!   driver woken every few ms: relayed traffic otherwise waits for the next timer).
 //! - [`pipelines`]: the media pipelines (encode/send, receive/assemble/decode) and what
 //!   they measure.
 //! - [`report`]: the JSON report of a finished call.
@@ -18,6 +21,7 @@ pub mod peer;
 pub mod pipelines;
 pub mod presence;
 pub mod report;
+pub mod runtime;
 pub mod session;
 pub mod state;
 

@@ -11,10 +11,19 @@
 //! - no video packet waits longer than [`MAX_QUEUE_TIME`]: one that has is released
 //!   whatever the budget (a queue that grows without end is only latency).
 //!
+//! - the estimate may not run far ahead of what is really sent (libwebrtc caps its
+//!   estimate at 1.5 x the acknowledged rate): webrtc-rs's GCC keeps raising its estimate
+//!   while a still picture needs 300 kbit/s, and the first keyframe after that is paced
+//!   at 2.5 x an estimate of several Mbit/s into a 1 Mbit/s link, tail-dropped, asked for
+//!   again: a keyframe storm. The capped estimate is the sending target; it paces the
+//!   video here and is published ([`PacerHandle`]) for the encoder.
+//!
 //! Packets leave with their release instant as `now`, so the congestion controller's send
 //! history records when they really left.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rtc::interceptor::{Attribute, Interceptor, Packet, StreamInfo, TaggedPacket};
@@ -25,6 +34,14 @@ use rtc::shared::marshal::MarshalSize as _;
 pub const PACING_FACTOR: f64 = 2.5;
 /// The most video the queue may hold, in time at the current rate.
 pub const MAX_QUEUE_TIME: Duration = Duration::from_millis(500);
+/// The sending target is at most this many times the rate really sent in the last
+/// [`SENT_RATE_WINDOW`], plus [`APP_LIMITED_HEADROOM_BPS`] (room to grow into).
+pub const APP_LIMITED_FACTOR: f64 = 1.5;
+pub const APP_LIMITED_HEADROOM_BPS: f64 = 100_000.0;
+/// The cap never goes below this: a still or black picture must not make the next
+/// keyframe crawl out.
+pub const APP_LIMITED_FLOOR_BPS: f64 = 300_000.0;
+pub const SENT_RATE_WINDOW: Duration = Duration::from_secs(1);
 /// At most this many packets are queued; more are refused (the NACK responder still has
 /// them, so a refused packet is repaired like a lost one).
 const MAX_QUEUED_PACKETS: usize = 4096;
@@ -72,10 +89,54 @@ impl Bucket {
     }
 }
 
+/// The bits sent in the last [`SENT_RATE_WINDOW`].
+#[derive(Debug, Default)]
+struct SentRate {
+    window: VecDeque<(Instant, f64)>,
+    bits: f64,
+    first: Option<Instant>,
+}
+
+impl SentRate {
+    fn record(&mut self, now: Instant, bits: f64) {
+        self.first.get_or_insert(now);
+        self.window.push_back((now, bits));
+        self.bits += bits;
+    }
+
+    /// Bits per second over the window; None until a whole window has been seen.
+    fn bps(&mut self, now: Instant) -> Option<f64> {
+        while let Some(&(at, bits)) = self.window.front() {
+            if now.saturating_duration_since(at) <= SENT_RATE_WINDOW {
+                break;
+            }
+            self.bits -= bits;
+            self.window.pop_front();
+        }
+        let since = now.saturating_duration_since(self.first?);
+        (since >= SENT_RATE_WINDOW).then(|| self.bits.max(0.0) / SENT_RATE_WINDOW.as_secs_f64())
+    }
+}
+
+/// The sending target the pacer works with, readable outside the interceptor chain
+/// (bits per second; 0 until the first packet).
+#[derive(Debug, Clone, Default)]
+pub struct PacerHandle(Arc<AtomicU64>);
+
+impl PacerHandle {
+    pub fn target_bps(&self) -> Option<u64> {
+        Some(self.0.load(Ordering::Relaxed)).filter(|&b| b > 0)
+    }
+}
+
 pub struct MediaPacer {
     bucket: Bucket,
     /// The congestion controller's latest estimate, bits per second.
+    estimate_bps: f64,
+    /// The estimate capped by what is really sent (see the module docs).
     target_bps: f64,
+    sent: SentRate,
+    handle: PacerHandle,
     audio_ssrcs: HashSet<u32>,
     /// Queued video; each packet's `now` is when it was queued.
     video: VecDeque<TaggedPacket>,
@@ -93,7 +154,10 @@ impl MediaPacer {
                 bits: initial_bps * PACING_FACTOR * 0.04,
                 at: None,
             },
+            estimate_bps: initial_bps,
             target_bps: initial_bps,
+            sent: SentRate::default(),
+            handle: PacerHandle::default(),
             audio_ssrcs: HashSet::new(),
             video: VecDeque::new(),
             out: VecDeque::new(),
@@ -107,6 +171,28 @@ impl MediaPacer {
             Packet::Rtp(rtp) => (rtp.marshal_size() * 8) as f64,
             _ => 0.0,
         }
+    }
+
+    /// Where the sending target can be read.
+    pub fn handle(&self) -> PacerHandle {
+        self.handle.clone()
+    }
+
+    /// The sending target: the estimate, capped by what was really sent lately.
+    pub fn target_bps(&self) -> f64 {
+        self.target_bps
+    }
+
+    fn update_target(&mut self, now: Instant) {
+        self.target_bps = match self.sent.bps(now) {
+            Some(sent) => self.estimate_bps.min(
+                (sent * APP_LIMITED_FACTOR + APP_LIMITED_HEADROOM_BPS).max(APP_LIMITED_FLOOR_BPS),
+            ),
+            None => self.estimate_bps,
+        };
+        self.handle
+            .0
+            .store(self.target_bps.round() as u64, Ordering::Relaxed);
     }
 
     /// Video packets waiting.
@@ -135,7 +221,8 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for MediaPacer {
                 bits_per_second: 0.0,
             })
         {
-            self.target_bps = *bits_per_second;
+            self.estimate_bps = *bits_per_second;
+            self.update_target(msg.now);
         }
         self.read.push_back(msg);
         Ok(())
@@ -152,6 +239,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for MediaPacer {
             _ => true,
         };
         if audio {
+            self.sent.record(msg.now, Self::bits_of(&msg));
             self.out.push_back(msg);
             return Ok(());
         }
@@ -190,6 +278,7 @@ impl MediaPacer {
         let Some(now) = now.or_else(|| self.video.back().map(|p| p.now)) else {
             return;
         };
+        self.update_target(now);
         self.bucket.rate_bps = self.target_bps * PACING_FACTOR;
         self.bucket.refill(now);
         while let Some(head) = self.video.front() {
@@ -202,6 +291,7 @@ impl MediaPacer {
                 break;
             };
             self.bucket.consume(bits);
+            self.sent.record(now, bits);
             packet.now = now;
             self.out.push_back(packet);
         }
@@ -299,6 +389,70 @@ mod tests {
                 "frame {f} waited {waited:?}"
             );
         }
+    }
+
+    fn estimate(p: &mut MediaPacer, bps: f64, now: Instant) {
+        let message =
+            AttributedPacket::new(Packet::Rtcp(vec![])).with(Attribute::TargetBitrateChanged {
+                bits_per_second: bps,
+            });
+        p.handle_read(TaggedPacket {
+            now,
+            transport: Default::default(),
+            message,
+        })
+        .ok();
+        while p.poll_read().is_some() {}
+    }
+
+    #[test]
+    fn the_target_does_not_run_ahead_of_what_is_sent() {
+        let t = Instant::now();
+        let mut p = MediaPacer::new(1_000_000.0);
+        bind(&mut p, 2, "video/H264");
+        let handle = p.handle();
+        // A still picture: 300 kbit/s (a 1250-byte packet every 33 ms) for 3 s while the
+        // estimate climbs to 3 Mbit/s.
+        let mut now = t;
+        for i in 0..90u16 {
+            now = t + Duration::from_millis(33 * u64::from(i));
+            estimate(&mut p, 1_000_000.0 + f64::from(i) * 25_000.0, now);
+            p.handle_write(rtp(2, i, 1238, now)).ok();
+            p.handle_timeout(now).ok();
+            drain(&mut p);
+        }
+        let target = handle.target_bps().unwrap_or(0) as f64;
+        assert!(
+            (500_000.0..=650_000.0).contains(&target),
+            "1.5 x 300 kbit/s + 100 kbit/s, not the 3 Mbit/s estimate: {target}"
+        );
+        // A keyframe then leaves at 2.5 x the target, not at 2.5 x the estimate.
+        let start = now + Duration::from_millis(33);
+        for i in 0..40u16 {
+            p.handle_write(rtp(2, 100 + i, 1200, start)).ok();
+        }
+        let mut at = start;
+        drain(&mut p);
+        while p.queued() > 0 {
+            at = p
+                .poll_timeout()
+                .unwrap_or(at)
+                .max(at + Duration::from_micros(100));
+            p.handle_timeout(at).ok();
+            drain(&mut p);
+        }
+        // 40 x 1.2 kB = 384 kbit: ~0.27 s at 2.5 x ~570 kbit/s, 0.05 s at 2.5 x 3 Mbit/s.
+        assert!(at - start > Duration::from_millis(150), "{:?}", at - start);
+
+        // A still picture at the start keeps at least the floor.
+        let mut p = MediaPacer::new(2_000_000.0);
+        bind(&mut p, 2, "video/H264");
+        for i in 0..60u16 {
+            let now = t + Duration::from_millis(33 * u64::from(i));
+            p.handle_write(rtp(2, i, 100, now)).ok();
+            p.handle_timeout(now).ok();
+        }
+        assert_eq!(p.target_bps(), APP_LIMITED_FLOOR_BPS);
     }
 
     #[test]

@@ -43,7 +43,8 @@ use webrtc::peer_connection::{
 };
 use webrtc::rtp_transceiver::RtpSender;
 
-use super::pacer::MediaPacer;
+use super::pacer::{MediaPacer, PacerHandle};
+use super::runtime::PromptRuntime;
 use super::state::Role;
 use crate::signaling::protocol::{IceCandidate, IceServer};
 
@@ -228,7 +229,7 @@ fn opus_codec() -> RTCRtpCodec {
 ///   for the other side's controller;
 /// - [`MediaPacer`] instead of the crate's pacer: audio first, video at 2.5x the estimate;
 /// - [`KeyframeRequests`], handing PLI/FIR to the video sender.
-fn interceptors(media: &mut MediaEngine) -> Result<Registry, PeerError> {
+fn interceptors(media: &mut MediaEngine) -> Result<(Registry, PacerHandle), PeerError> {
     configure_simulcast_extension_headers(media).map_err(err)?;
     for kind in [RtpCodecKind::Video, RtpCodecKind::Audio] {
         media.register_feedback(
@@ -253,6 +254,8 @@ fn interceptors(media: &mut MediaEngine) -> Result<Registry, PeerError> {
         f64::from(MIN_BITRATE_BPS),
         f64::from(MAX_BITRATE_BPS),
     );
+    let pacer = MediaPacer::new(f64::from(INITIAL_BITRATE_BPS));
+    let handle = pacer.handle();
     let registry = configure_rtcp_reports(Registry::new())
         .with(Slot::NackResponder, NackResponderBuilder::new().build())
         .with(
@@ -261,9 +264,9 @@ fn interceptors(media: &mut MediaEngine) -> Result<Registry, PeerError> {
         )
         .with(Slot::TwccSender, TwccSenderBuilder::new().build())
         .with(Slot::TwccReceiver, TwccReceiverBuilder::new().build())
-        .with(Slot::Pacer, MediaPacer::new(f64::from(INITIAL_BITRATE_BPS)))
+        .with(Slot::Pacer, pacer)
         .with(Slot::from(14_000), KeyframeRequests::default());
-    Ok(registry)
+    Ok((registry, handle))
 }
 
 /// A local track plus what is needed to write to it.
@@ -296,6 +299,8 @@ pub struct Peer {
     pub audio: LocalTrack,
     /// The offerer creates `chat`; the answerer receives it as a [`PeerEvent`].
     pub chat: Option<Arc<dyn DataChannel>>,
+    /// The sending target (the estimate capped by what is really sent).
+    pacer: PacerHandle,
     remote_description_set: bool,
     pending_candidates: Vec<RTCIceCandidateInit>,
     /// Every remote candidate the other side signaled (address, port, type), so a
@@ -345,7 +350,7 @@ impl Peer {
                 RtpCodecKind::Audio,
             )
             .map_err(err)?;
-        let registry = interceptors(&mut media)?;
+        let (registry, pacer) = interceptors(&mut media)?;
 
         let configuration = RTCConfigurationBuilder::new()
             .with_ice_servers(ice_servers(&config.ice_servers))
@@ -364,7 +369,12 @@ impl Peer {
             .with_host_acceptance_min_wait(Some(Duration::ZERO))
             .with_srflx_acceptance_min_wait(Some(Duration::from_millis(100)))
             .with_prflx_acceptance_min_wait(Some(Duration::from_millis(100)))
-            .with_relay_acceptance_min_wait(Some(Duration::from_millis(300)))
+            // Relay pairs wait 300 ms for a direct one to win; relay-only, nothing can.
+            .with_relay_acceptance_min_wait(Some(if config.relay_only {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(300)
+            }))
             // A path that goes quiet is `disconnected` after 2.5 s (the crate's 5 s plus a
             // 2 s keepalive meant 7 s of frozen video before an ICE restart could even
             // start), `failed` after 15 s; keepalives every second keep that honest when
@@ -375,12 +385,20 @@ impl Peer {
                 Some(Duration::from_secs(1)),
             )
             .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+            // An ICE restart closes the UDP sockets, lists the interfaces again and binds
+            // new ones (and a new TURN allocation): after a laptop changes networks its
+            // old address is gone, and a restart that kept the old sockets never recovers.
+            .with_discard_local_candidates_during_ice_restart(true)
             .build();
         let mut addrs = vec!["0.0.0.0:0".to_owned()];
         if config.loopback {
             addrs.push("127.0.0.1:0".to_owned());
         }
-        let pc = PeerConnectionBuilder::new()
+        let mut builder = PeerConnectionBuilder::new();
+        if let Some(runtime) = PromptRuntime::new() {
+            builder = builder.with_runtime(Arc::new(runtime));
+        }
+        let pc = builder
             .with_configuration(configuration)
             .with_media_engine(media)
             .with_interceptor_registry(registry)
@@ -407,6 +425,7 @@ impl Peer {
             video,
             audio,
             chat,
+            pacer,
             remote_description_set: false,
             pending_candidates: Vec::new(),
             signaled: Vec::new(),
@@ -424,7 +443,8 @@ impl Peer {
     /// Offerer: restarts ICE (new credentials; candidates are gathered again, relay ones
     /// included) and returns the new offer's SDP. The call, its tracks and the encoder stay.
     pub async fn restart_ice(&mut self) -> Result<String, PeerError> {
-        self.pc.restart_ice().await.map_err(err)?;
+        // Not `pc.restart_ice()` as well: the offer below marks the restart, and setting it
+        // rebinds the sockets once, after the restart is applied (both would race).
         let options = rtc::peer_connection::configuration::RTCOfferOptions { ice_restart: true };
         let offer = self.pc.create_offer(Some(options)).await.map_err(err)?;
         let sdp = offer.sdp.clone();
@@ -569,9 +589,13 @@ impl Peer {
             stats.retransmitted_packets += s.retransmitted_packets_sent;
             // One estimate for the connection, reported on every outbound stream.
             if s.target_bitrate > 0.0 {
-                stats.target_bitrate_bps = Some(s.target_bitrate.round() as u64);
+                stats.estimate_bitrate_bps = Some(s.target_bitrate.round() as u64);
             }
         }
+        stats.target_bitrate_bps = match (stats.estimate_bitrate_bps, self.pacer.target_bps()) {
+            (Some(estimate), Some(paced)) => Some(estimate.min(paced)),
+            (estimate, paced) => estimate.or(paced),
+        };
         stats
     }
 
@@ -741,6 +765,9 @@ pub struct PeerStats {
     pub nacks_received: u64,
     pub retransmitted_packets: u64,
     /// The congestion controller's estimate of what the path carries (all media).
+    pub estimate_bitrate_bps: Option<u64>,
+    /// What the sender aims at (all media): the estimate, capped at 1.5 x what was
+    /// really sent lately (see [`MediaPacer`]).
     pub target_bitrate_bps: Option<u64>,
     /// The fraction of our packets the other side lost lately (its receiver reports;
     /// the worse of audio and video).

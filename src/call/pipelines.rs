@@ -162,6 +162,9 @@ impl MediaStats {
         };
         let sample = Second {
             t_s: (t.as_secs_f64() * 10.0).round() / 10.0,
+            estimate_kbps: peer
+                .estimate_bitrate_bps
+                .map(|b| (b as f64 / 1000.0).round()),
             target_kbps: peer.target_bitrate_bps.map(|b| (b as f64 / 1000.0).round()),
             encoder_kbps: f64::from(self.encoder_bitrate_bps / 1000),
             sent_height: self.sent_resolution.1,
@@ -190,6 +193,8 @@ impl MediaStats {
 pub struct Second {
     pub t_s: f64,
     /// The congestion controller's estimate for all media.
+    pub estimate_kbps: Option<f64>,
+    /// The sending target: the estimate capped at 1.5 x what was really sent.
     pub target_kbps: Option<f64>,
     /// What the video encoder is asked for.
     pub encoder_kbps: f64,
@@ -354,11 +359,17 @@ impl Pipelines {
                         match c {
                             EncoderControl::Keyframe => keyframes.request(),
                             // The configured bitrate is the ceiling.
-                            EncoderControl::Bitrate(bps) => {
-                                let bps = bps.min(settings.bitrate_bps);
+                            EncoderControl::Bitrate { target, estimate } => {
+                                let bps = target.min(settings.bitrate_bps);
                                 encoder.set_bitrate(bps);
-                                if let Some(step) = ladder.update(bps, now) {
-                                    tracing::info!(?step, bps, "sending resolution/frame rate");
+                                let estimate = estimate.min(settings.bitrate_bps);
+                                if let Some(step) = ladder.update(estimate, now) {
+                                    tracing::info!(
+                                        ?step,
+                                        bps,
+                                        estimate,
+                                        "sending resolution/frame rate"
+                                    );
                                     encoder.set_frame_rate(step.fps);
                                 }
                             }
@@ -450,8 +461,6 @@ impl Pipelines {
         }));
     }
 
-    /// The congestion controller's estimate for all media: the video encoder gets what is
-    /// left after audio and packet overhead.
     /// The fraction of our packets the other side loses: Opus FEC is sized to it (with a
     /// little headroom: loss comes in bursts).
     pub fn set_remote_loss(&self, fraction: f64) {
@@ -461,10 +470,16 @@ impl Pipelines {
         }
     }
 
-    pub fn set_send_bitrate(&self, total_bps: u64) {
-        let video = video_bitrate_for(total_bps);
+    /// The sending target and the congestion controller's estimate, for all media: the
+    /// video encoder gets what is left of the target after audio and packet overhead; the
+    /// resolution ladder follows the estimate (what the path carries), so a still picture
+    /// that needs little is not also sent small.
+    pub fn set_send_bitrate(&self, target_bps: u64, estimate_bps: u64) {
         if let Some(control) = &self.encoder_control {
-            let _ = control.send(EncoderControl::Bitrate(video));
+            let _ = control.send(EncoderControl::Bitrate {
+                target: video_bitrate_for(target_bps),
+                estimate: video_bitrate_for(estimate_bps.max(target_bps)),
+            });
         }
     }
 
@@ -681,8 +696,9 @@ impl Pipelines {
 pub enum EncoderControl {
     /// The receiver lost a frame (PLI/FIR): send a keyframe.
     Keyframe,
-    /// Encode at this many bits per second from now on.
-    Bitrate(u32),
+    /// Encode at `target` bits per second from now on; choose the resolution for
+    /// `estimate` (both the video's share).
+    Bitrate { target: u32, estimate: u32 },
 }
 
 /// Audio's share of the estimate: Opus at 32 kbit/s plus RTP/UDP/IP/SRTP headers on 50

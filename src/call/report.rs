@@ -60,6 +60,8 @@ pub struct Report {
     pub nacks_received: u64,
     pub retransmitted_packets: u64,
     /// The congestion controller's last estimate (all media), kbit/s.
+    pub estimate_bitrate_kbps: Option<f64>,
+    /// The last sending target (the estimate capped by what was really sent), kbit/s.
     pub target_bitrate_kbps: Option<f64>,
     /// One sample per second: estimate, rates, RTT, repair counters.
     pub timeline: Vec<crate::call::pipelines::Second>,
@@ -167,6 +169,9 @@ impl Report {
             nacks_sent: s.nacked_packets,
             nacks_received: peer.nacks_received,
             retransmitted_packets: peer.retransmitted_packets,
+            estimate_bitrate_kbps: peer
+                .estimate_bitrate_bps
+                .map(|b| (b as f64 / 1000.0).round()),
             target_bitrate_kbps: peer.target_bitrate_bps.map(|b| (b as f64 / 1000.0).round()),
             timeline: s.timeline.clone(),
             chat_sent: s.chat_sent.clone(),

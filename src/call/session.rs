@@ -65,6 +65,7 @@ pub fn start_on(config: SessionConfig, connection: Option<Connection>) -> Sessio
         pipelines: Pipelines::new(),
         chat: None,
         held: std::collections::VecDeque::new(),
+        addresses: usable_addresses(),
         signal_tx: None,
         last_peer_stats: PeerStats::default(),
         warnings: Vec::new(),
@@ -129,6 +130,8 @@ struct Session {
     /// Offers/answers held back by `hold_description` (a testing aid), with when they go.
     held: std::collections::VecDeque<(Instant, ClientMessage)>,
     last_peer_stats: PeerStats,
+    /// This machine's usable addresses at the last look (see [`usable_addresses`]).
+    addresses: std::collections::BTreeSet<std::net::IpAddr>,
     warnings: Vec<String>,
     /// Built on the first remote track, shared by both; dropped at close, which
     /// finishes the recordings.
@@ -271,7 +274,9 @@ impl Session {
             }
             Input::Timeout => self.apply(Event::Timeout, peer_tx, chat_tx).await,
             Input::SignalingUp(client) => {
-                self.client = Some(client);
+                if let Some(old) = self.client.replace(client) {
+                    old.abandon();
+                }
                 self.apply(Event::SignalingConnected, peer_tx, chat_tx)
                     .await;
             }
@@ -300,6 +305,13 @@ impl Session {
                 }
             }
             Input::StatsTick => {
+                // A lost address (a laptop changing networks) is acted on at once.
+                let addresses = usable_addresses();
+                let lost = self.addresses.difference(&addresses).next().is_some();
+                self.addresses = addresses;
+                if lost {
+                    self.apply(Event::NetworkChanged, peer_tx, chat_tx).await;
+                }
                 if let Some(peer) = self.peer.as_ref() {
                     let stats = peer.stats().await;
                     self.stats.lock().record_second(&stats);
@@ -308,7 +320,8 @@ impl Session {
                             .set_rtt(Duration::from_secs_f64(rtt / 1000.0));
                     }
                     if let Some(target) = stats.target_bitrate_bps {
-                        self.pipelines.set_send_bitrate(target);
+                        let estimate = stats.estimate_bitrate_bps.unwrap_or(target);
+                        self.pipelines.set_send_bitrate(target, estimate);
                     }
                     if let Some(loss) = stats.remote_loss {
                         self.pipelines.set_remote_loss(loss);
@@ -486,6 +499,11 @@ impl Session {
                 None
             }
             Action::ConnectSignaling => {
+                // The old connection, if still open, is given up (it may be bound to an
+                // address that is gone); its late end must not count against the new one.
+                if let Some(old) = self.client.take() {
+                    old.abandon();
+                }
                 // Off the loop: connecting may take seconds; media goes on meanwhile.
                 let (server, tx, done) = (
                     self.config.server.clone(),
@@ -730,4 +748,21 @@ const CHAT_SCROLLBACK: usize = 500;
 fn trim_scrollback(chat: &mut Vec<ChatLine>) {
     let excess = chat.len().saturating_sub(CHAT_SCROLLBACK);
     chat.drain(..excess);
+}
+
+/// The addresses ICE can use on this machine: not loopback, not link-local (what the
+/// peer connection binds its sockets to).
+fn usable_addresses() -> std::collections::BTreeSet<std::net::IpAddr> {
+    let Ok(interfaces) = rtc::shared::ifaces::ifaces() else {
+        return Default::default();
+    };
+    interfaces
+        .into_iter()
+        .filter_map(|i| i.addr.map(|a| a.ip()))
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+        .filter(|ip| match ip {
+            std::net::IpAddr::V4(v4) => !v4.is_link_local(),
+            std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
+        })
+        .collect()
 }

@@ -239,6 +239,9 @@ pub enum Event {
     Microphone(bool),
     /// The user turned the camera on (true) or off.
     Camera(bool),
+    /// An address of this machine went away (a laptop moved to another network): the
+    /// media path and the signaling connection may both have been bound to it.
+    NetworkChanged,
     /// Time has passed: the deadline from [`Call::poll_timeout`] may be due.
     Timeout,
     HangUp,
@@ -609,6 +612,7 @@ impl Call {
                     vec![Action::SetCamera(on)]
                 }
             }
+            Event::NetworkChanged => self.network_changed(),
             Event::Timeout => self.timeout(),
             Event::HangUp => self.end(EndReason::HungUp, true),
         }
@@ -626,6 +630,50 @@ impl Call {
             && let Some(now) = self.now
         {
             self.down_since.get_or_insert(now);
+        }
+    }
+
+    /// The machine lost an address mid-call. Waiting for each connection to notice costs
+    /// seconds (2.5 s until ICE says disconnected, 6 s of silence on the WebSocket), so
+    /// both start again now: a new signaling connection resumes the seat, and once it has,
+    /// the offerer restarts ICE on sockets bound to the new address.
+    fn network_changed(&mut self) -> Vec<Action> {
+        if !matches!(
+            self.state,
+            CallState::InCall { .. } | CallState::Reconnecting { .. }
+        ) {
+            return Vec::new();
+        }
+        self.connection_lost();
+        let Some(now) = self.now else {
+            return Vec::new();
+        };
+        match self.signaling {
+            Signaling::Up | Signaling::Resuming { .. } if self.resume_token.is_some() => {
+                tracing::info!("the network changed: reconnecting signaling and media");
+                self.signaling = Signaling::Down {
+                    since: now,
+                    attempts: 0,
+                    next: now,
+                };
+                self.signaling_timeout()
+            }
+            Signaling::Down {
+                since, attempts, ..
+            } => {
+                self.signaling = Signaling::Down {
+                    since,
+                    attempts,
+                    next: now,
+                };
+                self.signaling_timeout()
+            }
+            // No way to resume (an older server): restart over the connection there is.
+            Signaling::Up if self.restarts() => {
+                self.restarted_at = Some(now);
+                vec![Action::RestartIce]
+            }
+            _ => Vec::new(),
         }
     }
 
@@ -1448,6 +1496,36 @@ mod tests {
             &call.handle_at(at, Event::SignalingConnected)[..],
             [Action::Send(ClientMessage::Resume { resume_token, .. })] if resume_token == "token-2"
         ));
+    }
+
+    #[test]
+    fn a_lost_address_reconnects_signaling_and_restarts_ice_without_waiting() {
+        let t = Instant::now();
+        let mut call = offerer_in_call(t);
+        let moved = t + Duration::from_secs(5);
+        // At once: a new signaling connection (the old one is bound to a gone address).
+        assert_eq!(
+            call.handle_at(moved, Event::NetworkChanged),
+            [Action::ConnectSignaling]
+        );
+        assert!(matches!(call.state(), CallState::Reconnecting { .. }));
+        call.handle_at(moved, Event::SignalingConnected);
+        // The seat is back: ICE restarts then, not 2 s later.
+        let resumed = call.handle_at(
+            moved + Duration::from_millis(100),
+            Event::Server(ServerMessage::Joined {
+                room: "r".into(),
+                peer_id: "me".into(),
+                members: 2,
+                host: true,
+                peers: Vec::new(),
+                resume_token: Some("token-2".into()),
+            }),
+        );
+        assert_eq!(resumed, [Action::RestartIce]);
+        // Before the call is up, a network change is nobody's business.
+        let mut idle = Call::new();
+        assert!(idle.handle_at(t, Event::NetworkChanged).is_empty());
     }
 
     #[test]

@@ -310,9 +310,9 @@ fn stats_overlay(ui: &egui::Ui, area: egui::Rect, c: &InCall) {
         "-".into()
     };
     let network =
-        crate::call::peer::NetworkQuality::assess(loss_fraction, p.rtt_ms, p.target_bitrate_bps);
+        crate::call::peer::NetworkQuality::assess(loss_fraction, p.rtt_ms, p.estimate_bitrate_bps);
     let estimate = p
-        .target_bitrate_bps
+        .estimate_bitrate_bps
         .map_or("-".into(), |b| format!("{} kbit/s", b / 1000));
     let lines = [
         ("network", format!("{network} (estimate {estimate})")),
