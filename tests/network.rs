@@ -5,6 +5,9 @@
 //!   repaired (NACK + retransmission) and nearly every frame decoded.
 //! - Outage: all UDP through both routers dropped for 5 s mid-call. The call must not
 //!   end; ICE restarts if needed, and video must come back.
+//! - Move: one client's address changes mid-call (a laptop changing networks). Its
+//!   signaling reconnects and resumes the seat, ICE restarts on the new address, and
+//!   video comes back.
 //!
 //! Pass/fail with generous margins; the numbers themselves are measured by the network
 //! benchmark (docs/PERFORMANCE.md). Needs root, `ip` and `iptables`; without them the test
@@ -102,6 +105,44 @@ fn calls_survive_loss_and_an_outage() {
         assert!(
             decoded_in_last(r, 4.0) >= 60,
             "video came back after the outage: {r}"
+        );
+    }
+}
+
+#[test]
+fn a_client_that_changes_address_gets_its_video_back() {
+    if !able() {
+        assert!(
+            std::env::var("DUET_REQUIRE_NAT_TEST").is_err(),
+            "the network test needs root, ip and iptables"
+        );
+        eprintln!("skipped: needs root, ip and iptables");
+        return;
+    }
+    let pid = std::process::id() % 10_000;
+    let moving = Topology::build(&format!("{pid}m"), false);
+    let (ra, rb) = call_with(&moving, "move", "14s", |t, _| {
+        std::thread::sleep(Duration::from_secs(4));
+        t.move_client("a");
+    });
+    drop(moving);
+    for r in [&ra, &rb] {
+        eprintln!(
+            "move: ended {}, decoded {}, in the last 5 s {}, freezes {} ({} ms)",
+            r["ended"],
+            u(r, "frames_decoded"),
+            decoded_in_last(r, 5.0),
+            u(r, "freeze_count"),
+            r["freeze_total_ms"],
+        );
+        let kind = r["ended"]["kind"].as_str().unwrap_or_default();
+        assert!(
+            kind == "hung_up" || (kind == "peer_left" && r["ended"]["disconnected"] == false),
+            "the call outlived the move: {r}"
+        );
+        assert!(
+            decoded_in_last(r, 5.0) >= 90,
+            "video came back after the move: {r}"
         );
     }
 }

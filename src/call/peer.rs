@@ -452,6 +452,12 @@ impl Peer {
         Ok(sdp)
     }
 
+    /// Takes our outstanding offer back (the other side's offer crossed it and wins).
+    pub async fn rollback(&mut self) -> Result<(), PeerError> {
+        let rollback = RTCSessionDescription::rollback(None).map_err(err)?;
+        self.pc.set_local_description(rollback).await.map_err(err)
+    }
+
     /// Answerer: applies the remote offer and returns the answer's SDP.
     pub async fn accept_offer(&mut self, sdp: String) -> Result<String, PeerError> {
         let offer = RTCSessionDescription::offer(sdp).map_err(err)?;

@@ -483,6 +483,13 @@ impl Session {
                     }),
                 }
             }
+            Action::RollbackOffer => {
+                let peer = self.peer.as_mut()?;
+                if let Err(e) = peer.rollback().await {
+                    tracing::warn!(error = %e, "taking our offer back");
+                }
+                None
+            }
             Action::RemoteAnswer(sdp) => {
                 let peer = self.peer.as_mut()?;
                 match peer.accept_answer(sdp).await {

@@ -268,6 +268,8 @@ pub enum Action {
     StartMedia,
     /// Restart ICE (new credentials, candidates gathered again) and offer again.
     RestartIce,
+    /// Take back our outstanding offer (the other side's crossed it and wins).
+    RollbackOffer,
     /// Send this chat line over the data channel.
     SendChat(String),
     /// Show a received chat line.
@@ -314,6 +316,11 @@ pub struct Call {
     down_since: Option<Instant>,
     /// When we last restarted ICE (while reconnecting).
     restarted_at: Option<Instant>,
+    /// Our address changed: restart ICE once signaling is back, whatever our role (the
+    /// other side cannot know).
+    restart_on_resume: bool,
+    /// We sent an offer and have no answer yet (perfect negotiation's "glare" check).
+    offer_outstanding: bool,
     host: bool,
     own_peer_id: Option<String>,
     peer_id: Option<String>,
@@ -345,6 +352,8 @@ impl Call {
             media_started: false,
             down_since: None,
             restarted_at: None,
+            restart_on_resume: false,
+            offer_outstanding: false,
             host: false,
             own_peer_id: None,
             peer_id: None,
@@ -402,6 +411,16 @@ impl Call {
         } else {
             give_up
         })
+    }
+
+    /// Our role in the media negotiation, once there is one.
+    fn role(&self) -> Option<Role> {
+        match &self.state {
+            CallState::Connecting { role, .. }
+            | CallState::InCall { role, .. }
+            | CallState::Reconnecting { role, .. } => Some(*role),
+            _ => None,
+        }
     }
 
     /// Whether we restart ICE when the connection is lost: the offerer does (the
@@ -520,7 +539,10 @@ impl Call {
                 _ => Vec::new(),
             },
             Event::LocalDescription { sdp, role } => match role {
-                Role::Offerer => vec![Action::Send(ClientMessage::Offer { sdp })],
+                Role::Offerer => {
+                    self.offer_outstanding = true;
+                    vec![Action::Send(ClientMessage::Offer { sdp })]
+                }
                 Role::Answerer => vec![Action::Send(ClientMessage::Answer { sdp })],
             },
             Event::LocalCandidate(candidate) => {
@@ -541,6 +563,7 @@ impl Call {
                 }
                 self.down_since = None;
                 self.restarted_at = None;
+                self.restart_on_resume = false;
                 if self.media_started || !matches!(self.state, CallState::InCall { .. }) {
                     Vec::new()
                 } else {
@@ -634,9 +657,11 @@ impl Call {
     }
 
     /// The machine lost an address mid-call. Waiting for each connection to notice costs
-    /// seconds (2.5 s until ICE says disconnected, 6 s of silence on the WebSocket), so
-    /// both start again now: a new signaling connection resumes the seat, and once it has,
-    /// the offerer restarts ICE on sockets bound to the new address.
+    /// seconds (2.5 s until ICE says disconnected, 6 s of silence on the WebSocket, then
+    /// the offerer's 2 s before it restarts), so both start again now: a new signaling
+    /// connection resumes the seat, and once it has, we restart ICE on sockets bound to
+    /// the new address, whatever our role (the other side cannot know; if both restart at
+    /// once, the crossing offers are settled as perfect negotiation says).
     fn network_changed(&mut self) -> Vec<Action> {
         if !matches!(
             self.state,
@@ -648,6 +673,7 @@ impl Call {
         let Some(now) = self.now else {
             return Vec::new();
         };
+        self.restart_on_resume = true;
         match self.signaling {
             Signaling::Up | Signaling::Resuming { .. } if self.resume_token.is_some() => {
                 tracing::info!("the network changed: reconnecting signaling and media");
@@ -669,7 +695,8 @@ impl Call {
                 self.signaling_timeout()
             }
             // No way to resume (an older server): restart over the connection there is.
-            Signaling::Up if self.restarts() => {
+            Signaling::Up => {
+                self.restart_on_resume = false;
                 self.restarted_at = Some(now);
                 vec![Action::RestartIce]
             }
@@ -833,7 +860,8 @@ impl Call {
                         self.outbox.drain(..).map(Action::Send).collect();
                     // The media connection went down too (e.g. the network changed):
                     // restart ICE now that its offer can get through.
-                    if self.down_since.is_some() && self.restarts() {
+                    let moved = std::mem::take(&mut self.restart_on_resume);
+                    if self.down_since.is_some() && (self.restarts() || moved) {
                         self.restarted_at = self.now;
                         actions.push(Action::RestartIce);
                     }
@@ -929,9 +957,22 @@ impl Call {
             },
             ServerMessage::RoomFull { .. } => self.end(EndReason::RoomFull, false),
             ServerMessage::Offer { sdp, .. } if self.peer_started => {
+                // Both sides offered at once (both restarting ICE): the polite peer (the
+                // newcomer, our answerer) takes its offer back and answers theirs; the
+                // impolite one ignores theirs and waits for the answer to its own.
+                if std::mem::take(&mut self.offer_outstanding) {
+                    if self.role() == Some(Role::Offerer) {
+                        tracing::info!("offers crossed: ours stands");
+                        self.offer_outstanding = true;
+                        return Vec::new();
+                    }
+                    tracing::info!("offers crossed: taking ours back");
+                    return vec![Action::RollbackOffer, Action::RemoteOffer(sdp)];
+                }
                 vec![Action::RemoteOffer(sdp)]
             }
             ServerMessage::Answer { sdp, .. } if self.peer_started => {
+                self.offer_outstanding = false;
                 vec![Action::RemoteAnswer(sdp)]
             }
             ServerMessage::Candidate { candidate, .. } if self.peer_started => {
@@ -1323,6 +1364,25 @@ mod tests {
         call
     }
 
+    fn answerer_in_call(t: Instant) -> Call {
+        let mut call = Call::new();
+        call.handle_at(t, Event::IceServers(Vec::new()));
+        start(&mut call);
+        call.handle(joined(2));
+        assert_eq!(
+            call.handle(Event::Peer(PeerState::Connected)),
+            [Action::StartMedia]
+        );
+        assert!(matches!(
+            call.state(),
+            CallState::InCall {
+                role: Role::Answerer,
+                ..
+            }
+        ));
+        call
+    }
+
     #[test]
     fn a_connection_down_for_two_seconds_gets_an_ice_restart_then_retries_then_gives_up() {
         let t = Instant::now();
@@ -1523,9 +1583,68 @@ mod tests {
             }),
         );
         assert_eq!(resumed, [Action::RestartIce]);
+        // The answerer restarts too when it is the one that moved.
+        let mut call = answerer_in_call(t);
+        assert_eq!(
+            call.handle_at(moved, Event::NetworkChanged),
+            [Action::ConnectSignaling]
+        );
+        call.handle_at(moved, Event::SignalingConnected);
+        let resumed = call.handle_at(
+            moved,
+            Event::Server(ServerMessage::Joined {
+                room: "r".into(),
+                peer_id: "me".into(),
+                members: 2,
+                host: false,
+                peers: Vec::new(),
+                resume_token: Some("token-2".into()),
+            }),
+        );
+        assert_eq!(resumed, [Action::RestartIce]);
         // Before the call is up, a network change is nobody's business.
         let mut idle = Call::new();
         assert!(idle.handle_at(t, Event::NetworkChanged).is_empty());
+    }
+
+    #[test]
+    fn crossing_offers_are_settled_by_politeness() {
+        let t = Instant::now();
+        let offer = |sdp: &str| {
+            Event::Server(ServerMessage::Offer {
+                from: "p".into(),
+                sdp: sdp.into(),
+            })
+        };
+        let ours = |call: &mut Call| {
+            call.handle(Event::LocalDescription {
+                sdp: "ours".into(),
+                role: Role::Offerer,
+            })
+        };
+        // The offerer (impolite) keeps its offer and ignores theirs.
+        let mut call = offerer_in_call(t);
+        ours(&mut call);
+        assert!(call.handle(offer("theirs")).is_empty());
+        assert_eq!(
+            call.handle(Event::Server(ServerMessage::Answer {
+                from: "p".into(),
+                sdp: "answer".into()
+            })),
+            [Action::RemoteAnswer("answer".into())]
+        );
+        // The answerer (polite) takes its own back and answers theirs.
+        let mut call = answerer_in_call(t);
+        ours(&mut call);
+        assert_eq!(
+            call.handle(offer("theirs")),
+            [Action::RollbackOffer, Action::RemoteOffer("theirs".into())]
+        );
+        // Without a crossing, an offer is simply answered.
+        assert_eq!(
+            call.handle(offer("again")),
+            [Action::RemoteOffer("again".into())]
+        );
     }
 
     #[test]
