@@ -1,8 +1,9 @@
 //! `netbench`: Duet <-> Duet calls over impaired links, one fresh call per row, in network
 //! namespaces (two clients behind two cone NATs, the server on the "public" segment; see
 //! tests/common/netns.rs). Each client's uplink is impaired the ways this kernel allows:
-//! `tbf` rate limits, iptables `statistic` random loss, a DROP rule for an outage, and
-//! a new address for one client (`move`: a laptop changing networks).
+//! `tbf` rate limits, iptables `statistic` random loss, one-way delay through a userspace
+//! NFQUEUE delayer, a DROP rule for an outage, a new address for one client (`move`: a
+//! laptop changing networks), TCP resets for the signaling WebSocket (`signaling`).
 //! Prints one JSON object: per row and per client, frames decoded of those sent,
 //! glass-to-glass latency, bitrate sent, keyframes and what asked for them, NACKs,
 //! freezes (WebRTC definition), and the per-second timeline for the `step` row.
@@ -22,7 +23,7 @@ use serde_json::{Value, json};
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// Only this row: clean, lossy, home, bad, step, flap, move.
+    /// Only this row: clean, lossy, home, bad, step, flap, move, signaling.
     #[arg(long)]
     only: Option<String>,
     /// Length of each call (the step row takes 35 s whatever this says).
@@ -56,6 +57,9 @@ fn summary(me: &Value, other: &Value) -> Value {
         "freeze_count": u(me, "freeze_count"),
         "freeze_total_ms": me["freeze_total_ms"],
         "audio_frames_concealed": u(me, "audio_frames_concealed"),
+        "rtt_ms": me["rtt_ms"],
+        "ice_restarts": u(me, "ice_restarts"),
+        "signaling_resumes": u(me, "signaling_resumes"),
         "end": me["end_reason"],
     })
 }
@@ -63,7 +67,16 @@ fn summary(me: &Value, other: &Value) -> Value {
 fn main() {
     let args = Args::parse();
     assert!(able(), "netbench needs root, ip and iptables");
-    let rows = ["clean", "lossy", "home", "bad", "step", "flap", "move"];
+    let rows = [
+        "clean",
+        "lossy",
+        "home",
+        "bad",
+        "step",
+        "flap",
+        "move",
+        "signaling",
+    ];
     let mut out = serde_json::Map::new();
     let pid = std::process::id() % 10_000;
     for row in rows {
@@ -79,12 +92,20 @@ fn main() {
         let duration = format!("{secs}s");
         for side in ["a", "b"] {
             match row {
-                "lossy" => t.add_uplink_loss(side, 0.02),
+                // Delays are one way, on both uplinks: 40 + 40 ms is an 80 ms RTT.
+                "lossy" => {
+                    t.add_uplink_loss(side, 0.02);
+                    t.add_uplink_delay(side, 40);
+                }
                 "home" => {
                     t.set_uplink_rate(side, 1000);
                     t.add_uplink_loss(side, 0.02);
+                    t.add_uplink_delay(side, 40);
                 }
-                "bad" => t.add_uplink_loss(side, 0.05),
+                "bad" => {
+                    t.add_uplink_loss(side, 0.05);
+                    t.add_uplink_delay(side, 50);
+                }
                 "step" => t.set_uplink_rate(side, 3000),
                 _ => {}
             }
@@ -104,6 +125,12 @@ fn main() {
                 "move" => {
                     std::thread::sleep(Duration::from_secs(8));
                     t.move_client("a");
+                }
+                "signaling" => {
+                    std::thread::sleep(Duration::from_secs(8));
+                    t.set_signaling_cut("a", true);
+                    std::thread::sleep(Duration::from_secs(2));
+                    t.set_signaling_cut("a", false);
                 }
                 "flap" => {
                     std::thread::sleep(Duration::from_secs(8));

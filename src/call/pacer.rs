@@ -16,7 +16,11 @@
 //!   while a still picture needs 300 kbit/s, and the first keyframe after that is paced
 //!   at 2.5 x an estimate of several Mbit/s into a 1 Mbit/s link, tail-dropped, asked for
 //!   again: a keyframe storm. The capped estimate is the sending target; it paces the
-//!   video here and is published ([`PacerHandle`]) for the encoder.
+//!   video here and is published ([`PacerHandle`]) for the encoder;
+//! - a standing queue is not allowed to stay ([`QueueGuard`]): GCC's delay detector sees
+//!   a queue while it grows, not once it is full (a full queue's delay no longer rises),
+//!   so a round trip 100 ms above the path's minimum puts a ceiling on the target that
+//!   drains it, then lifts slowly.
 //!
 //! Packets leave with their release instant as `now`, so the congestion controller's send
 //! history records when they really left.
@@ -118,14 +122,106 @@ impl SentRate {
     }
 }
 
-/// The sending target the pacer works with, readable outside the interceptor chain
-/// (bits per second; 0 until the first packet).
+/// The pacer seen from outside the interceptor chain: the sending target it works with,
+/// and a ceiling put on it ([`QueueGuard`]); bits per second, 0 for none.
 #[derive(Debug, Clone, Default)]
-pub struct PacerHandle(Arc<AtomicU64>);
+pub struct PacerHandle {
+    target: Arc<AtomicU64>,
+    ceiling: Arc<AtomicU64>,
+}
 
 impl PacerHandle {
     pub fn target_bps(&self) -> Option<u64> {
-        Some(self.0.load(Ordering::Relaxed)).filter(|&b| b > 0)
+        Some(self.target.load(Ordering::Relaxed)).filter(|&b| b > 0)
+    }
+
+    pub fn set_ceiling(&self, bps: Option<u64>) {
+        self.ceiling.store(bps.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    fn ceiling_bps(&self) -> Option<f64> {
+        Some(self.ceiling.load(Ordering::Relaxed))
+            .filter(|&b| b > 0)
+            .map(|b| b as f64)
+    }
+}
+
+/// How far above the path's minimum round trip a standing queue is not tolerated.
+pub const QUEUE_LIMIT: Duration = Duration::from_millis(100);
+/// The minimum round trip is taken over this many samples (a new path, e.g. after a
+/// move, has a new minimum).
+const MIN_RTT_SAMPLES: usize = 60;
+
+/// After a queue drained, the ceiling climbs from 0.85 x the rate that built it by this
+/// much a second, and only while the sender uses most of it (GCC's additive increase
+/// near its last decrease, and libwebrtc's rule that an estimate does not grow while the
+/// sender is application-limited): the next probe of the link's rate is gentle instead
+/// of another 1.5x-a-second climb into the same queue.
+const RECOVERY_BPS_PER_SEC: f64 = 60_000.0;
+/// "Uses most of it": the rate sent is at least this share of the ceiling.
+const RECOVERY_USE: f64 = 0.75;
+
+/// Watches the round trip for a standing queue (see the module docs): round-trip samples
+/// and the rate sent in, a ceiling for the target out.
+/// - A queue appears (round trip > minimum + [`QUEUE_LIMIT`]): the ceiling is 0.6 x the
+///   rate that was sent (what entered the queue is more than the link carries).
+/// - It does not shrink by the next sample: 0.7 x again (a drain, BBR-style).
+/// - It is gone: the ceiling restarts from 0.85 x the rate that built the queue and
+///   climbs slowly while used; it is lifted once above the congestion controller's
+///   estimate.
+#[derive(Debug, Default)]
+pub struct QueueGuard {
+    samples: VecDeque<Duration>,
+    ceiling: Option<f64>,
+    /// The rate sent when the last queue was found, while it stands.
+    queue: Option<f64>,
+    last: Option<Instant>,
+}
+
+impl QueueGuard {
+    /// A new round-trip sample at `now`, the rate sent lately and the estimate (all
+    /// media, bits per second); returns the ceiling to apply (None: none).
+    pub fn update(
+        &mut self,
+        now: Instant,
+        rtt: Duration,
+        sent_bps: f64,
+        estimate_bps: f64,
+    ) -> Option<f64> {
+        let previous = self.samples.back().copied();
+        let elapsed = self
+            .last
+            .map_or(Duration::ZERO, |l| now.saturating_duration_since(l));
+        self.last = Some(now);
+        if self.samples.len() == MIN_RTT_SAMPLES {
+            self.samples.pop_front();
+        }
+        self.samples.push_back(rtt);
+        let min = self.samples.iter().min().copied().unwrap_or(rtt);
+        let floor = APP_LIMITED_FLOOR_BPS / 3.0;
+        if rtt > min + QUEUE_LIMIT {
+            let draining = previous.is_some_and(|p| rtt + Duration::from_millis(20) < p);
+            let ceiling = match (self.queue, self.ceiling) {
+                (Some(_), Some(c)) if draining => c,
+                (Some(_), Some(c)) => c * 0.7,
+                _ => sent_bps * 0.6,
+            };
+            self.ceiling = Some(ceiling.max(floor));
+            self.queue.get_or_insert(sent_bps);
+            return self.ceiling;
+        }
+        if let Some(knee) = self.queue.take() {
+            // Just drained.
+            self.ceiling = Some((knee * 0.85).max(floor));
+        } else if let Some(c) = self.ceiling
+            && sent_bps >= c * RECOVERY_USE
+        {
+            self.ceiling = Some(c + RECOVERY_BPS_PER_SEC * elapsed.as_secs_f64());
+        }
+        if self.ceiling.is_some_and(|c| c >= estimate_bps) {
+            self.ceiling = None;
+        }
+        self.ceiling
     }
 }
 
@@ -184,14 +280,18 @@ impl MediaPacer {
     }
 
     fn update_target(&mut self, now: Instant) {
-        self.target_bps = match self.sent.bps(now) {
+        let target = match self.sent.bps(now) {
             Some(sent) => self.estimate_bps.min(
                 (sent * APP_LIMITED_FACTOR + APP_LIMITED_HEADROOM_BPS).max(APP_LIMITED_FLOOR_BPS),
             ),
             None => self.estimate_bps,
         };
+        self.target_bps = self
+            .handle
+            .ceiling_bps()
+            .map_or(target, |ceiling| target.min(ceiling));
         self.handle
-            .0
+            .target
             .store(self.target_bps.round() as u64, Ordering::Relaxed);
     }
 
@@ -453,6 +553,63 @@ mod tests {
             p.handle_timeout(now).ok();
         }
         assert_eq!(p.target_bps(), APP_LIMITED_FLOOR_BPS);
+    }
+
+    #[test]
+    fn a_standing_queue_puts_a_ceiling_on_the_target_until_it_drains() {
+        let ms = Duration::from_millis;
+        let t = Instant::now();
+        let at = |s: u64| t + Duration::from_secs(s);
+        let mut guard = QueueGuard::default();
+        let estimate = 2_000_000.0;
+        assert_eq!(guard.update(at(0), ms(80), 900_000.0, estimate), None);
+        assert_eq!(
+            guard.update(at(1), ms(150), 900_000.0, estimate),
+            None,
+            "within the limit"
+        );
+        // A queue: well below what entered it.
+        assert_eq!(
+            guard.update(at(2), ms(300), 1_000_000.0, estimate),
+            Some(600_000.0)
+        );
+        // Not draining: lower again; draining: kept.
+        assert_eq!(
+            guard.update(at(3), ms(300), 700_000.0, estimate),
+            Some(420_000.0)
+        );
+        assert_eq!(
+            guard.update(at(4), ms(200), 450_000.0, estimate),
+            Some(420_000.0)
+        );
+        // Drained: from 0.85 x the rate that built the queue, up slowly while used.
+        assert_eq!(
+            guard.update(at(5), ms(85), 400_000.0, estimate),
+            Some(850_000.0)
+        );
+        assert_eq!(
+            guard.update(at(7), ms(85), 300_000.0, estimate),
+            Some(850_000.0),
+            "not used: held"
+        );
+        assert_eq!(
+            guard.update(at(9), ms(85), 800_000.0, estimate),
+            Some(850_000.0 + 2.0 * RECOVERY_BPS_PER_SEC)
+        );
+        // Above the estimate: lifted.
+        assert_eq!(guard.update(at(10), ms(85), 800_000.0, 900_000.0), None);
+        assert_eq!(guard.update(at(30), ms(85), 800_000.0, estimate), None);
+
+        // The pacer applies it.
+        let mut p = MediaPacer::new(1_000_000.0);
+        let handle = p.handle();
+        handle.set_ceiling(Some(400_000));
+        p.update_target(Instant::now());
+        assert_eq!(p.target_bps(), 400_000.0);
+        assert_eq!(handle.target_bps(), Some(400_000));
+        handle.set_ceiling(None);
+        p.update_target(Instant::now());
+        assert_eq!(p.target_bps(), 1_000_000.0);
     }
 
     #[test]

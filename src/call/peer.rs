@@ -183,7 +183,10 @@ impl Interceptor for KeyframeRequests {
 
 /// Where the congestion controller starts, and the range it stays in (bits per second,
 /// all media together).
-pub const INITIAL_BITRATE_BPS: u32 = 1_000_000;
+/// 800 kbit/s: a usable picture at once, and not already more than a 1 Mbit/s uplink
+/// carries (the estimator sees a queue while it grows, and one filled at the start
+/// costs seconds of delay and loss).
+pub const INITIAL_BITRATE_BPS: u32 = 800_000;
 pub const MIN_BITRATE_BPS: u32 = 100_000;
 pub const MAX_BITRATE_BPS: u32 = 4_000_000;
 
@@ -450,6 +453,12 @@ impl Peer {
         let sdp = offer.sdp.clone();
         self.pc.set_local_description(offer).await.map_err(err)?;
         Ok(sdp)
+    }
+
+    /// Puts a ceiling on the sending target (None: lifts it); see
+    /// [`super::pacer::QueueGuard`].
+    pub fn set_send_ceiling(&self, bps: Option<u64>) {
+        self.pacer.set_ceiling(bps);
     }
 
     /// Takes our outstanding offer back (the other side's offer crossed it and wins).

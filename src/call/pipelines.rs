@@ -47,6 +47,9 @@ use crate::media::video::{
 #[derive(Debug)]
 pub struct MediaStats {
     pub started: Instant,
+    /// ICE restarts we made, and signaling connections that got our seat back.
+    pub ice_restarts: u64,
+    pub signaling_resumes: u64,
     pub connected_after: Option<Duration>,
     pub both_in_room_at: Option<Instant>,
     pub first_frame_after: Option<Duration>,
@@ -102,6 +105,8 @@ impl MediaStats {
     pub fn new() -> MediaStats {
         MediaStats {
             started: Instant::now(),
+            ice_restarts: 0,
+            signaling_resumes: 0,
             connected_after: None,
             both_in_room_at: None,
             first_frame_after: None,
@@ -328,7 +333,15 @@ impl Pipelines {
         let spawned = std::thread::Builder::new()
             .name("duet-video-send".into())
             .spawn(move || {
-                let mut encoder = match H264Encoder::new(settings) {
+                // The configured bitrate is the ceiling; the start is the congestion
+                // controller's (the first second at the ceiling fills a thin link's queue).
+                let start = EncoderSettings {
+                    bitrate_bps: settings.bitrate_bps.min(video_bitrate_for(u64::from(
+                        super::peer::INITIAL_BITRATE_BPS,
+                    ))),
+                    ..settings
+                };
+                let mut encoder = match H264Encoder::new(start) {
                     Ok(e) => e,
                     Err(e) => {
                         tracing::error!(error = %e, "video encoder");

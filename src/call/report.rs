@@ -59,6 +59,9 @@ pub struct Report {
     pub nacks_sent: u64,
     pub nacks_received: u64,
     pub retransmitted_packets: u64,
+    /// ICE restarts this side made; signaling connections that resumed our seat.
+    pub ice_restarts: u64,
+    pub signaling_resumes: u64,
     /// The congestion controller's last estimate (all media), kbit/s.
     pub estimate_bitrate_kbps: Option<f64>,
     /// The last sending target (the estimate capped by what was really sent), kbit/s.
@@ -169,6 +172,8 @@ impl Report {
             nacks_sent: s.nacked_packets,
             nacks_received: peer.nacks_received,
             retransmitted_packets: peer.retransmitted_packets,
+            ice_restarts: s.ice_restarts,
+            signaling_resumes: s.signaling_resumes,
             estimate_bitrate_kbps: peer
                 .estimate_bitrate_bps
                 .map(|b| (b as f64 / 1000.0).round()),

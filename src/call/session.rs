@@ -16,6 +16,7 @@ use webrtc::peer_connection::RTCPeerConnectionState;
 
 use super::config::{Connection, SessionConfig, Target};
 use super::handle::{ChatLine, Command, Live, LiveHandle, SessionHandle, lock_live};
+use super::pacer::QueueGuard;
 use super::peer::{Peer, PeerConfig, PeerEvent, PeerStats};
 use super::pipelines::{Pipelines, ReceiveSinks, StatsHandle};
 use super::report::Report;
@@ -66,6 +67,9 @@ pub fn start_on(config: SessionConfig, connection: Option<Connection>) -> Sessio
         chat: None,
         held: std::collections::VecDeque::new(),
         addresses: usable_addresses(),
+        queue_guard: QueueGuard::default(),
+        last_rtt: None,
+        sent_at: None,
         signal_tx: None,
         last_peer_stats: PeerStats::default(),
         warnings: Vec::new(),
@@ -130,6 +134,11 @@ struct Session {
     /// Offers/answers held back by `hold_description` (a testing aid), with when they go.
     held: std::collections::VecDeque<(Instant, ClientMessage)>,
     last_peer_stats: PeerStats,
+    /// Watches the round trip for a standing queue, with the last sample it saw and when
+    /// how many bytes had been sent.
+    queue_guard: QueueGuard,
+    last_rtt: Option<Duration>,
+    sent_at: Option<(Instant, u64)>,
     /// This machine's usable addresses at the last look (see [`usable_addresses`]).
     addresses: std::collections::BTreeSet<std::net::IpAddr>,
     warnings: Vec<String>,
@@ -315,9 +324,25 @@ impl Session {
                 if let Some(peer) = self.peer.as_ref() {
                     let stats = peer.stats().await;
                     self.stats.lock().record_second(&stats);
+                    let now = Instant::now();
+                    let sent_bps = self.sent_at.and_then(|(at, bytes)| {
+                        let secs = now.duration_since(at).as_secs_f64();
+                        (secs > 0.1)
+                            .then(|| stats.bytes_sent.saturating_sub(bytes) as f64 * 8.0 / secs)
+                    });
+                    self.sent_at = Some((now, stats.bytes_sent));
                     if let Some(rtt) = stats.rtt_ms.filter(|r| r.is_finite() && *r > 0.0) {
-                        self.pipelines
-                            .set_rtt(Duration::from_secs_f64(rtt / 1000.0));
+                        let rtt = Duration::from_secs_f64(rtt / 1000.0);
+                        self.pipelines.set_rtt(rtt);
+                        // A new round-trip sample (they come about once a second).
+                        if let Some(sent) = sent_bps
+                            && self.last_rtt != Some(rtt)
+                        {
+                            let estimate = stats.estimate_bitrate_bps.unwrap_or(u64::MAX);
+                            let ceiling = self.queue_guard.update(now, rtt, sent, estimate as f64);
+                            peer.set_send_ceiling(ceiling.map(|c| c.round() as u64));
+                        }
+                        self.last_rtt = Some(rtt);
                     }
                     if let Some(target) = stats.target_bitrate_bps {
                         let estimate = stats.estimate_bitrate_bps.unwrap_or(target);
@@ -538,6 +563,7 @@ impl Session {
             Action::RestartIce => {
                 let peer = self.peer.as_mut()?;
                 tracing::info!("restarting ICE");
+                self.stats.lock().ice_restarts += 1;
                 match peer.restart_ice().await {
                     Ok(sdp) => Some(Event::LocalDescription {
                         sdp,
@@ -740,6 +766,7 @@ impl Session {
     }
 
     fn report(&self) -> Report {
+        self.stats.lock().signaling_resumes = self.call.resumes();
         Report::from_stats(
             &self.stats.lock(),
             &self.last_peer_stats,

@@ -321,6 +321,8 @@ pub struct Call {
     restart_on_resume: bool,
     /// We sent an offer and have no answer yet (perfect negotiation's "glare" check).
     offer_outstanding: bool,
+    /// Signaling connections that got our seat back.
+    resumes: u64,
     host: bool,
     own_peer_id: Option<String>,
     peer_id: Option<String>,
@@ -354,6 +356,7 @@ impl Call {
             restarted_at: None,
             restart_on_resume: false,
             offer_outstanding: false,
+            resumes: 0,
             host: false,
             own_peer_id: None,
             peer_id: None,
@@ -453,6 +456,11 @@ impl Call {
 
     pub fn state(&self) -> &CallState {
         &self.state
+    }
+
+    /// How many times a new signaling connection got our seat back.
+    pub fn resumes(&self) -> u64 {
+        self.resumes
     }
 
     /// ICE servers from `welcome` (the session adds its own configured ones).
@@ -853,6 +861,7 @@ impl Call {
                 } => {
                     // Our seat is back: what waited goes out, in order.
                     tracing::info!("signaling resumed");
+                    self.resumes += 1;
                     self.signaling = Signaling::Up;
                     self.host = host;
                     self.resume_token = resume_token;

@@ -8,8 +8,9 @@
 //!   frame already given up, and none at all for a hole too large to repair (after an
 //!   outage a keyframe is cheaper than a retransmission storm).
 //! - Frames leave in order. A frame with a missing packet is held for a retransmission
-//!   (NACK) for about one round trip ([`FrameAssembler::repair_wait`]); frames behind it
-//!   wait too (a P-frame needs the one before it).
+//!   (NACK) for about two round trips, room for one lost retransmission
+//!   ([`FrameAssembler::repair_wait`]); frames behind it wait too (a P-frame needs the
+//!   one before it).
 //! - Only when the wait runs out is the frame given up. From then on the decoder needs a
 //!   keyframe: frames are dropped until one starts, and a keyframe request goes out, at
 //!   most one per round trip (+ margin), repeated while none arrives.
@@ -145,10 +146,12 @@ impl FrameAssembler {
         self.rtt = rtt.min(Duration::from_secs(2));
     }
 
-    /// How long an incomplete frame waits for a retransmission: the NACK goes out within
-    /// its generator's interval (20 ms here), the answer takes a round trip; plus margin.
+    /// How long an incomplete frame waits for a retransmission: the NACK goes out at once,
+    /// the answer takes a round trip; and if the retransmission is lost too (as likely as
+    /// the original), the NACK repeated after one round trip needs another. Giving up
+    /// costs more: a keyframe request, a round trip and a keyframe's worth of packets.
     pub fn repair_wait(&self) -> Duration {
-        (self.rtt + Duration::from_millis(60))
+        (self.rtt * 2 + Duration::from_millis(80))
             .clamp(Duration::from_millis(80), Duration::from_secs(1))
     }
 

@@ -9,11 +9,16 @@
 //! ```
 //!
 //! Links are impaired the ways this kernel allows (no netem): random loss with iptables
-//! `statistic`, total outages with a DROP rule, rate limits with `tbf`.
+//! `statistic`, total outages with a DROP rule, rate limits with `tbf`, one-way delay
+//! with a userspace NFQUEUE delayer (`delay.rs`).
 #![allow(clippy::unwrap_used, dead_code)]
+
+#[path = "delay.rs"]
+pub mod delay;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -50,10 +55,22 @@ pub struct Topology {
     tag: String,
     /// Added to every client's `duet call` (e.g. a resolution for a benchmark).
     pub client_args: Vec<String>,
+    /// Running uplink delayers by side; stopped before the namespaces are deleted.
+    delayers: Mutex<Vec<(String, delay::Delayer)>>,
 }
+
+/// The NFQUEUE of uplink delays; queue numbers are per namespace, so every router has
+/// its own queue 0.
+const UPLINK_QUEUE: u16 = 0;
 
 impl Drop for Topology {
     fn drop(&mut self) {
+        // Stop the delay threads first: each lets its held packets go and leaves its
+        // namespace, which `ip netns del` then really frees.
+        self.delayers
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
         for n in &self.names {
             let _ = Command::new("ip").args(["netns", "del", n]).status();
         }
@@ -71,6 +88,7 @@ impl Topology {
             names: Vec::new(),
             tag: tag.to_owned(),
             client_args: Vec::new(),
+            delayers: Mutex::new(Vec::new()),
         };
         for role in ["pub", "ra", "rb", "a", "b"] {
             let n = t.ns(role);
@@ -302,6 +320,57 @@ impl Topology {
     /// Gives the client of `side` a new address on its LAN (10.0.x.3 instead of .2), as a
     /// laptop that changes networks: its NAT mapping, and so its public port, change too.
     /// The signaling connection (TCP from the old address) is cut by it as well.
+    /// Delays every packet leaving the router of `side` through its uplink (`wan`) by
+    /// `ms`, one way (40 on both sides adds 80 ms to the RTT), without reordering: a thread
+    /// of this process holds them in an NFQUEUE (this kernel has no netem; see delay.rs).
+    /// Again to change the delay; 0 to end it.
+    pub fn add_uplink_delay(&self, side: &str, ms: u32) {
+        let router = self.ns(&format!("r{side}"));
+        let mut delayers = self.delayers.lock().unwrap();
+        // A queue takes one delayer: the old one goes first (its held packets on at once).
+        if let Some(i) = delayers.iter().position(|(s, _)| s == side) {
+            let (_, old) = delayers.swap_remove(i);
+            let stats = old.stop().unwrap();
+            assert_eq!(stats.dropped(), 0, "uplink delay of {side}: {stats:?}");
+        }
+        if ms == 0 {
+            return; // the rule stays: with no delayer bound, --queue-bypass passes packets
+        }
+        let delay = Duration::from_millis(ms.into());
+        let delayer = delay::Delayer::start(&router, UPLINK_QUEUE, delay).unwrap();
+        // The rule once per router (after the queue is bound), the last of
+        // mangle/POSTROUTING: after the loss and outage rules, before NAT and tbf.
+        let rule = delay::rule_args("wan", UPLINK_QUEUE);
+        let mut check = vec![
+            "ip",
+            "netns",
+            "exec",
+            &router,
+            "iptables",
+            "-t",
+            "mangle",
+            "-C",
+            "POSTROUTING",
+        ];
+        check.extend(rule.iter().map(String::as_str));
+        let present = Command::new(check[0])
+            .args(&check[1..])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !present {
+            delay::install_rule(&router, "wan", UPLINK_QUEUE).unwrap();
+        }
+        delayers.push((side.to_owned(), delayer));
+    }
+
+    /// What the uplink delayer of `side` did so far (None without one).
+    pub fn uplink_delay_stats(&self, side: &str) -> Option<delay::Stats> {
+        let delayers = self.delayers.lock().unwrap();
+        let (_, d) = delayers.iter().find(|(s, _)| s == side)?;
+        Some(d.stats().unwrap())
+    }
+
     pub fn move_client(&self, side: &str) {
         let lan = if side == "a" { "10.0.1" } else { "10.0.2" };
         let client = self.ns(side);
@@ -323,6 +392,26 @@ impl Topology {
         self.router(
             side,
             &["iptables", op, "FORWARD", "-p", "udp", "-j", "DROP"],
+        );
+    }
+
+    /// Cuts (or allows again) the signaling WebSocket of `side`: its TCP is answered with
+    /// resets both ways at the router (media, UDP, passes).
+    pub fn set_signaling_cut(&self, side: &str, cut: bool) {
+        let op = if cut { "-I" } else { "-D" };
+        self.router(
+            side,
+            &[
+                "iptables",
+                op,
+                "FORWARD",
+                "-p",
+                "tcp",
+                "-j",
+                "REJECT",
+                "--reject-with",
+                "tcp-reset",
+            ],
         );
     }
 }
