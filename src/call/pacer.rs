@@ -139,7 +139,8 @@ impl PacerHandle {
         self.ceiling.store(bps.unwrap_or(0), Ordering::Relaxed);
     }
 
-    fn ceiling_bps(&self) -> Option<f64> {
+    /// The ceiling put on the target, if any.
+    pub fn ceiling_bps(&self) -> Option<f64> {
         Some(self.ceiling.load(Ordering::Relaxed))
             .filter(|&b| b > 0)
             .map(|b| b as f64)
@@ -152,12 +153,16 @@ pub const QUEUE_LIMIT: Duration = Duration::from_millis(100);
 /// move, has a new minimum).
 const MIN_RTT_SAMPLES: usize = 60;
 
-/// After a queue drained, the ceiling climbs from 0.85 x the rate that built it by this
-/// much a second, and only while the sender uses most of it (GCC's additive increase
-/// near its last decrease, and libwebrtc's rule that an estimate does not grow while the
-/// sender is application-limited): the next probe of the link's rate is gentle instead
-/// of another 1.5x-a-second climb into the same queue.
+/// After a queue drained, the ceiling climbs from the rate that drained it by this much a
+/// second (or [`RECOVERY_GROWTH`] of itself, if more), and only while the sender uses
+/// most of it (GCC's increase near its last decrease, and libwebrtc's rule that an
+/// estimate does not grow while the sender is application-limited): the next probe of
+/// the link's rate is gentle instead of another 1.5x-a-second climb into the same queue.
 const RECOVERY_BPS_PER_SEC: f64 = 60_000.0;
+const RECOVERY_GROWTH: f64 = 0.08;
+/// Well above the rate that built the last queue (1.2 x), the link has likely changed
+/// (a better Wi-Fi, a faster route): the ceiling grows by this share of itself a second.
+const RECOVERY_GROWTH_ABOVE_KNEE: f64 = 0.25;
 /// "Uses most of it": the rate sent is at least this share of the ceiling.
 const RECOVERY_USE: f64 = 0.75;
 
@@ -166,28 +171,24 @@ const RECOVERY_USE: f64 = 0.75;
 /// - A queue appears (round trip > minimum + [`QUEUE_LIMIT`]): the ceiling is 0.6 x the
 ///   rate that was sent (what entered the queue is more than the link carries).
 /// - It does not shrink by the next sample: 0.7 x again (a drain, BBR-style).
-/// - It is gone: the ceiling restarts from 0.85 x the rate that built the queue and
-///   climbs slowly while used; it is lifted once above the congestion controller's
-///   estimate.
+/// - It is gone: the ceiling stays at the rate that drained it and climbs while used:
+///   slowly up to a little above the rate that built the queue (the knee), faster beyond
+///   (above the congestion controller's estimate it no longer matters).
 #[derive(Debug, Default)]
 pub struct QueueGuard {
     samples: VecDeque<Duration>,
     ceiling: Option<f64>,
-    /// The rate sent when the last queue was found, while it stands.
-    queue: Option<f64>,
+    /// Whether a queue stands (since the last sample).
+    queue: bool,
+    /// The rate sent when the last queue was found.
+    knee: f64,
     last: Option<Instant>,
 }
 
 impl QueueGuard {
-    /// A new round-trip sample at `now`, the rate sent lately and the estimate (all
-    /// media, bits per second); returns the ceiling to apply (None: none).
-    pub fn update(
-        &mut self,
-        now: Instant,
-        rtt: Duration,
-        sent_bps: f64,
-        estimate_bps: f64,
-    ) -> Option<f64> {
+    /// A new round-trip sample at `now` and the rate sent lately (all media, bits per
+    /// second); returns the ceiling to apply (None: none).
+    pub fn update(&mut self, now: Instant, rtt: Duration, sent_bps: f64) -> Option<f64> {
         let previous = self.samples.back().copied();
         let elapsed = self
             .last
@@ -202,24 +203,28 @@ impl QueueGuard {
         if rtt > min + QUEUE_LIMIT {
             let draining = previous.is_some_and(|p| rtt + Duration::from_millis(20) < p);
             let ceiling = match (self.queue, self.ceiling) {
-                (Some(_), Some(c)) if draining => c,
-                (Some(_), Some(c)) => c * 0.7,
-                _ => sent_bps * 0.6,
+                (true, Some(c)) if draining => c,
+                (true, Some(c)) => c * 0.7,
+                _ => {
+                    self.knee = sent_bps;
+                    sent_bps * 0.6
+                }
             };
             self.ceiling = Some(ceiling.max(floor));
-            self.queue.get_or_insert(sent_bps);
+            self.queue = true;
             return self.ceiling;
         }
-        if let Some(knee) = self.queue.take() {
-            // Just drained.
-            self.ceiling = Some((knee * 0.85).max(floor));
+        if std::mem::take(&mut self.queue) {
+            // Just drained: the ceiling that drained it stays for now.
         } else if let Some(c) = self.ceiling
             && sent_bps >= c * RECOVERY_USE
         {
-            self.ceiling = Some(c + RECOVERY_BPS_PER_SEC * elapsed.as_secs_f64());
-        }
-        if self.ceiling.is_some_and(|c| c >= estimate_bps) {
-            self.ceiling = None;
+            let step = if c > self.knee * 1.2 {
+                c * RECOVERY_GROWTH_ABOVE_KNEE
+            } else {
+                (c * RECOVERY_GROWTH).max(RECOVERY_BPS_PER_SEC)
+            };
+            self.ceiling = Some(c + step * elapsed.as_secs_f64());
         }
         self.ceiling
     }
@@ -561,44 +566,34 @@ mod tests {
         let t = Instant::now();
         let at = |s: u64| t + Duration::from_secs(s);
         let mut guard = QueueGuard::default();
-        let estimate = 2_000_000.0;
-        assert_eq!(guard.update(at(0), ms(80), 900_000.0, estimate), None);
+        assert_eq!(guard.update(at(0), ms(80), 900_000.0), None);
         assert_eq!(
-            guard.update(at(1), ms(150), 900_000.0, estimate),
+            guard.update(at(1), ms(150), 900_000.0),
             None,
             "within the limit"
         );
-        // A queue: well below what entered it.
-        assert_eq!(
-            guard.update(at(2), ms(300), 1_000_000.0, estimate),
-            Some(600_000.0)
-        );
+        // A queue: below what entered it.
+        assert_eq!(guard.update(at(2), ms(300), 1_000_000.0), Some(600_000.0));
         // Not draining: lower again; draining: kept.
+        assert_eq!(guard.update(at(3), ms(300), 700_000.0), Some(420_000.0));
+        assert_eq!(guard.update(at(4), ms(200), 450_000.0), Some(420_000.0));
+        // Drained: the draining ceiling stays, then climbs slowly while used.
+        assert_eq!(guard.update(at(5), ms(85), 400_000.0), Some(420_000.0));
         assert_eq!(
-            guard.update(at(3), ms(300), 700_000.0, estimate),
-            Some(420_000.0)
-        );
-        assert_eq!(
-            guard.update(at(4), ms(200), 450_000.0, estimate),
-            Some(420_000.0)
-        );
-        // Drained: from 0.85 x the rate that built the queue, up slowly while used.
-        assert_eq!(
-            guard.update(at(5), ms(85), 400_000.0, estimate),
-            Some(850_000.0)
-        );
-        assert_eq!(
-            guard.update(at(7), ms(85), 300_000.0, estimate),
-            Some(850_000.0),
+            guard.update(at(7), ms(85), 300_000.0),
+            Some(420_000.0),
             "not used: held"
         );
         assert_eq!(
-            guard.update(at(9), ms(85), 800_000.0, estimate),
-            Some(850_000.0 + 2.0 * RECOVERY_BPS_PER_SEC)
+            guard.update(at(9), ms(85), 400_000.0),
+            Some(420_000.0 + 2.0 * RECOVERY_BPS_PER_SEC)
         );
-        // Above the estimate: lifted.
-        assert_eq!(guard.update(at(10), ms(85), 800_000.0, 900_000.0), None);
-        assert_eq!(guard.update(at(30), ms(85), 800_000.0, estimate), None);
+        // Well above the rate that built the queue (the link got better): faster.
+        let mut c = 540_000.0;
+        for s in 10..30 {
+            c = guard.update(at(s), ms(85), c).unwrap_or(0.0);
+        }
+        assert!(c > 5_000_000.0, "{c}");
 
         // The pacer applies it.
         let mut p = MediaPacer::new(1_000_000.0);

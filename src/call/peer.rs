@@ -607,6 +607,13 @@ impl Peer {
                 stats.estimate_bitrate_bps = Some(s.target_bitrate.round() as u64);
             }
         }
+        // What the path carries: GCC's estimate, under the queue guard's ceiling (GCC
+        // misses a standing queue).
+        if let (Some(estimate), Some(ceiling)) =
+            (stats.estimate_bitrate_bps, self.pacer.ceiling_bps())
+        {
+            stats.estimate_bitrate_bps = Some(estimate.min(ceiling.round() as u64));
+        }
         stats.target_bitrate_bps = match (stats.estimate_bitrate_bps, self.pacer.target_bps()) {
             (Some(estimate), Some(paced)) => Some(estimate.min(paced)),
             (estimate, paced) => estimate.or(paced),

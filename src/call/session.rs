@@ -338,8 +338,7 @@ impl Session {
                         if let Some(sent) = sent_bps
                             && self.last_rtt != Some(rtt)
                         {
-                            let estimate = stats.estimate_bitrate_bps.unwrap_or(u64::MAX);
-                            let ceiling = self.queue_guard.update(now, rtt, sent, estimate as f64);
+                            let ceiling = self.queue_guard.update(now, rtt, sent);
                             peer.set_send_ceiling(ceiling.map(|c| c.round() as u64));
                         }
                         self.last_rtt = Some(rtt);
