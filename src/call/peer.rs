@@ -571,12 +571,16 @@ impl Peer {
                     }
                     known.push(end);
                 }
-                stats.local_candidate_type = local.map(|end| end.resolve(&known));
+                if remote.as_ref().is_none_or(|r| r.kind == "prflx") {
+                    tracing::debug!(?remote, ?known, "peer-reflexive remote end");
+                }
+                let own = usable_addresses();
+                stats.local_candidate_type = local.map(|end| end.resolve(&known, &own));
                 // A remote end that is not in the report at all was learned from the
                 // checks themselves and never signaled: peer-reflexive.
                 stats.remote_candidate_type = Some(
                     remote
-                        .map(|end| end.resolve(&known))
+                        .map(|end| end.resolve(&known, &own))
                         .unwrap_or_else(|| "prflx".to_owned()),
                 );
                 stats.candidate_type = path_type(
@@ -696,10 +700,15 @@ impl CandidateEnd {
     /// check before, or without, its candidate being signaled) takes the type of a known
     /// candidate at the same address and port, when there is one.
     ///
-    /// A peer-reflexive end on a loopback address is a host end: nothing on loopback goes
-    /// through a NAT. (It happens on one machine: a socket bound to 0.0.0.0 answers a
-    /// check to 127.0.0.1 from 127.0.0.1 and its own port, an address it never signaled.)
-    pub fn resolve(&self, known: &[CandidateEnd]) -> String {
+    /// A peer-reflexive end on a loopback address, or on an address of this machine, is a
+    /// host end: nothing between two sockets of one machine goes through a NAT. (It
+    /// happens when both ends run on one machine: a check answered from a socket and
+    /// address the other side never signaled, or before its candidate arrived.)
+    pub fn resolve(
+        &self,
+        known: &[CandidateEnd],
+        own: &std::collections::BTreeSet<std::net::IpAddr>,
+    ) -> String {
         if self.kind != "prflx" {
             return self.kind.clone();
         }
@@ -709,12 +718,29 @@ impl CandidateEnd {
         {
             return k.kind.clone();
         }
-        let loopback = self
+        let here = self
             .address
             .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-        if loopback { "host" } else { "prflx" }.to_owned()
+            .is_ok_and(|ip| ip.is_loopback() || own.contains(&ip));
+        if here { "host" } else { "prflx" }.to_owned()
     }
+}
+
+/// The addresses ICE can use on this machine: not loopback, not link-local (what the
+/// peer connection binds its sockets to).
+pub fn usable_addresses() -> std::collections::BTreeSet<std::net::IpAddr> {
+    let Ok(interfaces) = rtc::shared::ifaces::ifaces() else {
+        return Default::default();
+    };
+    interfaces
+        .into_iter()
+        .filter_map(|i| i.addr.map(|a| a.ip()))
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+        .filter(|ip| match ip {
+            std::net::IpAddr::V4(v4) => !v4.is_link_local(),
+            std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
+        })
+        .collect()
 }
 
 /// The path type of a candidate pair from the types of its two ends.
@@ -831,23 +857,42 @@ mod tests {
 
     #[test]
     fn a_prflx_end_takes_the_type_of_the_candidate_signaled_at_its_address() {
+        let none = std::collections::BTreeSet::new();
         let known = [
             end("10.0.0.2", 5000, "host"),
             end("198.51.100.1", 6000, "srflx"),
             end("127.0.0.1", 7000, "prflx"),
         ];
         // Learned from a check before the host candidate arrived: really host.
-        assert_eq!(end("10.0.0.2", 5000, "prflx").resolve(&known), "host");
-        assert_eq!(end("198.51.100.1", 6000, "prflx").resolve(&known), "srflx");
+        assert_eq!(
+            end("10.0.0.2", 5000, "prflx").resolve(&known, &none),
+            "host"
+        );
+        assert_eq!(
+            end("198.51.100.1", 6000, "prflx").resolve(&known, &none),
+            "srflx"
+        );
         // Same address, other port (a symmetric NAT's fresh mapping): stays prflx.
-        assert_eq!(end("198.51.100.1", 6001, "prflx").resolve(&known), "prflx");
+        assert_eq!(
+            end("198.51.100.1", 6001, "prflx").resolve(&known, &none),
+            "prflx"
+        );
         // Known types are kept as they are.
-        assert_eq!(end("203.0.113.7", 1, "relay").resolve(&known), "relay");
+        assert_eq!(
+            end("203.0.113.7", 1, "relay").resolve(&known, &none),
+            "relay"
+        );
         // Nothing on loopback is reflexive: a 0.0.0.0 socket answering from 127.0.0.1.
-        assert_eq!(end("127.0.0.1", 7000, "prflx").resolve(&known), "host");
-        assert_eq!(end("127.0.0.1", 9999, "prflx").resolve(&[]), "host");
-        assert_eq!(end("::1", 9999, "prflx").resolve(&[]), "host");
-        assert_eq!(end("10.0.0.9", 9999, "prflx").resolve(&[]), "prflx");
+        assert_eq!(
+            end("127.0.0.1", 7000, "prflx").resolve(&known, &none),
+            "host"
+        );
+        assert_eq!(end("127.0.0.1", 9999, "prflx").resolve(&[], &none), "host");
+        assert_eq!(end("::1", 9999, "prflx").resolve(&[], &none), "host");
+        assert_eq!(end("10.0.0.9", 9999, "prflx").resolve(&[], &none), "prflx");
+        // An address of this machine: the other end is on this machine too.
+        let own = ["10.0.0.9".parse().unwrap()].into_iter().collect();
+        assert_eq!(end("10.0.0.9", 9999, "prflx").resolve(&[], &own), "host");
     }
 
     #[test]

@@ -66,7 +66,7 @@ pub fn start_on(config: SessionConfig, connection: Option<Connection>) -> Sessio
         pipelines: Pipelines::new(),
         chat: None,
         held: std::collections::VecDeque::new(),
-        addresses: usable_addresses(),
+        addresses: super::peer::usable_addresses(),
         queue_guard: QueueGuard::default(),
         last_rtt: None,
         sent_at: None,
@@ -139,7 +139,7 @@ struct Session {
     queue_guard: QueueGuard,
     last_rtt: Option<Duration>,
     sent_at: Option<(Instant, u64)>,
-    /// This machine's usable addresses at the last look (see [`usable_addresses`]).
+    /// This machine's usable addresses at the last look (see [`super::peer::usable_addresses`]).
     addresses: std::collections::BTreeSet<std::net::IpAddr>,
     warnings: Vec<String>,
     /// Built on the first remote track, shared by both; dropped at close, which
@@ -315,7 +315,7 @@ impl Session {
             }
             Input::StatsTick => {
                 // A lost address (a laptop changing networks) is acted on at once.
-                let addresses = usable_addresses();
+                let addresses = super::peer::usable_addresses();
                 let lost = self.addresses.difference(&addresses).next().is_some();
                 self.addresses = addresses;
                 if lost {
@@ -781,21 +781,4 @@ const CHAT_SCROLLBACK: usize = 500;
 fn trim_scrollback(chat: &mut Vec<ChatLine>) {
     let excess = chat.len().saturating_sub(CHAT_SCROLLBACK);
     chat.drain(..excess);
-}
-
-/// The addresses ICE can use on this machine: not loopback, not link-local (what the
-/// peer connection binds its sockets to).
-fn usable_addresses() -> std::collections::BTreeSet<std::net::IpAddr> {
-    let Ok(interfaces) = rtc::shared::ifaces::ifaces() else {
-        return Default::default();
-    };
-    interfaces
-        .into_iter()
-        .filter_map(|i| i.addr.map(|a| a.ip()))
-        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
-        .filter(|ip| match ip {
-            std::net::IpAddr::V4(v4) => !v4.is_link_local(),
-            std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
-        })
-        .collect()
 }
