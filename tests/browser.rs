@@ -93,7 +93,12 @@ fn scenario(name: &str, args: Value) -> Value {
     let line = stdout.lines().rev().find(|l| l.starts_with('{'));
     let result: Value = line
         .and_then(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| panic!("{name}: no JSON result ({:?}); stdout: {stdout}", out.status));
+        .unwrap_or_else(|| {
+            panic!(
+                "{name}: no JSON result ({:?}); stdout: {stdout}",
+                out.status
+            )
+        });
     println!("{name}: {result:#}");
     assert_eq!(result["ok"], true, "{name} failed: {}", result["error"]);
     result
@@ -166,7 +171,12 @@ fn assert_native_call(web: &Value, report: &Value, web_hung_up: bool) {
         "{}",
         window["audio_hz"]
     );
-    assert!(num(&window["audio_samples"]) > 0.9 * 48_000.0 * seconds);
+    // ... continuously: little of what played was concealment of lost packets.
+    let samples = num(&window["audio_samples"]);
+    assert!(
+        samples > 0.0 && num(&window["audio_concealed"]) <= 0.1 * samples,
+        "{window}"
+    );
     // Native side: what the browser sent over the whole call, decoded.
     let sent = num(&web["final"]["video_out"]["frames_sent"]);
     let native_decoded = num(&report["frames_decoded"]);
@@ -337,7 +347,10 @@ async fn browser_rings_the_native_client_by_name() {
 fn assert_decoded(receiver: &Value, sender: &Value, who: &str) {
     let decoded = num(&receiver["frames_decoded"]);
     let sent = num(&sender["frames_sent"]);
-    assert!(sent > 5.0 * num(&sender["seconds"]), "{who}: only {sent} frames sent");
+    assert!(
+        sent > 5.0 * num(&sender["seconds"]),
+        "{who}: only {sent} frames sent"
+    );
     assert!(
         decoded >= MIN_DECODED * sent,
         "{who} decoded {decoded} of {sent} frames"
@@ -365,7 +378,12 @@ async fn two_browsers_call_and_a_third_finds_the_room_full() {
     assert!(r["waiting"].as_str().unwrap().contains("Waiting"));
     assert_decoded(&r["bob"], &r["ann"], "bob");
     assert_decoded(&r["ann"], &r["bob"], "ann");
-    assert!(r["codec_ann_in"].as_str().unwrap().starts_with("video/H264"));
+    assert!(
+        r["codec_ann_in"]
+            .as_str()
+            .unwrap()
+            .starts_with("video/H264")
+    );
     assert!(
         r["room_full"]
             .as_str()
@@ -399,7 +417,12 @@ async fn the_host_ends_a_meeting_and_an_early_guest_reads_the_start_time() {
     assert_eq!(flags["guest"], false);
     assert_eq!(flags["end_button_host"], true);
     assert_eq!(flags["end_button_guest"], false);
-    assert!(r["ended_host"].as_str().unwrap().contains("You ended the meeting"));
+    assert!(
+        r["ended_host"]
+            .as_str()
+            .unwrap()
+            .contains("You ended the meeting")
+    );
     assert!(
         r["ended_guest"]
             .as_str()
@@ -434,7 +457,12 @@ async fn direct_call_between_two_browsers_rings_declines_and_accepts() {
     assert_eq!(r["ringing"], true);
     assert_eq!(r["incoming_text"], "ann is calling you.");
     assert!(r["caller_line"].as_str().unwrap().contains("Ringing bob"));
-    assert!(r["declined"].as_str().unwrap().contains("bob declined the call"));
+    assert!(
+        r["declined"]
+            .as_str()
+            .unwrap()
+            .contains("bob declined the call")
+    );
     assert_eq!(r["ring_stopped"], true);
     assert_decoded(&r["callee"], &r["caller"], "callee");
     assert_decoded(&r["caller"], &r["callee"], "caller");
@@ -471,7 +499,10 @@ async fn the_join_link_serves_the_web_client_with_a_strict_policy() {
             .contains("content-type: text/javascript")
     );
     let (head, _) = get("/app/ring.wav", "*/*").await;
-    assert!(head.to_ascii_lowercase().contains("content-type: audio/wav"));
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: audio/wav")
+    );
     // Scripts asking for a join link still get a line of text.
     let (head, body) = get("/r/some-room", "*/*").await;
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");

@@ -113,7 +113,7 @@ export class PeerCall {
         return;
       }
       await pc.setRemoteDescription({ type: 'offer', sdp: msg.sdp });
-      this.attachLocalTracks();
+      await this.attachLocalTracks();
       await this.flushCandidates();
       await pc.setLocalDescription();
       this.signaling.send({ type: 'answer', sdp: pc.localDescription.sdp });
@@ -158,13 +158,13 @@ export class PeerCall {
   }
 
   /** The answerer sends on the transceivers the offer created. */
-  attachLocalTracks() {
+  async attachLocalTracks() {
     for (const t of this.pc.getTransceivers()) {
       const kind = t.receiver.track.kind;
-      if (t.sender.track === null && !t.stopped) {
+      if (t.sender.track === null && t.currentDirection !== 'stopped') {
         const track = this.stream.getTracks().find((x) => x.kind === kind && !this.sending(x));
         if (track) {
-          t.sender.replaceTrack(track);
+          await t.sender.replaceTrack(track);
           t.sender.setStreams(this.stream);
           t.direction = 'sendrecv';
         }
@@ -184,6 +184,7 @@ export class PeerCall {
       if (typeof data !== 'string') return;
       this.events.chat(data.length > MAX_CHAT_CHARS ? `${data.slice(0, MAX_CHAT_CHARS)}…` : data);
     };
+    if (channel.readyState === 'open') this.events.chatOpen();
   }
 
   sendChat(text) {

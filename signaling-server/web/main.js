@@ -20,6 +20,8 @@ const app = {
   ring: null,
   call: null,
   lastEnded: null,
+  /** Settles when the camera and microphone are open (or failed to open). */
+  devicesReady: Promise.resolve(),
 };
 
 /**
@@ -191,7 +193,7 @@ function onServerMessage(msg) {
       return;
     default:
   }
-  if (!call || call.phase === 'ended') {
+  if (!call || call.ending) {
     if (msg.type === 'error') notice(errorSentence(msg, { name: $('name').value.trim() }), 'error');
     return;
   }
@@ -217,7 +219,7 @@ function onServerMessage(msg) {
       const other = msg.peers && msg.peers[0];
       if (other) {
         call.peerId = other.peer_id;
-        call.peerName = other.name ?? null;
+        call.peerName = other.name ?? call.peerName;
       }
       if (call.phase === 'ringing' || call.phase === 'dialing') {
         call.phase = 'ringing';
@@ -230,7 +232,7 @@ function onServerMessage(msg) {
     }
     case 'peer_joined':
       call.peerId = msg.peer_id;
-      call.peerName = msg.name ?? null;
+      call.peerName = msg.name ?? call.peerName;
       if (!call.peer) startPeer(true);
       break;
     case 'peer_reconnecting':
@@ -275,7 +277,9 @@ function onServerMessage(msg) {
 // ---------------------------------------------------------------- the call
 
 async function beginCall(call, first) {
-  if (!app.stream) await startDevices();
+  await app.devicesReady;
+  if (!app.stream) app.devicesReady = startDevices();
+  await app.devicesReady;
   if (!app.stream) {
     notice('Allow the camera or microphone to make a call.', 'error');
     return;
@@ -366,16 +370,17 @@ function startPeer(offerer) {
 
 async function endCall(why, leave) {
   const call = app.call;
-  if (!call || call.phase === 'ended') return;
-  call.phase = 'ended';
-  call.endedWhy = why;
+  if (!call || call.ending) return;
+  call.ending = true;
   if (leave && app.sig) app.sig.send({ type: 'leave' });
   if (app.sig) app.sig.seat = null;
-  render();
   if (call.peer) {
+    // The last numbers, for the stats panel's readers (and the tests).
     call.finalStats = await call.peer.stats().catch(() => null);
     call.peer.close();
   }
+  call.phase = 'ended';
+  call.endedWhy = why;
   app.lastEnded = call;
   $('remote').srcObject = null;
   render();
@@ -514,8 +519,8 @@ async function renderStats() {
 function wire() {
   $('insecure').hidden = window.isSecureContext;
   $('name').value = localStorage.getItem('duet.name') ?? '';
-  $('camera').onchange = startDevices;
-  $('microphone').onchange = startDevices;
+  $('camera').onchange = () => { app.devicesReady = startDevices(); };
+  $('microphone').onchange = () => { app.devicesReady = startDevices(); };
   $('join').onclick = joinRoom;
   $('copy-link').onclick = () => navigator.clipboard?.writeText($('invite-link').value);
   $('room-form').onsubmit = (e) => {
@@ -627,5 +632,5 @@ window.duet = {
 };
 
 wire();
+app.devicesReady = startDevices();
 showLobby();
-startDevices();
