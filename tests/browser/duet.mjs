@@ -10,7 +10,7 @@
 import { chromium } from 'playwright-core';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { join as joinPath } from 'node:path';
 
 const [scenario, rawArgs] = process.argv.slice(2);
 const args = JSON.parse(rawArgs ?? '{}');
@@ -22,7 +22,7 @@ const CONNECT_MS = 60000;
 
 async function launch() {
   // A fresh profile per run (playwright's launch() makes one too; this one we delete).
-  const profile = mkdtempSync(join(tmpdir(), 'duet-chromium-'));
+  const profile = mkdtempSync(joinPath(tmpdir(), 'duet-chromium-'));
   const browser = await chromium.launch({
     executablePath: CHROMIUM,
     headless: true,
@@ -31,7 +31,7 @@ async function launch() {
       '--disable-background-networking', '--disable-component-update', '--disable-sync',
       '--use-fake-device-for-media-stream=fps=30', '--use-fake-ui-for-media-stream',
       '--allow-loopback-in-peer-connection', '--autoplay-policy=no-user-gesture-required',
-      `--disk-cache-dir=${join(profile, 'cache')}`,
+      `--disk-cache-dir=${joinPath(profile, 'cache')}`,
     ],
   });
   return { browser, cleanup: () => rmSync(profile, { recursive: true, force: true }) };
