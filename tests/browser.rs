@@ -392,6 +392,10 @@ async fn two_browsers_call_and_a_third_finds_the_room_full() {
         "{}",
         r["room_full"]
     );
+    // Bob's WebSocket dropped mid-call; he resumed his seat (Ann was told), and his
+    // hang-up went over the new connection: Ann reads "hung up", not "dropped".
+    assert!(r["ann_notice"].as_str().unwrap().contains("Bob lost the connection"));
+    assert_eq!(r["bob_after_resume"], "Connected to Ann");
     assert!(r["ended_ann"].as_str().unwrap().contains("Bob hung up"));
     assert!(r["ended_bob"].as_str().unwrap().contains("You hung up"));
     assert!(artifacts().join("call.png").exists());

@@ -20,6 +20,8 @@ const app = {
   ring: null,
   call: null,
   lastEnded: null,
+  /** Seats taken back with `resume` after the WebSocket dropped. */
+  resumes: 0,
   /** Settles when the camera and microphone are open (or failed to open). */
   devicesReady: Promise.resolve(),
 };
@@ -212,6 +214,7 @@ function onServerMessage(msg) {
       call.host = msg.host;
       app.sig.seat = msg.resume_token ? { room: msg.room, peer_id: msg.peer_id, resume_token: msg.resume_token } : null;
       if (resumed) {
+        app.resumes += 1;
         call.signalingDown = false;
         if (call.peer) call.peer.signalingBack();
         break;
@@ -236,12 +239,18 @@ function onServerMessage(msg) {
       if (!call.peer) startPeer(true);
       break;
     case 'peer_reconnecting':
+      // Their WebSocket dropped; the media goes on peer to peer. The server says nothing
+      // when they are back, so this is a notice, cleared by the next thing they send.
       call.peerAway = true;
+      notice(`${call.peerName || 'The other person'} lost the connection to the server and is reconnecting; the call goes on.`);
       break;
     case 'offer':
     case 'answer':
     case 'candidate':
-      call.peerAway = false;
+      if (call.peerAway) {
+        call.peerAway = false;
+        notice('');
+      }
       if (call.peer) call.peer.handle(msg);
       break;
     case 'peer_left':
@@ -372,6 +381,7 @@ async function endCall(why, leave) {
   const call = app.call;
   if (!call || call.ending) return;
   call.ending = true;
+  if (call.peerAway) notice('');
   if (leave && app.sig) app.sig.send({ type: 'leave' });
   if (app.sig) app.sig.seat = null;
   if (call.peer) {
@@ -424,7 +434,6 @@ function stateLine(call) {
     case 'connecting': return `Connecting to ${who}…`;
     case 'connected':
       if (call.signalingDown) return `Connected to ${who}; reconnecting to the server…`;
-      if (call.peerAway) return `Connected to ${who}; they are reconnecting to the server…`;
       return `Connected to ${who}`;
     case 'reconnecting': return `Reconnecting to ${who}…`;
     case 'ended': return `Ended: ${endSentence(call.endedWhy, call.peerName || 'The other person')}`;
@@ -611,13 +620,16 @@ function wire() {
   setInterval(renderStats, 1000);
 }
 
-// What tests and curious people can read (nothing here changes the call).
+// What tests and curious people can read; only dropSignaling acts (as a network drop would).
 window.duet = {
   phase: () => app.call?.phase ?? 'idle',
   stateLine: () => $('state-line').textContent,
   signedIn: () => app.signedIn,
   incoming: () => app.incoming,
   ringing: () => Boolean(app.ring && !app.ring.paused),
+  resumes: () => app.resumes,
+  /** Cuts the WebSocket as a network drop would (no `leave`): the seat is resumed. */
+  dropSignaling: () => app.sig?.ws?.close(4000, 'dropped for a test'),
   host: () => app.call?.host ?? false,
   chat: () => (app.call ?? app.lastEnded)?.chat ?? [],
   async stats() {

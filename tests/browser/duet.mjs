@@ -175,6 +175,15 @@ async function pair(browser) {
   await sendChat(b, 'hello Ann');
   await Promise.all([waitChat(b, 'hello Bob'), waitChat(a, 'hello Ann')]);
 
+  // Bob's WebSocket drops: he takes his seat back with `resume`; Ann is told meanwhile.
+  await b.evaluate(() => window.duet.dropSignaling());
+  const annNotice = await until('Ann told that Bob is reconnecting', async () => {
+    const t = await a.textContent('#notice');
+    return t.includes('reconnecting') ? t : null;
+  });
+  await until('Bob resumed', () => b.evaluate(() => window.duet.resumes() >= 1));
+  const bobAfterResume = await waitPhase(b, 'connected');
+
   const c = await openPage(browser, url, 'cid');
   await join(c, 'Cid');
   const full = await waitPhase(c, 'ended');
@@ -185,6 +194,7 @@ async function pair(browser) {
   const [endedA, endedB] = await Promise.all([waitPhase(a, 'ended'), waitPhase(b, 'ended')]);
   return {
     waiting, ann: wa, bob: wb, room_full: full, ended_ann: endedA, ended_bob: endedB,
+    ann_notice: annNotice, bob_after_resume: bobAfterResume,
     codec_ann_in: wa.stats.video_in.codec, codec_bob_in: wb.stats.video_in.codec,
   };
 }
