@@ -5,7 +5,7 @@
 import { Signaling } from './signaling.js';
 import { PeerCall } from './call.js';
 import { openDevices, listDevices, levelMeter, dominantFrequency } from './media.js';
-import { errorSentence, endSentence, rejectSentence, localTime } from './words.js';
+import { errorSentence, endSentence, localTime } from './words.js';
 
 const $ = (id) => document.getElementById(id);
 
