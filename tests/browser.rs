@@ -14,13 +14,13 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-/// One browser scenario at a time: they share two cores with everything else.
-static SERIAL: Mutex<()> = Mutex::new(());
+/// One browser scenario at a time: they share two cores with everything else. (An async
+/// mutex: each test holds it across its awaits, on its own runtime.)
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The fraction of the sender's frames the receiver must decode.
 const MIN_DECODED: f64 = 0.9;
@@ -222,7 +222,7 @@ fn assert_native_call(web: &Value, report: &Value, web_hung_up: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_offers_to_the_native_client() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     if !ready() {
         return;
     }
@@ -266,7 +266,7 @@ async fn browser_offers_to_the_native_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_client_offers_to_the_browser() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     if !ready() {
         return;
     }
@@ -309,7 +309,7 @@ async fn native_client_offers_to_the_browser() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_rings_the_native_client_by_name() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     if !ready() {
         return;
     }
@@ -381,7 +381,7 @@ fn assert_decoded(receiver: &Value, sender: &Value, who: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_browsers_call_and_a_third_finds_the_room_full() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     if !ready() {
         return;
     }
@@ -430,7 +430,7 @@ async fn two_browsers_call_and_a_third_finds_the_room_full() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_host_ends_a_meeting_and_an_early_guest_reads_the_start_time() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     if !ready() {
         return;
     }
@@ -473,7 +473,7 @@ async fn the_host_ends_a_meeting_and_an_early_guest_reads_the_start_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_call_between_two_browsers_rings_declines_and_accepts() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     if !ready() {
         return;
     }

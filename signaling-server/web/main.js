@@ -487,9 +487,18 @@ function renderIncoming() {
 
 const previous = new Map();
 
+/** "H264 42e01f" from "video/H264 level-asymmetry-allowed=1;...;profile-level-id=42e01f". */
+function codecName(codec) {
+  if (!codec) return '?';
+  const [mime, fmtp = ''] = codec.split(' ');
+  const profile = /profile-level-id=([0-9a-f]+)/i.exec(fmtp);
+  return `${mime.split('/')[1] ?? mime}${profile ? ` ${profile[1]}` : ''}`;
+}
+
+// Sampled every second even while the panel is closed, so bitrates show at once.
 async function renderStats() {
   const peer = app.call?.peer;
-  if (!peer || $('stats-panel').hidden || app.call.phase === 'ended') return;
+  if (!peer || app.call.phase === 'ended') return;
   const s = await peer.stats();
   const now = performance.now();
   const rate = (key, bytes) => {
@@ -504,13 +513,16 @@ async function renderStats() {
     const lost = v.packets + v.packets_lost > 0 ? (100 * v.packets_lost) / (v.packets + v.packets_lost) : 0;
     rows.push(['Receiving', `${v.width ?? '?'}×${v.height ?? '?'} at ${v.fps ?? 0} fps`],
       ['Received bitrate', rate('in', v.bytes + (s.audio_in?.bytes ?? 0))],
-      ['Loss', `${lost.toFixed(1)} %`], ['Video codec', v.codec ?? '?']);
+      ['Loss', `${lost.toFixed(1)} %`],
+      ['Codecs', `${codecName(v.codec)}, ${codecName(s.audio_in?.codec)}`]);
   }
   if (s.video_out) {
     rows.push(['Sending', `${s.video_out.width ?? '?'}×${s.video_out.height ?? '?'} at ${s.video_out.fps ?? 0} fps`],
       ['Sent bitrate', rate('out', s.video_out.bytes + (s.audio_out?.bytes ?? 0))]);
   }
-  rows.push(['Round trip', s.rtt_ms === null ? '…' : `${Math.round(s.rtt_ms)} ms`]);
+  if ($('stats-panel').hidden) return;
+  const rtt = s.rtt_ms;
+  rows.push(['Round trip', rtt === null ? '…' : `${rtt < 1 ? '< 1' : Math.round(rtt)} ms`]);
   if (s.path) {
     rows.push(['Path', `${s.path.relayed ? 'relayed (TURN)' : 'direct'}: ${s.path.local} → ${s.path.remote} over ${s.path.protocol}`]);
   }

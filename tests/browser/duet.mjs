@@ -136,7 +136,7 @@ async function nativeCall(browser) {
   await sendChat(page, args.chat_out);
   await waitChat(page, args.chat_in);
   await page.click('#stats-toggle');
-  await page.waitForSelector('#stats dd');
+  await until('bitrates in the stats panel', async () => (await page.textContent('#stats')).includes('kbit/s'));
   await screenshot(page, args.screenshot);
   if (args.hang_up === 'browser') await page.click('#hang-up');
   const ended = await waitPhase(page, 'ended', 90000);
