@@ -4,11 +4,13 @@
 # Debian packages the build and tests need beyond a Rust toolchain and gcc.
 # xvfb, x11-apps (xwd) and the Mesa/X libraries: the real-window test (tests/window.rs);
 # iproute2 and iptables: the NAT namespace test (tests/nat.rs); coturn: its
-# turnutils_uclient, an independent TURN client for signaling-server/tests/turn.rs.
+# turnutils_uclient, an independent TURN client for signaling-server/tests/turn.rs;
+# chromium and nodejs: the web client's browser tests (tests/browser.rs, which runs
+# `npm ci` in tests/browser for the pinned playwright-core; never a browser download).
 DEBIAN_PACKAGES := pkg-config cmake nasm libclang-dev libasound2-dev libwayland-dev \
 	pulseaudio pulseaudio-utils libasound2-plugins \
 	xvfb x11-apps libegl1 libgl1 libgl1-mesa-dri libxkbcommon-x11-0 libxcursor1 libxrandr2 libxi6 \
-	iproute2 iptables coturn
+	iproute2 iptables coturn chromium nodejs
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
@@ -43,12 +45,14 @@ audio:
 		pactl load-module module-null-sink sink_name=nullsink rate=48000 >/dev/null
 
 # Formatting, lints and every test of the workspace. The real-window test leaves its
-# screenshots in target/window-test/ (CI artifacts).
+# screenshots in target/window-test/, the browser tests theirs in target/browser-test/
+# (CI artifacts).
 test: deps audio
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	PULSE_SINK=nullsink PULSE_SOURCE=nullsink.monitor DUET_REQUIRE_WINDOW_TEST=1 \
 		DUET_REQUIRE_NAT_TEST=1 DUET_REQUIRE_AUDIO_TEST=1 DUET_REQUIRE_COTURN_TEST=1 \
+		DUET_REQUIRE_BROWSER_TEST=1 \
 		cargo test --workspace
 
 # The benchmarks (print JSON); see docs/PERFORMANCE.md.

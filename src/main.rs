@@ -78,8 +78,12 @@ struct CallArgs {
     #[arg(long)]
     server: Option<String>,
     /// Room to join.
-    #[arg(long)]
-    room: String,
+    #[arg(long, required_unless_present = "answer_as")]
+    room: Option<String>,
+    /// Instead of a room: sign in as NAME, wait (up to --wait) for a direct call to
+    /// that name and accept the first one.
+    #[arg(long, value_name = "NAME", conflicts_with = "room")]
+    answer_as: Option<String>,
     /// Display name shown to the other person.
     #[arg(long)]
     name: Option<String>,
@@ -362,7 +366,7 @@ async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!(
             "`duet call` makes calls without a window: add --headless \
              (for the window: duet --room {} --auto-call)",
-            args.room
+            args.room.as_deref().unwrap_or("NAME")
         );
     }
     let video = video_input(&args);
@@ -372,10 +376,18 @@ async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
         eprintln!("duet: no signaling server answered; started one on 127.0.0.1:8787");
     }
     let extra_ice_servers = args.network.extra_ice_servers();
+    let (target, connection) = match (&args.room, &args.answer_as) {
+        (Some(room), _) => (call::Target::room(room), None),
+        (None, Some(name)) => {
+            let (call_id, connection) = answer_incoming(&server, name, args.wait).await?;
+            (call::Target::Accept { call_id }, Some(connection))
+        }
+        (None, None) => anyhow::bail!("--room or --answer-as is needed"),
+    };
     let config = SessionConfig {
         server,
-        target: call::Target::room(&args.room),
-        name: args.name.clone(),
+        target,
+        name: args.name.clone().or_else(|| args.answer_as.clone()),
         video,
         audio,
         encoder: EncoderSettings {
@@ -396,7 +408,7 @@ async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
         chat: args.chat.clone(),
         hold_description: None,
     };
-    let session = call::start(config);
+    let session = call::start_on(config, connection);
     let mut state = session.watch_state();
     let mut cpu_start = None;
     eprintln!("duet: {}", session.state().describe());
@@ -457,4 +469,32 @@ async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Signs in as `name` and waits for a direct call to it: the call's id and the signed-in
+/// connection it rang on (only that connection can accept it).
+async fn answer_incoming(
+    server: &str,
+    name: &str,
+    wait: Duration,
+) -> anyhow::Result<(String, call::Connection)> {
+    let mut presence = call::Presence::sign_in(server, name, None).await?;
+    eprintln!("duet: signed in as {name}; waiting up to {wait:?} for a call");
+    let call_id = tokio::time::timeout(wait, async {
+        loop {
+            match presence.next_event().await {
+                call::PresenceEvent::IncomingCall { call_id, from } => {
+                    eprintln!("duet: {from} is calling; accepting");
+                    return Ok(call_id);
+                }
+                call::PresenceEvent::CallCancelled { .. } => {}
+                call::PresenceEvent::Lost { detail } => {
+                    anyhow::bail!("the signaling connection closed: {detail}")
+                }
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("nobody called {name} within {wait:?}"))??;
+    Ok((call_id, presence.into_connection()))
 }

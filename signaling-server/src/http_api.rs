@@ -1,5 +1,6 @@
 //! The HTTP API handlers: rooms (create, read, list, end), ICE servers, the OpenAPI
-//! document, and the `/r/{room_id}` landing text of join URLs.
+//! document, and the `/r/{room_id}` join URLs: the web client for browsers, a line of
+//! text for everything else.
 //!
 //! Every failure is JSON `{"error": code, "message": text}` with a fitting status, also
 //! for bodies axum would reject by itself: handlers take raw bytes and extractor results
@@ -794,11 +795,16 @@ async fn openapi() -> Response {
         .into_response()
 }
 
-/// What a browser shows for a join URL: the room id and how to use it.
+/// A join URL: browsers get the web client (which joins the room); other clients a
+/// line of text with the room id and how to use it.
 async fn join_page(
     State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Response {
+    if crate::web::wants_html(&headers) {
+        return crate::web::index_page(&headers);
+    }
     let Ok(Path(room_id)) = path else {
         return (StatusCode::BAD_REQUEST, "bad room id\n").into_response();
     };

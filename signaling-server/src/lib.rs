@@ -10,6 +10,8 @@
 //! - [`config`]: command-line flags and defaults (also the embedding API's settings).
 //! - [`server`]: start/stop, HTTP routes and the WebSocket upgrade.
 //! - `http_api` (private): the HTTP API handlers, JSON errors, auth, OpenAPI document.
+//! - `web` (private): the browser client (`/`, `/r/{room_id}`, `/app/...`): HTML, CSS and
+//!   JavaScript modules from `web/`, compiled in, served with a strict CSP.
 //! - [`connection`] (private): one task per WebSocket; limits, pings, reading, writing.
 //! - [`websocket`]: RFC 6455 frame decoding/encoding that can skip oversized messages.
 //! - [`hub`]: the room state behind one mutex, and delivery to connection queues.
@@ -35,6 +37,7 @@
 
 mod connection;
 mod http_api;
+mod web;
 
 pub mod api;
 pub mod clock;

@@ -500,6 +500,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/ws", get(upgrade))
         .merge(http_api::routes())
+        .merge(crate::web::routes())
         .fallback(http_api::not_found)
         .method_not_allowed_fallback(http_api::method_not_allowed)
         .with_state(shared)

@@ -116,18 +116,37 @@ impl Presence {
     pub fn poll(&mut self) -> Vec<PresenceEvent> {
         let mut events = Vec::new();
         while let Ok(m) = self.incoming.try_recv() {
-            match m {
-                Incoming::Message(ServerMessage::IncomingCall { call_id, from }) => {
-                    events.push(PresenceEvent::IncomingCall { call_id, from });
-                }
-                Incoming::Message(ServerMessage::CallCancelled { call_id }) => {
-                    events.push(PresenceEvent::CallCancelled { call_id });
-                }
-                Incoming::Message(_) => {}
-                Incoming::Closed { detail } => events.push(PresenceEvent::Lost { detail }),
-            }
+            events.extend(Self::event(m));
         }
         events
+    }
+
+    /// Waits for the next event (for callers without a UI loop, e.g. the headless
+    /// command answering a call).
+    pub async fn next_event(&mut self) -> PresenceEvent {
+        loop {
+            let Some(m) = self.incoming.recv().await else {
+                return PresenceEvent::Lost {
+                    detail: "connection closed".into(),
+                };
+            };
+            if let Some(e) = Self::event(m) {
+                return e;
+            }
+        }
+    }
+
+    fn event(m: Incoming) -> Option<PresenceEvent> {
+        match m {
+            Incoming::Message(ServerMessage::IncomingCall { call_id, from }) => {
+                Some(PresenceEvent::IncomingCall { call_id, from })
+            }
+            Incoming::Message(ServerMessage::CallCancelled { call_id }) => {
+                Some(PresenceEvent::CallCancelled { call_id })
+            }
+            Incoming::Message(_) => None,
+            Incoming::Closed { detail } => Some(PresenceEvent::Lost { detail }),
+        }
     }
 
     /// Declines an incoming call (the caller hears "declined").
