@@ -168,9 +168,10 @@ const RECOVERY_USE: f64 = 0.75;
 
 /// Watches the round trip for a standing queue (see the module docs): round-trip samples
 /// and the rate sent in, a ceiling for the target out.
-/// - A queue appears (round trip > minimum + [`QUEUE_LIMIT`]): the ceiling is 0.6 x the
-///   rate that was sent (what entered the queue is more than the link carries).
-/// - It does not shrink by the next sample: 0.7 x again (a drain, BBR-style).
+/// - A queue appears (round trip > minimum + [`QUEUE_LIMIT`]): the ceiling is 0.7 x the
+///   rate sent over the last second (what entered the queue is more than the link
+///   carries).
+/// - It has not started to shrink a second later: 0.7 x again (a drain, BBR-style).
 /// - It is gone: the ceiling stays at the rate that drained it and climbs while used:
 ///   slowly up to a little above the rate that built the queue (the knee), faster beyond
 ///   (above the congestion controller's estimate it no longer matters).
@@ -183,12 +184,34 @@ pub struct QueueGuard {
     /// The rate sent when the last queue was found.
     knee: f64,
     last: Option<Instant>,
+    /// When the ceiling was last cut (a drain shows only after a while).
+    cut_at: Option<Instant>,
+    /// Bytes sent so far, over the last [`SENT_RATE_WINDOW`].
+    sent: VecDeque<(Instant, u64)>,
 }
 
+/// A standing queue's ceiling is cut again at most this often: the round trip needs
+/// about this long to show that a cut drains it.
+const CUT_EVERY: Duration = Duration::from_secs(1);
+
 impl QueueGuard {
-    /// A new round-trip sample at `now` and the rate sent lately (all media, bits per
-    /// second); returns the ceiling to apply (None: none).
-    pub fn update(&mut self, now: Instant, rtt: Duration, sent_bps: f64) -> Option<f64> {
+    /// A new round-trip sample at `now` and the bytes sent so far (all media); returns the
+    /// ceiling to apply (None: none).
+    pub fn update(&mut self, now: Instant, rtt: Duration, bytes_sent: u64) -> Option<f64> {
+        self.sent.push_back((now, bytes_sent));
+        while self
+            .sent
+            .get(1)
+            .is_some_and(|&(at, _)| now.saturating_duration_since(at) >= SENT_RATE_WINDOW)
+        {
+            self.sent.pop_front();
+        }
+        let sent_bps = match (self.sent.front(), self.sent.back()) {
+            (Some(&(t0, b0)), Some(&(t1, b1))) if t1 > t0 => {
+                b1.saturating_sub(b0) as f64 * 8.0 / (t1 - t0).as_secs_f64()
+            }
+            _ => return self.ceiling,
+        };
         let previous = self.samples.back().copied();
         let elapsed = self
             .last
@@ -201,13 +224,20 @@ impl QueueGuard {
         let min = self.samples.iter().min().copied().unwrap_or(rtt);
         let floor = APP_LIMITED_FLOOR_BPS / 3.0;
         if rtt > min + QUEUE_LIMIT {
-            let draining = previous.is_some_and(|p| rtt + Duration::from_millis(20) < p);
+            let draining = previous.is_some_and(|p| rtt < p);
+            let may_cut = self
+                .cut_at
+                .is_none_or(|at| now.saturating_duration_since(at) >= CUT_EVERY);
             let ceiling = match (self.queue, self.ceiling) {
-                (true, Some(c)) if draining => c,
-                (true, Some(c)) => c * 0.7,
+                (true, Some(c)) if draining || !may_cut => c,
+                (true, Some(c)) => {
+                    self.cut_at = Some(now);
+                    c * 0.7
+                }
                 _ => {
                     self.knee = sent_bps;
-                    sent_bps * 0.6
+                    self.cut_at = Some(now);
+                    sent_bps * 0.7
                 }
             };
             self.ceiling = Some(ceiling.max(floor));
@@ -564,36 +594,59 @@ mod tests {
     fn a_standing_queue_puts_a_ceiling_on_the_target_until_it_drains() {
         let ms = Duration::from_millis;
         let t = Instant::now();
-        let at = |s: u64| t + Duration::from_secs(s);
         let mut guard = QueueGuard::default();
-        assert_eq!(guard.update(at(0), ms(80), 900_000.0), None);
-        assert_eq!(
-            guard.update(at(1), ms(150), 900_000.0),
-            None,
-            "within the limit"
-        );
-        // A queue: below what entered it.
-        assert_eq!(guard.update(at(2), ms(300), 1_000_000.0), Some(600_000.0));
-        // Not draining: lower again; draining: kept.
-        assert_eq!(guard.update(at(3), ms(300), 700_000.0), Some(420_000.0));
-        assert_eq!(guard.update(at(4), ms(200), 450_000.0), Some(420_000.0));
+        // Samples every 250 ms; `rate` kbit/s sent meanwhile.
+        let mut at = t;
+        let mut bytes = 0u64;
+        let mut step = |guard: &mut QueueGuard, rtt: u64, kbps: u64| {
+            at += ms(250);
+            bytes += kbps * 1000 / 8 / 4;
+            guard.update(at, ms(rtt), bytes)
+        };
+        for _ in 0..8 {
+            assert_eq!(step(&mut guard, 80, 1000), None);
+        }
+        assert_eq!(step(&mut guard, 150, 1000), None, "within the limit");
+        // A queue: 0.7 x the rate sent over the last second.
+        let first = step(&mut guard, 300, 1000).unwrap_or(0.0);
+        assert!((first - 700_000.0).abs() < 1.0, "{first}");
+        // Not draining, but too soon to tell: kept; a second later: cut again.
+        assert_eq!(step(&mut guard, 310, 700), Some(first));
+        assert_eq!(step(&mut guard, 320, 700), Some(first));
+        assert_eq!(step(&mut guard, 330, 700), Some(first));
+        assert_eq!(step(&mut guard, 330, 700), Some(first * 0.7));
+        // Draining: kept.
+        assert_eq!(step(&mut guard, 250, 450), Some(first * 0.7));
+        assert_eq!(step(&mut guard, 200, 450), Some(first * 0.7));
         // Drained: the draining ceiling stays, then climbs slowly while used.
-        assert_eq!(guard.update(at(5), ms(85), 400_000.0), Some(420_000.0));
-        assert_eq!(
-            guard.update(at(7), ms(85), 300_000.0),
-            Some(420_000.0),
-            "not used: held"
-        );
-        assert_eq!(
-            guard.update(at(9), ms(85), 400_000.0),
-            Some(420_000.0 + 2.0 * RECOVERY_BPS_PER_SEC)
+        let drained = step(&mut guard, 85, 450).unwrap_or(0.0);
+        assert_eq!(drained, first * 0.7);
+        // Not used (the window forgets the drain's second first): held.
+        for _ in 0..4 {
+            step(&mut guard, 85, 200);
+        }
+        let held = step(&mut guard, 85, 200).unwrap_or(0.0);
+        for _ in 0..4 {
+            assert_eq!(step(&mut guard, 85, 200), Some(held), "not used: held");
+        }
+        assert!(held < drained + 0.5 * RECOVERY_BPS_PER_SEC, "{held}");
+        let drained = held;
+        let mut c = drained;
+        for _ in 0..8 {
+            c = step(&mut guard, 85, (c / 1000.0) as u64).unwrap_or(0.0);
+        }
+        // Slowly: at most 60 kbit/s a second (less while the window still holds the idle
+        // second).
+        assert!(
+            c > drained + 0.5 * RECOVERY_BPS_PER_SEC
+                && c <= drained + 2.0 * RECOVERY_BPS_PER_SEC + 1.0,
+            "{drained} -> {c}"
         );
         // Well above the rate that built the queue (the link got better): faster.
-        let mut c = 540_000.0;
-        for s in 10..30 {
-            c = guard.update(at(s), ms(85), c).unwrap_or(0.0);
+        for _ in 0..80 {
+            c = step(&mut guard, 85, (c / 1000.0) as u64).unwrap_or(0.0);
         }
-        assert!(c > 5_000_000.0, "{c}");
+        assert!(c > 4_000_000.0, "{c}");
 
         // The pacer applies it.
         let mut p = MediaPacer::new(1_000_000.0);

@@ -380,12 +380,14 @@ impl Peer {
             }))
             // A path that goes quiet is `disconnected` after 2.5 s (the crate's 5 s plus a
             // 2 s keepalive meant 7 s of frozen video before an ICE restart could even
-            // start), `failed` after 15 s; keepalives every second keep that honest when
-            // no media flows.
+            // start), `failed` after 15 s. Keepalives (STUN binding requests on the
+            // selected pair) five times a second keep that honest when no media flows, and
+            // measure the round trip the queue guard watches (a 100-byte check each way,
+            // ~4 kbit/s).
             .with_ice_timeouts(
                 Some(Duration::from_millis(2500)),
                 Some(Duration::from_secs(15)),
-                Some(Duration::from_secs(1)),
+                Some(Duration::from_millis(200)),
             )
             .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
             // An ICE restart closes the UDP sockets, lists the interfaces again and binds

@@ -69,7 +69,6 @@ pub fn start_on(config: SessionConfig, connection: Option<Connection>) -> Sessio
         addresses: super::peer::usable_addresses(),
         queue_guard: QueueGuard::default(),
         last_rtt: None,
-        sent_at: None,
         signal_tx: None,
         last_peer_stats: PeerStats::default(),
         warnings: Vec::new(),
@@ -134,11 +133,9 @@ struct Session {
     /// Offers/answers held back by `hold_description` (a testing aid), with when they go.
     held: std::collections::VecDeque<(Instant, ClientMessage)>,
     last_peer_stats: PeerStats,
-    /// Watches the round trip for a standing queue, with the last sample it saw and when
-    /// how many bytes had been sent.
+    /// Watches the round trip for a standing queue, with the last sample it saw.
     queue_guard: QueueGuard,
     last_rtt: Option<Duration>,
-    sent_at: Option<(Instant, u64)>,
     /// This machine's usable addresses at the last look (see [`super::peer::usable_addresses`]).
     addresses: std::collections::BTreeSet<std::net::IpAddr>,
     warnings: Vec<String>,
@@ -161,7 +158,9 @@ impl Session {
         self.open_capture(&chat_tx);
         // Statistics, and with them the congestion controller's estimate for the encoder,
         // twice a second.
-        let mut stats_tick = tokio::time::interval(Duration::from_millis(500));
+        // Four times a second: the queue guard reacts to a round trip that grew within a
+        // quarter second of the sample (the ICE keepalive measures it five times a second).
+        let mut stats_tick = tokio::time::interval(Duration::from_millis(250));
         stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         // Everything the server says arrives on one channel, whichever connection (the
@@ -325,20 +324,12 @@ impl Session {
                     let stats = peer.stats().await;
                     self.stats.lock().record_second(&stats);
                     let now = Instant::now();
-                    let sent_bps = self.sent_at.and_then(|(at, bytes)| {
-                        let secs = now.duration_since(at).as_secs_f64();
-                        (secs > 0.1)
-                            .then(|| stats.bytes_sent.saturating_sub(bytes) as f64 * 8.0 / secs)
-                    });
-                    self.sent_at = Some((now, stats.bytes_sent));
                     if let Some(rtt) = stats.rtt_ms.filter(|r| r.is_finite() && *r > 0.0) {
                         let rtt = Duration::from_secs_f64(rtt / 1000.0);
                         self.pipelines.set_rtt(rtt);
                         // A new round-trip sample (they come about once a second).
-                        if let Some(sent) = sent_bps
-                            && self.last_rtt != Some(rtt)
-                        {
-                            let ceiling = self.queue_guard.update(now, rtt, sent);
+                        if self.last_rtt != Some(rtt) {
+                            let ceiling = self.queue_guard.update(now, rtt, stats.bytes_sent);
                             peer.set_send_ceiling(ceiling.map(|c| c.round() as u64));
                         }
                         self.last_rtt = Some(rtt);
