@@ -58,6 +58,7 @@ fn summary(me: &Value, other: &Value) -> Value {
         "freeze_total_ms": me["freeze_total_ms"],
         "audio_frames_concealed": u(me, "audio_frames_concealed"),
         "rtt_ms": me["rtt_ms"],
+        "rate_requests_sent": u(me, "rate_requests_sent"),
         "ice_restarts": u(me, "ice_restarts"),
         "signaling_resumes": u(me, "signaling_resumes"),
         "end": me["end_reason"],

@@ -17,6 +17,8 @@
 //!   at 2.5 x an estimate of several Mbit/s into a 1 Mbit/s link, tail-dropped, asked for
 //!   again: a keyframe storm. The capped estimate is the sending target; it paces the
 //!   video here and is published ([`PacerHandle`]) for the encoder;
+//! - the receiver's REMB ("send at most this", `media::arrival`: our direction is queued)
+//!   is a ceiling for [`REMB_HOLD`];
 //! - a standing queue is not allowed to stay ([`QueueGuard`]): GCC's delay detector sees
 //!   a queue while it grows, not once it is full (a full queue's delay no longer rises),
 //!   so a round trip 100 ms above the path's minimum puts a ceiling on the target that
@@ -31,6 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rtc::interceptor::{Attribute, Interceptor, Packet, StreamInfo, TaggedPacket};
+use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::sansio::Protocol;
 use rtc::shared::marshal::MarshalSize as _;
 
@@ -46,6 +49,8 @@ pub const APP_LIMITED_HEADROOM_BPS: f64 = 100_000.0;
 /// keyframe crawl out.
 pub const APP_LIMITED_FLOOR_BPS: f64 = 300_000.0;
 pub const SENT_RATE_WINDOW: Duration = Duration::from_secs(1);
+/// A REMB is a ceiling for this long (the receiver repeats it while the queue stands).
+pub const REMB_HOLD: Duration = Duration::from_millis(1500);
 /// At most this many packets are queued; more are refused (the NACK responder still has
 /// them, so a refused packet is repaired like a lost one).
 const MAX_QUEUED_PACKETS: usize = 4096;
@@ -128,6 +133,7 @@ impl SentRate {
 pub struct PacerHandle {
     target: Arc<AtomicU64>,
     ceiling: Arc<AtomicU64>,
+    remb: Arc<AtomicU64>,
 }
 
 impl PacerHandle {
@@ -137,6 +143,13 @@ impl PacerHandle {
 
     pub fn set_ceiling(&self, bps: Option<u64>) {
         self.ceiling.store(bps.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// The receiver's REMB while it holds, if any.
+    pub fn remb_bps(&self) -> Option<f64> {
+        Some(self.remb.load(Ordering::Relaxed))
+            .filter(|&b| b > 0)
+            .map(|b| b as f64)
     }
 
     /// The ceiling put on the target, if any.
@@ -267,6 +280,8 @@ pub struct MediaPacer {
     /// The estimate capped by what is really sent (see the module docs).
     target_bps: f64,
     sent: SentRate,
+    /// The receiver's last REMB and until when it holds.
+    remb: Option<(f64, Instant)>,
     handle: PacerHandle,
     audio_ssrcs: HashSet<u32>,
     /// Queued video; each packet's `now` is when it was queued.
@@ -288,6 +303,7 @@ impl MediaPacer {
             estimate_bps: initial_bps,
             target_bps: initial_bps,
             sent: SentRate::default(),
+            remb: None,
             handle: PacerHandle::default(),
             audio_ssrcs: HashSet::new(),
             video: VecDeque::new(),
@@ -321,10 +337,18 @@ impl MediaPacer {
             ),
             None => self.estimate_bps,
         };
-        self.target_bps = self
-            .handle
-            .ceiling_bps()
-            .map_or(target, |ceiling| target.min(ceiling));
+        let remb = self
+            .remb
+            .filter(|&(_, until)| now < until)
+            .map(|(bps, _)| bps.max(APP_LIMITED_FLOOR_BPS / 3.0));
+        self.handle
+            .remb
+            .store(remb.map_or(0, |b| b.round() as u64), Ordering::Relaxed);
+        let ceiling = [self.handle.ceiling_bps(), remb]
+            .into_iter()
+            .flatten()
+            .reduce(f64::min);
+        self.target_bps = ceiling.map_or(target, |c| target.min(c));
         self.handle
             .target
             .store(self.target_bps.round() as u64, Ordering::Relaxed);
@@ -357,6 +381,16 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for MediaPacer {
             })
         {
             self.estimate_bps = *bits_per_second;
+            self.update_target(msg.now);
+        }
+        if let Packet::Rtcp(packets) = &msg.message.packet
+            && let Some(remb) = packets
+                .iter()
+                .find_map(|p| p.as_any().downcast_ref::<ReceiverEstimatedMaximumBitrate>())
+            && remb.bitrate.is_finite()
+            && remb.bitrate > 0.0
+        {
+            self.remb = Some((f64::from(remb.bitrate), msg.now + REMB_HOLD));
             self.update_target(msg.now);
         }
         self.read.push_back(msg);
@@ -658,6 +692,30 @@ mod tests {
         handle.set_ceiling(None);
         p.update_target(Instant::now());
         assert_eq!(p.target_bps(), 1_000_000.0);
+    }
+
+    #[test]
+    fn a_remb_is_a_ceiling_while_it_holds() {
+        let t = Instant::now();
+        let mut p = MediaPacer::new(2_000_000.0);
+        let handle = p.handle();
+        let remb = ReceiverEstimatedMaximumBitrate {
+            sender_ssrc: 0,
+            bitrate: 450_000.0,
+            ssrcs: vec![2],
+        };
+        p.handle_read(TaggedPacket {
+            now: t,
+            transport: Default::default(),
+            message: AttributedPacket::new(Packet::Rtcp(vec![Box::new(remb)])),
+        })
+        .ok();
+        assert_eq!(p.target_bps(), 450_000.0);
+        assert_eq!(handle.remb_bps(), Some(450_000.0));
+        // Not repeated: it lapses.
+        p.update_target(t + REMB_HOLD);
+        assert_eq!(p.target_bps(), 2_000_000.0);
+        assert_eq!(handle.remb_bps(), None);
     }
 
     #[test]

@@ -615,9 +615,11 @@ impl Peer {
         }
         // What the path carries: GCC's estimate, under the queue guard's ceiling (GCC
         // misses a standing queue).
-        if let (Some(estimate), Some(ceiling)) =
-            (stats.estimate_bitrate_bps, self.pacer.ceiling_bps())
-        {
+        let ceiling = [self.pacer.ceiling_bps(), self.pacer.remb_bps()]
+            .into_iter()
+            .flatten()
+            .reduce(f64::min);
+        if let (Some(estimate), Some(ceiling)) = (stats.estimate_bitrate_bps, ceiling) {
             stats.estimate_bitrate_bps = Some(estimate.min(ceiling.round() as u64));
         }
         stats.target_bitrate_bps = match (stats.estimate_bitrate_bps, self.pacer.target_bps()) {

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rtc::media::Sample;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::{
     TransportLayerNack, nack_pairs_from_sequence_numbers,
 };
@@ -30,6 +31,7 @@ use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 
 use super::peer::{LocalTrack, PeerStats, is_keyframe_request};
 use super::sleep_until;
+use crate::media::arrival::ArrivalMonitor;
 use crate::media::assembler::{AccessUnit, Assembled, FrameAssembler};
 use crate::media::audio::{
     AudioSink, AudioSource, JitterBuffer, OpusDecoder, OpusEncoder, Playout, SAMPLE_RATE,
@@ -47,6 +49,8 @@ use crate::media::video::{
 #[derive(Debug)]
 pub struct MediaStats {
     pub started: Instant,
+    /// REMBs we sent (our direction was queued: "send at most this").
+    pub rate_requests_sent: u64,
     /// ICE restarts we made, and signaling connections that got our seat back.
     pub ice_restarts: u64,
     pub signaling_resumes: u64,
@@ -105,6 +109,7 @@ impl MediaStats {
     pub fn new() -> MediaStats {
         MediaStats {
             started: Instant::now(),
+            rate_requests_sent: 0,
             ice_restarts: 0,
             signaling_resumes: 0,
             connected_after: None,
@@ -590,6 +595,7 @@ impl Pipelines {
         self.tasks.push(tokio::spawn(async move {
             let media_ssrc = track.ssrcs().await.first().copied().unwrap_or(0);
             let mut assembler = FrameAssembler::new();
+            let mut arrival = ArrivalMonitor::new();
             loop {
                 let wake = assembler.poll_timeout();
                 tokio::select! {
@@ -597,6 +603,19 @@ impl Pipelines {
                         Some(TrackRemoteEvent::OnRtpPacket(packet)) => {
                             stats.lock().video_bytes_received += packet.payload.len() as u64;
                             let h = &packet.header;
+                            // Our direction queued: ask the sender for what gets through.
+                            if let Some(bps) =
+                                arrival.push(Instant::now(), h.timestamp, packet.payload.len())
+                            {
+                                let remb = ReceiverEstimatedMaximumBitrate {
+                                    sender_ssrc: 0,
+                                    bitrate: bps as f32,
+                                    ssrcs: vec![media_ssrc],
+                                };
+                                let sent = track.write_rtcp(vec![Box::new(remb)]).await;
+                                stats.lock().rate_requests_sent += 1;
+                                tracing::debug!(?sent, bps, queue = ?arrival.queue(), "REMB sent");
+                            }
                             assembler.push(
                                 h.sequence_number,
                                 h.timestamp,

@@ -10,12 +10,15 @@
 //!   `unsafe`: two openh264 `SetOption` calls).
 //! - [`assembler`]: received H.264 RTP packets -> complete access units, waiting for
 //!   retransmissions and deciding when to ask for a keyframe (pure, unit-tested).
+//! - [`arrival`]: a received stream's one-way queueing delay and rate, and when to ask
+//!   its sender to slow down (REMB) (pure, unit-tested).
 //! - [`audio`]: 48 kHz mono PCM, the `AudioSource` trait, sine and WAV sources, Opus, sinks.
 //! - [`device`]: the real microphone and speaker (cpal) behind the same traits.
 //! - [`camera`]: the real camera (nokhwa) as a `VideoSource`, and pixel format conversion.
 //! - [`capture`]: a video source on its own thread, feeding the encoder and a self-view.
 //! - [`picture`]: RGBA pictures for a display and the slot the newest one waits in.
 
+pub mod arrival;
 pub mod assembler;
 pub mod audio;
 pub mod camera;
