@@ -26,7 +26,7 @@ struct Args {
     /// Only this row: clean, lossy, home, bad, step, flap, move, signaling.
     #[arg(long)]
     only: Option<String>,
-    /// Length of each call (the step row takes 35 s whatever this says).
+    /// Length of each call (the step row takes 45 s whatever this says).
     #[arg(long, default_value_t = 20)]
     seconds: u64,
     #[arg(long, hide = true)]
@@ -89,7 +89,7 @@ fn main() {
         t.client_args = ["--width", "640", "--height", "480", "--fps", "30"]
             .map(String::from)
             .to_vec();
-        let secs = if row == "step" { 35 } else { args.seconds };
+        let secs = if row == "step" { 45 } else { args.seconds };
         let duration = format!("{secs}s");
         for side in ["a", "b"] {
             match row {
