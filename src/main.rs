@@ -49,6 +49,10 @@ struct WindowArgs {
     /// Show the stats overlay (resolution, fps, bitrate, RTT, loss, path) in calls.
     #[arg(long)]
     stats: bool,
+    /// The API key "New meeting" sends, for servers that require one to create meetings
+    /// (remembered like the other lobby fields).
+    #[arg(long, value_name = "KEY", env = "DUET_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     #[command(flatten)]
     network: NetworkArgs,
 }
@@ -269,6 +273,9 @@ fn run_window(args: WindowArgs) -> ExitCode {
             }
             if let Some(v) = args.name {
                 lobby.name = v;
+            }
+            if let Some(v) = args.api_key {
+                lobby.api_key = v;
             }
             match args.video.as_deref() {
                 Some("test-pattern") => lobby.video = duet::ui::VideoChoice::TestPattern,

@@ -24,8 +24,12 @@ pub enum MeetingError {
     /// An `https://` connection failed in TLS; the text says why in words.
     #[error("cannot connect securely to {0}")]
     Tls(String),
-    #[error("the server needs an API key to create meetings")]
+    #[error(
+        "the server needs an API key to create meetings (the lobby's API key field, or --api-key)"
+    )]
     NeedsApiKey,
+    #[error("the API key is not usable in an HTTP header (only visible ASCII)")]
+    BadApiKey,
     #[error("the server refused: {0}")]
     Refused(String),
     #[error("the server's answer was not understood: {0}")]
@@ -90,11 +94,13 @@ fn endpoint(server: &str) -> Result<Endpoint, MeetingError> {
 /// Creates a meeting; the answer carries its id, join link and host token. `https://`
 /// servers are checked against the process's default trust
 /// ([`crate::tls::set_default_trust`]).
+/// `api_key` is sent as `Authorization: Bearer` (servers with a key require it).
 pub async fn create(
     server: &str,
     request: &CreateRoomRequest,
+    api_key: Option<&str>,
 ) -> Result<CreatedRoom, MeetingError> {
-    create_with(server, &crate::tls::default_trust(), request).await
+    create_with(server, &crate::tls::default_trust(), request, api_key).await
 }
 
 /// [`create`] trusting the certificate authorities of `trust`.
@@ -102,7 +108,15 @@ pub async fn create_with(
     server: &str,
     trust: &Trust,
     request: &CreateRoomRequest,
+    api_key: Option<&str>,
 ) -> Result<CreatedRoom, MeetingError> {
+    let authorization = match api_key {
+        Some(key) => Some(
+            hyper::header::HeaderValue::from_str(&format!("Bearer {key}"))
+                .map_err(|_| MeetingError::BadApiKey)?,
+        ),
+        None => None,
+    };
     let endpoint = endpoint(server)?;
     let authority = endpoint.authority.clone();
     let body = serde_json::to_vec(request).map_err(|e| MeetingError::BadAnswer(e.to_string()))?;
@@ -111,7 +125,7 @@ pub async fn create_with(
             .await
             .map_err(|e| MeetingError::Unreachable(format!("{authority}: {e}")))?;
         if !endpoint.secure {
-            return post(TokioIo::new(tcp), &authority, body).await;
+            return post(TokioIo::new(tcp), &authority, authorization, body).await;
         }
         let config = trust
             .client_config()
@@ -126,7 +140,7 @@ pub async fn create_with(
                 Some(reason) => MeetingError::Tls(format!("{authority}: {reason}")),
                 None => MeetingError::Unreachable(format!("{authority}: {e}")),
             })?;
-        post(TokioIo::new(tls), &authority, body).await
+        post(TokioIo::new(tls), &authority, authorization, body).await
     };
     let (status, bytes) = tokio::time::timeout(Duration::from_secs(10), exchange)
         .await
@@ -147,6 +161,7 @@ pub async fn create_with(
 async fn post<S>(
     io: TokioIo<S>,
     authority: &str,
+    authorization: Option<hyper::header::HeaderValue>,
     body: Vec<u8>,
 ) -> Result<(hyper::StatusCode, Bytes), MeetingError>
 where
@@ -160,9 +175,13 @@ where
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    let req = hyper::Request::post(ROOMS_PATH)
+    let mut req = hyper::Request::post(ROOMS_PATH)
         .header(hyper::header::HOST, authority)
-        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header(hyper::header::CONTENT_TYPE, "application/json");
+    if let Some(value) = authorization {
+        req = req.header(hyper::header::AUTHORIZATION, value);
+    }
+    let req = req
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| MeetingError::BadAnswer(e.to_string()))?;
     let response = sender

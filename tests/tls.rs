@@ -223,7 +223,7 @@ async fn another_hosts_certificate_fails_with_a_clear_reason() {
     );
     // The meetings client says the same.
     let request = CreateRoomRequest::default();
-    match meetings::create_with(&localhost(&server, "https"), &trust, &request).await {
+    match meetings::create_with(&localhost(&server, "https"), &trust, &request, None).await {
         Err(MeetingError::Tls(reason)) => {
             assert!(reason.contains("is for another host name"), "{reason}")
         }
@@ -241,7 +241,7 @@ async fn wss_and_meetings_over_https_with_the_right_ca() {
 
     // A meeting created over https has an https join link.
     let request = CreateRoomRequest::default();
-    let created = meetings::create_with(&localhost(&server, "https"), &trust, &request)
+    let created = meetings::create_with(&localhost(&server, "https"), &trust, &request, None)
         .await
         .unwrap();
     let port = server.local_addr().port();
@@ -285,9 +285,14 @@ async fn wss_and_meetings_over_https_with_the_right_ca() {
         err.contains("the server's certificate is not trusted") && err.contains("--ca-file"),
         "{err}"
     );
-    let err = meetings::create_with(&localhost(&server, "https"), &Trust::system(), &request)
-        .await
-        .unwrap_err();
+    let err = meetings::create_with(
+        &localhost(&server, "https"),
+        &Trust::system(),
+        &request,
+        None,
+    )
+    .await
+    .unwrap_err();
     assert!(
         err.to_string()
             .contains("the server's certificate is not trusted"),

@@ -303,3 +303,52 @@ fn new_meeting_hosted_and_ended_for_both_and_a_scheduled_one_is_not_open_yet() {
     assert!(!harness.state().in_call());
     runtime.block_on(server.stop());
 }
+
+#[test]
+fn new_meeting_sends_the_api_key_a_server_requires() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let key = "k".repeat(40);
+    let server = runtime
+        .block_on(signaling_server::Server::start(signaling_server::Config {
+            api_key: Some(signaling_server::config::Secret(key.clone())),
+            ..signaling_server::Config::ephemeral()
+        }))
+        .unwrap();
+    let lobby = Lobby {
+        server: server.ws_url(),
+        name: "host".into(),
+        video: VideoChoice::TestPattern,
+        audio: AudioChoice::Tone,
+        preview: false,
+        ..Lobby::default()
+    };
+    // Without the key: refused, in words.
+    let mut harness = window(&runtime, lobby.clone());
+    harness.get_by_label("New meeting").click();
+    assert!(step_until(&mut harness, 10, |h| shows(
+        h,
+        "needs an API key"
+    )));
+    assert!(harness.state().created_meeting().is_none());
+    // A wrong key is refused too.
+    let mut harness = window(
+        &runtime,
+        Lobby {
+            api_key: "w".repeat(40),
+            ..lobby.clone()
+        },
+    );
+    harness.get_by_label("New meeting").click();
+    assert!(step_until(&mut harness, 10, |h| shows(
+        h,
+        "needs an API key"
+    )));
+    // With it (typed into the lobby's field): created.
+    let mut harness = window(&runtime, lobby);
+    harness.state_mut().lobby.api_key = key;
+    harness.get_by_label("New meeting").click();
+    assert!(step_until(&mut harness, 10, |h| h
+        .state()
+        .created_meeting()
+        .is_some()));
+}

@@ -54,6 +54,16 @@ impl App {
                     )
                     .labelled_by(label.id);
                     ui.end_row();
+                    let label = ui.label("API key");
+                    ui.add(
+                        egui::TextEdit::singleline(&mut self.lobby.api_key)
+                            .password(true)
+                            .hint_text("only if the server needs one for meetings")
+                            .desired_width(260.0)
+                            .id_salt("api_key"),
+                    )
+                    .labelled_by(label.id);
+                    ui.end_row();
                     self.device_pickers(ui);
                 });
             ui.add_space(8.0);

@@ -52,6 +52,8 @@ pub struct Lobby {
     pub name: String,
     /// Empty: the default server (started in-process when none answers).
     pub server: String,
+    /// Sent with "New meeting" to servers that require an API key (empty: none).
+    pub api_key: String,
     pub video: VideoChoice,
     pub audio: AudioChoice,
     /// None: the default speaker.
@@ -71,6 +73,7 @@ impl Default for Lobby {
             room: String::new(),
             name: String::new(),
             server: String::new(),
+            api_key: String::new(),
             video: VideoChoice::Camera(None),
             audio: AudioChoice::Microphone(None),
             speaker: None,
@@ -378,13 +381,15 @@ impl App {
             ttl_s: None,
         };
         let server = self.lobby.server.clone();
+        let api_key = Some(self.lobby.api_key.trim().to_owned()).filter(|k| !k.is_empty());
         let notify = self.notify.clone();
         self.message = None;
         self.meetings.creating = Some(self.runtime.spawn(async move {
             let result = match crate::signaling::resolve_server(Some(&server)).await {
-                Ok((server, embedded)) => {
-                    (crate::meetings::create(&server, &request).await, embedded)
-                }
+                Ok((server, embedded)) => (
+                    crate::meetings::create(&server, &request, api_key.as_deref()).await,
+                    embedded,
+                ),
                 Err(e) => (Err(MeetingError::Unreachable(e.to_string())), None),
             };
             if let Some(n) = notify {
