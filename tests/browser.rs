@@ -145,7 +145,9 @@ fn forward_stderr(child: &mut Child, who: &'static str) -> std::sync::mpsc::Rece
 
 fn wait_native(mut child: Child, report: &Path) -> Value {
     let status = child.wait().unwrap();
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap();
+    let text = std::fs::read_to_string(report)
+        .unwrap_or_else(|e| panic!("native client ({status:?}) left no report: {e}"));
+    let report: Value = serde_json::from_str(&text).unwrap();
     println!("native report: {report:#}");
     assert!(status.success(), "native client: {status:?}");
     report
