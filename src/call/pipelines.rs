@@ -630,7 +630,13 @@ impl Pipelines {
                     Some(()) = failed_rx.recv() => assembler.decoder_failed(Instant::now()),
                     _ = sleep_until(wake), if wake.is_some() => {}
                 }
-                assembler.set_rtt(*rtt.borrow_and_update());
+                // Measurements only (the watch starts with a guess) for the arrival monitor.
+                let measured = rtt.has_changed().unwrap_or(false);
+                let now_rtt = *rtt.borrow_and_update();
+                assembler.set_rtt(now_rtt);
+                if measured {
+                    arrival.set_rtt(now_rtt);
+                }
                 let now = Instant::now();
                 while let Some(out) = assembler.poll(now) {
                     match out {

@@ -14,6 +14,13 @@
 //!
 //! Only a frame's first packet counts: the rest of a keyframe leaves the sender's pacer
 //! later on purpose, which is not network delay.
+//!
+//! And a frame can also wait in the sender (its pacer, its encoder): that delay is not
+//! the path's, and answering it with "send less" makes the sender queue more: a ratchet
+//! (measured with Chromium as the sender: it obeyed down to 30-190 kbit/s on a clean
+//! uplink). A queue on the path lengthens the round trip as well (ICE's checks cross the
+//! same path but no pacer), so a request also needs the round trip to have grown by at
+//! least half the one-way queue.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -46,11 +53,25 @@ pub struct ArrivalMonitor {
     arrived_bytes: usize,
     last_report: Option<Instant>,
     queue: Duration,
+    /// The round trip now, and its minimum so far.
+    rtt: Option<(Duration, Duration)>,
 }
 
 impl ArrivalMonitor {
     pub fn new() -> ArrivalMonitor {
         ArrivalMonitor::default()
+    }
+
+    /// A new round-trip measurement (ICE checks: they cross the path, not a pacer).
+    pub fn set_rtt(&mut self, rtt: Duration) {
+        let min = self.rtt.map_or(rtt, |(_, m)| m.min(rtt));
+        self.rtt = Some((rtt, min));
+    }
+
+    /// Whether the round trip grew along with the one-way queue (see the module docs).
+    fn path_queued(&self) -> bool {
+        self.rtt
+            .is_some_and(|(rtt, min)| rtt.saturating_sub(min) >= self.queue / 2)
     }
 
     /// The queueing delay seen last.
@@ -107,7 +128,7 @@ impl ArrivalMonitor {
         let due = self
             .last_report
             .is_none_or(|t| now.saturating_duration_since(t) >= REPORT_EVERY);
-        if self.queue <= QUEUE_LIMIT || !due || window < RATE_WINDOW / 2 {
+        if self.queue <= QUEUE_LIMIT || !due || window < RATE_WINDOW / 2 || !self.path_queued() {
             return None;
         }
         self.last_report = Some(now);
@@ -170,7 +191,10 @@ mod tests {
     fn a_growing_queue_asks_for_less_than_arrives() {
         let t = Instant::now();
         let mut m = ArrivalMonitor::new();
+        m.set_rtt(Duration::from_millis(20));
         assert!(feed(&mut m, t, 0..60, 3, |_| Duration::ZERO).is_empty());
+        // The path's queue shows in the round trip too.
+        m.set_rtt(Duration::from_millis(300));
         // The queue grows 10 ms a frame from frame 60 on: asked once past 80 ms, for
         // 0.85 x (what arrives + audio), and not more often than every 250 ms.
         let asked = feed(&mut m, t, 60..90, 3, |f| {
@@ -184,6 +208,21 @@ mod tests {
             assert!((450_000..=700_000).contains(bps), "{bps}");
         }
         assert!(m.queue() > QUEUE_LIMIT);
+    }
+
+    #[test]
+    fn a_frame_waiting_in_the_sender_is_not_the_paths_queue() {
+        let t = Instant::now();
+        let mut m = ArrivalMonitor::new();
+        m.set_rtt(Duration::from_millis(20));
+        assert!(feed(&mut m, t, 0..60, 3, |_| Duration::ZERO).is_empty());
+        // One-way delay grows (the sender's pacer holds frames) but the round trip does
+        // not: nothing is asked.
+        let asked = feed(&mut m, t, 60..90, 3, |f| {
+            Duration::from_millis(u64::from(f - 60) * 10)
+        });
+        assert!(m.queue() > QUEUE_LIMIT);
+        assert!(asked.is_empty(), "{asked:?}");
     }
 
     #[test]
