@@ -860,7 +860,7 @@ fn video_decode_loop(
         // The reference is the pattern at the first (full) size; pictures the sender
         // scaled down for a thin link are not compared with it.
         let psnr = match (strip, sinks.reference_pattern) {
-            (Some(s), Some(noisy)) if decoded % 10 == 0 => {
+            (Some(s), Some(noisy)) if decoded.is_multiple_of(10) => {
                 let pattern = reference.get_or_insert_with(|| {
                     TestPattern::new(frame.width, frame.height, 30.0, noisy)
                 });
