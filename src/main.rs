@@ -123,6 +123,10 @@ struct CallArgs {
     /// Play the received audio on the default speaker.
     #[arg(long)]
     speaker: bool,
+    /// Echo cancellation, noise suppression and gain on the sent audio (default: on
+    /// for a microphone, off for synthetic sources).
+    #[arg(long, value_parser = ["on", "off"])]
+    audio_processing: Option<String>,
     /// Record the received audio to this WAV file.
     #[arg(long)]
     record_audio: Option<PathBuf>,
@@ -409,6 +413,7 @@ async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
         record_audio: args.record_audio.clone(),
         play_audio: args.speaker,
         speaker: None,
+        audio_processing: args.audio_processing.as_deref().map(|v| v == "on"),
         show_video: false,
         notify: None,
         reference_pattern: (args.expect_pattern || args.expect_noisy).then_some(args.expect_noisy),

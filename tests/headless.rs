@@ -15,7 +15,7 @@ async fn two_headless_processes_call_record_and_report() {
         .unwrap();
     let dir = std::env::temp_dir().join(format!("duet-headless-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let run = |name: &str, tone: &str| {
+    let run = |name: &str, tone: &str, processing: &str| {
         Command::new(env!("CARGO_BIN_EXE_duet"))
             .args([
                 "call",
@@ -36,6 +36,7 @@ async fn two_headless_processes_call_record_and_report() {
                 "20s",
             ])
             .args(["--expect-pattern", "--chat", &format!("hi from {name}")])
+            .args(["--audio-processing", processing])
             .arg("--report")
             .arg(dir.join(format!("{name}.json")))
             .arg("--record-video")
@@ -45,9 +46,11 @@ async fn two_headless_processes_call_record_and_report() {
             .spawn()
             .unwrap()
     };
-    let mut a = run("ann", "sine:500");
+    // Bob's tone goes through echo cancellation, noise suppression and gain (as a
+    // microphone's would) and must still arrive.
+    let mut a = run("ann", "sine:500", "off");
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let mut b = run("bob", "sine:700");
+    let mut b = run("bob", "sine:700", "on");
     let (sa, sb) = tokio::task::spawn_blocking(move || (a.wait().unwrap(), b.wait().unwrap()))
         .await
         .unwrap();
@@ -101,6 +104,7 @@ fn help_explains_the_headless_call() {
         "--record-video",
         "--report",
         "--relay-only",
+        "--audio-processing",
     ] {
         assert!(text.contains(flag), "--help lacks {flag}");
     }

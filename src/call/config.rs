@@ -92,6 +92,10 @@ pub struct SessionConfig {
     pub play_audio: bool,
     /// Speaker by name (None: the default one).
     pub speaker: Option<String>,
+    /// Echo cancellation, noise suppression and gain on what we send. None: on for a
+    /// real microphone (which hears our speaker), off for synthetic sources (which
+    /// tests compare sample by sample).
+    pub audio_processing: Option<bool>,
     /// Fill [`SessionHandle::local_picture`] and [`SessionHandle::remote_picture`] with
     /// RGBA pictures for a window (headless runs skip the conversion).
     pub show_video: bool,
@@ -127,6 +131,7 @@ impl SessionConfig {
             record_audio: None,
             play_audio: false,
             speaker: None,
+            audio_processing: None,
             show_video: false,
             notify: None,
             reference_pattern: None,

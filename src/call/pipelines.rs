@@ -40,6 +40,7 @@ use crate::media::h264::{EncoderSettings, H264Decoder, H264Encoder};
 use crate::media::ladder::{Ladder, scaled_size};
 use crate::media::pace;
 use crate::media::picture::{Notify, Picture, PictureSlot};
+use crate::media::processing::AudioProcessor;
 use crate::media::scale::Scaler;
 use crate::media::video::{
     TestPattern, VideoFrame, Y4mWriter, psnr_luma, read_strip, wall_clock_us32,
@@ -501,12 +502,15 @@ impl Pipelines {
         }
     }
 
-    /// Audio: a 20 ms clock on a thread, Opus encode, write from a task.
+    /// Audio: a 20 ms clock on a thread, Opus encode, write from a task. With a
+    /// `processor`, the microphone is cleaned (echo, noise, gain) before encoding; the
+    /// receiver feeds the same processor what goes to the speaker.
     /// While `muted` is set, silence is sent instead of the source (which keeps running,
     /// so unmuting is instant).
     pub fn start_audio_sender(
         &mut self,
         mut source: Box<dyn AudioSource>,
+        processor: Option<Arc<Mutex<AudioProcessor>>>,
         muted: Arc<AtomicBool>,
         track: LocalTrack,
         stats: StatsHandle,
@@ -535,6 +539,14 @@ impl Pipelines {
                             return;
                         }
                     };
+                    // Processed even while muted, so the echo canceller stays adapted.
+                    if let Some(processor) = processor.as_ref() {
+                        let mut processor =
+                            processor.lock().unwrap_or_else(PoisonError::into_inner);
+                        if let Err(e) = processor.process_capture(&mut pcm) {
+                            tracing::warn!(error = %e, "audio processing (sent unprocessed)");
+                        }
+                    }
                     if muted.load(Ordering::Relaxed) {
                         pcm.fill(0);
                     }
@@ -717,6 +729,14 @@ impl Pipelines {
                         let excess = s.audio_tail.len().saturating_sub(SAMPLE_RATE as usize);
                         s.audio_tail.drain(..excess);
                     }
+                    // The echo canceller hears what the speaker is about to play.
+                    if let Some(processor) = sinks.far_end.as_ref() {
+                        let mut processor =
+                            processor.lock().unwrap_or_else(PoisonError::into_inner);
+                        if let Err(e) = processor.process_render(&pcm) {
+                            tracing::debug!(error = %e, "far end for the echo canceller");
+                        }
+                    }
                     if let Some(sink) = sinks.audio.as_ref() {
                         let mut sink = sink.lock().unwrap_or_else(PoisonError::into_inner);
                         if let Err(e) = sink.write(&pcm) {
@@ -824,6 +844,8 @@ pub struct ReceiveSinks {
     pub audio: Option<Arc<Mutex<Box<dyn AudioSink>>>>,
     /// When the remote sends the test pattern: compare decoded pixels with it (noisy?).
     pub reference_pattern: Option<bool>,
+    /// The microphone's echo canceller, told what the speaker plays (None: off).
+    pub far_end: Option<Arc<Mutex<AudioProcessor>>>,
 }
 
 fn video_decode_loop(
@@ -866,7 +888,7 @@ fn video_decode_loop(
         // The reference is the pattern at the first (full) size; pictures the sender
         // scaled down for a thin link are not compared with it.
         let psnr = match (strip, sinks.reference_pattern) {
-            (Some(s), Some(noisy)) if decoded % 10 == 0 => {
+            (Some(s), Some(noisy)) if decoded.is_multiple_of(10) => {
                 let pattern = reference.get_or_insert_with(|| {
                     TestPattern::new(frame.width, frame.height, 30.0, noisy)
                 });

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
 use webrtc::peer_connection::RTCPeerConnectionState;
 
-use super::config::{Connection, SessionConfig, Target};
+use super::config::{AudioInput, Connection, SessionConfig, Target};
 use super::handle::{ChatLine, Command, Live, LiveHandle, SessionHandle, lock_live};
 use super::pacer::QueueGuard;
 use super::peer::{Peer, PeerConfig, PeerEvent, PeerStats};
@@ -26,6 +26,7 @@ use crate::media::audio::{AudioSink, NullSink, WavSink};
 use crate::media::capture::Capture;
 use crate::media::device::Speaker;
 use crate::media::picture::PictureSlot;
+use crate::media::processing::{AudioProcessor, ProcessingSettings};
 use crate::media::sources::{Tee, open_audio, open_video};
 use crate::media::video::{VideoFrame, Y4mWriter};
 use crate::signaling::protocol::ClientMessage;
@@ -73,6 +74,7 @@ pub fn start_on(config: SessionConfig, connection: Option<Connection>) -> Sessio
         last_peer_stats: PeerStats::default(),
         warnings: Vec::new(),
         sinks: None,
+        processor: None,
     };
     // One span per session: every log line of this call (and of the tasks it starts
     // inside it) says which room and which target it belongs to.
@@ -142,6 +144,9 @@ struct Session {
     /// Built on the first remote track, shared by both; dropped at close, which
     /// finishes the recordings.
     sinks: Option<ReceiveSinks>,
+    /// The microphone's echo canceller etc., shared by the audio sender (near end) and
+    /// receiver (far end); None when processing is off. Outlives reconnections.
+    processor: Option<Arc<Mutex<AudioProcessor>>>,
 }
 
 impl Session {
@@ -700,9 +705,28 @@ impl Session {
             record_video,
             audio: Some(Arc::new(Mutex::new(audio))),
             reference_pattern: self.config.reference_pattern,
+            far_end: self.audio_processor(),
         };
         self.sinks = Some(sinks.clone());
         sinks
+    }
+
+    /// The audio processor, created on first use when the config (or, by default, a real
+    /// microphone) asks for one.
+    fn audio_processor(&mut self) -> Option<Arc<Mutex<AudioProcessor>>> {
+        let wanted = self
+            .config
+            .audio_processing
+            .unwrap_or(matches!(self.config.audio, AudioInput::Microphone(_)));
+        if !wanted {
+            return None;
+        }
+        let processor = self.processor.get_or_insert_with(|| {
+            Arc::new(Mutex::new(AudioProcessor::new(
+                ProcessingSettings::default(),
+            )))
+        });
+        Some(processor.clone())
     }
 
     fn start_media(&mut self) {
@@ -727,8 +751,10 @@ impl Session {
         for w in warnings {
             self.warn(w);
         }
+        let processor = self.audio_processor();
         self.pipelines.start_audio_sender(
             source,
+            processor,
             self.mic_muted.clone(),
             audio,
             self.stats.clone(),

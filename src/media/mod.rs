@@ -13,6 +13,8 @@
 //! - [`arrival`]: a received stream's one-way queueing delay and rate, and when to ask
 //!   its sender to slow down (REMB) (pure, unit-tested).
 //! - [`audio`]: 48 kHz mono PCM, the `AudioSource` trait, sine and WAV sources, Opus, sinks.
+//! - [`processing`]: echo cancellation, noise suppression and automatic gain for the
+//!   microphone (sonora, a pure-Rust port of WebRTC's audio processing).
 //! - [`device`]: the real microphone and speaker (cpal) behind the same traits.
 //! - [`camera`]: the real camera (nokhwa) as a `VideoSource`, and pixel format conversion.
 //! - [`capture`]: a video source on its own thread, feeding the encoder and a self-view.
@@ -28,6 +30,7 @@ pub mod h264;
 pub mod ladder;
 pub mod openh264_rate;
 pub mod picture;
+pub mod processing;
 pub mod scale;
 pub mod sources;
 pub mod video;

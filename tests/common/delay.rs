@@ -424,10 +424,10 @@ impl Queue {
             }
             let mut answer = None;
             self.receive(|event| {
-                if let Event::Ack { seq: s, errno } = event {
-                    if s == seq {
-                        answer = Some(errno);
-                    }
+                if let Event::Ack { seq: s, errno } = event
+                    && s == seq
+                {
+                    answer = Some(errno);
                 }
             })?;
             match answer {
@@ -622,10 +622,10 @@ fn parse(datagram: &[u8], events: &mut Vec<Event>) {
                 let errno = (error as i32).wrapping_neg();
                 events.push(Event::Ack { seq, errno });
             }
-        } else if kind == (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET {
-            if let Some(id) = body.get(NFGENMSG_LEN..).and_then(packet_id) {
-                events.push(Event::Packet(id));
-            }
+        } else if kind == (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET
+            && let Some(id) = body.get(NFGENMSG_LEN..).and_then(packet_id)
+        {
+            events.push(Event::Packet(id));
         }
         rest = rest.get(align4(len)..).unwrap_or_default();
     }
