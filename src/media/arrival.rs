@@ -29,6 +29,11 @@ use std::time::{Duration, Instant};
 pub const QUEUE_LIMIT: Duration = Duration::from_millis(80);
 /// While queued, a request at most this often.
 pub const REPORT_EVERY: Duration = Duration::from_millis(250);
+/// Once the queue is gone, the ceiling is lifted with a request for this much (a sender
+/// such as Chromium keeps a REMB until the next one), sent [`LIFTS`] times (one may be
+/// lost).
+pub const LIFT_BPS: u64 = 100_000_000;
+const LIFTS: u32 = 3;
 /// The share of the arriving rate the sender is asked for (the rest drains the queue).
 pub const REMB_SHARE: f64 = 0.85;
 /// What the same sender's audio adds to the video arriving here (Opus plus headers).
@@ -55,6 +60,8 @@ pub struct ArrivalMonitor {
     queue: Duration,
     /// The round trip now, and its minimum so far.
     rtt: Option<(Duration, Duration)>,
+    /// Lifting requests still to send after a queue (0: none pending).
+    lifts_due: u32,
 }
 
 impl ArrivalMonitor {
@@ -128,10 +135,16 @@ impl ArrivalMonitor {
         let due = self
             .last_report
             .is_none_or(|t| now.saturating_duration_since(t) >= REPORT_EVERY);
+        if self.queue <= QUEUE_LIMIT / 2 && self.lifts_due > 0 && due {
+            self.lifts_due -= 1;
+            self.last_report = Some(now);
+            return Some(LIFT_BPS);
+        }
         if self.queue <= QUEUE_LIMIT || !due || window < RATE_WINDOW / 2 || !self.path_queued() {
             return None;
         }
         self.last_report = Some(now);
+        self.lifts_due = LIFTS;
         let rate = self.arrived_bytes as f64 * 8.0 / window.as_secs_f64();
         Some(((rate + AUDIO_BPS) * REMB_SHARE).round() as u64)
     }
@@ -200,14 +213,17 @@ mod tests {
         let asked = feed(&mut m, t, 60..90, 3, |f| {
             Duration::from_millis(u64::from(f - 60) * 10)
         });
+        assert!(m.queue() > QUEUE_LIMIT);
         assert!(!asked.is_empty());
         // Queued from about frame 68 to 90: 0.73 s, so at most 4 requests.
         assert!(asked.len() <= 4, "{asked:?}");
+        // Then the queue drains: the ceiling is lifted, a few times, then nothing.
+        let lifted = feed(&mut m, t, 90..150, 3, |_| Duration::ZERO);
+        assert_eq!(lifted, [LIFT_BPS; 3]);
         // 3 x 1000 bytes x 30/s = 720 kbit/s arriving (less while queueing).
         for bps in &asked {
             assert!((450_000..=700_000).contains(bps), "{bps}");
         }
-        assert!(m.queue() > QUEUE_LIMIT);
     }
 
     #[test]
