@@ -22,7 +22,7 @@
 mod netns;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -55,6 +55,9 @@ fn scripts() -> PathBuf {
 fn browser(t: &Topology, side: &str, dir: &Path, room: &str, seconds: u64, hang_up: bool) -> Child {
     let home = dir.join(format!("home-{side}"));
     std::fs::create_dir_all(&home).unwrap();
+    // Chromium's singleton socket lives in TMPDIR, and a socket path has ~100 bytes.
+    let tmp = short_tmp(t, side);
+    std::fs::create_dir_all(&tmp).unwrap();
     let args = json!({
         "url": format!("{SERVER}/r/{room}"),
         "name": format!("Chromium {side}"),
@@ -69,11 +72,15 @@ fn browser(t: &Topology, side: &str, dir: &Path, room: &str, seconds: u64, hang_
         .arg("netpeer")
         .arg(args.to_string())
         .env("HOME", &home)
-        .env("TMPDIR", &home)
+        .env("TMPDIR", &tmp)
         .stdout(std::fs::File::create(dir.join(format!("{side}.out"))).unwrap())
         .stderr(std::fs::File::create(dir.join(format!("{side}.log"))).unwrap())
         .spawn()
         .unwrap()
+}
+
+fn short_tmp(t: &Topology, side: &str) -> PathBuf {
+    PathBuf::from(format!("/tmp/{}", t.ns(side)))
 }
 
 /// The JSON line a browser printed.
@@ -243,7 +250,11 @@ fn run_row(row: &str, args: &Args, tag: &str) -> Value {
                 ],
                 &dir.join("b-duet.log"),
             );
-            let (sa, sb) = (a.wait().unwrap(), b.wait().unwrap());
+            let sa = a.wait().unwrap();
+            if !sa.success() {
+                let _ = b.kill(); // the browser failed: nobody to call
+            }
+            let sb = b.wait().unwrap();
             let ra = browser_result(&dir, "a");
             let rb: Value = std::fs::read_to_string(&report)
                 .ok()
@@ -260,6 +271,9 @@ fn run_row(row: &str, args: &Args, tag: &str) -> Value {
     };
     let _ = server.kill();
     let _ = server.wait();
+    for side in ["a", "b"] {
+        let _ = std::fs::remove_dir_all(short_tmp(&t, side));
+    }
     let mut result = result;
     result["wall_s"] = json!(started.elapsed().as_secs());
     result["logs"] = json!(dir.display().to_string());
