@@ -177,6 +177,35 @@ fn duet_summary(me: &Value) -> Value {
     Value::Object(out)
 }
 
+/// What the uplink's tbf of `side` sent and dropped over the call (tail drops there are
+/// real congestion; the iptables loss is not counted in them).
+fn tbf_stats(t: &Topology, side: &str) -> Value {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &t.ns(&format!("r{side}"))])
+        .args(["tc", "-s", "qdisc", "show", "dev", "wan"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    // " Sent 123 bytes 45 pkt (dropped 6, overlimits 7 requeues 0)"
+    let words: Vec<&str> = out
+        .split(|c: char| c.is_whitespace() || c == ',' || c == '(' || c == ')')
+        .filter(|w| !w.is_empty())
+        .collect();
+    let after = |key: &str| {
+        words
+            .iter()
+            .position(|w| *w == key)
+            .and_then(|i| words.get(i + 1))
+            .and_then(|w| w.parse::<u64>().ok())
+    };
+    let sent_pkts = words
+        .iter()
+        .position(|w| *w == "pkt")
+        .and_then(|i| words.get(i.checked_sub(1)?))
+        .and_then(|w| w.parse::<u64>().ok());
+    json!({ "sent_packets": sent_pkts, "dropped": after("dropped"), "overlimits": after("overlimits") })
+}
+
 fn run_row(row: &str, args: &Args, tag: &str) -> Value {
     let t = Topology::build(tag, false);
     if !args.clean {
@@ -186,6 +215,9 @@ fn run_row(row: &str, args: &Args, tag: &str) -> Value {
             t.add_uplink_delay(side, 40);
         }
     }
+    // Let the new interfaces settle (IPv6 DAD): Chromium aborts a page load on a
+    // network change.
+    std::thread::sleep(Duration::from_secs(2));
     let dir = out_dir(&format!("browsernet-{row}"));
     let mut server = t.spawn(
         "pub",
@@ -269,6 +301,7 @@ fn run_row(row: &str, args: &Args, tag: &str) -> Value {
         }
         _ => panic!("unknown row {row}"),
     };
+    let tbf = json!({ "a": tbf_stats(&t, "a"), "b": tbf_stats(&t, "b") });
     let _ = server.kill();
     let _ = server.wait();
     for side in ["a", "b"] {
@@ -278,6 +311,7 @@ fn run_row(row: &str, args: &Args, tag: &str) -> Value {
     result["wall_s"] = json!(started.elapsed().as_secs());
     result["logs"] = json!(dir.display().to_string());
     result["impaired"] = json!(!args.clean);
+    result["uplink_tbf"] = tbf;
     drop(t);
     result
 }

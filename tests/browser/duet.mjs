@@ -44,7 +44,18 @@ async function openPage(browser, url, who, viewport = { width: 1280, height: 800
   const page = await context.newPage();
   page.on('console', (m) => console.error(`  ${who} console.${m.type()}: ${m.text()}`));
   page.on('pageerror', (e) => console.error(`  ${who} page error: ${e.message}`));
-  await page.goto(url);
+  // In a fresh network namespace the first navigation can die of ERR_NETWORK_CHANGED
+  // (the interfaces settle: IPv6 link-local addresses leave their tentative state).
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await page.goto(url);
+      break;
+    } catch (e) {
+      if (attempt >= 5 || !String(e).includes('ERR_NETWORK_CHANGED')) throw e;
+      console.error(`  ${who}: ${url}: network changed, again`);
+      await new Promise((r) => setTimeout(r, 500));
+    }
+  }
   await page.waitForFunction(() => window.duet !== undefined);
   return page;
 }
