@@ -237,7 +237,7 @@ fn run_row(row: &str, args: &Args, tag: &str) -> Value {
     wait_for_port(&t.ns("pub"), "198.51.100.1", 8787);
     let room = format!("bn{tag}");
     let started = Instant::now();
-    let result = match row {
+    let mut result = match row {
         "chromium-chromium" => {
             let mut a = browser(&t, "a", &dir, &room, args.seconds, true);
             // b second: a is waiting in the room when b arrives.
@@ -307,7 +307,6 @@ fn run_row(row: &str, args: &Args, tag: &str) -> Value {
     for side in ["a", "b"] {
         let _ = std::fs::remove_dir_all(short_tmp(&t, side));
     }
-    let mut result = result;
     result["wall_s"] = json!(started.elapsed().as_secs());
     result["logs"] = json!(dir.display().to_string());
     result["impaired"] = json!(!args.clean);
