@@ -267,6 +267,7 @@ export class PeerCall {
           frames_dropped: s.framesDropped ?? 0, width: s.frameWidth ?? null, height: s.frameHeight ?? null,
           fps: s.framesPerSecond ?? null, bytes: s.bytesReceived ?? 0, packets: s.packetsReceived ?? 0,
           packets_lost: s.packetsLost ?? 0, freezes: s.freezeCount ?? 0, key_frames: s.keyFramesDecoded ?? 0,
+          nacks_sent: s.nackCount ?? 0, plis_sent: s.pliCount ?? 0,
           decoder: s.decoderImplementation ?? null, codec,
         };
       } else if (s.type === 'inbound-rtp' && s.kind === 'audio') {
@@ -279,6 +280,10 @@ export class PeerCall {
         out.video_out = {
           frames_sent: s.framesSent ?? 0, frames_encoded: s.framesEncoded ?? 0, width: s.frameWidth ?? null,
           height: s.frameHeight ?? null, fps: s.framesPerSecond ?? null, bytes: s.bytesSent ?? 0,
+          packets: s.packetsSent ?? 0, retransmitted_bytes: s.retransmittedBytesSent ?? 0,
+          target_bitrate: s.targetBitrate ?? null, key_frames: s.keyFramesEncoded ?? 0,
+          nacks_received: s.nackCount ?? 0, plis_received: s.pliCount ?? 0,
+          quality_limitation: s.qualityLimitationReason ?? null,
           encoder: s.encoderImplementation ?? null, codec,
         };
       } else if (s.type === 'outbound-rtp' && s.kind === 'audio') {
@@ -288,6 +293,7 @@ export class PeerCall {
     const pair = pairId ? report.get(pairId) : null;
     if (pair) {
       if (pair.currentRoundTripTime !== undefined) out.rtt_ms = pair.currentRoundTripTime * 1000;
+      out.available_outgoing_bitrate = pair.availableOutgoingBitrate ?? null;
       const local = report.get(pair.localCandidateId);
       const remote = report.get(pair.remoteCandidateId);
       if (local && remote) {

@@ -32,6 +32,7 @@ async function launch() {
       '--use-fake-device-for-media-stream=fps=30', '--use-fake-ui-for-media-stream',
       '--allow-loopback-in-peer-connection', '--autoplay-policy=no-user-gesture-required',
       `--disk-cache-dir=${joinPath(profile, 'cache')}`,
+      ...(args.chromium_flags ?? []),
     ],
   });
   return { browser, cleanup: () => rmSync(profile, { recursive: true, force: true }) };
@@ -43,7 +44,18 @@ async function openPage(browser, url, who, viewport = { width: 1280, height: 800
   const page = await context.newPage();
   page.on('console', (m) => console.error(`  ${who} console.${m.type()}: ${m.text()}`));
   page.on('pageerror', (e) => console.error(`  ${who} page error: ${e.message}`));
-  await page.goto(url);
+  // In a fresh network namespace the first navigation can die of ERR_NETWORK_CHANGED
+  // (the interfaces settle: IPv6 link-local addresses leave their tentative state).
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await page.goto(url);
+      break;
+    } catch (e) {
+      if (attempt >= 5 || !String(e).includes('ERR_NETWORK_CHANGED')) throw e;
+      console.error(`  ${who}: ${url}: network changed, again`);
+      await new Promise((r) => setTimeout(r, 500));
+    }
+  }
   await page.waitForFunction(() => window.duet !== undefined);
   return page;
 }
@@ -273,7 +285,54 @@ async function directPair(browser) {
   };
 }
 
-const scenarios = { native: nativeCall, 'native-direct': nativeDirect, pair, meeting, 'direct-pair': directPair };
+/**
+ * One peer of a call over an impaired network (benches/browsernet.rs runs it inside a
+ * network namespace): joins `args.url` as `args.name`, and once connected samples the
+ * stats every second: what it decodes, what it sends and at what target, the bandwidth
+ * estimate of the path (`availableOutgoingBitrate`) and the RTT. Hangs up after
+ * `args.seconds` when `args.hang_up`, else samples until the other side leaves (at most
+ * `args.seconds` + 60). `totals` are the stats at the end, over the whole call.
+ */
+async function netPeer(browser) {
+  const page = await openPage(browser, args.url, args.name);
+  await join(page, args.name);
+  await waitPhase(page, 'connected', args.wait_ms ?? 90000);
+  const t0 = Date.now();
+  const samples = [];
+  let prev = await stats(page);
+  let prevAt = Date.now();
+  const limit = args.hang_up ? args.seconds : args.seconds + 60;
+  for (let i = 1; i <= limit; i++) {
+    await new Promise((r) => setTimeout(r, Math.max(0, t0 + i * 1000 - Date.now())));
+    if ((await phase(page)) !== 'connected') break;
+    const s = await stats(page);
+    const now = Date.now();
+    if (!s) break;
+    const dt = (now - prevAt) / 1000;
+    const kbps = (a, b) => (a !== undefined && b !== undefined ? Math.round(((a - b) * 8) / dt / 1000) : null);
+    samples.push({
+      t: Math.round((now - t0) / 100) / 10,
+      video_kbps_sent: kbps(s.video_out?.bytes, prev?.video_out?.bytes),
+      video_kbps_received: kbps(s.video_in?.bytes, prev?.video_in?.bytes),
+      target_kbps: s.video_out?.target_bitrate != null ? Math.round(s.video_out.target_bitrate / 1000) : null,
+      available_outgoing_kbps: s.available_outgoing_bitrate != null ? Math.round(s.available_outgoing_bitrate / 1000) : null,
+      rtt_ms: s.rtt_ms,
+      frames_sent: s.video_out?.frames_sent ?? 0,
+      frames_decoded: s.video_in?.frames_decoded ?? 0,
+      send_size: s.video_out ? `${s.video_out.width}x${s.video_out.height}@${s.video_out.fps ?? 0}` : null,
+      quality_limitation: s.video_out?.quality_limitation ?? null,
+    });
+    prev = s;
+    prevAt = now;
+  }
+  const seconds = (Date.now() - t0) / 1000;
+  if (args.hang_up && (await phase(page)) === 'connected') await page.click('#hang-up');
+  const ended = await waitPhase(page, 'ended', 90000);
+  const totals = await stats(page);
+  return { seconds, ended, totals, samples };
+}
+
+const scenarios = { netpeer: netPeer, native: nativeCall, 'native-direct': nativeDirect, pair, meeting, 'direct-pair': directPair };
 
 async function main() {
   const run = scenarios[scenario];
