@@ -26,7 +26,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use netns::{Topology, able, out_dir, wait_for_port};
+use netns::{Topology, able, out_dir};
 use serde_json::{Value, json};
 
 #[derive(Debug, Parser)]
@@ -219,22 +219,7 @@ fn run_row(row: &str, args: &Args, tag: &str) -> Value {
     // network change.
     std::thread::sleep(Duration::from_secs(2));
     let dir = out_dir(&format!("browsernet-{row}"));
-    let mut server = t.spawn(
-        "pub",
-        &[
-            "server",
-            "--listen",
-            "198.51.100.1:8787",
-            "--turn-listen",
-            "198.51.100.1:3478",
-            "--turn-public-ip",
-            "198.51.100.1",
-            "--db",
-            ":memory:",
-        ],
-        &dir.join("server.log"),
-    );
-    wait_for_port(&t.ns("pub"), "198.51.100.1", 8787);
+    let mut server = t.start_server(&dir);
     let room = format!("bn{tag}");
     let started = Instant::now();
     let mut result = match row {

@@ -40,14 +40,33 @@ fn decoded_in_last(r: &Value, secs: f64) -> u64 {
     u(last, "frames_decoded").saturating_sub(before)
 }
 
+/// Whether this machine can run the test (root, ip, iptables); when it cannot, says so,
+/// and fails if `DUET_REQUIRE_NAT_TEST` is set.
+fn runnable() -> bool {
+    if able() {
+        return true;
+    }
+    assert!(
+        std::env::var("DUET_REQUIRE_NAT_TEST").is_err(),
+        "the network test needs root, ip and iptables"
+    );
+    eprintln!("skipped: needs root, ip and iptables");
+    false
+}
+
+/// The call ended by a hang-up, not by the impairment: whoever's --duration ran out first
+/// hung up; the other saw them leave (not disconnect).
+fn assert_outlived(r: &Value, what: &str) {
+    let kind = r["ended"]["kind"].as_str().unwrap_or_default();
+    assert!(
+        kind == "hung_up" || (kind == "peer_left" && r["ended"]["disconnected"] == false),
+        "the call outlived the {what}: {r}"
+    );
+}
+
 #[test]
 fn calls_survive_loss_and_an_outage() {
-    if !able() {
-        assert!(
-            std::env::var("DUET_REQUIRE_NAT_TEST").is_err(),
-            "the network test needs root, ip and iptables"
-        );
-        eprintln!("skipped: needs root, ip and iptables");
+    if !runnable() {
         return;
     }
     let pid = std::process::id() % 10_000;
@@ -96,12 +115,7 @@ fn calls_survive_loss_and_an_outage() {
             u(r, "freeze_count"),
             r["freeze_total_ms"],
         );
-        // Whoever's --duration ran out first hung up; the other saw them leave.
-        let kind = r["ended"]["kind"].as_str().unwrap_or_default();
-        assert!(
-            kind == "hung_up" || (kind == "peer_left" && r["ended"]["disconnected"] == false),
-            "the call outlived the outage: {r}"
-        );
+        assert_outlived(r, "outage");
         assert!(
             decoded_in_last(r, 4.0) >= 60,
             "video came back after the outage: {r}"
@@ -111,12 +125,7 @@ fn calls_survive_loss_and_an_outage() {
 
 #[test]
 fn a_client_that_changes_address_gets_its_video_back() {
-    if !able() {
-        assert!(
-            std::env::var("DUET_REQUIRE_NAT_TEST").is_err(),
-            "the network test needs root, ip and iptables"
-        );
-        eprintln!("skipped: needs root, ip and iptables");
+    if !runnable() {
         return;
     }
     let pid = std::process::id() % 10_000;
@@ -135,11 +144,7 @@ fn a_client_that_changes_address_gets_its_video_back() {
             u(r, "freeze_count"),
             r["freeze_total_ms"],
         );
-        let kind = r["ended"]["kind"].as_str().unwrap_or_default();
-        assert!(
-            kind == "hung_up" || (kind == "peer_left" && r["ended"]["disconnected"] == false),
-            "the call outlived the move: {r}"
-        );
+        assert_outlived(r, "move");
         assert!(
             decoded_in_last(r, 5.0) >= 90,
             "video came back after the move: {r}"

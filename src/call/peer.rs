@@ -527,8 +527,9 @@ impl Peer {
         }
     }
 
-    /// Connection statistics right now.
-    pub async fn stats(&self) -> PeerStats {
+    /// Connection statistics right now. `own`: this machine's addresses
+    /// ([`usable_addresses`]), to name a peer-reflexive end on one of them.
+    pub async fn stats(&self, own: &std::collections::BTreeSet<std::net::IpAddr>) -> PeerStats {
         use webrtc::peer_connection::{RTCStatsReportEntry, StatsSelector};
         let report = self.pc.get_stats(Instant::now(), StatsSelector::None).await;
         let mut stats = PeerStats::default();
@@ -576,13 +577,12 @@ impl Peer {
                 if remote.as_ref().is_none_or(|r| r.kind == "prflx") {
                     tracing::debug!(?remote, ?known, "peer-reflexive remote end");
                 }
-                let own = usable_addresses();
-                stats.local_candidate_type = local.map(|end| end.resolve(&known, &own));
+                stats.local_candidate_type = local.map(|end| end.resolve(&known, own));
                 // A remote end that is not in the report at all was learned from the
                 // checks themselves and never signaled: peer-reflexive.
                 stats.remote_candidate_type = Some(
                     remote
-                        .map(|end| end.resolve(&known, &own))
+                        .map(|end| end.resolve(&known, own))
                         .unwrap_or_else(|| "prflx".to_owned()),
                 );
                 stats.candidate_type = path_type(

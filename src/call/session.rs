@@ -326,7 +326,7 @@ impl Session {
                     self.apply(Event::NetworkChanged, peer_tx, chat_tx).await;
                 }
                 if let Some(peer) = self.peer.as_ref() {
-                    let stats = peer.stats().await;
+                    let stats = peer.stats(&self.addresses).await;
                     self.stats.lock().record_second(&stats);
                     let now = Instant::now();
                     if let Some(rtt) = stats.rtt_ms.filter(|r| r.is_finite() && *r > 0.0) {
@@ -763,7 +763,7 @@ impl Session {
 
     async fn close_peer(&mut self) {
         if let Some(peer) = self.peer.as_ref() {
-            self.last_peer_stats = peer.stats().await;
+            self.last_peer_stats = peer.stats(&self.addresses).await;
             peer.close().await;
         }
         self.peer = None;

@@ -320,6 +320,29 @@ impl Topology {
     /// Gives the client of `side` a new address on its LAN (10.0.x.3 instead of .2), as a
     /// laptop that changes networks: its NAT mapping, and so its public port, change too.
     /// The signaling connection (TCP from the old address) is cut by it as well.
+    /// Starts the signaling server with its STUN/TURN relay on the "public" segment
+    /// (198.51.100.1, ports 8787 and 3478), logging to `dir/server.log`; returns once it
+    /// accepts connections.
+    pub fn start_server(&self, dir: &Path) -> Child {
+        let server = self.spawn(
+            "pub",
+            &[
+                "server",
+                "--listen",
+                "198.51.100.1:8787",
+                "--turn-listen",
+                "198.51.100.1:3478",
+                "--turn-public-ip",
+                "198.51.100.1",
+                "--db",
+                ":memory:",
+            ],
+            &dir.join("server.log"),
+        );
+        wait_for_port(&self.ns("pub"), "198.51.100.1", 8787);
+        server
+    }
+
     /// Delays every packet leaving the router of `side` through its uplink (`wan`) by
     /// `ms`, one way (40 on both sides adds 80 ms to the RTT), without reordering: a thread
     /// of this process holds them in an NFQUEUE (this kernel has no netem; see delay.rs).
@@ -430,22 +453,7 @@ pub fn call_with(
     during: impl FnOnce(&Topology, &Path),
 ) -> (Value, Value) {
     let dir = out_dir(name);
-    let mut server = topology.spawn(
-        "pub",
-        &[
-            "server",
-            "--listen",
-            "198.51.100.1:8787",
-            "--turn-listen",
-            "198.51.100.1:3478",
-            "--turn-public-ip",
-            "198.51.100.1",
-            "--db",
-            ":memory:",
-        ],
-        &dir.join("server.log"),
-    );
-    wait_for_port(&topology.ns("pub"), "198.51.100.1", 8787);
+    let mut server = topology.start_server(&dir);
     let client = |side: &str| {
         let report = dir.join(format!("{side}.json"));
         let child = topology.spawn(
