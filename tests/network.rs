@@ -77,10 +77,11 @@ fn calls_survive_loss_and_an_outage() {
     drop(lossy);
     for (me, other) in [(&ra, &rb), (&rb, &ra)] {
         eprintln!(
-            "lossy: decoded {} of {} sent, repaired {}, given up {}, PLIs {}, freezes {}",
+            "lossy: decoded {} of {} sent, repaired {} (RTX in {}), given up {}, PLIs {}, freezes {}",
             u(me, "frames_decoded"),
             u(other, "frames_sent"),
             u(me, "frames_repaired"),
+            u(me, "retransmissions_received"),
             u(me, "frames_broken"),
             u(me, "keyframe_requests_sent"),
             u(me, "freeze_count"),
@@ -93,6 +94,10 @@ fn calls_survive_loss_and_an_outage() {
     assert!(
         u(&ra, "frames_repaired") + u(&rb, "frames_repaired") > 0,
         "losses were repaired by retransmission: {ra}\n{rb}"
+    );
+    assert!(
+        u(&ra, "retransmissions_received") + u(&rb, "retransmissions_received") > 0,
+        "the repairs came as RTX (RFC 4588, negotiated): {ra}\n{rb}"
     );
 
     // Outage.

@@ -20,7 +20,9 @@ use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::interceptor_registry::{
     Slot, configure_rtcp_reports, configure_simulcast_extension_headers,
 };
-use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_H264, MIME_TYPE_OPUS};
+use rtc::peer_connection::configuration::media_engine::{
+    MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_RTX,
+};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp_transceiver::rtp_sender::{
@@ -191,6 +193,7 @@ pub const MIN_BITRATE_BPS: u32 = 100_000;
 pub const MAX_BITRATE_BPS: u32 = 4_000_000;
 
 const H264_PT: u8 = 102;
+const H264_RTX_PT: u8 = 103;
 const OPUS_PT: u8 = 111;
 
 fn h264_codec() -> RTCRtpCodec {
@@ -205,6 +208,19 @@ fn h264_codec() -> RTCRtpCodec {
         sdp_fmtp_line: "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f"
             .to_owned(),
         rtcp_feedback: vec![fb("nack", ""), fb("nack", "pli"), fb("ccm", "fir")],
+    }
+}
+
+/// Retransmissions of H.264 packets on their own SSRC (RFC 4588). With it negotiated the
+/// NACK responder sends repairs as RTX, and the endpoint unwraps the other side's RTX
+/// packets back into the video stream: libwebrtc (Chromium) retransmits only this way.
+fn h264_rtx_codec() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_RTX.to_owned(),
+        clock_rate: 90_000,
+        channels: 0,
+        sdp_fmtp_line: format!("apt={H264_PT}"),
+        rtcp_feedback: Vec::new(),
     }
 }
 
@@ -340,6 +356,15 @@ impl Peer {
                 RTCRtpCodecParameters {
                     rtp_codec: h264_codec(),
                     payload_type: H264_PT,
+                },
+                RtpCodecKind::Video,
+            )
+            .map_err(err)?;
+        media
+            .register_codec(
+                RTCRtpCodecParameters {
+                    rtp_codec: h264_rtx_codec(),
+                    payload_type: H264_RTX_PT,
                 },
                 RtpCodecKind::Video,
             )
@@ -596,6 +621,7 @@ impl Peer {
             stats.packets_received += s.received_rtp_stream_stats.packets_received;
             stats.nacks_sent += u64::from(s.nack_count);
             stats.plis_sent += u64::from(s.pli_count);
+            stats.retransmissions_received += s.retransmitted_packets_received;
         }
         // What the other side reports losing of ours (RTCP receiver reports).
         for e in report.iter() {
@@ -816,6 +842,8 @@ pub struct PeerStats {
     pub plis_received: u64,
     pub nacks_received: u64,
     pub retransmitted_packets: u64,
+    /// Repairs that came to us as RTX packets (RFC 4588), unwrapped into the video.
+    pub retransmissions_received: u64,
     /// The congestion controller's estimate of what the path carries (all media).
     pub estimate_bitrate_bps: Option<u64>,
     /// What the sender aims at (all media): the estimate, capped at 1.5 x what was

@@ -59,6 +59,8 @@ pub struct Report {
     pub nacks_sent: u64,
     pub nacks_received: u64,
     pub retransmitted_packets: u64,
+    /// Repairs the other side sent us over RTX (RFC 4588).
+    pub retransmissions_received: u64,
     /// REMBs this side sent: its incoming direction was queued ("send at most this").
     pub rate_requests_sent: u64,
     /// ICE restarts this side made; signaling connections that resumed our seat.
@@ -174,6 +176,7 @@ impl Report {
             nacks_sent: s.nacked_packets,
             nacks_received: peer.nacks_received,
             retransmitted_packets: peer.retransmitted_packets,
+            retransmissions_received: peer.retransmissions_received,
             rate_requests_sent: s.rate_requests_sent,
             ice_restarts: s.ice_restarts,
             signaling_resumes: s.signaling_resumes,
