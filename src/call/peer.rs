@@ -46,6 +46,7 @@ use webrtc::peer_connection::{
 use webrtc::rtp_transceiver::RtpSender;
 
 use super::pacer::{MediaPacer, PacerHandle};
+use super::rtx::WithRtx;
 use super::runtime::PromptRuntime;
 use super::state::Role;
 use crate::signaling::protocol::{IceCandidate, IceServer};
@@ -243,7 +244,7 @@ fn opus_codec() -> RTCRtpCodec {
 ///   generator asks for every gap every interval without limit: after an outage, a
 ///   retransmission storm);
 /// - sender and receiver reports; the SDES header extensions;
-/// - send-side congestion control: GCC fed by TWCC, starting near 1 Mbit/s (its default,
+/// - send-side congestion control: GCC fed by TWCC (RTX streams included: [`WithRtx`]), starting near 1 Mbit/s (its default,
 ///   300 kbit/s, takes tens of seconds to climb to a usable picture), and TWCC feedback
 ///   for the other side's controller;
 /// - [`MediaPacer`] instead of the crate's pacer: audio first, video at 2.5x the estimate;
@@ -279,9 +280,9 @@ fn interceptors(media: &mut MediaEngine) -> Result<(Registry, PacerHandle), Peer
         .with(Slot::NackResponder, NackResponderBuilder::new().build())
         .with(
             Slot::CongestionControl,
-            CongestionControlBuilder::new(gcc).build(),
+            WithRtx(CongestionControlBuilder::new(gcc).build()),
         )
-        .with(Slot::TwccSender, TwccSenderBuilder::new().build())
+        .with(Slot::TwccSender, WithRtx(TwccSenderBuilder::new().build()))
         .with(Slot::TwccReceiver, TwccReceiverBuilder::new().build())
         .with(Slot::Pacer, pacer)
         .with(Slot::from(14_000), KeyframeRequests::default());
@@ -645,6 +646,15 @@ impl Peer {
             .into_iter()
             .flatten()
             .reduce(f64::min);
+        tracing::debug!(
+            gcc = ?stats.estimate_bitrate_bps,
+            queue_ceiling = ?self.pacer.ceiling_bps(),
+            remb = ?self.pacer.remb_bps(),
+            paced = ?self.pacer.target_bps(),
+            rtt_ms = ?stats.rtt_ms,
+            remote_loss = ?stats.remote_loss,
+            "send rate"
+        );
         if let (Some(estimate), Some(ceiling)) = (stats.estimate_bitrate_bps, ceiling) {
             stats.estimate_bitrate_bps = Some(estimate.min(ceiling.round() as u64));
         }

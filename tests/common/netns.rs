@@ -207,7 +207,11 @@ impl Topology {
             .args(["netns", "exec", &self.ns(role), env!("CARGO_BIN_EXE_duet")])
             .args(args)
             .args(extra)
-            .env("RUST_LOG", "info")
+            // DUET_NET_LOG: a filter for the clients' logs when a run needs looking into.
+            .env(
+                "RUST_LOG",
+                std::env::var("DUET_NET_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
