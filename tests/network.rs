@@ -1,8 +1,8 @@
 //! Calls over impaired links, in network namespaces this test builds (`common::netns`:
 //! two clients behind two cone NATs, the server on the "public" segment).
 //!
-//! - Lossy: 3 % of UDP packets dropped at one router, both ways. Lost packets must be
-//!   repaired (NACK + retransmission) and nearly every frame decoded.
+//! - Lossy: 3 % of UDP packets dropped at one router, both ways, 40 ms round trip. Lost
+//!   packets must be repaired (FlexFEC, and NACK + RTX) and nearly every frame decoded.
 //! - Outage: all UDP through both routers dropped for 5 s mid-call. The call must not
 //!   end; ICE restarts if needed, and video must come back.
 //! - Move: one client's address changes mid-call (a laptop changing networks). Its
@@ -73,15 +73,21 @@ fn calls_survive_loss_and_an_outage() {
 
     // Lossy.
     let lossy = Topology::build(&format!("{pid}l"), false);
-    let (ra, rb) = call_with(&lossy, "lossy", "10s", |t, _| t.add_loss("a", 0.03));
+    let (ra, rb) = call_with(&lossy, "lossy", "10s", |t, _| {
+        t.add_loss("a", 0.03);
+        // A 40 ms round trip: long enough that FEC is worth sending.
+        t.add_uplink_delay("a", 20);
+        t.add_uplink_delay("b", 20);
+    });
     drop(lossy);
     for (me, other) in [(&ra, &rb), (&rb, &ra)] {
         eprintln!(
-            "lossy: decoded {} of {} sent, repaired {} (RTX in {}), given up {}, PLIs {}, freezes {}",
+            "lossy: decoded {} of {} sent, repaired {} (RTX in {}), FEC rebuilt {}, given up {}, PLIs {}, freezes {}",
             u(me, "frames_decoded"),
             u(other, "frames_sent"),
             u(me, "frames_repaired"),
             u(me, "retransmissions_received"),
+            u(me, "fec_recovered"),
             u(me, "frames_broken"),
             u(me, "keyframe_requests_sent"),
             u(me, "freeze_count"),
@@ -98,6 +104,10 @@ fn calls_survive_loss_and_an_outage() {
     assert!(
         u(&ra, "retransmissions_received") + u(&rb, "retransmissions_received") > 0,
         "the repairs came as RTX (RFC 4588, negotiated): {ra}\n{rb}"
+    );
+    assert!(
+        u(&ra, "fec_recovered") + u(&rb, "fec_recovered") > 0,
+        "FlexFEC rebuilt lost packets: {ra}\n{rb}"
     );
 
     // Outage.

@@ -7,7 +7,8 @@
 //! - [`peer`]: the WebRTC peer connection and its interceptor chain.
 //! - [`pacer`]: the send pacer in that chain (audio first, video at 2.5x the estimate,
 //!   the estimate capped by what is really sent).
-//! - [`rtx`]: retransmission streams counted by transport-wide congestion control.
+//! - [`repair`]: loss repair in that chain: FEC sent as the measured loss calls for, and
+//!   the RTX and FEC streams counted by transport-wide congestion control.
 //! - [`runtime`]: the async runtime given to the peer connection (tokio's, with its
 //!   driver woken every few ms: relayed traffic otherwise waits for the next timer).
 //! - [`pipelines`]: the media pipelines (encode/send, receive/assemble/decode) and what
@@ -21,8 +22,8 @@ pub mod pacer;
 pub mod peer;
 pub mod pipelines;
 pub mod presence;
+pub mod repair;
 pub mod report;
-pub mod rtx;
 pub mod runtime;
 pub mod session;
 pub mod state;

@@ -1,8 +1,8 @@
-//! The WebRTC peer connection (webrtc-rs 0.21) set up for a Duet call: H.264 + Opus
-//! tracks, the `chat` data channel, trickle ICE with queued remote candidates, the
-//! interceptor chain (NACK, RTCP reports, GCC congestion control with TWCC, our pacer, and
-//! PLI/FIR delivered to the sender so it can answer with a keyframe), and the connection's
-//! statistics.
+//! The WebRTC peer connection (webrtc-rs 0.21) set up for a Duet call: H.264 (with RTX
+//! and FlexFEC) + Opus tracks, the `chat` data channel, trickle ICE with queued remote
+//! candidates, the interceptor chain (NACK, RTCP reports, GCC congestion control with
+//! TWCC, FEC, our pacer, and PLI/FIR delivered to the sender so it can answer with a
+//! keyframe), and the connection's statistics.
 //!
 //! Why 0.21: it is the maintained line (the callback API of <= 0.14 is frozen), its
 //! sans-I/O core has explicit ICE timing knobs (the check interval decides set-up time on
@@ -10,18 +10,19 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rtc::interceptor::{
-    Attribute, CongestionControlBuilder, Gcc, Interceptor, NackResponderBuilder, Packet,
-    StreamInfo, TaggedPacket, TwccReceiverBuilder, TwccSenderBuilder,
+    Attribute, CongestionControlBuilder, FlexFec03ReceiveBuilder, Gcc, Interceptor,
+    NackResponderBuilder, Packet, StreamInfo, TaggedPacket, TwccReceiverBuilder, TwccSenderBuilder,
 };
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::interceptor_registry::{
     Slot, configure_rtcp_reports, configure_simulcast_extension_headers,
 };
 use rtc::peer_connection::configuration::media_engine::{
-    MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_RTX,
+    MIME_TYPE_FLEX_FEC03, MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_RTX,
 };
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
@@ -46,7 +47,9 @@ use webrtc::peer_connection::{
 use webrtc::rtp_transceiver::RtpSender;
 
 use super::pacer::{MediaPacer, PacerHandle};
-use super::rtx::WithRtx;
+use super::repair::{
+    CountRecovered, FecLevel, FecSender, LossReports, ReportedLoss, WithRepairStreams,
+};
 use super::runtime::PromptRuntime;
 use super::state::Role;
 use crate::signaling::protocol::{IceCandidate, IceServer};
@@ -195,6 +198,7 @@ pub const MAX_BITRATE_BPS: u32 = 4_000_000;
 
 const H264_PT: u8 = 102;
 const H264_RTX_PT: u8 = 103;
+const FLEXFEC_PT: u8 = 118;
 const OPUS_PT: u8 = 111;
 
 fn h264_codec() -> RTCRtpCodec {
@@ -225,6 +229,20 @@ fn h264_rtx_codec() -> RTCRtpCodec {
     }
 }
 
+/// FlexFEC (draft 03) repair packets for the video ([`FecSender`] sends them as the
+/// measured loss calls for; the crate's receiver rebuilds lost packets from them).
+/// Browsers do not offer it by default; between Duets it repairs a loss without waiting
+/// a round trip.
+fn flexfec_codec() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_FLEX_FEC03.to_owned(),
+        clock_rate: 90_000,
+        channels: 0,
+        sdp_fmtp_line: "repair-window=10000000".to_owned(),
+        rtcp_feedback: Vec::new(),
+    }
+}
+
 fn opus_codec() -> RTCRtpCodec {
     RTCRtpCodec {
         mime_type: MIME_TYPE_OPUS.to_owned(),
@@ -244,12 +262,17 @@ fn opus_codec() -> RTCRtpCodec {
 ///   generator asks for every gap every interval without limit: after an outage, a
 ///   retransmission storm);
 /// - sender and receiver reports; the SDES header extensions;
-/// - send-side congestion control: GCC fed by TWCC (RTX streams included: [`WithRtx`]), starting near 1 Mbit/s (its default,
+/// - send-side congestion control: GCC fed by TWCC, starting near 1 Mbit/s (its default,
 ///   300 kbit/s, takes tens of seconds to climb to a usable picture), and TWCC feedback
-///   for the other side's controller;
+///   for the other side's controller; RTX and FEC packets are counted too
+///   ([`WithRepairStreams`]);
+/// - [`FecSender`] around the TWCC sender: FlexFEC for each video frame as the reported
+///   loss calls for; the crate's FlexFEC receiver rebuilds lost packets from the other
+///   side's ([`CountRecovered`] counts them);
 /// - [`MediaPacer`] instead of the crate's pacer: audio first, video at 2.5x the estimate;
-/// - [`KeyframeRequests`], handing PLI/FIR to the video sender.
-fn interceptors(media: &mut MediaEngine) -> Result<(Registry, PacerHandle), PeerError> {
+/// - [`KeyframeRequests`], handing PLI/FIR to the video sender;
+/// - [`LossReports`]: the loss the other side reports, from its SR and RR report blocks.
+fn interceptors(media: &mut MediaEngine) -> Result<(Registry, ChainHandles), PeerError> {
     configure_simulcast_extension_headers(media).map_err(err)?;
     for kind in [RtpCodecKind::Video, RtpCodecKind::Audio] {
         media.register_feedback(
@@ -275,18 +298,54 @@ fn interceptors(media: &mut MediaEngine) -> Result<(Registry, PacerHandle), Peer
         f64::from(MAX_BITRATE_BPS),
     );
     let pacer = MediaPacer::new(f64::from(INITIAL_BITRATE_BPS));
-    let handle = pacer.handle();
+    let handles = ChainHandles {
+        pacer: pacer.handle(),
+        fec: FecLevel::default(),
+        fec_sent: Arc::default(),
+        fec_recovered: Arc::default(),
+        loss: ReportedLoss::default(),
+    };
     let registry = configure_rtcp_reports(Registry::new())
         .with(Slot::NackResponder, NackResponderBuilder::new().build())
         .with(
             Slot::CongestionControl,
-            WithRtx(CongestionControlBuilder::new(gcc).build()),
+            WithRepairStreams(CongestionControlBuilder::new(gcc).build()),
         )
-        .with(Slot::TwccSender, WithRtx(TwccSenderBuilder::new().build()))
+        .with(
+            Slot::TwccSender,
+            FecSender::new(
+                WithRepairStreams(TwccSenderBuilder::new().build()),
+                handles.fec.clone(),
+                handles.fec_sent.clone(),
+            ),
+        )
         .with(Slot::TwccReceiver, TwccReceiverBuilder::new().build())
         .with(Slot::Pacer, pacer)
-        .with(Slot::from(14_000), KeyframeRequests::default());
-    Ok((registry, handle))
+        // Application-ward of the receiver reports and TWCC feedback, so they count only
+        // what came over the wire: the loss they report is what FEC has to cover.
+        .with(
+            Slot::from(10_500),
+            CountRecovered(
+                FlexFec03ReceiveBuilder::new().build(),
+                handles.fec_recovered.clone(),
+            ),
+        )
+        .with(Slot::from(14_000), KeyframeRequests::default())
+        .with(Slot::from(14_500), LossReports::new(handles.loss.clone()));
+    Ok((registry, handles))
+}
+
+/// What the session reaches into the interceptor chain with.
+struct ChainHandles {
+    /// The sending target (the estimate capped by what is really sent).
+    pacer: PacerHandle,
+    /// How much FEC to send.
+    fec: FecLevel,
+    /// FEC packets sent; lost packets rebuilt from the other side's FEC.
+    fec_sent: Arc<AtomicU64>,
+    fec_recovered: Arc<AtomicU64>,
+    /// What the other side reports losing of ours.
+    loss: ReportedLoss,
 }
 
 /// A local track plus what is needed to write to it.
@@ -319,8 +378,7 @@ pub struct Peer {
     pub audio: LocalTrack,
     /// The offerer creates `chat`; the answerer receives it as a [`PeerEvent`].
     pub chat: Option<Arc<dyn DataChannel>>,
-    /// The sending target (the estimate capped by what is really sent).
-    pacer: PacerHandle,
+    chain: ChainHandles,
     remote_description_set: bool,
     pending_candidates: Vec<RTCIceCandidateInit>,
     /// Every remote candidate the other side signaled (address, port, type), so a
@@ -373,13 +431,22 @@ impl Peer {
         media
             .register_codec(
                 RTCRtpCodecParameters {
+                    rtp_codec: flexfec_codec(),
+                    payload_type: FLEXFEC_PT,
+                },
+                RtpCodecKind::Video,
+            )
+            .map_err(err)?;
+        media
+            .register_codec(
+                RTCRtpCodecParameters {
                     rtp_codec: opus_codec(),
                     payload_type: OPUS_PT,
                 },
                 RtpCodecKind::Audio,
             )
             .map_err(err)?;
-        let (registry, pacer) = interceptors(&mut media)?;
+        let (registry, chain) = interceptors(&mut media)?;
 
         let configuration = RTCConfigurationBuilder::new()
             .with_ice_servers(ice_servers(&config.ice_servers))
@@ -456,7 +523,7 @@ impl Peer {
             video,
             audio,
             chat,
-            pacer,
+            chain,
             remote_description_set: false,
             pending_candidates: Vec::new(),
             signaled: Vec::new(),
@@ -486,7 +553,12 @@ impl Peer {
     /// Puts a ceiling on the sending target (None: lifts it); see
     /// [`super::pacer::QueueGuard`].
     pub fn set_send_ceiling(&self, bps: Option<u64>) {
-        self.pacer.set_ceiling(bps);
+        self.chain.pacer.set_ceiling(bps);
+    }
+
+    /// The share of FEC repair packets to send with the video (0: none).
+    pub fn set_fec_overhead(&self, overhead: f64) {
+        self.chain.fec.set(overhead);
     }
 
     /// Takes our outstanding offer back (the other side's offer crossed it and wins).
@@ -624,13 +696,11 @@ impl Peer {
             stats.plis_sent += u64::from(s.pli_count);
             stats.retransmissions_received += s.retransmitted_packets_received;
         }
-        // What the other side reports losing of ours (RTCP receiver reports).
-        for e in report.iter() {
-            if let RTCStatsReportEntry::RemoteInboundRtp(r) = e {
-                let loss = r.fraction_lost.clamp(0.0, 1.0);
-                stats.remote_loss = Some(stats.remote_loss.map_or(loss, |l: f64| l.max(loss)));
-            }
-        }
+        stats.fec_packets_sent = self.chain.fec_sent.load(Ordering::Relaxed);
+        stats.fec_recovered = self.chain.fec_recovered.load(Ordering::Relaxed);
+        // What the other side reports losing of ours (the report blocks of its RTCP
+        // sender and receiver reports).
+        stats.remote_loss = self.chain.loss.worst();
         for s in report.outbound_rtp_streams() {
             stats.plis_received += u64::from(s.pli_count);
             stats.nacks_received += u64::from(s.nack_count);
@@ -642,15 +712,15 @@ impl Peer {
         }
         // What the path carries: GCC's estimate, under the queue guard's ceiling (GCC
         // misses a standing queue).
-        let ceiling = [self.pacer.ceiling_bps(), self.pacer.remb_bps()]
+        let ceiling = [self.chain.pacer.ceiling_bps(), self.chain.pacer.remb_bps()]
             .into_iter()
             .flatten()
             .reduce(f64::min);
         tracing::debug!(
             gcc = ?stats.estimate_bitrate_bps,
-            queue_ceiling = ?self.pacer.ceiling_bps(),
-            remb = ?self.pacer.remb_bps(),
-            paced = ?self.pacer.target_bps(),
+            queue_ceiling = ?self.chain.pacer.ceiling_bps(),
+            remb = ?self.chain.pacer.remb_bps(),
+            paced = ?self.chain.pacer.target_bps(),
             rtt_ms = ?stats.rtt_ms,
             remote_loss = ?stats.remote_loss,
             "send rate"
@@ -658,7 +728,8 @@ impl Peer {
         if let (Some(estimate), Some(ceiling)) = (stats.estimate_bitrate_bps, ceiling) {
             stats.estimate_bitrate_bps = Some(estimate.min(ceiling.round() as u64));
         }
-        stats.target_bitrate_bps = match (stats.estimate_bitrate_bps, self.pacer.target_bps()) {
+        stats.target_bitrate_bps = match (stats.estimate_bitrate_bps, self.chain.pacer.target_bps())
+        {
             (Some(estimate), Some(paced)) => Some(estimate.min(paced)),
             (estimate, paced) => estimate.or(paced),
         };
@@ -854,6 +925,9 @@ pub struct PeerStats {
     pub retransmitted_packets: u64,
     /// Repairs that came to us as RTX packets (RFC 4588), unwrapped into the video.
     pub retransmissions_received: u64,
+    /// FlexFEC repair packets we sent; lost packets we rebuilt from the other side's.
+    pub fec_packets_sent: u64,
+    pub fec_recovered: u64,
     /// The congestion controller's estimate of what the path carries (all media).
     pub estimate_bitrate_bps: Option<u64>,
     /// What the sender aims at (all media): the estimate, capped at 1.5 x what was

@@ -185,6 +185,8 @@ impl MediaStats {
             packets_lost: peer.packets_lost,
             nacks_sent: self.nacked_packets,
             retransmitted_packets: peer.retransmitted_packets,
+            fec_packets_sent: peer.fec_packets_sent,
+            fec_recovered: peer.fec_recovered,
             plis_sent: peer.plis_sent,
             plis_received: peer.plis_received,
             keyframes_sent: self.keyframes_sent,
@@ -218,6 +220,9 @@ pub struct Second {
     pub packets_lost: u64,
     pub nacks_sent: u64,
     pub retransmitted_packets: u64,
+    /// FlexFEC repair packets sent; lost packets rebuilt from the other side's FEC.
+    pub fec_packets_sent: u64,
+    pub fec_recovered: u64,
     pub plis_sent: u64,
     pub plis_received: u64,
     pub keyframes_sent: u64,
@@ -493,11 +498,17 @@ impl Pipelines {
     /// video encoder gets what is left of the target after audio and packet overhead; the
     /// resolution ladder follows the estimate (what the path carries), so a still picture
     /// that needs little is not also sent small.
-    pub fn set_send_bitrate(&self, target_bps: u64, estimate_bps: u64) {
+    /// `fec` is the share of FEC repair packets sent along (they come out of the video's
+    /// part).
+    pub fn set_send_bitrate(&self, target_bps: u64, estimate_bps: u64, fec: f64) {
+        let video = |bps: u64| {
+            let share = f64::from(video_bitrate_for(bps)) / (1.0 + fec.clamp(0.0, 1.0));
+            (share as u32).max(crate::media::h264::MIN_BITRATE_BPS)
+        };
         if let Some(control) = &self.encoder_control {
             let _ = control.send(EncoderControl::Bitrate {
-                target: video_bitrate_for(target_bps),
-                estimate: video_bitrate_for(estimate_bps.max(target_bps)),
+                target: video(target_bps),
+                estimate: video(estimate_bps.max(target_bps)),
             });
         }
     }

@@ -61,6 +61,9 @@ pub struct Report {
     pub retransmitted_packets: u64,
     /// Repairs the other side sent us over RTX (RFC 4588).
     pub retransmissions_received: u64,
+    /// FlexFEC repair packets we sent; lost packets we rebuilt from the other side's FEC.
+    pub fec_packets_sent: u64,
+    pub fec_recovered: u64,
     /// REMBs this side sent: its incoming direction was queued ("send at most this").
     pub rate_requests_sent: u64,
     /// ICE restarts this side made; signaling connections that resumed our seat.
@@ -177,6 +180,8 @@ impl Report {
             nacks_received: peer.nacks_received,
             retransmitted_packets: peer.retransmitted_packets,
             retransmissions_received: peer.retransmissions_received,
+            fec_packets_sent: peer.fec_packets_sent,
+            fec_recovered: peer.fec_recovered,
             rate_requests_sent: s.rate_requests_sent,
             ice_restarts: s.ice_restarts,
             signaling_resumes: s.signaling_resumes,

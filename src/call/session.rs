@@ -19,6 +19,7 @@ use super::handle::{ChatLine, Command, Live, LiveHandle, SessionHandle, lock_liv
 use super::pacer::QueueGuard;
 use super::peer::{Peer, PeerConfig, PeerEvent, PeerStats};
 use super::pipelines::{Pipelines, ReceiveSinks, StatsHandle};
+use super::repair::FecPolicy;
 use super::report::Report;
 use super::sleep_until;
 use super::state::{Action, Call, CallState, Event, PeerState, Role};
@@ -69,6 +70,7 @@ pub fn start_on(config: SessionConfig, connection: Option<Connection>) -> Sessio
         held: std::collections::VecDeque::new(),
         addresses: super::peer::usable_addresses(),
         queue_guard: QueueGuard::default(),
+        fec_policy: FecPolicy::default(),
         last_rtt: None,
         signal_tx: None,
         last_peer_stats: PeerStats::default(),
@@ -137,6 +139,7 @@ struct Session {
     last_peer_stats: PeerStats,
     /// Watches the round trip for a standing queue, with the last sample it saw.
     queue_guard: QueueGuard,
+    fec_policy: FecPolicy,
     last_rtt: Option<Duration>,
     /// This machine's usable addresses at the last look (see [`super::peer::usable_addresses`]).
     addresses: std::collections::BTreeSet<std::net::IpAddr>,
@@ -339,9 +342,18 @@ impl Session {
                         }
                         self.last_rtt = Some(rtt);
                     }
+                    // FEC as the loss the other side reports calls for; the video
+                    // encoder gets that much less of the target.
+                    let rtt = stats.rtt_ms.filter(|r| r.is_finite() && *r > 0.0);
+                    let fec = self.fec_policy.update(
+                        now,
+                        stats.remote_loss.unwrap_or(0.0),
+                        Duration::from_secs_f64(rtt.unwrap_or(0.0) / 1000.0),
+                    );
+                    peer.set_fec_overhead(fec);
                     if let Some(target) = stats.target_bitrate_bps {
                         let estimate = stats.estimate_bitrate_bps.unwrap_or(target);
-                        self.pipelines.set_send_bitrate(target, estimate);
+                        self.pipelines.set_send_bitrate(target, estimate, fec);
                     }
                     if let Some(loss) = stats.remote_loss {
                         self.pipelines.set_remote_loss(loss);
