@@ -33,10 +33,9 @@ use super::peer::{LocalTrack, PeerStats, is_keyframe_request};
 use super::sleep_until;
 use crate::media::arrival::ArrivalMonitor;
 use crate::media::assembler::{AccessUnit, Assembled, FrameAssembler};
-use crate::media::audio::{
-    AudioSink, AudioSource, JitterBuffer, OpusDecoder, OpusEncoder, Playout, SAMPLE_RATE,
-};
+use crate::media::audio::{AudioSink, AudioSource, OpusDecoder, OpusEncoder, SAMPLE_RATE};
 use crate::media::h264::{EncoderSettings, H264Decoder, H264Encoder};
+use crate::media::jitter::{JitterBuffer, JitterStats, Playout};
 use crate::media::ladder::{Ladder, scaled_size};
 use crate::media::pace;
 use crate::media::picture::{Notify, Picture, PictureSlot};
@@ -100,6 +99,10 @@ pub struct MediaStats {
     pub decoded_height: usize,
     pub audio_frames_decoded: u64,
     pub audio_frames_concealed: u64,
+    /// The audio jitter buffer: what it holds now and aims to hold, and its counters.
+    pub audio_jitter: Duration,
+    pub audio_jitter_target: Duration,
+    pub audio_jitter_stats: JitterStats,
     /// The last second of received audio, for measuring its frequency.
     pub audio_tail: VecDeque<i16>,
     pub chat_sent: Vec<String>,
@@ -148,6 +151,9 @@ impl MediaStats {
             decoded_height: 0,
             audio_frames_decoded: 0,
             audio_frames_concealed: 0,
+            audio_jitter: Duration::ZERO,
+            audio_jitter_target: Duration::ZERO,
+            audio_jitter_stats: JitterStats::default(),
             audio_tail: VecDeque::new(),
             chat_sent: Vec::new(),
             chat_received: Vec::new(),
@@ -187,6 +193,7 @@ impl MediaStats {
             retransmitted_packets: peer.retransmitted_packets,
             fec_packets_sent: peer.fec_packets_sent,
             fec_recovered: peer.fec_recovered,
+            jitter_buffer_ms: self.audio_jitter.as_millis() as u64,
             plis_sent: peer.plis_sent,
             plis_received: peer.plis_received,
             keyframes_sent: self.keyframes_sent,
@@ -223,6 +230,8 @@ pub struct Second {
     /// FlexFEC repair packets sent; lost packets rebuilt from the other side's FEC.
     pub fec_packets_sent: u64,
     pub fec_recovered: u64,
+    /// Received audio waiting in the jitter buffer.
+    pub jitter_buffer_ms: u64,
     pub plis_sent: u64,
     pub plis_received: u64,
     pub keyframes_sent: u64,
@@ -717,17 +726,43 @@ impl Pipelines {
                     return;
                 }
             };
-            let mut jitter = JitterBuffer::new(3);
-            while let Some(event) = track.poll().await {
-                let TrackRemoteEvent::OnRtpPacket(packet) = event else {
+            // Packets go into the jitter buffer as they come; a 20 ms clock takes
+            // one frame out for the decoder (a late packet is waited for, as long as
+            // the measured jitter calls for).
+            let mut jitter = JitterBuffer::new();
+            let mut clock = tokio::time::interval(Duration::from_millis(20));
+            loop {
+                let playout = tokio::select! {
+                    event = track.poll() => {
+                        let Some(event) = event else { break };
+                        if let TrackRemoteEvent::OnRtpPacket(packet) = event {
+                            jitter.push(
+                                Instant::now(),
+                                packet.header.sequence_number,
+                                packet.header.timestamp,
+                                packet.payload.to_vec(),
+                            );
+                        }
+                        continue;
+                    }
+                    _ = clock.tick() => jitter.pop(),
+                };
+                {
+                    let mut s = sinks.stats.lock();
+                    s.audio_jitter = jitter.delay();
+                    s.audio_jitter_target = jitter.target();
+                    s.audio_jitter_stats = jitter.stats();
+                }
+                let Some(playout) = playout else {
                     continue;
                 };
-                jitter.push(packet.header.sequence_number, packet.payload.to_vec());
-                while let Some(playout) = jitter.pop() {
+                {
                     let (pcm, concealed) = match &playout {
                         Playout::Packet(p) => (decoder.decode(Some(p), false), false),
                         Playout::Lost { next: Some(n) } => (decoder.decode(Some(n), true), true),
-                        Playout::Lost { next: None } => (decoder.decode(None, false), true),
+                        Playout::Lost { next: None } | Playout::Stretch => {
+                            (decoder.decode(None, false), true)
+                        }
                     };
                     let Ok(pcm) = pcm else {
                         continue;

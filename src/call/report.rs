@@ -46,6 +46,13 @@ pub struct Report {
     pub audio_frames_sent: u64,
     pub audio_frames_decoded: u64,
     pub audio_frames_concealed: u64,
+    /// The audio jitter buffer at the end: the delay it aimed at (from the measured
+    /// jitter), packets that came after their turn, frames concealed while waiting for a
+    /// held-back packet, packets dropped to bring the delay back down.
+    pub audio_jitter_target_ms: u64,
+    pub audio_late_packets: u64,
+    pub audio_stretched_frames: u64,
+    pub audio_skipped_packets: u64,
     pub audio_dominant_hz: Option<f64>,
     pub bitrate_sent_kbps: Option<f64>,
     pub bitrate_received_kbps: Option<f64>,
@@ -163,6 +170,10 @@ impl Report {
             audio_frames_sent: s.audio_frames_sent,
             audio_frames_decoded: s.audio_frames_decoded,
             audio_frames_concealed: s.audio_frames_concealed,
+            audio_jitter_target_ms: s.audio_jitter_target.as_millis() as u64,
+            audio_late_packets: s.audio_jitter_stats.late,
+            audio_stretched_frames: s.audio_jitter_stats.stretched,
+            audio_skipped_packets: s.audio_jitter_stats.skipped,
             audio_dominant_hz: (s.audio_tail.len() >= 4800).then(|| {
                 let tail: Vec<i16> = s.audio_tail.iter().copied().collect();
                 crate::media::audio::dominant_frequency(&tail)

@@ -1,8 +1,7 @@
 //! Audio: 48 kHz mono 16-bit PCM in 20 ms frames, sources (sine, WAV file), Opus
-//! encoding/decoding with FEC and loss concealment, a small jitter buffer, and sinks
+//! encoding/decoding with FEC and loss concealment, and sinks
 //! (WAV file, null).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::MediaError;
@@ -236,67 +235,6 @@ impl OpusDecoder {
     }
 }
 
-/// What the jitter buffer hands to the decoder next.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Playout {
-    Packet(Vec<u8>),
-    /// The packet with this place in the sequence never came; `next` is the following
-    /// packet if it is already here (its FEC can rebuild the lost one).
-    Lost {
-        next: Option<Vec<u8>>,
-    },
-}
-
-/// Reorders packets by RTP sequence number and declares a packet lost once `depth`
-/// later packets have arrived without it. A small depth keeps latency low (each step is
-/// 20 ms of audio).
-#[derive(Debug)]
-pub struct JitterBuffer {
-    depth: usize,
-    next_seq: Option<u16>,
-    pending: BTreeMap<u16, Vec<u8>>,
-}
-
-impl JitterBuffer {
-    pub fn new(depth: usize) -> JitterBuffer {
-        JitterBuffer {
-            depth: depth.max(1),
-            next_seq: None,
-            pending: BTreeMap::new(),
-        }
-    }
-
-    /// Adds a packet; late duplicates and packets from the past are dropped.
-    pub fn push(&mut self, seq: u16, payload: Vec<u8>) {
-        let next = *self.next_seq.get_or_insert(seq);
-        let ahead = seq.wrapping_sub(next);
-        if ahead < 0x8000 {
-            self.pending.insert(ahead, payload);
-        }
-    }
-
-    /// The next thing to play, if it is decided.
-    pub fn pop(&mut self) -> Option<Playout> {
-        let next = self.next_seq?;
-        if let Some(p) = self.pending.remove(&0) {
-            self.advance(next);
-            return Some(Playout::Packet(p));
-        }
-        if self.pending.len() >= self.depth {
-            let following = self.pending.get(&1).cloned();
-            self.advance(next);
-            return Some(Playout::Lost { next: following });
-        }
-        None
-    }
-
-    fn advance(&mut self, next: u16) {
-        self.next_seq = Some(next.wrapping_add(1));
-        let shifted = std::mem::take(&mut self.pending);
-        self.pending = shifted.into_iter().map(|(k, v)| (k - 1, v)).collect();
-    }
-}
-
 /// Where decoded audio goes.
 pub trait AudioSink: Send {
     fn write(&mut self, pcm: &[i16]) -> Result<(), MediaError>;
@@ -413,32 +351,6 @@ mod tests {
         assert!((dominant_frequency(&out) - 440.0).abs() <= 5.0);
         // Concealment yields a full frame too.
         assert_eq!(dec.decode(None, false).unwrap().len(), FRAME_SAMPLES);
-    }
-
-    #[test]
-    fn jitter_buffer_reorders_and_declares_losses() {
-        let mut jb = JitterBuffer::new(3);
-        jb.push(65534, vec![1]);
-        assert_eq!(jb.pop(), Some(Playout::Packet(vec![1])));
-        jb.push(0, vec![3]); // 65535 is late
-        assert_eq!(jb.pop(), None);
-        jb.push(65535, vec![2]);
-        assert_eq!(jb.pop(), Some(Playout::Packet(vec![2])));
-        assert_eq!(jb.pop(), Some(Playout::Packet(vec![3])));
-        // 1 never comes; after 3 later packets it is declared lost, with 2's data for FEC.
-        jb.push(2, vec![5]);
-        jb.push(3, vec![6]);
-        assert_eq!(jb.pop(), None);
-        jb.push(4, vec![7]);
-        assert_eq!(
-            jb.pop(),
-            Some(Playout::Lost {
-                next: Some(vec![5])
-            })
-        );
-        assert_eq!(jb.pop(), Some(Playout::Packet(vec![5])));
-        jb.push(1, vec![4]); // too late now
-        assert_eq!(jb.pop(), Some(Playout::Packet(vec![6])));
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //! - [`arrival`]: a received stream's one-way queueing delay and rate, and when to ask
 //!   its sender to slow down (REMB) (pure, unit-tested).
 //! - [`audio`]: 48 kHz mono PCM, the `AudioSource` trait, sine and WAV sources, Opus, sinks.
+//! - [`jitter`]: the audio jitter buffer: received packets wait as long as the measured
+//!   jitter calls for (pure, unit-tested).
 //! - [`processing`]: echo cancellation, noise suppression and automatic gain for the
 //!   microphone (sonora, a pure-Rust port of WebRTC's audio processing).
 //! - [`device`]: the real microphone and speaker (cpal) behind the same traits.
@@ -27,6 +29,7 @@ pub mod camera;
 pub mod capture;
 pub mod device;
 pub mod h264;
+pub mod jitter;
 pub mod ladder;
 pub mod openh264_rate;
 pub mod picture;
