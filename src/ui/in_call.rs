@@ -296,6 +296,11 @@ fn stats_overlay(ui: &egui::Ui, area: egui::Rect, c: &InCall) {
     };
     let encoder_kbps = s.encoder_bitrate_bps / 1000;
     let (sent_w, sent_h) = s.sent_resolution;
+    let audio_buffer = format!(
+        "{} ms (aims at {} ms)",
+        s.audio_jitter.as_millis(),
+        s.audio_jitter_target.as_millis()
+    );
     drop(s);
     let p = &c.live.peer;
     let total = p.packets_received + p.packets_lost;
@@ -331,6 +336,14 @@ fn stats_overlay(ui: &egui::Ui, area: egui::Rect, c: &InCall) {
         ),
         ("RTT", p.rtt_ms.map_or("-".into(), |r| format!("{r:.0} ms"))),
         ("packet loss", loss),
+        (
+            "repair",
+            format!(
+                "{} rebuilt by FEC, {} retransmitted; {} FEC sent",
+                p.fec_recovered, p.retransmissions_received, p.fec_packets_sent
+            ),
+        ),
+        ("audio buffer", audio_buffer),
         ("codecs", "H.264, Opus".into()),
         (
             "path",
