@@ -332,8 +332,10 @@ impl FecLevel {
 ///
 /// - Nothing while loss stays under [`FecPolicy::MIN_LOSS`]: FEC costs bandwidth, and a
 ///   rare loss is repaired by one retransmission.
-/// - Nothing when the round trip is under [`FecPolicy::MIN_RTT`]: a retransmission comes
-///   back before the frame is due anyway.
+/// - Nothing when the path's round trip (the least over the last
+///   [`FecPolicy::RTT_WINDOW`]) is under [`FecPolicy::MIN_RTT`]: a retransmission comes
+///   back before the frame is due anyway. A round trip swollen by a queue does not
+///   count: that loss is congestion, and FEC would only add to it.
 /// - Otherwise five times the loss, between 10 % and 50 %: one repair packet for a
 ///   typical 8-10 packet frame at 1-2 % loss, two at 5 %.
 ///
@@ -343,12 +345,14 @@ impl FecLevel {
 pub struct FecPolicy {
     loss: f64,
     at: Option<Instant>,
+    rtts: std::collections::VecDeque<(Instant, Duration)>,
 }
 
 impl FecPolicy {
     pub const MIN_LOSS: f64 = 0.005;
     pub const MIN_RTT: Duration = Duration::from_millis(30);
     const HALF_LIFE: Duration = Duration::from_secs(7);
+    pub const RTT_WINDOW: Duration = Duration::from_secs(30);
 
     /// A new loss report (fraction) and round trip at `now`; returns the FEC share.
     pub fn update(&mut self, now: Instant, loss: f64, rtt: Duration) -> f64 {
@@ -363,7 +367,16 @@ impl FecPolicy {
             0.0
         };
         self.loss = (self.loss * decay).max(loss);
-        if self.loss < Self::MIN_LOSS || rtt < Self::MIN_RTT {
+        self.rtts.push_back((now, rtt));
+        while self
+            .rtts
+            .front()
+            .is_some_and(|&(at, _)| now.saturating_duration_since(at) > Self::RTT_WINDOW)
+        {
+            self.rtts.pop_front();
+        }
+        let path_rtt = self.rtts.iter().map(|&(_, r)| r).min().unwrap_or(rtt);
+        if self.loss < Self::MIN_LOSS || path_rtt < Self::MIN_RTT {
             return 0.0;
         }
         (self.loss * 5.0).clamp(0.1, 0.5)
@@ -757,9 +770,17 @@ mod tests {
         assert!(soon > 0.15, "{soon}");
         let later = p.update(t0 + Duration::from_secs(40), 0.0, rtt);
         assert_eq!(later, 0.0);
-        // A short round trip: retransmissions come in time.
+        // A short round trip: retransmissions come in time, also when a queue swells
+        // it for a while (that loss is congestion).
         let mut p = FecPolicy::default();
         assert_eq!(p.update(t0, 0.05, Duration::from_millis(5)), 0.0);
+        let queued = t0 + Duration::from_secs(2);
+        assert_eq!(p.update(queued, 0.05, Duration::from_millis(250)), 0.0);
+        let moved = t0 + Duration::from_secs(40);
+        assert!(
+            p.update(moved, 0.05, Duration::from_millis(90)) > 0.0,
+            "a new path"
+        );
         let mut p = FecPolicy::default();
         assert_eq!(p.update(t0, f64::NAN, rtt), 0.0, "a bad report is no loss");
     }
