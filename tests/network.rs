@@ -73,12 +73,10 @@ fn calls_survive_loss_and_an_outage() {
 
     // Lossy.
     let lossy = Topology::build(&format!("{pid}l"), false);
-    let (ra, rb) = call_with(&lossy, "lossy", "10s", |t, _| {
-        t.add_loss("a", 0.03);
-        // A 40 ms round trip: long enough that FEC is worth sending.
-        t.add_uplink_delay("a", 20);
-        t.add_uplink_delay("b", 20);
-    });
+    // A 40 ms round trip from the start: long enough that FEC is worth sending.
+    lossy.add_uplink_delay("a", 20);
+    lossy.add_uplink_delay("b", 20);
+    let (ra, rb) = call_with(&lossy, "lossy", "10s", |t, _| t.add_loss("a", 0.03));
     drop(lossy);
     for (me, other) in [(&ra, &rb), (&rb, &ra)] {
         eprintln!(

@@ -354,8 +354,9 @@ impl FecPolicy {
     const HALF_LIFE: Duration = Duration::from_secs(7);
     pub const RTT_WINDOW: Duration = Duration::from_secs(30);
 
-    /// A new loss report (fraction) and round trip at `now`; returns the FEC share.
-    pub fn update(&mut self, now: Instant, loss: f64, rtt: Duration) -> f64 {
+    /// A new loss report (fraction) and round trip (None: not measured yet) at `now`;
+    /// returns the FEC share.
+    pub fn update(&mut self, now: Instant, loss: f64, rtt: Option<Duration>) -> f64 {
         let elapsed = self
             .at
             .map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
@@ -367,7 +368,9 @@ impl FecPolicy {
             0.0
         };
         self.loss = (self.loss * decay).max(loss);
-        self.rtts.push_back((now, rtt));
+        if let Some(rtt) = rtt {
+            self.rtts.push_back((now, rtt));
+        }
         while self
             .rtts
             .front()
@@ -375,7 +378,12 @@ impl FecPolicy {
         {
             self.rtts.pop_front();
         }
-        let path_rtt = self.rtts.iter().map(|&(_, r)| r).min().unwrap_or(rtt);
+        let path_rtt = self
+            .rtts
+            .iter()
+            .map(|&(_, r)| r)
+            .min()
+            .unwrap_or(Duration::ZERO);
         if self.loss < Self::MIN_LOSS || path_rtt < Self::MIN_RTT {
             return 0.0;
         }
@@ -755,7 +763,7 @@ mod tests {
     #[test]
     fn the_policy_follows_loss_remembers_bursts_and_leaves_short_round_trips_to_nack() {
         let t0 = Instant::now();
-        let rtt = Duration::from_millis(80);
+        let rtt = Some(Duration::from_millis(80));
         let mut p = FecPolicy::default();
         assert_eq!(p.update(t0, 0.0, rtt), 0.0, "a clean link: no FEC");
         assert_eq!(p.update(t0, 0.002, rtt), 0.0, "a rare loss: NACK is enough");
@@ -773,16 +781,23 @@ mod tests {
         // A short round trip: retransmissions come in time, also when a queue swells
         // it for a while (that loss is congestion).
         let mut p = FecPolicy::default();
-        assert_eq!(p.update(t0, 0.05, Duration::from_millis(5)), 0.0);
+        assert_eq!(p.update(t0, 0.05, Some(Duration::from_millis(5))), 0.0);
         let queued = t0 + Duration::from_secs(2);
-        assert_eq!(p.update(queued, 0.05, Duration::from_millis(250)), 0.0);
+        assert_eq!(
+            p.update(queued, 0.05, Some(Duration::from_millis(250))),
+            0.0
+        );
         let moved = t0 + Duration::from_secs(40);
         assert!(
-            p.update(moved, 0.05, Duration::from_millis(90)) > 0.0,
+            p.update(moved, 0.05, Some(Duration::from_millis(90))) > 0.0,
             "a new path"
         );
         let mut p = FecPolicy::default();
         assert_eq!(p.update(t0, f64::NAN, rtt), 0.0, "a bad report is no loss");
+        // Before the round trip is known: none, and the unknown is not taken as short.
+        let mut p = FecPolicy::default();
+        assert_eq!(p.update(t0, 0.05, None), 0.0);
+        assert!(p.update(t0, 0.05, rtt) > 0.0);
     }
 
     #[test]

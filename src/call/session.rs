@@ -344,12 +344,13 @@ impl Session {
                     }
                     // FEC as the loss the other side reports calls for; the video
                     // encoder gets that much less of the target.
-                    let rtt = stats.rtt_ms.filter(|r| r.is_finite() && *r > 0.0);
-                    let fec = self.fec_policy.update(
-                        now,
-                        stats.remote_loss.unwrap_or(0.0),
-                        Duration::from_secs_f64(rtt.unwrap_or(0.0) / 1000.0),
-                    );
+                    let rtt = stats
+                        .rtt_ms
+                        .filter(|r| r.is_finite() && *r > 0.0)
+                        .map(|r| Duration::from_secs_f64(r / 1000.0));
+                    let fec = self
+                        .fec_policy
+                        .update(now, stats.remote_loss.unwrap_or(0.0), rtt);
                     peer.set_fec_overhead(fec);
                     if let Some(target) = stats.target_bitrate_bps {
                         let estimate = stats.estimate_bitrate_bps.unwrap_or(target);
