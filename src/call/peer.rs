@@ -672,6 +672,14 @@ impl Peer {
                     }
                     known.push(end);
                 }
+                // An end the report does not list (a peer-reflexive one learned from the
+                // checks): the ICE transport still knows its address.
+                if (local.is_none() || remote.is_none())
+                    && let Some((l, r)) = self.selected_pair().await
+                {
+                    local = local.or(Some(l));
+                    remote = remote.or(Some(r));
+                }
                 if remote.as_ref().is_none_or(|r| r.kind == "prflx") {
                     tracing::debug!(?remote, ?known, "peer-reflexive remote end");
                 }
@@ -734,6 +742,18 @@ impl Peer {
             (estimate, paced) => estimate.or(paced),
         };
         stats
+    }
+
+    /// The two ends of the selected candidate pair, from the ICE transport.
+    async fn selected_pair(&self) -> Option<(CandidateEnd, CandidateEnd)> {
+        let ice = self.pc.sctp().await?.transport().ice_transport();
+        let pair = ice.get_selected_candidate_pair().await.ok()??;
+        let end = |c: &webrtc::peer_connection::RTCIceCandidate| CandidateEnd {
+            address: c.address.clone(),
+            port: c.port,
+            kind: c.typ.to_string(),
+        };
+        Some((end(pair.local()), end(pair.remote())))
     }
 
     /// Closes the connection and ends all its event streams.
@@ -832,6 +852,7 @@ impl CandidateEnd {
         let here = self
             .address
             .parse::<std::net::IpAddr>()
+            .map(|ip| ip.to_canonical())
             .is_ok_and(|ip| ip.is_loopback() || own.contains(&ip));
         if here { "host" } else { "prflx" }.to_owned()
     }
@@ -1009,6 +1030,11 @@ mod tests {
         // An address of this machine: the other end is on this machine too.
         let own = ["10.0.0.9".parse().unwrap()].into_iter().collect();
         assert_eq!(end("10.0.0.9", 9999, "prflx").resolve(&[], &own), "host");
+        // Also written as an IPv4-mapped IPv6 address (a dual-stack socket).
+        assert_eq!(
+            end("::ffff:10.0.0.9", 9999, "prflx").resolve(&[], &own),
+            "host"
+        );
     }
 
     #[test]
