@@ -16,14 +16,40 @@ use std::time::{Duration, Instant};
 const WIDTH: u32 = 1024;
 const HEIGHT: u32 = 680;
 
-/// Kills and reaps a child process when dropped.
+/// Stops and reaps a child process when dropped: SIGTERM first, so an X server removes
+/// its socket and lock file (killed outright, it leaves them behind, and after a few
+/// dozen runs every display number looked taken), SIGKILL if it has not gone in 2 s.
 struct Reaped(Child);
 
 impl Drop for Reaped {
     fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline {
+                if matches!(self.0.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Whether display `n` is taken: its lock file names a process that is still running
+/// (a lock left by a process that is gone is stale; Xvfb replaces it itself).
+fn display_taken(n: u32) -> bool {
+    let Ok(lock) = std::fs::read_to_string(format!("/tmp/.X{n}-lock")) else {
+        return Path::new(&format!("/tmp/.X11-unix/X{n}")).exists();
+    };
+    lock.trim()
+        .parse::<i32>()
+        .is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
 }
 
 fn have(tool: &str) -> bool {
@@ -37,11 +63,11 @@ fn have(tool: &str) -> bool {
 /// Starts an X server on a free display number.
 fn start_xvfb() -> (Reaped, u32) {
     for n in 90..140 {
-        if Path::new(&format!("/tmp/.X11-unix/X{n}")).exists()
-            || Path::new(&format!("/tmp/.X{n}-lock")).exists()
-        {
+        if display_taken(n) {
             continue;
         }
+        // A stale socket would look like the new server is up before it is.
+        let _ = std::fs::remove_file(format!("/tmp/.X11-unix/X{n}"));
         let child = Command::new("Xvfb")
             .arg(format!(":{n}"))
             .args([
