@@ -350,6 +350,7 @@ impl Pipelines {
         self.encoder_control = Some(control_tx.clone());
         let stop = self.stop.clone();
         let thread_stats = stats.clone();
+        let rtt = self.rtt.subscribe();
         let spawned = std::thread::Builder::new()
             .name("duet-video-send".into())
             .spawn(move || {
@@ -390,7 +391,7 @@ impl Pipelines {
                         ladder.get_or_insert_with(|| Ladder::new(frame.height, settings.fps));
                     for c in control.try_iter() {
                         match c {
-                            EncoderControl::Keyframe => keyframes.request(),
+                            EncoderControl::Keyframe => keyframes.request(now, *rtt.borrow()),
                             // The configured bitrate is the ceiling.
                             EncoderControl::Bitrate { target, estimate } => {
                                 let bps = target.min(settings.bitrate_bps);
@@ -828,19 +829,39 @@ pub fn expected_loss_percent(fraction: f64) -> u8 {
 
 /// Keyframes on request, but not back to back: a keyframe is many packets, and on a thin
 /// link a second one right behind the first only makes the loss that asked for it worse.
-/// A request within [`KeyframePacer::MIN_INTERVAL`] of the last keyframe waits until the
-/// interval is over (it is not dropped).
+/// - A request that comes less than a round trip (+ [`KeyframePacer::IN_FLIGHT_MARGIN`])
+///   after a keyframe left was sent before that keyframe could have arrived: the keyframe
+///   on its way answers it, and it is dropped. (If that keyframe is lost too, the
+///   receiver asks again once it should have come.) Under congestion this is what stops
+///   a storm: the round trip is long, and every lost frame of the queue asked for one.
+/// - A request within [`KeyframePacer::MIN_INTERVAL`] of the last keyframe waits until
+///   the interval is over (it is not dropped).
 #[derive(Debug, Default)]
 pub struct KeyframePacer {
     requested: bool,
     last: Option<Instant>,
+    answered: u64,
 }
 
 impl KeyframePacer {
     pub const MIN_INTERVAL: Duration = Duration::from_millis(300);
+    pub const IN_FLIGHT_MARGIN: Duration = Duration::from_millis(30);
 
-    pub fn request(&mut self) {
+    /// A keyframe request arrived at `now`; `rtt` is the latest round trip.
+    pub fn request(&mut self, now: Instant, rtt: Duration) {
+        let in_flight = self
+            .last
+            .is_some_and(|t| now.saturating_duration_since(t) < rtt + Self::IN_FLIGHT_MARGIN);
+        if in_flight {
+            self.answered += 1;
+            return;
+        }
         self.requested = true;
+    }
+
+    /// Requests dropped because a keyframe was already on its way.
+    pub fn answered_in_flight(&self) -> u64 {
+        self.answered
     }
 
     /// Whether the next frame should be a keyframe (clears the request when it is).
@@ -1022,24 +1043,33 @@ mod tests {
     }
 
     #[test]
-    fn keyframe_requests_are_spaced_not_dropped() {
+    fn keyframe_requests_are_spaced_and_those_a_keyframe_in_flight_answers_are_dropped() {
         let t = Instant::now();
+        let rtt = Duration::from_millis(100);
         let mut k = KeyframePacer::default();
         assert!(!k.take_due(t), "no request, no keyframe");
-        k.request();
+        k.request(t, rtt);
         assert!(k.take_due(t));
         k.sent(t);
         assert!(!k.take_due(t), "one request, one keyframe");
-        k.request();
-        k.request();
-        let soon = t + KeyframePacer::MIN_INTERVAL / 2;
-        assert!(!k.take_due(soon), "too soon after the last one");
+        // Sent before the keyframe could have arrived: answered by it.
+        k.request(t + Duration::from_millis(80), rtt);
+        assert!(!k.take_due(t + KeyframePacer::MIN_INTERVAL));
+        assert_eq!(k.answered_in_flight(), 1);
+        // After a round trip: the keyframe was lost too, or something after it.
+        let later = t + Duration::from_millis(200);
+        k.request(later, rtt);
+        assert!(!k.take_due(later), "too soon after the last one");
         assert!(
             k.take_due(t + KeyframePacer::MIN_INTERVAL),
             "but not forgotten"
         );
         k.sent(t + KeyframePacer::MIN_INTERVAL);
         assert!(!k.take_due(t + KeyframePacer::MIN_INTERVAL * 3));
+        // A long round trip (a queue) holds requests off for longer.
+        let queued = Duration::from_millis(600);
+        k.request(t + KeyframePacer::MIN_INTERVAL * 3, queued);
+        assert_eq!(k.answered_in_flight(), 2);
     }
 
     #[test]
