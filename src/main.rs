@@ -136,7 +136,8 @@ struct CallArgs {
     /// Send this chat message once connected (repeatable).
     #[arg(long)]
     chat: Vec<String>,
-    /// The other side sends the test pattern: measure quality (PSNR) against it.
+    /// The other side sends the test pattern at our --width x --height: measure quality
+    /// (PSNR) against it.
     #[arg(long)]
     expect_pattern: bool,
     /// The expected pattern is the noisy one.
@@ -416,7 +417,14 @@ async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
         audio_processing: args.audio_processing.as_deref().map(|v| v == "on"),
         show_video: false,
         notify: None,
-        reference_pattern: (args.expect_pattern || args.expect_noisy).then_some(args.expect_noisy),
+        // The remote is expected to render it at our size.
+        reference_pattern: (args.expect_pattern || args.expect_noisy).then_some(
+            call::pipelines::ExpectedPattern {
+                noisy: args.expect_noisy,
+                width: args.width,
+                height: args.height,
+            },
+        ),
         chat: args.chat.clone(),
         hold_description: None,
     };

@@ -31,7 +31,11 @@ async fn server() -> Server {
 fn config(server: &Server, room: &str, tone: f64, chat: &str) -> SessionConfig {
     let mut c = SessionConfig::synthetic(&server.ws_url(), room);
     c.audio = AudioInput::Sine(tone);
-    c.reference_pattern = Some(false);
+    c.reference_pattern = Some(duet::call::pipelines::ExpectedPattern {
+        noisy: false,
+        width: 640,
+        height: 360,
+    });
     c.chat = vec![chat.to_owned()];
     c
 }
@@ -314,7 +318,11 @@ async fn relay_only_call_on_loopback_goes_through_the_embedded_turn_server() {
     let session = |tone: f64| {
         let mut c = SessionConfig::synthetic(&server.ws_url(), "relayed");
         c.audio = AudioInput::Sine(tone);
-        c.reference_pattern = Some(false);
+        c.reference_pattern = Some(duet::call::pipelines::ExpectedPattern {
+            noisy: false,
+            width: 640,
+            height: 360,
+        });
         c.relay_only = true;
         c
     };

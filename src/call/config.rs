@@ -101,8 +101,8 @@ pub struct SessionConfig {
     pub show_video: bool,
     /// Called when there is something new to show (picture, state, chat).
     pub notify: Option<Notify>,
-    /// The remote sends the test pattern: measure PSNR against it (`Some(noisy)`).
-    pub reference_pattern: Option<bool>,
+    /// The remote sends the test pattern: measure PSNR against it.
+    pub reference_pattern: Option<super::pipelines::ExpectedPattern>,
     /// Chat lines to send once the data channel is open.
     pub chat: Vec<String>,
     /// Testing aid: hold our offer/answer back this long (candidates go first).

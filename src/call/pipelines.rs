@@ -796,6 +796,17 @@ impl Pipelines {
     }
 }
 
+/// The test pattern the remote sends (see [`TestPattern`]), to measure the quality of
+/// what arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpectedPattern {
+    pub noisy: bool,
+    /// The size the remote renders it at: pictures it scaled down for a thin link are
+    /// not compared (a pattern rendered small is not the same picture).
+    pub width: usize,
+    pub height: usize,
+}
+
 /// What the video encoder is told while it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EncoderControl {
@@ -909,8 +920,8 @@ pub struct ReceiveSinks {
     pub display: Option<(PictureSlot, Option<Notify>)>,
     pub record_video: Option<Arc<Mutex<Y4mWriter>>>,
     pub audio: Option<Arc<Mutex<Box<dyn AudioSink>>>>,
-    /// When the remote sends the test pattern: compare decoded pixels with it (noisy?).
-    pub reference_pattern: Option<bool>,
+    /// When the remote sends the test pattern: compare decoded pixels with it.
+    pub reference_pattern: Option<ExpectedPattern>,
     /// The microphone's echo canceller, told what the speaker plays (None: off).
     pub far_end: Option<Arc<Mutex<AudioProcessor>>>,
 }
@@ -952,12 +963,12 @@ fn video_decode_loop(
         let latency = strip.map(|s| wall_clock_us32().wrapping_sub(s.captured_us));
         // Re-rendering the reference costs as much as rendering the source, so quality
         // is sampled on every 10th frame to keep measuring cheaper than calling.
-        // The reference is the pattern at the first (full) size; pictures the sender
-        // scaled down for a thin link are not compared with it.
+        // The reference is the pattern at the size the remote renders it; pictures the
+        // sender scaled down for a thin link are not compared with it.
         let psnr = match (strip, sinks.reference_pattern) {
-            (Some(s), Some(noisy)) if decoded.is_multiple_of(10) => {
+            (Some(s), Some(expected)) if decoded.is_multiple_of(10) => {
                 let pattern = reference.get_or_insert_with(|| {
-                    TestPattern::new(frame.width, frame.height, 30.0, noisy)
+                    TestPattern::new(expected.width, expected.height, 30.0, expected.noisy)
                 });
                 let reference = pattern.render(s.frame_number);
                 (reference.width == frame.width && reference.height == frame.height)
