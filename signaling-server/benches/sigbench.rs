@@ -81,6 +81,9 @@ impl ServerProcess {
                 "0",
                 "--max-connections",
                 "100000",
+                // Every benchmark client is 127.0.0.1.
+                "--max-connections-per-ip",
+                "100000",
                 "--log",
                 "warn",
                 "--threads",

@@ -53,6 +53,24 @@ pub struct Config {
     #[arg(long, default_value_t = 10_000)]
     pub max_connections: usize,
 
+    /// Most WebSocket connections from one client address at once; more get HTTP 429.
+    #[arg(long, default_value_t = 32)]
+    pub max_connections_per_ip: usize,
+
+    /// A reverse proxy in front of this server (CIDR, e.g. 10.0.0.5/32; repeatable). For
+    /// connections from these addresses the client's own address is read from
+    /// X-Forwarded-For (the rightmost entry that is not itself a trusted proxy), and the
+    /// per-address limits count it. From anywhere else X-Forwarded-For is ignored.
+    #[arg(long = "trusted-proxy", value_name = "CIDR")]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+
+    /// A web page origin allowed to open the WebSocket, e.g. https://duet.example.org
+    /// (repeatable). Browsers send their page's Origin; another origin gets HTTP 403. The
+    /// server's own pages are always allowed, and clients that send no Origin (the app)
+    /// are not affected. Without this flag any origin may connect.
+    #[arg(long = "allowed-origin", value_name = "ORIGIN")]
+    pub allowed_origins: Vec<String>,
+
     /// Messages queued for one slow client before it is disconnected.
     #[arg(long, default_value_t = 1024)]
     pub send_queue: usize,

@@ -49,9 +49,48 @@ pub const MAX_STARTS_AT_PAST: Duration = Duration::from_secs(3600);
 /// How far ahead a room can be scheduled.
 pub const MAX_STARTS_AT_AHEAD: Duration = Duration::from_secs(366 * 24 * 3600);
 
-/// The address a request came from (set by the accept loop).
+/// The address a request came from (set by the accept loop): the TCP peer, or behind a
+/// trusted reverse proxy the client it names (see [`client_addr`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ClientAddr(pub SocketAddr);
+
+/// The client a request is from. `peer` is the TCP peer; when it is a trusted proxy, the
+/// `X-Forwarded-For` entries are read from the right (each proxy appends the address it
+/// was reached from) and the first one that is not a trusted proxy is the client. A
+/// malformed entry stops the walk at the last trusted hop (its peer is used): entries to
+/// the left of it could have been written by anyone.
+pub(crate) fn client_addr(
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    trusted: &[ipnet::IpNet],
+) -> SocketAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|net| net.contains(&ip.to_canonical()));
+    if !is_trusted(peer.ip()) {
+        return peer;
+    }
+    let mut client = peer;
+    let entries = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .collect::<Vec<_>>();
+    for entry in entries.into_iter().rev() {
+        let Ok(ip) = entry
+            .parse::<IpAddr>()
+            .or_else(|_| entry.parse::<SocketAddr>().map(|a| a.ip()))
+        else {
+            break;
+        };
+        client = SocketAddr::new(ip.to_canonical(), 0);
+        if !is_trusted(ip) {
+            break;
+        }
+    }
+    client
+}
 
 /// One token bucket per client address.
 #[derive(Debug)]
@@ -829,6 +868,52 @@ async fn join_page(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_client_behind_a_trusted_proxy_is_read_from_x_forwarded_for() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/24".parse().unwrap()];
+        let proxy: SocketAddr = "10.0.0.5:40000".parse().unwrap();
+        let stranger: SocketAddr = "203.0.113.9:40000".parse().unwrap();
+        let xff = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("x-forwarded-for", HeaderValue::from_str(v).unwrap());
+            h
+        };
+        let ip = |a: SocketAddr| a.ip().to_string();
+        // Not from a trusted proxy: the header is anyone's to write.
+        assert_eq!(
+            ip(client_addr(stranger, &xff("198.51.100.7"), &trusted)),
+            "203.0.113.9"
+        );
+        // From the proxy: the client it names; a forged entry to its left is ignored.
+        assert_eq!(
+            ip(client_addr(proxy, &xff("198.51.100.7"), &trusted)),
+            "198.51.100.7"
+        );
+        assert_eq!(
+            ip(client_addr(proxy, &xff("1.2.3.4, 198.51.100.7"), &trusted)),
+            "198.51.100.7"
+        );
+        // Two proxies in a row, both trusted.
+        assert_eq!(
+            ip(client_addr(proxy, &xff("198.51.100.7, 10.0.0.9"), &trusted)),
+            "198.51.100.7"
+        );
+        // No header, or garbage: the proxy itself.
+        assert_eq!(
+            ip(client_addr(proxy, &HeaderMap::new(), &trusted)),
+            "10.0.0.5"
+        );
+        assert_eq!(
+            ip(client_addr(proxy, &xff("nonsense"), &trusted)),
+            "10.0.0.5"
+        );
+        // No trusted proxy configured: always the peer.
+        assert_eq!(
+            ip(client_addr(proxy, &xff("198.51.100.7"), &[])),
+            "10.0.0.5"
+        );
+    }
 
     #[test]
     fn openapi_lists_every_endpoint() {

@@ -64,6 +64,8 @@ pub(crate) struct Shared {
     pub force_close: CancellationToken,
     pub tasks: TaskTracker,
     pub connections: AtomicUsize,
+    /// Open WebSockets per client address.
+    pub per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
     pub store: Store,
     pub api: ApiState,
     pub local_addr: SocketAddr,
@@ -184,6 +186,7 @@ impl Server {
             force_close: CancellationToken::new(),
             tasks: TaskTracker::new(),
             connections: AtomicUsize::new(0),
+            per_ip: Default::default(),
             config,
         });
         shared.tasks.spawn(sweep(Arc::clone(&shared)));
@@ -415,6 +418,7 @@ impl AsyncWrite for Watched {
 /// Accepts TCP connections and serves HTTP/1.1 on each until shutdown.
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     let app = router(Arc::clone(&shared));
+    let trusted: Arc<[ipnet::IpNet]> = shared.config.trusted_proxies.clone().into();
     loop {
         let accepted = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
@@ -430,9 +434,11 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             }
         };
         let _ = tcp.set_nodelay(true);
+        let trusted = Arc::clone(&trusted);
         let service = TowerToHyperService::new(app.clone().map_request(
             move |mut request: Request<hyper::body::Incoming>| {
-                request.extensions_mut().insert(ClientAddr(peer));
+                let client = http_api::client_addr(peer, request.headers(), &trusted);
+                request.extensions_mut().insert(ClientAddr(client));
                 request
             },
         ));
@@ -506,13 +512,79 @@ fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// Counts a connection for `--max-connections`; the slot is freed on drop.
-struct Slot(Arc<Shared>);
+/// Counts a connection for `--max-connections` and `--max-connections-per-ip`; the slot
+/// is freed on drop.
+struct Slot(Arc<Shared>, std::net::IpAddr);
+
+impl Slot {
+    /// Takes a slot for a WebSocket from `client`, or says why not (the answer to give).
+    fn take(
+        shared: &Arc<Shared>,
+        client: std::net::IpAddr,
+    ) -> Result<Slot, (StatusCode, &'static str)> {
+        let held = shared.connections.fetch_add(1, Ordering::Relaxed);
+        let from_client = {
+            let mut per_ip = shared
+                .per_ip
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let n = per_ip.entry(client).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let slot = Slot(Arc::clone(shared), client);
+        if held >= shared.config.max_connections {
+            warn!(held, "connection limit reached; refusing a WebSocket");
+            return Err((StatusCode::SERVICE_UNAVAILABLE, "too many connections\n"));
+        }
+        if from_client > shared.config.max_connections_per_ip {
+            warn!(%client, from_client, "per-address connection limit reached; refusing a WebSocket");
+            return Err((
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many connections from your address\n",
+            ));
+        }
+        Ok(slot)
+    }
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        let mut per_ip = self
+            .0
+            .per_ip
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = per_ip.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                per_ip.remove(&self.1);
+            }
+        }
     }
+}
+
+/// Whether a WebSocket from a page at this `Origin` may open: no Origin (not a browser),
+/// no `--allowed-origin` list, an origin on the list, or the server's own pages (the
+/// Origin names the host the request was sent to).
+fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return headers.get(header::ORIGIN).is_none();
+    };
+    if allowed.is_empty() {
+        return true;
+    }
+    let origin = origin.trim_end_matches('/');
+    if allowed
+        .iter()
+        .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin))
+    {
+        return true;
+    }
+    let own_host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    let origin_host = origin.split_once("://").map(|(_, host)| host);
+    matches!((own_host, origin_host), (Some(h), Some(o)) if h.eq_ignore_ascii_case(o))
 }
 
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
@@ -562,15 +634,24 @@ async fn upgrade(State(shared): State<Arc<Shared>>, request: Request) -> Respons
     let Ok(accept) = HeaderValue::from_str(&websocket::accept_key(key)) else {
         return plain(StatusCode::BAD_REQUEST, "bad Sec-WebSocket-Key\n");
     };
+    if !origin_allowed(headers, &shared.config.allowed_origins) {
+        warn!(origin = ?headers.get(header::ORIGIN), "WebSocket from an origin not allowed");
+        return plain(
+            StatusCode::FORBIDDEN,
+            "this page's origin may not use this server (see --allowed-origin)\n",
+        );
+    }
     if shared.shutdown.is_cancelled() {
         return plain(StatusCode::SERVICE_UNAVAILABLE, "server shutting down\n");
     }
-    let held = shared.connections.fetch_add(1, Ordering::Relaxed);
-    let slot = Slot(Arc::clone(&shared));
-    if held >= shared.config.max_connections {
-        warn!(held, "connection limit reached; refusing a WebSocket");
-        return plain(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
-    }
+    let client = request
+        .extensions()
+        .get::<ClientAddr>()
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+    let slot = match Slot::take(&shared, client) {
+        Ok(slot) => slot,
+        Err((status, text)) => return plain(status, text),
+    };
 
     let on_upgrade = hyper::upgrade::on(request);
     let handshake_limit = shared.config.http_idle_timeout;

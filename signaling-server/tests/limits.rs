@@ -1,5 +1,6 @@
 //! Transport and bad input: error codes, the size limit, flooding, dead connections,
-//! TURN credentials, HTTP endpoints, connection cap and shutdown.
+//! TURN credentials, HTTP endpoints, connection caps (in all and per client address,
+//! behind a trusted proxy too), allowed origins, and shutdown.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -298,6 +299,112 @@ async fn connection_cap_refuses_with_503() {
     b.close().await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let _c = Client::connect(&s).await; // a slot was freed
+    s.stop().await;
+}
+
+/// Opens a WebSocket with extra request headers; Ok(HTTP status of the answer: 101 when
+/// it opened), the stream kept alive in `keep`.
+async fn open_with(
+    s: &signaling_server::Server,
+    headers: &[(&str, &str)],
+    keep: &mut Vec<
+        tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+    >,
+) -> u16 {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let mut request = s.ws_url().into_client_request().unwrap();
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((ws, response)) => {
+            keep.push(ws);
+            response.status().as_u16()
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[tokio::test]
+async fn one_address_holds_at_most_its_share_of_websockets() {
+    let s = start_server(|c| c.max_connections_per_ip = 2).await;
+    let mut keep = Vec::new();
+    assert_eq!(open_with(&s, &[], &mut keep).await, 101);
+    assert_eq!(open_with(&s, &[], &mut keep).await, 101);
+    assert_eq!(
+        open_with(&s, &[], &mut keep).await,
+        429,
+        "a third from 127.0.0.1"
+    );
+    // X-Forwarded-For from an untrusted peer changes nothing.
+    assert_eq!(
+        open_with(&s, &[("x-forwarded-for", "198.51.100.1")], &mut keep).await,
+        429
+    );
+    // Others are still served, and a closed one frees its slot.
+    keep.pop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(open_with(&s, &[], &mut keep).await, 101);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_limit_counts_the_forwarded_client() {
+    let s = start_server(|c| {
+        c.max_connections_per_ip = 1;
+        c.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+    })
+    .await;
+    let mut keep = Vec::new();
+    let from = |ip: &'static str| [("x-forwarded-for", ip)];
+    assert_eq!(open_with(&s, &from("198.51.100.1"), &mut keep).await, 101);
+    assert_eq!(open_with(&s, &from("198.51.100.2"), &mut keep).await, 101);
+    assert_eq!(open_with(&s, &from("198.51.100.1"), &mut keep).await, 429);
+    // A client cannot pose as another by writing the header itself: the proxy appends.
+    assert_eq!(
+        open_with(&s, &from("198.51.100.9, 198.51.100.1"), &mut keep).await,
+        429
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn only_allowed_origins_open_a_websocket() {
+    let s = start_server(|c| c.allowed_origins = vec!["https://app.example.org".into()]).await;
+    let mut keep = Vec::new();
+    assert_eq!(
+        open_with(&s, &[("origin", "https://evil.example")], &mut keep).await,
+        403
+    );
+    assert_eq!(
+        open_with(&s, &[("origin", "https://app.example.org")], &mut keep).await,
+        101
+    );
+    assert_eq!(
+        open_with(&s, &[], &mut keep).await,
+        101,
+        "the app sends no Origin"
+    );
+    // The server's own pages (the browser client it serves).
+    let own = format!("http://{}", s.local_addr());
+    assert_eq!(
+        open_with(&s, &[("origin", own.as_str())], &mut keep).await,
+        101
+    );
+    s.stop().await;
+
+    // Without the flag any origin may connect.
+    let s = server().await;
+    assert_eq!(
+        open_with(&s, &[("origin", "https://evil.example")], &mut keep).await,
+        101
+    );
     s.stop().await;
 }
 
