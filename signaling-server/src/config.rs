@@ -71,6 +71,16 @@ pub struct Config {
     #[arg(long = "allowed-origin", value_name = "ORIGIN")]
     pub allowed_origins: Vec<String>,
 
+    /// A join that would create a room while this many are held (ad-hoc and scheduled)
+    /// gets error/rate_limited.
+    #[arg(long, default_value_t = 100_000)]
+    pub max_rooms: usize,
+
+    /// Most new rooms one connection may create in a minute (by joining a name no room
+    /// has yet); more get error/rate_limited.
+    #[arg(long, default_value_t = 30)]
+    pub rooms_per_minute: usize,
+
     /// Messages queued for one slow client before it is disconnected.
     #[arg(long, default_value_t = 1024)]
     pub send_queue: usize,

@@ -57,6 +57,12 @@ pub struct RoomsConfig {
     /// How long a member whose connection dropped keeps its seat for a `resume`; zero
     /// turns resume off (no token in `joined`, a drop leaves the room at once).
     pub resume_grace: Duration,
+    /// Most rooms held at once; a `join` that would create one more is refused with
+    /// `rate_limited`.
+    pub max_rooms: usize,
+    /// Most rooms one connection may create in a minute (by joining names no room has
+    /// yet); more are refused with `rate_limited`.
+    pub rooms_per_minute: usize,
 }
 
 /// Most messages kept for an away member; beyond that the oldest are dropped.
@@ -134,6 +140,8 @@ struct Conn {
     rung_by: Option<String>,
     /// Hash of the resume token of the seat it holds (set with each `joined`).
     resume_hash: Option<[u8; 32]>,
+    /// When it created rooms, over the last minute.
+    created: VecDeque<Instant>,
 }
 
 /// A member whose connection dropped: its seat is kept until `deadline`, and what would
@@ -242,6 +250,7 @@ impl Rooms {
                 room: None,
                 rung_by: None,
                 resume_hash: None,
+                created: VecDeque::new(),
             },
         );
     }
@@ -674,8 +683,48 @@ impl Rooms {
                 return Ok(());
             }
         }
+        if !self.rooms.contains_key(room) {
+            self.admit_new_room(conn, now)?;
+        }
         self.leave_room(conn, LeaveReason::Left, now, out);
         self.enter_room(conn, room, display, claims_host, out);
+        Ok(())
+    }
+
+    /// Whether `conn` may create one more room now (and counts it if so): the total and
+    /// per-connection caps keep a client from filling the server with rooms.
+    fn admit_new_room(&mut self, conn: ConnId, now: Now) -> Result<(), Refusal> {
+        if self.rooms.len() >= self.config.max_rooms {
+            warn!(
+                rooms = self.rooms.len(),
+                "room limit reached; refusing a new room"
+            );
+            return refuse(
+                ErrorCode::RateLimited,
+                "the server holds as many rooms as it may; try again later",
+            );
+        }
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return Ok(());
+        };
+        while c
+            .created
+            .front()
+            .is_some_and(|&at| now.mono.saturating_duration_since(at) >= Duration::from_secs(60))
+        {
+            c.created.pop_front();
+        }
+        if c.created.len() >= self.config.rooms_per_minute {
+            info!(peer = %c.peer_id, "too many new rooms in a minute");
+            return refuse(
+                ErrorCode::RateLimited,
+                format!(
+                    "at most {} new rooms a minute; join one that exists or wait",
+                    self.config.rooms_per_minute
+                ),
+            );
+        }
+        c.created.push_back(now.mono);
         Ok(())
     }
 
@@ -1216,6 +1265,8 @@ mod tests {
         early_join: Duration::from_secs(300),
         ended_retention: ENDED_RETENTION,
         resume_grace: Duration::ZERO,
+        max_rooms: 1_000,
+        rooms_per_minute: 30,
     };
 
     fn kinds(out: &Outbox) -> Vec<(ConnId, &'static str)> {
@@ -1387,6 +1438,43 @@ mod tests {
             r.take_events()[..],
             [MeetingEvent::Forgotten { .. }]
         ));
+    }
+
+    #[test]
+    fn a_connection_creates_at_most_its_rooms_a_minute_and_the_server_its_total() {
+        let t = Now::system();
+        let mut r = Rooms::new(RoomsConfig {
+            rooms_per_minute: 3,
+            max_rooms: 5,
+            ..CFG
+        });
+        for c in 1..=3 {
+            r.connect(c, format!("peer{c}"));
+        }
+        let mut out = Outbox::new();
+        for i in 0..3 {
+            r.handle(1, join(&format!("r{i}")), t, &mut out);
+            assert_eq!(kinds(&out).last(), Some(&(1, "joined")));
+        }
+        r.handle(1, join("r3"), t, &mut out);
+        assert_eq!(error_code(&out), Some(ErrorCode::RateLimited));
+        assert_eq!(r.room_count(), 3, "nothing created");
+        // Joining a room that exists is not creating one.
+        out.clear();
+        r.handle(1, join("r0"), t, &mut out);
+        assert_eq!(kinds(&out).last(), Some(&(1, "joined")));
+        // A minute later it may create again.
+        r.handle(1, join("r3"), t.later(Duration::from_secs(60)), &mut out);
+        assert_eq!(kinds(&out).last(), Some(&(1, "joined")));
+        // The total: 5 rooms held (r0-r3, and r4 from another connection), no sixth.
+        out.clear();
+        r.handle(2, join("r4"), t, &mut out);
+        assert_eq!(kinds(&out).last(), Some(&(2, "joined")));
+        assert_eq!(r.room_count(), 5);
+        out.clear();
+        r.handle(3, join("r5"), t, &mut out);
+        assert_eq!(error_code(&out), Some(ErrorCode::RateLimited));
+        assert_eq!(r.room_count(), 5);
     }
 
     #[test]

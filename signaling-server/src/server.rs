@@ -146,6 +146,8 @@ impl Server {
                 early_join: config.early_join,
                 ended_retention: ENDED_RETENTION,
                 resume_grace: config.resume_grace,
+                max_rooms: config.max_rooms,
+                rooms_per_minute: config.rooms_per_minute,
             },
             config.send_queue,
             Some(store.clone()),
