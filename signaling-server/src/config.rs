@@ -85,6 +85,11 @@ pub struct Config {
     #[arg(long, default_value_t = 1024)]
     pub send_queue: usize,
 
+    /// Bytes queued for one slow client before it is disconnected (at least two of the
+    /// largest messages).
+    #[arg(long, default_value_t = 1024 * 1024)]
+    pub send_queue_bytes: usize,
+
     /// Interval between WebSocket pings.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub ping_interval: Duration,

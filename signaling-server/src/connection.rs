@@ -12,7 +12,6 @@ use std::time::{Instant, SystemTime};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::sync::mpsc;
 use tokio::time::{Duration, sleep_until, timeout};
 use tracing::{Instrument as _, debug, info, info_span};
 
@@ -66,7 +65,7 @@ struct Connection {
     /// Frames to write (empty and unallocated when idle).
     outbox: Vec<u8>,
     /// What the hub queued for this connection.
-    outgoing: mpsc::Receiver<String>,
+    outgoing: crate::hub::Outgoing,
     decoder: Decoder,
     limiter: RateLimiter,
     last_heard: Instant,
@@ -248,8 +247,8 @@ impl Connection {
     fn drain_outgoing(&mut self) {
         for _ in 0..WRITE_BATCH {
             match self.outgoing.try_recv() {
-                Ok(text) => self.queue_text(&text),
-                Err(_) => break,
+                Some(text) => self.queue_text(&text),
+                None => break,
             }
         }
     }

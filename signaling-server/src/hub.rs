@@ -6,14 +6,15 @@
 //! applied one after another, and messages to one connection are queued in the order
 //! they were produced. The critical section is a few hash-map operations plus
 //! serializing the outgoing JSON, never I/O: delivery is a non-blocking `try_send`.
-//! A client whose queue is full is too slow to keep up; it is disconnected.
+//! A client whose queue is full (in messages or in bytes) is too slow to keep up; it is
+//! disconnected.
 //!
 //! Meeting changes the state machine makes on its own (a host's `end_room`, expiry) are
 //! handed to the [`Store`] thread under the same lock, so they are recorded in order.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tracing::warn;
@@ -30,13 +31,45 @@ use crate::store::Store;
 pub struct Registration {
     pub conn: ConnId,
     pub peer_id: String,
-    pub outgoing: mpsc::Receiver<String>,
+    pub outgoing: Outgoing,
+}
+
+/// The receiving end of one connection's queue, which keeps count of the bytes in it.
+#[derive(Debug)]
+pub struct Outgoing {
+    rx: mpsc::Receiver<String>,
+    bytes: Arc<AtomicUsize>,
+}
+
+impl Outgoing {
+    /// The next text (None: the hub dropped this connection). Cancel-safe.
+    pub async fn recv(&mut self) -> Option<String> {
+        let text = self.rx.recv().await?;
+        self.bytes.fetch_sub(text.len(), Ordering::Relaxed);
+        Some(text)
+    }
+
+    /// The next text if one is queued.
+    pub fn try_recv(&mut self) -> Option<String> {
+        let text = self.rx.try_recv().ok()?;
+        self.bytes.fetch_sub(text.len(), Ordering::Relaxed);
+        Some(text)
+    }
+}
+
+/// The sending end of one connection's queue.
+#[derive(Debug)]
+struct Queue {
+    tx: mpsc::Sender<String>,
+    bytes: Arc<AtomicUsize>,
 }
 
 #[derive(Debug)]
 struct Inner {
     rooms: Rooms,
-    queues: HashMap<ConnId, mpsc::Sender<String>>,
+    queues: HashMap<ConnId, Queue>,
+    /// Most bytes queued for one connection.
+    queue_bytes: usize,
 }
 
 /// Shared state of one server.
@@ -49,12 +82,19 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// A hub recording meeting changes in `store` (none: they are not recorded).
-    pub fn new(config: RoomsConfig, queue_len: usize, store: Option<Store>) -> Hub {
+    /// A hub recording meeting changes in `store` (none: they are not recorded); each
+    /// connection's queue holds at most `queue_len` messages and `queue_bytes` bytes.
+    pub fn new(
+        config: RoomsConfig,
+        queue_len: usize,
+        queue_bytes: usize,
+        store: Option<Store>,
+    ) -> Hub {
         Hub {
             inner: Mutex::new(Inner {
                 rooms: Rooms::new(config),
                 queues: HashMap::new(),
+                queue_bytes,
             }),
             next_conn: AtomicU64::new(1),
             queue_len: queue_len.max(1),
@@ -73,13 +113,20 @@ impl Hub {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let peer_id = ids::peer_id();
         let (tx, rx) = mpsc::channel(self.queue_len);
+        let bytes = Arc::new(AtomicUsize::new(0));
         let mut inner = self.lock();
         inner.rooms.connect(conn, peer_id.clone());
-        inner.queues.insert(conn, tx);
+        inner.queues.insert(
+            conn,
+            Queue {
+                tx,
+                bytes: Arc::clone(&bytes),
+            },
+        );
         Registration {
             conn,
             peer_id,
-            outgoing: rx,
+            outgoing: Outgoing { rx, bytes },
         }
     }
 
@@ -175,8 +222,16 @@ impl Inner {
                 let Some(queue) = self.queues.get(&conn) else {
                     continue; // already gone; its own task is cleaning up
                 };
-                match queue.try_send(msg.to_json()) {
-                    Ok(()) => {}
+                let text = msg.to_json();
+                let len = text.len();
+                if queue.bytes.load(Ordering::Relaxed) + len > self.queue_bytes {
+                    too_slow.push(conn);
+                    continue;
+                }
+                match queue.tx.try_send(text) {
+                    Ok(()) => {
+                        queue.bytes.fetch_add(len, Ordering::Relaxed);
+                    }
                     Err(mpsc::error::TrySendError::Full(_)) => too_slow.push(conn),
                     // The connection task ended and will call `disconnect` itself.
                     Err(mpsc::error::TrySendError::Closed(_)) => {}

@@ -150,6 +150,10 @@ impl Server {
                 rooms_per_minute: config.rooms_per_minute,
             },
             config.send_queue,
+            // Room for at least two of the largest messages.
+            config
+                .send_queue_bytes
+                .max(2 * config.max_message_bytes + 1024),
             Some(store.clone()),
         );
         for stored in meetings {

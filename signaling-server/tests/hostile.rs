@@ -234,6 +234,40 @@ async fn a_client_that_never_reads_its_answers_is_dropped() {
 }
 
 #[tokio::test]
+async fn a_websocket_that_never_reads_is_dropped_once_its_queue_holds_a_megabyte() {
+    // Long write and ping deadlines: only the queue's byte bound can drop it in time.
+    let s = start_server(|c| {
+        c.ping_timeout = Duration::from_secs(120);
+        c.ping_interval = Duration::from_secs(60);
+        c.resume_grace = Duration::ZERO;
+    })
+    .await;
+    let mut a = Client::connect(&s).await;
+    a.join("bytes").await;
+    let mut b = common::RawClient::connect(&s).await;
+    b.send_json(serde_json::json!({"type": "join", "room": "bytes"}))
+        .await;
+    a.expect("peer_joined").await;
+    // b never reads again. 150 offers of 60 KB (9 MB: more than the sockets buffer,
+    // and 150 messages, far under the 1024-message bound).
+    let sdp = "v".repeat(60_000);
+    let started = Instant::now();
+    for _ in 0..150 {
+        a.send(serde_json::json!({"type": "offer", "sdp": sdp}))
+            .await;
+    }
+    let left = a.recv().await;
+    assert_eq!(left["type"], "peer_left", "{left}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "dropped by the byte bound, not a deadline: {:?}",
+        started.elapsed()
+    );
+    assert_serves_normal_clients(&s).await;
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn stop_finishes_within_5_s_whatever_clients_do() {
     // Default deadlines: only the shutdown itself may close these connections.
     let s = start_server(|_| {}).await;
