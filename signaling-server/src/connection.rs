@@ -185,7 +185,16 @@ impl Connection {
             match event {
                 Event::Ping(payload) => encode_frame(&mut self.outbox, Opcode::Pong, &payload),
                 Event::Pong => {}
-                Event::Close(_) => return Err(Exit::Close(close_code::NORMAL, "bye")),
+                // The closing handshake echoes the peer's code (RFC 6455 §5.5.1).
+                Event::Close(code) => {
+                    return Err(Exit::Close(code.unwrap_or(close_code::NORMAL), "bye"));
+                }
+                Event::CloseWithBadReason => {
+                    return Err(Exit::Close(
+                        close_code::INVALID_DATA,
+                        "close reason is not UTF-8",
+                    ));
+                }
                 Event::Text(text) => {
                     if self.admit()? {
                         match ClientMessage::parse(&text) {

@@ -59,6 +59,7 @@ pub mod close_code {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
     pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const INVALID_DATA: u16 = 1007;
     pub const POLICY_VIOLATION: u16 = 1008;
     pub const INTERNAL_ERROR: u16 = 1011;
     pub const TRY_AGAIN_LATER: u16 = 1013;
@@ -77,8 +78,19 @@ pub enum Event {
     TooLarge,
     Ping(Vec<u8>),
     Pong,
-    /// The peer started the closing handshake, with its close code if it gave one.
+    /// The peer started the closing handshake, with its close code if it gave one (a
+    /// code an endpoint may send: [`valid_close_code`]).
     Close(Option<u16>),
+    /// The peer's close frame had a reason that is not UTF-8 (RFC 6455 §5.5.1: answered
+    /// with 1007).
+    CloseWithBadReason,
+}
+
+/// Whether an endpoint may send `code` in a close frame (RFC 6455 §7.4 and the IANA
+/// registry): 1000-1003, 1007-1014, and 3000-4999 for libraries and applications. 1004-1006
+/// and 1015 are reserved (never sent), below 1000 and 1016-2999 unassigned.
+pub fn valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 /// The peer broke the framing rules; the connection must be failed with close code 1002.
@@ -260,7 +272,17 @@ impl Decoder {
                     _ => match payload.len() {
                         0 => Event::Close(None),
                         1 => return Err(Violation("close frame with a 1-byte payload")),
-                        _ => Event::Close(Some(u16::from_be_bytes([payload[0], payload[1]]))),
+                        _ => {
+                            let code = u16::from_be_bytes([payload[0], payload[1]]);
+                            if !valid_close_code(code) {
+                                return Err(Violation("invalid close code"));
+                            }
+                            if std::str::from_utf8(&payload[2..]).is_err() {
+                                Event::CloseWithBadReason
+                            } else {
+                                Event::Close(Some(code))
+                            }
+                        }
                     },
                 }))
             }
@@ -497,13 +519,37 @@ mod tests {
     }
 
     #[test]
+    fn close_codes_and_reasons() {
+        for code in [1000u16, 1001, 1003, 1007, 1011, 1014, 3000, 4999] {
+            assert!(valid_close_code(code), "{code}");
+        }
+        for code in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000] {
+            assert!(!valid_close_code(code), "{code}");
+        }
+        let mut payload = 4000u16.to_be_bytes().to_vec();
+        payload.extend_from_slice(b"done");
+        let mut bytes = client_frame(true, 8, &payload);
+        let mut bad = 1000u16.to_be_bytes().to_vec();
+        bad.extend_from_slice(&[0xff, 0xfe]);
+        bytes.extend(client_frame(true, 8, &bad));
+        let mut d = Decoder::new(100);
+        assert_eq!(
+            decode_all(&mut d, &bytes, 5),
+            vec![Event::Close(Some(4000)), Event::CloseWithBadReason]
+        );
+    }
+
+    #[test]
     fn violations() {
         let cases: Vec<Vec<u8>> = vec![
-            vec![0x81, 0x02, b'h', b'i'],     // unmasked
-            client_frame(true, 3, b""),       // reserved opcode
-            client_frame(false, 9, b""),      // fragmented ping
-            client_frame(true, 9, &[0; 126]), // long ping
-            client_frame(true, 0, b"x"),      // stray continuation
+            vec![0x81, 0x02, b'h', b'i'],                  // unmasked
+            client_frame(true, 3, b""),                    // reserved opcode
+            client_frame(false, 9, b""),                   // fragmented ping
+            client_frame(true, 9, &[0; 126]),              // long ping
+            client_frame(true, 0, b"x"),                   // stray continuation
+            client_frame(true, 8, &999u16.to_be_bytes()),  // close code below 1000
+            client_frame(true, 8, &1005u16.to_be_bytes()), // reserved close code
+            client_frame(true, 8, &2000u16.to_be_bytes()), // unassigned close code
             [client_frame(false, 1, b"a"), client_frame(true, 1, b"b")].concat(),
             {
                 let mut f = client_frame(true, 1, b"a");

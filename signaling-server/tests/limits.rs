@@ -409,6 +409,31 @@ async fn only_allowed_origins_open_a_websocket() {
 }
 
 #[tokio::test]
+async fn the_closing_handshake_echoes_the_code_and_refuses_bad_ones() {
+    let s = server().await;
+    let close_with = |code: u16, reason: &[u8]| {
+        let mut payload = code.to_be_bytes().to_vec();
+        payload.extend_from_slice(reason);
+        payload
+    };
+    for (payload, answer) in [
+        (close_with(4000, b"done"), 4000),
+        (close_with(1001, b""), 1001),
+        (Vec::new(), 1000),
+        (close_with(1005, b""), 1002),
+        (close_with(999, b""), 1002),
+        (close_with(1000, &[0xff, 0xfe]), 1007),
+    ] {
+        let mut raw = RawClient::connect(&s).await;
+        raw.send_frame(true, 8, &payload).await;
+        let frame = raw.frame().await;
+        assert_eq!(frame.close_code(), Some(answer), "{payload:?}");
+    }
+    let _still = Client::connect(&s).await;
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn stop_closes_every_connection_with_1001_and_frees_the_port() {
     let s = server().await;
     let addr = s.local_addr();
