@@ -183,7 +183,12 @@ impl Connection {
                 }
             };
             match event {
-                Event::Ping(payload) => encode_frame(&mut self.outbox, Opcode::Pong, &payload),
+                // A ping costs a token like a message: a ping flood is a flood.
+                Event::Ping(payload) => {
+                    if self.admit()? {
+                        encode_frame(&mut self.outbox, Opcode::Pong, &payload);
+                    }
+                }
                 Event::Pong => {}
                 // The closing handshake echoes the peer's code (RFC 6455 §5.5.1).
                 Event::Close(code) => {

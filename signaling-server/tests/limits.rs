@@ -126,6 +126,34 @@ async fn message_at_the_limit_passes_and_fragments_count_together() {
 }
 
 #[tokio::test]
+async fn a_ping_flood_is_limited_like_messages() {
+    let s = server().await;
+    let mut flood = RawClient::connect(&s).await;
+    let mut burst = Vec::new();
+    for i in 0..400u32 {
+        let payload = i.to_be_bytes();
+        burst.extend(frame_header(true, 9, payload.len() as u64));
+        burst.extend(mask(&payload, 0));
+    }
+    let _ = flood.tcp.write_all(&burst).await; // may be cut off by the close
+    let (mut pongs, mut rate_limited) = (0, 0);
+    let code = loop {
+        let f = flood.frame().await;
+        match f.opcode {
+            10 => pongs += 1,
+            1 if f.json()["code"] == "rate_limited" => rate_limited += 1,
+            8 => break f.close_code(),
+            _ => {}
+        }
+    };
+    assert!((200..=202).contains(&pongs), "{pongs} pongs");
+    assert_eq!(rate_limited, 1);
+    assert_eq!(code, Some(1008));
+    let _still = Client::connect(&s).await;
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn a_flooding_client_is_limited_then_closed_while_others_carry_on() {
     let s = server().await;
     let (mut a, mut b, _, _) = pair(&s, "calm").await;
