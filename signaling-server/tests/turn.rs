@@ -172,6 +172,46 @@ async fn expired_wrong_and_missing_credentials_are_refused() {
 }
 
 #[tokio::test]
+async fn a_flood_of_unauthenticated_requests_is_limited_and_real_clients_still_allocate() {
+    let s = turn_server(|_| {}).await;
+    let turn = s.turn_addr().unwrap();
+    // Each unauthenticated Allocate would make the crate keep one more nonce forever.
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    socket.connect(turn).await.unwrap();
+    for _ in 0..40 {
+        let probe = build(&[
+            Box::new(TransactionId::new()),
+            Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_REQUEST)),
+            Box::new(RequestedTransport {
+                protocol: PROTO_UDP,
+            }),
+        ]);
+        socket.send(&probe.raw).await.unwrap();
+    }
+    let mut answered = 0;
+    while recv_within(&socket, Duration::from_millis(500))
+        .await
+        .is_some()
+    {
+        answered += 1;
+    }
+    assert!(
+        (10..=11).contains(&answered),
+        "{answered} of 40 answered (the source's burst is 10)"
+    );
+    // A client with credentials from the same address still gets its allocation (its
+    // first Allocate waits for a token at most half a second).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (user, pass) = minted("after-flood");
+    let tc = client(&s, &user, &pass).await;
+    let relay = tc.allocate().await.unwrap();
+    allocations_become(&s, 1).await;
+    relay.close().await.unwrap();
+    tc.close().await.unwrap();
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn denied_peers_get_no_permission_and_no_datagram() {
     let s = turn_server(|_| {}).await;
     let victim = UdpSocket::bind("127.0.0.1:0").await.unwrap();

@@ -10,13 +10,20 @@
 //!   the request with the key so the crate accepts it and grants the lowered value;
 //! - tells the relay generator whose Allocate is being handled ([`PendingUser`]).
 //!
-//! Everything else (ChannelData, Binding, unauthenticated requests, which the crate
-//! answers with 401/400) passes untouched. ChannelData, the bulk of the traffic, is
-//! recognised by its first byte and costs nothing here.
+//! Unauthenticated Allocate/Refresh/CreatePermission/ChannelBind requests pass to the
+//! crate (it answers 401 with a nonce, or 400/438) only within [`UnauthenticatedLimit`]:
+//! the crate remembers every nonce it hands out and forgets one only when a client
+//! presents it again, so a flood of them from spoofed sources would grow the server's
+//! memory without end (verified: turn 0.17.2 `Request::respond_with_nonce`). The limit
+//! bounds that growth by time; a client with valid credentials is never limited.
+//!
+//! Everything else (ChannelData, Binding) passes untouched. ChannelData, the bulk of the
+//! traffic, is recognised by its first byte and costs nothing here.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use stun::attributes::{
@@ -58,10 +65,92 @@ enum Verdict {
     Drop,
 }
 
+/// Token buckets for unauthenticated requests: one per source address and one for all.
+#[derive(Debug)]
+pub struct UnauthenticatedLimit {
+    inner: Mutex<Buckets>,
+}
+
+#[derive(Debug)]
+struct Buckets {
+    all: Bucket,
+    by_source: HashMap<IpAddr, Bucket>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn take(&mut self, now: Instant, burst: f64, per_second: f64) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * per_second).min(burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl Default for UnauthenticatedLimit {
+    fn default() -> Self {
+        UnauthenticatedLimit {
+            inner: Mutex::new(Buckets {
+                all: Bucket {
+                    tokens: Self::ALL_BURST,
+                    at: Instant::now(),
+                },
+                by_source: HashMap::new(),
+            }),
+        }
+    }
+}
+
+impl UnauthenticatedLimit {
+    /// Per source: a client needs one or two (its first Allocate, and one after a nonce
+    /// goes stale) per allocation.
+    pub const SOURCE_BURST: f64 = 10.0;
+    pub const SOURCE_PER_SECOND: f64 = 2.0;
+    /// For all sources together.
+    pub const ALL_BURST: f64 = 200.0;
+    pub const ALL_PER_SECOND: f64 = 50.0;
+    /// Sources remembered at most (idle ones are forgotten first).
+    const MAX_SOURCES: usize = 10_000;
+
+    /// Whether one more unauthenticated request from `source` may reach the crate.
+    pub fn admit(&self, source: IpAddr, now: Instant) -> bool {
+        let mut b = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if b.by_source.len() >= Self::MAX_SOURCES && !b.by_source.contains_key(&source) {
+            // Forget the sources whose buckets are full again (idle for a while).
+            let refill = Duration::from_secs_f64(Self::SOURCE_BURST / Self::SOURCE_PER_SECOND);
+            b.by_source
+                .retain(|_, bucket| now.saturating_duration_since(bucket.at) < refill);
+            if b.by_source.len() >= Self::MAX_SOURCES {
+                return false;
+            }
+        }
+        let own = b.by_source.entry(source).or_insert(Bucket {
+            tokens: Self::SOURCE_BURST,
+            at: now,
+        });
+        if !own.take(now, Self::SOURCE_BURST, Self::SOURCE_PER_SECOND) {
+            return false;
+        }
+        b.all.take(now, Self::ALL_BURST, Self::ALL_PER_SECOND)
+    }
+}
+
 /// The TURN listener socket as the crate sees it.
 #[derive(Debug)]
 pub struct Gate {
     pub socket: UdpSocket,
+    /// How many unauthenticated requests may reach the crate.
+    pub unauthenticated: UnauthenticatedLimit,
     pub auth: RestAuth,
     pub realm: String,
     pub policy: Arc<PeerPolicy>,
@@ -107,7 +196,12 @@ impl Gate {
             self.set_pending(None);
         }
         let Some((username, key)) = self.authenticated(&m) else {
-            // The crate answers: 401 with a nonce, or 400 for bad credentials.
+            // The crate answers: 401 with a nonce (which it keeps), or 400 for bad
+            // credentials; within the limit.
+            if !self.unauthenticated.admit(src.ip(), Instant::now()) {
+                debug!(%src, "unauthenticated request over the limit dropped");
+                return Verdict::Drop;
+            }
             return Verdict::Pass;
         };
         if method == METHOD_CREATE_PERMISSION || method == METHOD_CHANNEL_BIND {
@@ -323,6 +417,25 @@ mod tests {
     use stun::xoraddr::XorMappedAddress;
 
     use super::*;
+
+    #[test]
+    fn unauthenticated_requests_are_limited_per_source_and_in_total() {
+        let limit = UnauthenticatedLimit::default();
+        let t0 = Instant::now();
+        let a: IpAddr = "198.51.100.1".parse().unwrap();
+        let admitted = (0..100).filter(|_| limit.admit(a, t0)).count();
+        assert_eq!(admitted, UnauthenticatedLimit::SOURCE_BURST as usize);
+        // Refilled at its rate.
+        let later = t0 + Duration::from_secs(1);
+        let admitted = (0..100).filter(|_| limit.admit(a, later)).count();
+        assert_eq!(admitted, UnauthenticatedLimit::SOURCE_PER_SECOND as usize);
+        // Many sources (spoofed): the total holds.
+        let limit = UnauthenticatedLimit::default();
+        let admitted = (0..5_000u32)
+            .filter(|i| limit.admit(IpAddr::from(Ipv4Addr::from(0x0a00_0000 + i)), t0))
+            .count();
+        assert_eq!(admitted, UnauthenticatedLimit::ALL_BURST as usize);
+    }
 
     #[test]
     fn xor_peer_address_decodes_like_stun() {

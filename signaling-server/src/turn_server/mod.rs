@@ -254,6 +254,7 @@ impl TurnServer {
         let auth = RestAuth::new(secret);
         let gate = Arc::new(Gate {
             socket,
+            unauthenticated: Default::default(),
             auth: auth.clone(),
             realm: settings.realm.clone(),
             policy: Arc::clone(&policy),
