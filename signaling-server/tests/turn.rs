@@ -212,6 +212,35 @@ async fn a_flood_of_unauthenticated_requests_is_limited_and_real_clients_still_a
 }
 
 #[tokio::test]
+async fn stun_with_the_top_bits_set_never_reaches_the_library() {
+    // The library would read 0xC003 as an Allocate (it masks the top two bits), past
+    // every check of the gate: quotas, the lifetime ceiling, denied peers.
+    let s = turn_server(|_| {}).await;
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    socket.connect(s.turn_addr().unwrap()).await.unwrap();
+    let probe = build(&[
+        Box::new(TransactionId::new()),
+        Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_REQUEST)),
+        Box::new(RequestedTransport {
+            protocol: PROTO_UDP,
+        }),
+    ]);
+    let mut masked = probe.raw.clone();
+    masked[0] |= 0xC0;
+    socket.send(&masked).await.unwrap();
+    assert!(
+        recv_within(&socket, Duration::from_millis(500))
+            .await
+            .is_none(),
+        "dropped, not answered"
+    );
+    // The same request as STUN proper is answered (401 with a nonce).
+    socket.send(&probe.raw).await.unwrap();
+    assert!(recv_within(&socket, WAIT).await.is_some());
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn denied_peers_get_no_permission_and_no_datagram() {
     let s = turn_server(|_| {}).await;
     let victim = UdpSocket::bind("127.0.0.1:0").await.unwrap();
