@@ -248,7 +248,10 @@ impl TurnServer {
             addr: listen,
             source,
         })?;
-        let policy = Arc::new(PeerPolicy::new(&settings.allow_peers));
+        let policy = Arc::new(PeerPolicy::new(
+            &settings.allow_peers,
+            &[public_ip, local_addr.ip()],
+        ));
         let registry = Arc::new(Registry::new(settings.user_quota, settings.total_quota));
         let pending = Arc::new(Mutex::new(None));
         let auth = RestAuth::new(secret);

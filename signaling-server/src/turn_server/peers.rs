@@ -69,11 +69,19 @@ pub struct PeerPolicy {
 }
 
 impl PeerPolicy {
-    /// The default deny list, with `allowed` ranges exempt from it.
-    pub fn new(allowed: &[PeerRange]) -> PeerPolicy {
+    /// The default deny list plus `own` (this server's addresses: a client must not use
+    /// the relay to reach the server's other services, or the relay itself, from
+    /// inside; its live relay addresses are allowed apart from this), with `allowed`
+    /// ranges exempt from both.
+    pub fn new(allowed: &[PeerRange], own: &[IpAddr]) -> PeerPolicy {
         let denied = DENIED_BY_DEFAULT
             .iter()
             .filter_map(|s| s.parse::<IpNet>().ok())
+            .chain(
+                own.iter()
+                    .filter(|ip| !ip.is_unspecified())
+                    .map(|&ip| IpNet::from(ip)),
+            )
             .collect();
         PeerPolicy {
             denied,
@@ -109,7 +117,7 @@ mod tests {
 
     #[test]
     fn default_policy_refuses_internal_ranges() {
-        let p = PeerPolicy::new(&[]);
+        let p = PeerPolicy::new(&[], &[]);
         for denied in [
             "127.0.0.1",
             "10.0.0.1",
@@ -141,10 +149,20 @@ mod tests {
     }
 
     #[test]
+    fn the_servers_own_public_address_is_denied_unless_allowed() {
+        let own = ip("203.0.113.5");
+        let p = PeerPolicy::new(&[], &[own, ip("0.0.0.0")]);
+        assert!(!p.permits(own));
+        assert!(p.permits(ip("203.0.113.6")));
+        let allow: PeerRange = "203.0.113.0/24".parse().unwrap();
+        assert!(PeerPolicy::new(&[allow], &[own]).permits(own));
+    }
+
+    #[test]
     fn allow_ranges_override_the_deny_list() {
         let allow: PeerRange = "127.0.0.0/8".parse().unwrap();
         let single: PeerRange = "10.0.0.7".parse().unwrap();
-        let p = PeerPolicy::new(&[allow, single]);
+        let p = PeerPolicy::new(&[allow, single], &[]);
         assert!(p.permits(ip("127.0.0.1")));
         assert!(p.permits(ip("::ffff:127.0.0.2")));
         assert!(p.permits(ip("10.0.0.7")));

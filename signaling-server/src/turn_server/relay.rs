@@ -342,7 +342,7 @@ mod tests {
             public_ip: "127.0.0.1".parse().unwrap(),
             min_port: 40000,
             max_port: 60000,
-            policy: Arc::new(PeerPolicy::new(&[])),
+            policy: Arc::new(PeerPolicy::new(&[], &[])),
             registry: Arc::clone(&registry),
             pending: Arc::new(Mutex::new(None)),
         };
