@@ -575,12 +575,15 @@ impl Drop for Slot {
 /// no `--allowed-origin` list, an origin on the list, or the server's own pages (the
 /// Origin names the host the request was sent to).
 fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
-    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
-        return headers.get(header::ORIGIN).is_none();
-    };
     if allowed.is_empty() {
         return true;
     }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
     let origin = origin.trim_end_matches('/');
     if allowed
         .iter()

@@ -179,13 +179,7 @@ async fn a_flood_of_unauthenticated_requests_is_limited_and_real_clients_still_a
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     socket.connect(turn).await.unwrap();
     for _ in 0..40 {
-        let probe = build(&[
-            Box::new(TransactionId::new()),
-            Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_REQUEST)),
-            Box::new(RequestedTransport {
-                protocol: PROTO_UDP,
-            }),
-        ]);
+        let probe = unauthenticated_allocate();
         socket.send(&probe.raw).await.unwrap();
     }
     let mut answered = 0;
@@ -218,13 +212,7 @@ async fn stun_with_the_top_bits_set_never_reaches_the_library() {
     let s = turn_server(|_| {}).await;
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     socket.connect(s.turn_addr().unwrap()).await.unwrap();
-    let probe = build(&[
-        Box::new(TransactionId::new()),
-        Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_REQUEST)),
-        Box::new(RequestedTransport {
-            protocol: PROTO_UDP,
-        }),
-    ]);
+    let probe = unauthenticated_allocate();
     let mut masked = probe.raw.clone();
     masked[0] |= 0xC0;
     socket.send(&masked).await.unwrap();
@@ -362,13 +350,7 @@ impl RawTurn {
     async fn connect(server: SocketAddr, user: &str, pass: &str) -> RawTurn {
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         socket.connect(server).await.unwrap();
-        let probe = build(&[
-            Box::new(TransactionId::new()),
-            Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_REQUEST)),
-            Box::new(RequestedTransport {
-                protocol: PROTO_UDP,
-            }),
-        ]);
+        let probe = unauthenticated_allocate();
         socket.send(&probe.raw).await.unwrap();
         let challenge = recv(&socket).await;
         let realm = Realm::get_from_as(&challenge, ATTR_REALM).unwrap();
@@ -399,6 +381,17 @@ impl RawTurn {
         self.socket.send(&build(&setters).raw).await.unwrap();
         recv(&self.socket).await
     }
+}
+
+/// An Allocate without credentials (what a client sends first, to learn realm and nonce).
+fn unauthenticated_allocate() -> Message {
+    build(&[
+        Box::new(TransactionId::new()),
+        Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_REQUEST)),
+        Box::new(RequestedTransport {
+            protocol: PROTO_UDP,
+        }),
+    ])
 }
 
 fn build(setters: &[Box<dyn Setter>]) -> Message {

@@ -88,10 +88,10 @@ impl<T> Stage for T where
 {
 }
 
-/// `Protocol` for a wrapper around an interceptor in `.0`: everything goes to it, except
-/// what the wrapper's own `poll_read` does.
+/// `Protocol` for a wrapper around an interceptor in its field `$inner`: everything goes
+/// to it, except what the wrapper's own `poll_read` and `poll_write` do.
 macro_rules! delegate_protocol {
-    ($wrapper:ident, poll_read = $poll_read:expr) => {
+    ($wrapper:ident . $inner:tt, poll_read = $poll_read:expr, poll_write = $poll_write:expr) => {
         impl<T: Stage> Protocol<TaggedPacket, TaggedPacket, ()> for $wrapper<T> {
             type Rout = TaggedPacket;
             type Wout = TaggedPacket;
@@ -100,7 +100,7 @@ macro_rules! delegate_protocol {
             type Time = Instant;
 
             fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
-                self.0.handle_read(msg)
+                self.$inner.handle_read(msg)
             }
 
             fn poll_read(&mut self) -> Option<TaggedPacket> {
@@ -109,37 +109,42 @@ macro_rules! delegate_protocol {
             }
 
             fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
-                self.0.handle_write(msg)
+                self.$inner.handle_write(msg)
             }
 
             fn poll_write(&mut self) -> Option<TaggedPacket> {
-                self.0.poll_write()
+                let poll: fn(&mut Self) -> Option<TaggedPacket> = $poll_write;
+                poll(self)
             }
 
             fn handle_event(&mut self, evt: ()) -> Result<(), Self::Error> {
-                self.0.handle_event(evt)
+                self.$inner.handle_event(evt)
             }
 
             fn poll_event(&mut self) -> Option<()> {
-                self.0.poll_event()
+                self.$inner.poll_event()
             }
 
             fn handle_timeout(&mut self, now: Instant) -> Result<(), Self::Error> {
-                self.0.handle_timeout(now)
+                self.$inner.handle_timeout(now)
             }
 
             fn poll_timeout(&mut self) -> Option<Instant> {
-                self.0.poll_timeout()
+                self.$inner.poll_timeout()
             }
 
             fn close(&mut self) -> Result<(), Self::Error> {
-                self.0.close()
+                self.$inner.close()
             }
         }
     };
 }
 
-delegate_protocol!(WithRepairStreams, poll_read = |w| w.0.poll_read());
+delegate_protocol!(
+    WithRepairStreams.0,
+    poll_read = |w| w.0.poll_read(),
+    poll_write = |w| w.0.poll_write()
+);
 
 impl<T: Interceptor + Stage> Interceptor for WithRepairStreams<T> {
     fn bind_local_stream(&mut self, info: &StreamInfo) {
@@ -170,14 +175,15 @@ impl<T: Interceptor + Stage> Interceptor for WithRepairStreams<T> {
 pub struct CountRecovered<T>(pub T, pub Arc<AtomicU64>);
 
 delegate_protocol!(
-    CountRecovered,
+    CountRecovered.0,
     poll_read = |w| {
         let msg = w.0.poll_read()?;
         if msg.message.get(&Attribute::RecoveredByFec).is_some() {
             w.1.fetch_add(1, Ordering::Relaxed);
         }
         Some(msg)
-    }
+    },
+    poll_write = |w| w.0.poll_write()
 );
 
 impl<T: Interceptor + Stage> Interceptor for CountRecovered<T> {
@@ -204,38 +210,32 @@ impl<T: Interceptor + Stage> Interceptor for CountRecovered<T> {
 pub struct ReportedLoss(Arc<std::sync::Mutex<HashMap<u32, f64>>>);
 
 impl ReportedLoss {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, f64>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The worst fraction lost over our streams (None before the first report).
     pub fn worst(&self) -> Option<f64> {
-        let map = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let map = self.lock();
         map.values().copied().reduce(f64::max)
     }
 
     fn record(&self, ssrc: u32, fraction_lost: u8) {
-        let mut map = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = self.lock();
         if let Some(entry) = map.get_mut(&ssrc) {
             *entry = f64::from(fraction_lost) / 256.0;
         }
     }
 
     fn bind(&self, ssrc: u32) {
-        let mut map = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = self.lock();
         map.entry(ssrc).or_insert(0.0);
     }
 
     fn unbind(&self, ssrc: u32) {
-        let mut map = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = self.lock();
         map.remove(&ssrc);
     }
 }
@@ -482,51 +482,15 @@ impl<T: Stage> FecSender<T> {
     }
 }
 
-impl<T: Stage> Protocol<TaggedPacket, TaggedPacket, ()> for FecSender<T> {
-    type Rout = TaggedPacket;
-    type Wout = TaggedPacket;
-    type Eout = ();
-    type Error = rtc::shared::error::Error;
-    type Time = Instant;
-
-    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
-        self.inner.handle_read(msg)
-    }
-
-    fn poll_read(&mut self) -> Option<TaggedPacket> {
-        self.inner.poll_read()
-    }
-
-    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
-        self.inner.handle_write(msg)
-    }
-
-    fn poll_write(&mut self) -> Option<TaggedPacket> {
-        let msg = self.inner.poll_write()?;
-        self.protect(&msg);
+delegate_protocol!(
+    FecSender.inner,
+    poll_read = |w| w.inner.poll_read(),
+    poll_write = |w| {
+        let msg = w.inner.poll_write()?;
+        w.protect(&msg);
         Some(msg)
     }
-
-    fn handle_event(&mut self, evt: ()) -> Result<(), Self::Error> {
-        self.inner.handle_event(evt)
-    }
-
-    fn poll_event(&mut self) -> Option<()> {
-        self.inner.poll_event()
-    }
-
-    fn handle_timeout(&mut self, now: Instant) -> Result<(), Self::Error> {
-        self.inner.handle_timeout(now)
-    }
-
-    fn poll_timeout(&mut self) -> Option<Instant> {
-        self.inner.poll_timeout()
-    }
-
-    fn close(&mut self) -> Result<(), Self::Error> {
-        self.inner.close()
-    }
-}
+);
 
 impl<T: Interceptor + Stage> Interceptor for FecSender<T> {
     fn bind_local_stream(&mut self, info: &StreamInfo) {
