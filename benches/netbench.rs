@@ -6,7 +6,7 @@
 //! laptop changing networks), TCP resets for the signaling WebSocket (`signaling`).
 //! Prints one JSON object: per row and per client, frames decoded of those sent,
 //! glass-to-glass latency, bitrate sent, keyframes and what asked for them, NACKs,
-//! freezes (WebRTC definition), and the per-second timeline for the `step` row.
+//! freezes (WebRTC definition), and each client's per-second timeline (not for `clean`).
 //!
 //! Needs root, `ip`, `iptables` and `tc`. Not part of CI (minutes, and root).
 //! `cargo bench -p duet --bench netbench -- [--only ROW] [--seconds 20]`
@@ -158,6 +158,7 @@ fn main() {
         });
         if row != "clean" {
             r["timeline_a"] = ra["timeline"].clone();
+            r["timeline_b"] = rb["timeline"].clone();
         }
         eprintln!("{row}: {}", serde_json::to_string(&r["a"]).unwrap());
         out.insert(row.to_owned(), r);

@@ -463,6 +463,15 @@ fn check_create(request: CreateRoomRequest, now: Now) -> Result<NewRoom, Failure
     })
 }
 
+/// The checks of `POST /api/rooms` on a body, now (for the fuzzer).
+pub(crate) fn check_create_body(body: &[u8]) -> Result<(), ()> {
+    let value = json_object(Ok(Bytes::copy_from_slice(body))).map_err(|_| ())?;
+    let request: CreateRoomRequest = serde_json::from_value(value).map_err(|_| ())?;
+    check_create(request, Now::system())
+        .map(|_| ())
+        .map_err(|_| ())
+}
+
 /// Create a room (a meeting), optionally scheduled for later.
 #[utoipa::path(
     post,

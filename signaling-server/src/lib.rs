@@ -25,6 +25,7 @@
 //! - [`turn_server`]: the optional embedded STUN/TURN server (UDP) that checks those
 //!   credentials, with peer-address filtering, quotas and a relay port range.
 //! - [`ids`]: random, read-aloud-friendly identifiers; secret hashing and comparison.
+//! - `fuzzing` (hidden): the entry points of the fuzz targets in `fuzz/`.
 //!
 //! # Embedding
 //! ```no_run
@@ -36,6 +37,8 @@
 //! ```
 
 mod connection;
+#[doc(hidden)]
+pub mod fuzzing;
 mod http_api;
 mod web;
 

@@ -7,7 +7,9 @@
 //! - audio is not paced: its packets (small, 50 a second) pass at once, so video can
 //!   never starve it;
 //! - video leaves at 2.5 x the congestion controller's estimate (a frame's packets are
-//!   spread, not held a whole frame interval);
+//!   spread, not held a whole frame interval), except just after the path's rate was cut
+//!   ([`CUT_PACING_FACTOR`]): the bottleneck's queue is full then, and a 2.5 x burst is
+//!   dropped at its tail;
 //! - no video packet waits longer than [`MAX_QUEUE_TIME`]: one that has is released
 //!   whatever the budget (a queue that grows without end is only latency).
 //!
@@ -39,6 +41,13 @@ use rtc::shared::marshal::MarshalSize as _;
 
 /// Video leaves this many times faster than the estimate (libwebrtc's pacing factor).
 pub const PACING_FACTOR: f64 = 2.5;
+/// ... but only this much faster for [`CUT_HOLD`] after the path's rate was cut: the
+/// queue at the bottleneck is full then, and a burst at 2.5 x (a keyframe at a new
+/// resolution, retransmissions) is tail-dropped whole, asked for again, dropped again.
+pub const CUT_PACING_FACTOR: f64 = 1.2;
+pub const CUT_HOLD: Duration = Duration::from_secs(2);
+/// A fall of the path's rate by more than this share is a cut (not an estimate's jitter).
+const CUT_SHARE: f64 = 0.85;
 /// The most video the queue may hold, in time at the current rate.
 pub const MAX_QUEUE_TIME: Duration = Duration::from_millis(500);
 /// The sending target is at most this many times the rate really sent in the last
@@ -279,6 +288,10 @@ pub struct MediaPacer {
     estimate_bps: f64,
     /// The estimate capped by what is really sent (see the module docs).
     target_bps: f64,
+    /// What the path carries as far as we know (estimate, ceiling, REMB), and until when
+    /// video is paced gently after that was cut.
+    path_bps: f64,
+    cut_until: Option<Instant>,
     sent: SentRate,
     /// The receiver's last REMB and until when it holds.
     remb: Option<(f64, Instant)>,
@@ -302,6 +315,8 @@ impl MediaPacer {
             },
             estimate_bps: initial_bps,
             target_bps: initial_bps,
+            path_bps: initial_bps,
+            cut_until: None,
             sent: SentRate::default(),
             remb: None,
             handle: PacerHandle::default(),
@@ -349,9 +364,23 @@ impl MediaPacer {
             .flatten()
             .reduce(f64::min);
         self.target_bps = ceiling.map_or(target, |c| target.min(c));
+        let path = ceiling.map_or(self.estimate_bps, |c| self.estimate_bps.min(c));
+        if path < self.path_bps * CUT_SHARE {
+            self.cut_until = Some(now + CUT_HOLD);
+        }
+        self.path_bps = path;
         self.handle
             .target
             .store(self.target_bps.round() as u64, Ordering::Relaxed);
+    }
+
+    /// How much faster than the target video leaves now.
+    pub fn pacing_factor(&self, now: Instant) -> f64 {
+        if self.cut_until.is_some_and(|until| now < until) {
+            CUT_PACING_FACTOR
+        } else {
+            PACING_FACTOR
+        }
     }
 
     /// Video packets waiting.
@@ -448,7 +477,7 @@ impl MediaPacer {
             return;
         };
         self.update_target(now);
-        self.bucket.rate_bps = self.target_bps * PACING_FACTOR;
+        self.bucket.rate_bps = self.target_bps * self.pacing_factor(now);
         self.bucket.refill(now);
         while let Some(head) = self.video.front() {
             let bits = Self::bits_of(head);
@@ -733,6 +762,23 @@ mod tests {
         p.handle_write(rtp(1, 0, 100, t)).ok();
         assert_eq!(drain(&mut p), [1], "audio does not wait behind video");
         assert!(p.queued() > 0);
+    }
+
+    #[test]
+    fn after_a_cut_video_is_paced_gently_for_a_while() {
+        let t = Instant::now();
+        let mut p = MediaPacer::new(1_000_000.0);
+        estimate(&mut p, 1_000_000.0, t);
+        assert_eq!(p.pacing_factor(t), PACING_FACTOR);
+        // A small dip is an estimate's jitter.
+        estimate(&mut p, 950_000.0, t);
+        assert_eq!(p.pacing_factor(t), PACING_FACTOR);
+        // The link narrowed: the estimate (or a ceiling on it) is cut.
+        let cut = t + Duration::from_millis(100);
+        estimate(&mut p, 500_000.0, cut);
+        assert_eq!(p.pacing_factor(cut), CUT_PACING_FACTOR);
+        assert_eq!(p.pacing_factor(cut + CUT_HOLD / 2), CUT_PACING_FACTOR);
+        assert_eq!(p.pacing_factor(cut + CUT_HOLD), PACING_FACTOR);
     }
 
     #[test]

@@ -436,7 +436,11 @@ impl Pipelines {
                     match encoded {
                         Ok(Some(au)) => {
                             if au.keyframe {
-                                keyframes.sent(now);
+                                keyframes.sent(
+                                    now,
+                                    au.data.len(),
+                                    u64::from(encoder.settings().bitrate_bps),
+                                );
                             }
                             let mut s = thread_stats.lock();
                             s.encode_us.push(took.as_micros() as u32);
@@ -649,6 +653,7 @@ impl Pipelines {
                                 stats.lock().rate_requests_sent += 1;
                                 tracing::debug!(?sent, bps, queue = ?arrival.queue(), "REMB sent");
                             }
+                            assembler.set_queue_delay(arrival.queue());
                             assembler.push(
                                 h.sequence_number,
                                 h.timestamp,
@@ -840,29 +845,36 @@ pub fn expected_loss_percent(fraction: f64) -> u8 {
 
 /// Keyframes on request, but not back to back: a keyframe is many packets, and on a thin
 /// link a second one right behind the first only makes the loss that asked for it worse.
-/// - A request that comes less than a round trip (+ [`KeyframePacer::IN_FLIGHT_MARGIN`])
-///   after a keyframe left was sent before that keyframe could have arrived: the keyframe
-///   on its way answers it, and it is dropped. (If that keyframe is lost too, the
-///   receiver asks again once it should have come.) Under congestion this is what stops
-///   a storm: the round trip is long, and every lost frame of the queue asked for one.
+/// - A request that comes less than a round trip, plus
+///   [`KeyframePacer::IN_FLIGHT_MARGIN`], plus the time the keyframe takes to send at the
+///   target rate (40 kB take most of a second at 400 kbit/s), after a keyframe left was
+///   sent before that keyframe could have arrived: the keyframe on its way answers it,
+///   and it is dropped. (If that keyframe is lost too, the receiver asks again once it
+///   should have come.) Under congestion this is what stops a storm: the round trip is
+///   long, and every lost frame of the queue asked for one.
 /// - A request within [`KeyframePacer::MIN_INTERVAL`] of the last keyframe waits until
 ///   the interval is over (it is not dropped).
 #[derive(Debug, Default)]
 pub struct KeyframePacer {
     requested: bool,
     last: Option<Instant>,
+    /// How long the last keyframe takes to send at the target rate.
+    sending: Duration,
     answered: u64,
 }
 
 impl KeyframePacer {
     pub const MIN_INTERVAL: Duration = Duration::from_millis(300);
     pub const IN_FLIGHT_MARGIN: Duration = Duration::from_millis(30);
+    /// A keyframe's sending time counts up to this (the pacer lets nothing wait longer
+    /// than half a second, and a receiver whose keyframe was lost asks again).
+    pub const MAX_SENDING: Duration = Duration::from_secs(1);
 
     /// A keyframe request arrived at `now`; `rtt` is the latest round trip.
     pub fn request(&mut self, now: Instant, rtt: Duration) {
-        let in_flight = self
-            .last
-            .is_some_and(|t| now.saturating_duration_since(t) < rtt + Self::IN_FLIGHT_MARGIN);
+        let in_flight = self.last.is_some_and(|t| {
+            now.saturating_duration_since(t) < rtt + Self::IN_FLIGHT_MARGIN + self.sending
+        });
         if in_flight {
             self.answered += 1;
             return;
@@ -887,9 +899,11 @@ impl KeyframePacer {
         due
     }
 
-    /// A keyframe went out (requested or not).
-    pub fn sent(&mut self, now: Instant) {
+    /// A keyframe of `bytes` went out (requested or not) while the target was `bps`.
+    pub fn sent(&mut self, now: Instant, bytes: usize, bps: u64) {
         self.last = Some(now);
+        self.sending =
+            Duration::from_secs_f64(bytes as f64 * 8.0 / bps.max(1) as f64).min(Self::MAX_SENDING);
     }
 }
 
@@ -1061,7 +1075,8 @@ mod tests {
         assert!(!k.take_due(t), "no request, no keyframe");
         k.request(t, rtt);
         assert!(k.take_due(t));
-        k.sent(t);
+        // A small keyframe on a fast link: 1 kB at 8 Mbit/s takes 1 ms to send.
+        k.sent(t, 1000, 8_000_000);
         assert!(!k.take_due(t), "one request, one keyframe");
         // Sent before the keyframe could have arrived: answered by it.
         k.request(t + Duration::from_millis(80), rtt);
@@ -1075,12 +1090,19 @@ mod tests {
             k.take_due(t + KeyframePacer::MIN_INTERVAL),
             "but not forgotten"
         );
-        k.sent(t + KeyframePacer::MIN_INTERVAL);
+        k.sent(t + KeyframePacer::MIN_INTERVAL, 1000, 8_000_000);
         assert!(!k.take_due(t + KeyframePacer::MIN_INTERVAL * 3));
         // A long round trip (a queue) holds requests off for longer.
         let queued = Duration::from_millis(600);
         k.request(t + KeyframePacer::MIN_INTERVAL * 3, queued);
         assert_eq!(k.answered_in_flight(), 2);
+        // So does a big keyframe on a thin link: 40 kB at 400 kbit/s takes 0.8 s to send.
+        let big = t + Duration::from_secs(5);
+        k.sent(big, 40_000, 400_000);
+        k.request(big + Duration::from_millis(700), rtt);
+        assert_eq!(k.answered_in_flight(), 3);
+        k.request(big + Duration::from_millis(950), rtt);
+        assert!(k.take_due(big + Duration::from_millis(950)));
     }
 
     #[test]

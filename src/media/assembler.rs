@@ -13,7 +13,11 @@
 //!   one before it).
 //! - Only when the wait runs out is the frame given up. From then on the decoder needs a
 //!   keyframe: frames are dropped until one starts, and a keyframe request goes out, at
-//!   most one per round trip (+ margin), repeated while none arrives.
+//!   most one per round trip (+ margin), repeated while none arrives, and none while a
+//!   keyframe is arriving.
+//! - The round trip used for all these waits includes the queue this stream sits in now
+//!   ([`FrameAssembler::set_queue_delay`]): a link that suddenly narrows fills a queue
+//!   long before a round-trip measurement shows it.
 //! - The stream starts at a keyframe; a decoder that cannot decode a frame
 //!   ([`FrameAssembler::decoder_failed`]) puts it back into waiting for one.
 //!
@@ -115,6 +119,8 @@ pub struct FrameAssembler {
     /// Packets to ask for again, by extended sequence number.
     missing: BTreeMap<u64, Missing>,
     rtt: Duration,
+    /// The queueing delay our direction has now ([`FrameAssembler::set_queue_delay`]).
+    queue: Duration,
     stats: AssemblerStats,
 }
 
@@ -137,6 +143,7 @@ impl FrameAssembler {
             last_request: None,
             missing: BTreeMap::new(),
             rtt: Duration::from_millis(100),
+            queue: Duration::ZERO,
             stats: AssemblerStats::default(),
         }
     }
@@ -146,19 +153,35 @@ impl FrameAssembler {
         self.rtt = rtt.min(Duration::from_secs(2));
     }
 
+    /// How much queue the packets of this stream sit in now (one way, measured on
+    /// arrival: `media::arrival`). A retransmission or a keyframe waits in the same
+    /// queue, and the round trip from RTCP learns of a queue only a report later: when
+    /// the link suddenly narrows, the last round trip is a clean path's, and waiting
+    /// that long for a repair gives up every frame in the queue.
+    pub fn set_queue_delay(&mut self, queue: Duration) {
+        self.queue = queue.min(Duration::from_secs(2));
+    }
+
+    /// The round trip a repair takes now: the last measured one plus our queue (a queue
+    /// the round trip already saw counts twice, which only makes the wait longer).
+    fn repair_rtt(&self) -> Duration {
+        self.rtt + self.queue
+    }
+
     /// How long an incomplete frame waits for a retransmission: the NACK goes out at once,
     /// the answer takes a round trip; and if the retransmission is lost too (as likely as
     /// the original), the NACK repeated after one round trip needs another. Giving up
     /// costs more: a keyframe request, a round trip and a keyframe's worth of packets.
     pub fn repair_wait(&self) -> Duration {
-        (self.rtt * 2 + Duration::from_millis(80))
-            .clamp(Duration::from_millis(80), Duration::from_secs(1))
+        (self.repair_rtt() * 2 + Duration::from_millis(80))
+            .clamp(Duration::from_millis(80), Duration::from_millis(1500))
     }
 
     /// The shortest time between two keyframe requests: a round trip plus margin, so a
     /// request is not repeated before the keyframe it asked for could have arrived.
     pub fn request_interval(&self) -> Duration {
-        (self.rtt + self.rtt / 2 + Duration::from_millis(50)).max(Duration::from_millis(100))
+        let rtt = self.repair_rtt();
+        (rtt + rtt / 2 + Duration::from_millis(50)).max(Duration::from_millis(100))
     }
 
     pub fn stats(&self) -> AssemblerStats {
@@ -230,7 +253,10 @@ impl FrameAssembler {
     /// When [`FrameAssembler::poll`] should be called again even if no packet arrives.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let repair = self.incomplete_since.map(|t| t + self.repair_wait());
-        let request = self.awaiting_keyframe.map(|due| self.request_due_at(due));
+        let request = self
+            .awaiting_keyframe
+            .filter(|_| !self.keyframe_arriving())
+            .map(|due| self.request_due_at(due));
         let nack = self
             .missing
             .values()
@@ -244,7 +270,8 @@ impl FrameAssembler {
     /// round trip, plus margin for the sender's pacer (asking again too soon only buys a
     /// second copy of the same packet).
     fn nack_interval(&self) -> Duration {
-        self.rtt + (self.rtt / 2).max(Duration::from_millis(25))
+        let rtt = self.repair_rtt();
+        rtt + (rtt / 2).max(Duration::from_millis(25))
     }
 
     /// The packets to ask for now (updating when each was asked for).
@@ -264,6 +291,18 @@ impl FrameAssembler {
         due
     }
 
+    /// Whether the frame being assembled is the keyframe awaited: while its packets come
+    /// in (or are repaired) another request would only send a second keyframe behind it,
+    /// and on a thin link a keyframe takes a while. If it cannot be completed it is given
+    /// up like any frame, and the request follows.
+    fn keyframe_arriving(&self) -> bool {
+        self.awaiting_keyframe.is_some()
+            && self
+                .next
+                .and_then(|n| self.held.get(&n))
+                .is_some_and(|p| starts_keyframe(&p.payload))
+    }
+
     fn request_due_at(&self, due: Instant) -> Instant {
         match self.last_request {
             Some(t) => due.max(t + self.request_interval()),
@@ -273,7 +312,13 @@ impl FrameAssembler {
 
     /// What to do now; call until it returns None.
     pub fn poll(&mut self, now: Instant) -> Option<Assembled> {
-        if self.awaiting_keyframe.is_none() {
+        if let Some(frame) = self.next_frame(now) {
+            return Some(Assembled::Frame(frame));
+        }
+        // Holes are repaired while frames are decoded, and in the keyframe that is
+        // arriving (on a thin link its tail is what a full queue drops); not in frames
+        // that wait for a keyframe anyway.
+        if self.awaiting_keyframe.is_none() || self.keyframe_arriving() {
             let nacks = self.due_nacks(now);
             if !nacks.is_empty() {
                 self.stats.nacks += 1;
@@ -281,10 +326,10 @@ impl FrameAssembler {
                 return Some(Assembled::Nack(nacks));
             }
         }
-        if let Some(frame) = self.next_frame(now) {
-            return Some(Assembled::Frame(frame));
-        }
-        let due = self.awaiting_keyframe.map(|due| self.request_due_at(due));
+        let due = self
+            .awaiting_keyframe
+            .filter(|_| !self.keyframe_arriving())
+            .map(|due| self.request_due_at(due));
         if due.is_some_and(|due| now >= due) {
             self.last_request = Some(now);
             self.stats.keyframe_requests += 1;
@@ -423,8 +468,12 @@ impl FrameAssembler {
         tracing::debug!(held = self.held.len(), "frame lost; waiting for a keyframe");
         self.stats.frames_dropped += 1;
         if let Some(start) = self.next {
-            // Its packets, and every later one up to the next keyframe, go in find_start.
-            self.held.retain(|&k, _| k > start);
+            // Its packets (one timestamp; a keyframe's IDR fragment must not pass for the
+            // start of another), and every later one up to the next keyframe, go in
+            // find_start.
+            let ts = self.held.get(&start).map(|p| p.timestamp);
+            self.held
+                .retain(|&k, p| k > start && Some(p.timestamp) != ts);
             self.floor = Some(start + 1);
         }
         self.next = None;
@@ -667,6 +716,73 @@ mod tests {
         assert_eq!(timestamps(&out), [12000, 15000]);
         assert_eq!(a.poll_timeout(), None);
         assert_eq!(a.stats().keyframe_requests, 2);
+    }
+
+    #[test]
+    fn a_queue_on_the_path_lengthens_the_wait_for_a_repair() {
+        // A link that just narrowed: the last round trip is a clean path's (1 ms), but the
+        // packets now sit 250 ms in a queue, and so will the retransmission.
+        let t = Instant::now();
+        let mut a = FrameAssembler::new();
+        a.set_rtt(Duration::from_millis(1));
+        let clean = a.repair_wait();
+        a.set_queue_delay(Duration::from_millis(250));
+        assert!(a.repair_wait() >= clean + Duration::from_millis(500));
+        let s = stream(3);
+        push_all(&mut a, &s[..2], t);
+        drain(&mut a, t);
+        push_all(&mut a, &s[3..], t); // 12 lost
+        assert_eq!(nacked(&drain(&mut a, t)), [12]);
+        // Not asked again every 25 ms while the first retransmission is still queued.
+        assert!(drain(&mut a, t + Duration::from_millis(200)).is_empty());
+        let arrives = t + Duration::from_millis(300);
+        push_all(&mut a, &s[2..3], arrives);
+        let out = drain(&mut a, arrives);
+        assert_eq!(requests(&out), 0, "repaired, not given up");
+        assert_eq!(timestamps(&out), [3000, 6000, 9000]);
+    }
+
+    #[test]
+    fn no_second_keyframe_request_while_the_keyframe_is_arriving() {
+        let t = Instant::now();
+        let mut a = FrameAssembler::new();
+        a.set_rtt(Duration::from_millis(20));
+        push_all(&mut a, &stream(0), t);
+        drain(&mut a, t);
+        // 12 is lost for good; the frame is given up and a keyframe asked for.
+        push_all(&mut a, &frame(13, 6000, &[P]), t);
+        drain(&mut a, t);
+        let late = t + a.repair_wait();
+        assert_eq!(decisions(drain(&mut a, late)), [Assembled::RequestKeyframe]);
+        // The keyframe's first packets come; on a thin link the rest takes long, far
+        // longer than the request interval: no second request meanwhile.
+        // SPS, then an IDR in three FU-A fragments (start, middle, end).
+        let key = frame(
+            14,
+            9000,
+            &[SPS, &[0x7c, 0x85, 1], &[0x7c, 0x05, 2], &[0x7c, 0x45, 3]],
+        );
+        push_all(&mut a, &key[..2], late);
+        let slow = late + a.request_interval() * 4;
+        assert_eq!(requests(&drain(&mut a, slow)), 0);
+        push_all(&mut a, &key[2..], slow);
+        assert_eq!(timestamps(&drain(&mut a, slow)), [9000]);
+        assert_eq!(a.stats().keyframe_requests, 1);
+        // A keyframe that cannot be completed is given up like any frame, and asked again.
+        let mut b = FrameAssembler::new();
+        b.set_rtt(Duration::from_millis(20));
+        push_all(&mut b, &stream(0), t);
+        drain(&mut b, t);
+        push_all(&mut b, &frame(13, 6000, &[P]), t);
+        drain(&mut b, t);
+        let late = t + b.repair_wait();
+        drain(&mut b, late);
+        push_all(&mut b, &key[..2], late); // 16 is lost,
+        push_all(&mut b, &key[3..], late); // and 17 ends the frame
+        push_all(&mut b, &frame(18, 12000, &[P]), late);
+        assert_eq!(nacked(&drain(&mut b, late)), [16]);
+        let gone = late + b.repair_wait() + b.request_interval();
+        assert_eq!(requests(&drain(&mut b, gone)), 1);
     }
 
     #[test]

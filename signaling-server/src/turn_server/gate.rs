@@ -59,7 +59,7 @@ const MAGIC_COOKIE: u32 = 0x2112_A442;
 
 /// What to do with one datagram from a client.
 #[derive(Debug, PartialEq, Eq)]
-enum Verdict {
+pub(crate) enum Verdict {
     Pass,
     Replace(Vec<u8>),
     Reply(Vec<u8>),
@@ -165,7 +165,7 @@ impl Gate {
         self.policy.permits(peer.ip()) || self.registry.is_own_relay(peer)
     }
 
-    fn inspect(&self, datagram: &[u8], src: SocketAddr) -> Verdict {
+    pub(crate) fn inspect(&self, datagram: &[u8], src: SocketAddr) -> Verdict {
         // Classified exactly as the crate does: what it takes for ChannelData passes
         // (cheap, the bulk of the traffic); anything else it decodes as STUN, masking the
         // two top bits of the type, so a "STUN" message with those bits set (RFC 5389
