@@ -6,7 +6,11 @@
 //! 1. memory: N idle connections, joined two by two into rooms -> RSS per connection;
 //! 2. throughput: P pairs relay ~200-byte `candidate` messages as fast as the server
 //!    takes them -> messages/s and server CPU microseconds per relayed message;
-//! 3. latency: P pairs at a fixed total rate -> relay latency p50/p99.
+//! 3. latency: P pairs at a fixed total rate -> relay latency p50/p99;
+//! 4. churn (`--churn-minutes M`, a soak): W workers, each in a loop connecting a pair
+//!    into a fresh room, relaying an offer-sized message, then leaving (half politely,
+//!    half by dropping the TCP connection) -> server RSS and open fds every 30 s, and
+//!    the RSS slope (a leak shows as steady growth). `--only-churn` skips 1-3.
 //!
 //! `cargo bench -p signaling-server --bench sigbench -- --help` lists the knobs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -53,6 +57,15 @@ struct Args {
     /// Load generator runtime threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     client_threads: usize,
+    /// Minutes of connection churn (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    churn_minutes: f64,
+    /// Concurrent churn workers (each a pair of connections at a time).
+    #[arg(long, default_value_t = 32)]
+    churn_workers: usize,
+    /// Run only the churn phase.
+    #[arg(long)]
+    only_churn: bool,
     /// Bench's own bench-harness flag (ignored).
     #[arg(long, hide = true)]
     bench: bool,
@@ -118,6 +131,13 @@ impl ServerProcess {
             .and_then(|v| v.parse().ok())
             .unwrap();
         kb * 1024
+    }
+
+    /// Open file descriptors (sockets, the database, ...).
+    fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 
     /// User + system CPU time in microseconds.
@@ -338,6 +358,101 @@ async fn relay_phase(
     })
 }
 
+/// Churn phase: see the module docs.
+async fn churn(server: &ServerProcess, minutes: f64, workers: usize) -> Value {
+    let cycles = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let offer = "v=0 ".repeat(1500); // ~6 kB, an SDP offer's size
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let (url, cycles, stop, offer) = (
+            server.url.clone(),
+            cycles.clone(),
+            stop.clone(),
+            offer.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let (mut a, mut b) = pair(&url, &format!("churn-{w}-{i}")).await;
+                a.send(Message::text(json!({"type":"offer","sdp":offer}).to_string()))
+                    .await
+                    .unwrap();
+                let m = next_json(&mut b).await;
+                assert_eq!(m["type"], "offer");
+                if i % 2 == 0 {
+                    a.send(Message::text(json!({"type":"leave"}).to_string()))
+                        .await
+                        .unwrap();
+                    a.close(None).await.ok();
+                    b.close(None).await.ok();
+                }
+                // Odd rounds: both connections just dropped (TCP closed, no handshake).
+                drop((a, b));
+                i += 1;
+                cycles.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let started = Instant::now();
+    let total = Duration::from_secs_f64(minutes * 60.0);
+    let mut samples = Vec::new();
+    loop {
+        samples.push(json!({
+            "t_s": started.elapsed().as_secs(),
+            "cycles": cycles.load(Ordering::Relaxed),
+            "server_rss_bytes": server.rss(),
+            "server_fds": server.fds(),
+        }));
+        if started.elapsed() >= total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(30).min(total.saturating_sub(started.elapsed())))
+            .await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.ok();
+    }
+    // Everything closed: what is left is what the server keeps.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // RSS growth per minute after the first minute (warm-up: buffers, the allocator).
+    let points: Vec<(f64, f64)> = samples
+        .iter()
+        .filter(|s| s["t_s"].as_u64().unwrap_or(0) >= 60)
+        .map(|s| {
+            (
+                s["t_s"].as_f64().unwrap_or(0.0) / 60.0,
+                s["server_rss_bytes"].as_f64().unwrap_or(0.0),
+            )
+        })
+        .collect();
+    json!({
+        "minutes": minutes,
+        "workers": workers,
+        "cycles": cycles.load(Ordering::Relaxed),
+        "samples": samples,
+        "rss_slope_bytes_per_minute": slope(&points).round(),
+        "server_rss_after_bytes": server.rss(),
+        "server_fds_after": server.fds(),
+    })
+}
+
+/// Least-squares slope of y over x (0 with fewer than two points).
+fn slope(points: &[(f64, f64)]) -> f64 {
+    let n = points.len() as f64;
+    if points.len() < 2 {
+        return 0.0;
+    }
+    let (mx, my) = points
+        .iter()
+        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x / n, b + y / n));
+    let (num, den) = points.iter().fold((0.0, 0.0), |(num, den), (x, y)| {
+        (num + (x - mx) * (y - my), den + (x - mx) * (x - mx))
+    });
+    if den == 0.0 { 0.0 } else { num / den }
+}
+
 fn server_binary(args: &Args) -> std::path::PathBuf {
     if let Some(p) = &args.server {
         return p.clone();
@@ -379,6 +494,13 @@ fn main() {
             .unwrap(),
     };
     let report = runtime.block_on(async {
+        if args.only_churn {
+            let server = ServerProcess::start(&binary, args.server_threads);
+            return json!({
+                "benchmark": "sigbench",
+                "churn": churn(&server, args.churn_minutes, args.churn_workers).await,
+            });
+        }
         let server = ServerProcess::start(&binary, args.server_threads);
         let memory = memory(&server, args.connections).await;
         drop(server);
@@ -400,6 +522,11 @@ fn main() {
             "memory": memory,
             "max_throughput": throughput,
             "fixed_rate": {"target_messages_per_s": args.rate, "result": fixed},
+            "churn": if args.churn_minutes > 0.0 {
+                churn(&server, args.churn_minutes, args.churn_workers).await
+            } else {
+                Value::Null
+            },
         })
     });
     println!("{}", serde_json::to_string_pretty(&report).unwrap());

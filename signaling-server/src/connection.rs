@@ -13,10 +13,11 @@ use std::time::{Instant, SystemTime};
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::time::{Duration, sleep_until, timeout};
-use tracing::{Instrument as _, debug, info, info_span};
+use tracing::{Instrument as _, debug, error, info, info_span};
 
 use crate::hub::{Hub, Registration};
-use crate::protocol::{ClientMessage, ErrorCode, PROTOCOL_VERSION, ServerMessage};
+use crate::clock::Now;
+use crate::protocol::{ClientMessage, ErrorCode, PROTOCOL_VERSION, RoomEndReason, ServerMessage};
 use crate::rate_limit::{RateLimiter, Verdict};
 use crate::rooms::ConnId;
 use crate::server::Shared;
@@ -101,12 +102,11 @@ impl Connection {
 
     async fn serve(mut self, shared: &Shared, conn: ConnId) -> Exit {
         let config = &shared.config;
-        let hub = &shared.hub;
         let ping = sleep_until((Instant::now() + config.ping_interval).into());
         tokio::pin!(ping);
 
         // Anything the HTTP layer read ahead is processed before waiting for more.
-        if let Err(exit) = self.process_inbox(hub, conn) {
+        if let Err(exit) = self.process_all(shared, conn).await {
             return Box::pin(self.finish(exit)).await;
         }
         loop {
@@ -129,7 +129,10 @@ impl Connection {
                     )),
                 },
                 ready = self.stream.wait_readable(&mut self.inbox) => match ready {
-                    Ok(already_read) => self.read(hub, conn, already_read),
+                    Ok(already_read) => match self.read(already_read) {
+                        Ok(()) => self.process_all(shared, conn).await,
+                        Err(exit) => Err(exit),
+                    },
                     Err(_) => Err(Exit::Drop("socket error")),
                 },
                 () = &mut ping => {
@@ -150,8 +153,8 @@ impl Connection {
     }
 
     /// One non-blocking read (unless `already_read` says how much a TLS read just
-    /// added), then decoding of everything complete.
-    fn read(&mut self, hub: &Hub, conn: ConnId, already_read: Option<usize>) -> Result<(), Exit> {
+    /// added).
+    fn read(&mut self, already_read: Option<usize>) -> Result<(), Exit> {
         let read = match already_read {
             Some(n) => Ok(n),
             None => {
@@ -165,18 +168,41 @@ impl Connection {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(_) => return Err(Exit::Drop("socket error")),
         }
-        let result = self.process_inbox(hub, conn);
+        Ok(())
+    }
+
+    /// Decodes and handles everything complete in the inbox. A host's `end_room` of a
+    /// meeting is stored first (awaited, as `DELETE /api/rooms/{id}` does), so that a
+    /// member who hears `room_ended` can rely on it surviving a restart.
+    async fn process_all(&mut self, shared: &Shared, conn: ConnId) -> Result<(), Exit> {
+        while let Some(room) = self.process_inbox(&shared.hub, conn)? {
+            let now = Now::system();
+            if let Err(e) = shared
+                .store
+                .end(room.clone(), now.wall, RoomEndReason::HostEnded)
+                .await
+            {
+                error!(error = %e, %room, "cannot store the end of a meeting");
+                self.queue_error(ErrorCode::Internal, "the meeting could not be ended; try again");
+                continue;
+            }
+            shared.hub.handle(conn, ClientMessage::EndRoom);
+            self.drain_outgoing();
+        }
         if self.inbox.is_empty() {
             self.inbox = BytesMut::new();
         }
-        result
+        Ok(())
     }
 
-    fn process_inbox(&mut self, hub: &Hub, conn: ConnId) -> Result<(), Exit> {
+    /// Handles messages until the inbox has no complete one (`Ok(None)`), or until a
+    /// host's `end_room` of a meeting (`Ok(Some(room))`: the caller stores the end, then
+    /// applies it and calls again for the rest).
+    fn process_inbox(&mut self, hub: &Hub, conn: ConnId) -> Result<Option<String>, Exit> {
         loop {
             let event = match self.decoder.decode(&mut self.inbox) {
                 Ok(Some(event)) => event,
-                Ok(None) => return Ok(()),
+                Ok(None) => return Ok(None),
                 Err(violation) => {
                     debug!(%violation, "closing");
                     return Err(Exit::Close(close_code::PROTOCOL_ERROR, violation.0));
@@ -203,6 +229,12 @@ impl Connection {
                 Event::Text(text) => {
                     if self.admit()? {
                         match ClientMessage::parse(&text) {
+                            Ok(ClientMessage::EndRoom)
+                                if let Some(room) = hub.hosted_meeting(conn) =>
+                            {
+                                debug!(kind = "end_room", %room, "message; storing the end first");
+                                return Ok(Some(room));
+                            }
                             Ok(msg) => {
                                 debug!(kind = msg.kind(), bytes = text.len(), "message");
                                 hub.handle(conn, msg);

@@ -139,6 +139,11 @@ impl Hub {
         self.finish(&mut inner, out, now);
     }
 
+    /// The live meeting `conn` hosts, if any ([`Rooms::hosted_meeting`]).
+    pub fn hosted_meeting(&self, conn: ConnId) -> Option<String> {
+        self.lock().rooms.hosted_meeting(conn)
+    }
+
     /// `conn` is gone; idempotent.
     pub fn disconnect(&self, conn: ConnId) {
         let now = Now::system();

@@ -592,6 +592,15 @@ impl Rooms {
         Ok(())
     }
 
+    /// The live meeting `conn` is the host of, if any: its `end_room` must be stored
+    /// before anybody hears of it.
+    pub fn hosted_meeting(&self, conn: ConnId) -> Option<String> {
+        let name = self.conns.get(&conn)?.room.clone()?;
+        let room = self.rooms.get(&name)?;
+        (room.host == Some(conn) && room.meeting.is_some() && room.ended_at.is_none())
+            .then_some(name)
+    }
+
     /// Ends `room` for everybody in it (`room_ended/host_ended`), as the host's
     /// `end_room` does. Callers check the host token first ([`Rooms::check_host`]).
     pub fn end_by_host(&mut self, room: &str, now: Now, out: &mut Outbox) -> bool {

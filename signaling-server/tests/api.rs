@@ -543,6 +543,41 @@ async fn rooms_and_host_tokens_survive_a_restart() {
     s.stop().await;
 }
 
+/// A meeting ended over WebSocket is in the database before anybody hears `room_ended`
+/// (a crash right after must not bring it back).
+#[tokio::test]
+async fn a_meeting_ended_over_websocket_is_stored_before_room_ended_is_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("duet.sqlite3");
+    let s = start_server(db_server_config(&db)).await;
+    let file = rusqlite::Connection::open(&db).unwrap();
+    let ended_at = |room: &str| -> Option<i64> {
+        file.query_row(
+            "SELECT ended_at FROM rooms WHERE room_id = ?1",
+            [room],
+            |row| row.get(0),
+        )
+        .unwrap()
+    };
+    for round in 0..5 {
+        let meeting = create(&s, json!({})).await;
+        let mut host = Client::connect(&s).await;
+        join_with_token(&mut host, &meeting.room_id, &meeting.host_token).await;
+        let mut guest = Client::connect(&s).await;
+        guest.join(&meeting.room_id).await;
+        host.expect("peer_joined").await;
+        assert_eq!(ended_at(&meeting.room_id), None);
+        host.send(json!({"type":"end_room"})).await;
+        guest.expect("room_ended").await;
+        assert!(
+            ended_at(&meeting.room_id).is_some(),
+            "round {round}: room_ended arrived before the end was stored"
+        );
+        host.expect("room_ended").await;
+    }
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn a_hundred_parallel_creates_get_distinct_ids_all_stored() {
     let dir = tempfile::tempdir().unwrap();

@@ -5,6 +5,8 @@
 //!   events for `Call` and carries out its actions.
 //! - [`handle`]: how the program sees a running call (`SessionHandle`, `Live`, commands).
 //! - [`peer`]: the WebRTC peer connection and its interceptor chain.
+//! - [`estimator`]: the congestion controller's algorithm (GCC's delay half, libwebrtc's
+//!   loss rule).
 //! - [`pacer`]: the send pacer in that chain (audio first, video at 2.5x the estimate,
 //!   the estimate capped by what is really sent).
 //! - [`repair`]: loss repair in that chain: FEC sent as the measured loss calls for, and
@@ -17,6 +19,7 @@
 //! - [`presence`]: being reachable by name for direct calls.
 
 pub mod config;
+pub mod estimator;
 pub mod handle;
 pub mod pacer;
 pub mod peer;

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rtc::interceptor::{
-    Attribute, CongestionControlBuilder, FlexFec03ReceiveBuilder, Gcc, Interceptor,
+    Attribute, CongestionControlBuilder, FlexFec03ReceiveBuilder, Interceptor,
     NackResponderBuilder, Packet, StreamInfo, TaggedPacket, TwccReceiverBuilder, TwccSenderBuilder,
 };
 use rtc::media_stream::MediaStreamTrack;
@@ -292,7 +292,7 @@ fn interceptors(media: &mut MediaEngine) -> Result<(Registry, ChainHandles), Pee
             )
             .map_err(err)?;
     }
-    let gcc = Gcc::new(
+    let gcc = super::estimator::Estimator::new(
         f64::from(INITIAL_BITRATE_BPS),
         f64::from(MIN_BITRATE_BPS),
         f64::from(MAX_BITRATE_BPS),

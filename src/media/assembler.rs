@@ -8,7 +8,7 @@
 //!   frame already given up, and none at all for a hole too large to repair (after an
 //!   outage a keyframe is cheaper than a retransmission storm).
 //! - Frames leave in order. A frame with a missing packet is held for a retransmission
-//!   (NACK) for about two round trips, room for one lost retransmission
+//!   (NACK) for about two and a half round trips, room for one lost retransmission
 //!   ([`FrameAssembler::repair_wait`]); frames behind it wait too (a P-frame needs the
 //!   one before it).
 //! - Only when the wait runs out is the frame given up. From then on the decoder needs a
@@ -170,11 +170,13 @@ impl FrameAssembler {
 
     /// How long an incomplete frame waits for a retransmission: the NACK goes out at once,
     /// the answer takes a round trip; and if the retransmission is lost too (as likely as
-    /// the original), the NACK repeated after one round trip needs another. Giving up
-    /// costs more: a keyframe request, a round trip and a keyframe's worth of packets.
+    /// the original), the NACK is repeated 1.5 round trips after the first and its answer
+    /// needs another round trip: 2.5 round trips, plus margin for the sender's pacer.
+    /// Giving up costs more: a keyframe request, a round trip and a keyframe's worth of
+    /// packets.
     pub fn repair_wait(&self) -> Duration {
-        (self.repair_rtt() * 2 + Duration::from_millis(80))
-            .clamp(Duration::from_millis(80), Duration::from_millis(1500))
+        (self.repair_rtt() * 5 / 2 + Duration::from_millis(100))
+            .clamp(Duration::from_millis(100), Duration::from_millis(1500))
     }
 
     /// The shortest time between two keyframe requests: a round trip plus margin, so a
@@ -649,7 +651,8 @@ mod tests {
         assert_eq!(requests(&out), 0);
         assert_eq!(timestamps(&out), [3000, 6000, 9000, 12000, 15000]);
         assert_eq!(a.poll_timeout(), None, "nothing left to ask for");
-        assert_eq!(a.stats().nacked_packets, 2);
+        // Asked at once, then every 1.5 round trips within the 2.5 round trips' wait.
+        assert_eq!(a.stats().nacked_packets, 3);
     }
 
     #[test]
