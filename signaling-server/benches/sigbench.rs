@@ -375,9 +375,11 @@ async fn churn(server: &ServerProcess, minutes: f64, workers: usize) -> Value {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let (mut a, mut b) = pair(&url, &format!("churn-{w}-{i}")).await;
-                a.send(Message::text(json!({"type":"offer","sdp":offer}).to_string()))
-                    .await
-                    .unwrap();
+                a.send(Message::text(
+                    json!({"type":"offer","sdp":offer}).to_string(),
+                ))
+                .await
+                .unwrap();
                 let m = next_json(&mut b).await;
                 assert_eq!(m["type"], "offer");
                 if i % 2 == 0 {

@@ -15,8 +15,8 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::time::{Duration, sleep_until, timeout};
 use tracing::{Instrument as _, debug, error, info, info_span};
 
-use crate::hub::{Hub, Registration};
 use crate::clock::Now;
+use crate::hub::{Hub, Registration};
 use crate::protocol::{ClientMessage, ErrorCode, PROTOCOL_VERSION, RoomEndReason, ServerMessage};
 use crate::rate_limit::{RateLimiter, Verdict};
 use crate::rooms::ConnId;
@@ -37,11 +37,28 @@ enum Exit {
 
 /// Runs the connection until it ends; `read_ahead` is what the HTTP layer had already
 /// read past the upgrade request.
+/// Takes `conn` out of the hub when dropped: at the end of its task, and also when the
+/// task panics or is cancelled, so a member is never left behind in a room.
+struct Departure<'a> {
+    hub: &'a Hub,
+    conn: ConnId,
+}
+
+impl Drop for Departure<'_> {
+    fn drop(&mut self) {
+        self.hub.disconnect(self.conn);
+    }
+}
+
 pub(crate) async fn run(stream: Stream, read_ahead: bytes::Bytes, shared: Arc<Shared>) {
     let registration = shared.hub.connect();
     let span = info_span!("ws", peer = %registration.peer_id);
     let conn = registration.conn;
     async move {
+        let departure = Departure {
+            hub: &shared.hub,
+            conn,
+        };
         let remote = stream.peer_addr().ok();
         info!(?remote, "connected");
         let exit = Connection::new(stream, read_ahead, &shared, registration)
@@ -53,7 +70,7 @@ pub(crate) async fn run(stream: Stream, read_ahead: bytes::Bytes, shared: Arc<Sh
             }
             Exit::Close(_, reason) | Exit::Drop(reason) => info!(reason, "disconnected"),
         }
-        shared.hub.disconnect(conn);
+        drop(departure);
     }
     .instrument(span)
     .await;
@@ -183,7 +200,10 @@ impl Connection {
                 .await
             {
                 error!(error = %e, %room, "cannot store the end of a meeting");
-                self.queue_error(ErrorCode::Internal, "the meeting could not be ended; try again");
+                self.queue_error(
+                    ErrorCode::Internal,
+                    "the meeting could not be ended; try again",
+                );
                 continue;
             }
             shared.hub.handle(conn, ClientMessage::EndRoom);
