@@ -382,7 +382,7 @@ async fn churn(server: &ServerProcess, minutes: f64, workers: usize) -> Value {
                 .unwrap();
                 let m = next_json(&mut b).await;
                 assert_eq!(m["type"], "offer");
-                if i % 2 == 0 {
+                if i.is_multiple_of(2) {
                     a.send(Message::text(json!({"type":"leave"}).to_string()))
                         .await
                         .unwrap();
