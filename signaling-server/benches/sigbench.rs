@@ -97,6 +97,8 @@ impl ServerProcess {
                 // Every benchmark client is 127.0.0.1.
                 "--max-connections-per-ip",
                 "100000",
+                "--max-tcp-connections-per-ip",
+                "100000",
                 "--log",
                 "warn",
                 "--threads",

@@ -57,6 +57,13 @@ pub struct Config {
     #[arg(long, default_value_t = 32)]
     pub max_connections_per_ip: usize,
 
+    /// Most TCP connections one address may hold open while they speak HTTP (requests,
+    /// keep-alive, WebSocket upgrades; an upgraded WebSocket counts for
+    /// --max-connections-per-ip instead); more are answered 429 and closed at once.
+    /// Connections from a --trusted-proxy are not counted.
+    #[arg(long, default_value_t = 256)]
+    pub max_tcp_connections_per_ip: usize,
+
     /// A reverse proxy in front of this server (CIDR, e.g. 10.0.0.5/32; repeatable). For
     /// connections from these addresses the client's own address is read from
     /// X-Forwarded-For (the rightmost entry that is not itself a trusted proxy), and the

@@ -65,7 +65,9 @@ pub(crate) struct Shared {
     pub tasks: TaskTracker,
     pub connections: AtomicUsize,
     /// Open WebSockets per client address.
-    pub per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    pub per_ip: Arc<PerAddress>,
+    /// Open TCP connections in their HTTP phase per peer address.
+    pub tcp_per_ip: Arc<PerAddress>,
     pub store: Store,
     pub api: ApiState,
     pub local_addr: SocketAddr,
@@ -193,6 +195,7 @@ impl Server {
             tasks: TaskTracker::new(),
             connections: AtomicUsize::new(0),
             per_ip: Default::default(),
+            tcp_per_ip: Default::default(),
             config,
         });
         shared.tasks.spawn(sweep(Arc::clone(&shared)));
@@ -439,6 +442,22 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
+        // Per peer address, before a byte is read: many half-open or slow connections
+        // from one address must not take the file descriptors everybody else needs. A
+        // trusted proxy carries many clients, so it is not counted here.
+        let present = if trusted.iter().any(|net| net.contains(&peer.ip())) {
+            None
+        } else {
+            let (present, held) = shared.tcp_per_ip.enter(peer.ip());
+            if held > shared.config.max_tcp_connections_per_ip {
+                debug!(%peer, held, "per-address TCP connection limit reached; refusing");
+                let _ = tcp.try_write(
+                    b"HTTP/1.1 429 Too Many Requests\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+                );
+                continue;
+            }
+            Some(present)
+        };
         let _ = tcp.set_nodelay(true);
         let trusted = Arc::clone(&trusted);
         let service = TowerToHyperService::new(app.clone().map_request(
@@ -454,6 +473,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         let activity = Activity::new();
         let tls = shared.tls.as_ref().map(|tls| tls.acceptor());
         spawn_connection(&shared, async move {
+            let _present = present;
             let stream = match tls {
                 None => Stream::Plain(tcp),
                 Some(acceptor) => {
@@ -518,9 +538,47 @@ fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
+/// How many connections each address holds; [`Present`] counts one while it lives.
+#[derive(Debug, Default)]
+pub(crate) struct PerAddress(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+impl PerAddress {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<std::net::IpAddr, usize>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counts one more from `ip`; returns it with how many `ip` holds now, this one included.
+    fn enter(self: &Arc<Self>, ip: std::net::IpAddr) -> (Present, usize) {
+        let mut map = self.lock();
+        let n = map.entry(ip).or_insert(0);
+        *n += 1;
+        (Present(Arc::clone(self), ip), *n)
+    }
+}
+
+/// One connection counted in a [`PerAddress`] until dropped.
+#[derive(Debug)]
+pub(crate) struct Present(Arc<PerAddress>, std::net::IpAddr);
+
+impl Drop for Present {
+    fn drop(&mut self) {
+        let mut map = self.0.lock();
+        if let Some(n) = map.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.1);
+            }
+        }
+    }
+}
+
 /// Counts a connection for `--max-connections` and `--max-connections-per-ip`; the slot
 /// is freed on drop.
-struct Slot(Arc<Shared>, std::net::IpAddr);
+struct Slot(Arc<Shared>, #[allow(dead_code)] Present);
 
 impl Slot {
     /// Takes a slot for a WebSocket from `client`, or says why not (the answer to give).
@@ -529,16 +587,8 @@ impl Slot {
         client: std::net::IpAddr,
     ) -> Result<Slot, (StatusCode, &'static str)> {
         let held = shared.connections.fetch_add(1, Ordering::Relaxed);
-        let from_client = {
-            let mut per_ip = shared
-                .per_ip
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let n = per_ip.entry(client).or_insert(0);
-            *n += 1;
-            *n
-        };
-        let slot = Slot(Arc::clone(shared), client);
+        let (present, from_client) = shared.per_ip.enter(client);
+        let slot = Slot(Arc::clone(shared), present);
         if held >= shared.config.max_connections {
             warn!(held, "connection limit reached; refusing a WebSocket");
             return Err((StatusCode::SERVICE_UNAVAILABLE, "too many connections\n"));
@@ -557,17 +607,6 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::Relaxed);
-        let mut per_ip = self
-            .0
-            .per_ip
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = per_ip.get_mut(&self.1) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                per_ip.remove(&self.1);
-            }
-        }
     }
 }
 
