@@ -4,8 +4,10 @@
 //! Each input is applied to [`Rooms`] and its outbox delivered while the lock is held.
 //! That one lock is the whole concurrency story: ten simultaneous joins are simply
 //! applied one after another, and messages to one connection are queued in the order
-//! they were produced. The critical section is a few hash-map operations plus
-//! serializing the outgoing JSON, never I/O: delivery is a non-blocking `try_send`.
+//! they were produced. The critical section is a few hash-map operations, never I/O and
+//! never JSON: delivery is a non-blocking `try_send` of the message itself, and each
+//! connection's task serializes what it takes out of its queue (a 6 kB offer's SDP is
+//! escaped there, in parallel, not while every other connection waits for the lock).
 //! A client whose queue is full (in messages or in bytes) is too slow to keep up; it is
 //! disconnected.
 //!
@@ -22,7 +24,7 @@ use tracing::warn;
 use crate::api::RoomInfo;
 use crate::clock::Now;
 use crate::ids;
-use crate::protocol::ClientMessage;
+use crate::protocol::{ClientMessage, ServerMessage};
 use crate::rooms::{ConnId, HostCheck, Meeting, Outbox, Rooms, RoomsConfig};
 use crate::store::Store;
 
@@ -37,30 +39,33 @@ pub struct Registration {
 /// The receiving end of one connection's queue, which keeps count of the bytes in it.
 #[derive(Debug)]
 pub struct Outgoing {
-    rx: mpsc::Receiver<String>,
+    rx: mpsc::Receiver<ServerMessage>,
     bytes: Arc<AtomicUsize>,
 }
 
 impl Outgoing {
-    /// The next text (None: the hub dropped this connection). Cancel-safe.
+    /// The next message's JSON (None: the hub dropped this connection). Cancel-safe.
     pub async fn recv(&mut self) -> Option<String> {
-        let text = self.rx.recv().await?;
-        self.bytes.fetch_sub(text.len(), Ordering::Relaxed);
-        Some(text)
+        let msg = self.rx.recv().await?;
+        Some(self.taken(&msg))
     }
 
-    /// The next text if one is queued.
+    /// The next message's JSON if one is queued.
     pub fn try_recv(&mut self) -> Option<String> {
-        let text = self.rx.try_recv().ok()?;
-        self.bytes.fetch_sub(text.len(), Ordering::Relaxed);
-        Some(text)
+        let msg = self.rx.try_recv().ok()?;
+        Some(self.taken(&msg))
+    }
+
+    fn taken(&self, msg: &ServerMessage) -> String {
+        self.bytes.fetch_sub(msg.weight(), Ordering::Relaxed);
+        msg.to_json()
     }
 }
 
 /// The sending end of one connection's queue.
 #[derive(Debug)]
 struct Queue {
-    tx: mpsc::Sender<String>,
+    tx: mpsc::Sender<ServerMessage>,
     bytes: Arc<AtomicUsize>,
 }
 
@@ -227,13 +232,12 @@ impl Inner {
                 let Some(queue) = self.queues.get(&conn) else {
                     continue; // already gone; its own task is cleaning up
                 };
-                let text = msg.to_json();
-                let len = text.len();
+                let len = msg.weight();
                 if queue.bytes.load(Ordering::Relaxed) + len > self.queue_bytes {
                     too_slow.push(conn);
                     continue;
                 }
-                match queue.tx.try_send(text) {
+                match queue.tx.try_send(msg) {
                     Ok(()) => {
                         queue.bytes.fetch_add(len, Ordering::Relaxed);
                     }

@@ -254,6 +254,21 @@ pub enum ServerMessage {
 }
 
 impl ServerMessage {
+    /// About the bytes this message takes while queued (its JSON is built only when it is
+    /// sent): its long strings plus a fixed allowance for the rest. What bounds each
+    /// connection's queue in bytes (`--send-queue-bytes`).
+    pub fn weight(&self) -> usize {
+        const REST: usize = 256;
+        REST + match self {
+            ServerMessage::Offer { sdp, .. } | ServerMessage::Answer { sdp, .. } => sdp.len(),
+            ServerMessage::Candidate {
+                candidate: Some(c), ..
+            } => c.candidate.len(),
+            ServerMessage::Error { message, .. } => message.len(),
+            _ => 0,
+        }
+    }
+
     /// An `error` message without extra fields.
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
         ServerMessage::Error {
