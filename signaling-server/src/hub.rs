@@ -39,7 +39,7 @@ pub struct Registration {
 /// The receiving end of one connection's queue, which keeps count of the bytes in it.
 #[derive(Debug)]
 pub struct Outgoing {
-    rx: mpsc::Receiver<ServerMessage>,
+    rx: mpsc::Receiver<Box<ServerMessage>>,
     bytes: Arc<AtomicUsize>,
 }
 
@@ -62,10 +62,12 @@ impl Outgoing {
     }
 }
 
-/// The sending end of one connection's queue.
+/// The sending end of one connection's queue. Boxed: a channel allocates its slots in
+/// blocks, and a slot of the whole enum would make every idle connection's queue
+/// kilobytes larger.
 #[derive(Debug)]
 struct Queue {
-    tx: mpsc::Sender<ServerMessage>,
+    tx: mpsc::Sender<Box<ServerMessage>>,
     bytes: Arc<AtomicUsize>,
 }
 
@@ -237,7 +239,7 @@ impl Inner {
                     too_slow.push(conn);
                     continue;
                 }
-                match queue.tx.try_send(msg) {
+                match queue.tx.try_send(Box::new(msg)) {
                     Ok(()) => {
                         queue.bytes.fetch_add(len, Ordering::Relaxed);
                     }
