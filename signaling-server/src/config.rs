@@ -88,6 +88,11 @@ pub struct Config {
     #[arg(long, default_value_t = 30)]
     pub rooms_per_minute: usize,
 
+    /// Most new rooms all connections from one client address may create in a minute
+    /// together; more get error/rate_limited.
+    #[arg(long, default_value_t = 120)]
+    pub rooms_per_minute_per_address: usize,
+
     /// Messages queued for one slow client before it is disconnected.
     #[arg(long, default_value_t = 1024)]
     pub send_queue: usize,

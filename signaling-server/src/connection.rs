@@ -50,8 +50,13 @@ impl Drop for Departure<'_> {
     }
 }
 
-pub(crate) async fn run(stream: Stream, read_ahead: bytes::Bytes, shared: Arc<Shared>) {
-    let registration = shared.hub.connect();
+pub(crate) async fn run(
+    stream: Stream,
+    read_ahead: bytes::Bytes,
+    shared: Arc<Shared>,
+    client: std::net::IpAddr,
+) {
+    let registration = shared.hub.connect(Some(client));
     let span = info_span!("ws", peer = %registration.peer_id);
     let conn = registration.conn;
     async move {

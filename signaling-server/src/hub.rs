@@ -115,14 +115,15 @@ impl Hub {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A new connection joins the hub.
-    pub fn connect(&self) -> Registration {
+    /// A new connection joins the hub, from `address` (the client's, for per-address
+    /// limits; None when not known).
+    pub fn connect(&self, address: Option<std::net::IpAddr>) -> Registration {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let peer_id = ids::peer_id();
         let (tx, rx) = mpsc::channel(self.queue_len);
         let bytes = Arc::new(AtomicUsize::new(0));
         let mut inner = self.lock();
-        inner.rooms.connect(conn, peer_id.clone());
+        inner.rooms.connect(conn, peer_id.clone(), address);
         inner.queues.insert(
             conn,
             Queue {

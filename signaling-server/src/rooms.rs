@@ -24,6 +24,7 @@
 //! as an abrupt disconnect did before (`peer_left/disconnected`).
 
 use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
@@ -63,7 +64,13 @@ pub struct RoomsConfig {
     /// Most rooms one connection may create in a minute (by joining names no room has
     /// yet); more are refused with `rate_limited`.
     pub rooms_per_minute: usize,
+    /// The same for all connections from one client address together (a client that
+    /// reconnects for every room would escape the per-connection cap).
+    pub rooms_per_minute_per_address: usize,
 }
+
+/// The window of the room-creation caps.
+const MINUTE: Duration = Duration::from_secs(60);
 
 /// Most messages kept for an away member; beyond that the oldest are dropped.
 pub const AWAY_QUEUE_MESSAGES: usize = 64;
@@ -142,6 +149,8 @@ struct Conn {
     resume_hash: Option<[u8; 32]>,
     /// When it created rooms, over the last minute.
     created: VecDeque<Instant>,
+    /// The client's address, when known.
+    address: Option<IpAddr>,
 }
 
 /// A member whose connection dropped: its seat is kept until `deadline`, and what would
@@ -224,6 +233,8 @@ pub struct Rooms {
     /// Members whose connection dropped, by the `ConnId` that still holds their seat.
     away: HashMap<ConnId, Away>,
     events: Vec<MeetingEvent>,
+    /// When rooms were created from each client address, over the last minute.
+    created_from: HashMap<IpAddr, VecDeque<Instant>>,
 }
 
 impl Rooms {
@@ -236,11 +247,12 @@ impl Rooms {
             calls: HashMap::new(),
             away: HashMap::new(),
             events: Vec::new(),
+            created_from: HashMap::new(),
         }
     }
 
-    /// A new connection with its public `peer_id`.
-    pub fn connect(&mut self, conn: ConnId, peer_id: String) {
+    /// A new connection with its public `peer_id`, from `address` if known.
+    pub fn connect(&mut self, conn: ConnId, peer_id: String, address: Option<IpAddr>) {
         self.conns.insert(
             conn,
             Conn {
@@ -251,6 +263,7 @@ impl Rooms {
                 rung_by: None,
                 resume_hash: None,
                 created: VecDeque::new(),
+                address,
             },
         );
     }
@@ -716,12 +729,29 @@ impl Rooms {
         let Some(c) = self.conns.get_mut(&conn) else {
             return Ok(());
         };
-        while c
-            .created
-            .front()
-            .is_some_and(|&at| now.mono.saturating_duration_since(at) >= Duration::from_secs(60))
-        {
+        let minute_ago = |at: &Instant| now.mono.saturating_duration_since(*at) >= MINUTE;
+        while c.created.front().is_some_and(minute_ago) {
             c.created.pop_front();
+        }
+        // Forget addresses with nothing in the last minute (the map stays small).
+        self.created_from.retain(|_, times| {
+            while times.front().is_some_and(minute_ago) {
+                times.pop_front();
+            }
+            !times.is_empty()
+        });
+        let from_address = c
+            .address
+            .map_or(0, |a| self.created_from.get(&a).map_or(0, VecDeque::len));
+        if from_address >= self.config.rooms_per_minute_per_address {
+            info!(peer = %c.peer_id, "too many new rooms from one address in a minute");
+            return refuse(
+                ErrorCode::RateLimited,
+                format!(
+                    "at most {} new rooms a minute from one address; join one that exists or wait",
+                    self.config.rooms_per_minute_per_address
+                ),
+            );
         }
         if c.created.len() >= self.config.rooms_per_minute {
             info!(peer = %c.peer_id, "too many new rooms in a minute");
@@ -734,6 +764,12 @@ impl Rooms {
             );
         }
         c.created.push_back(now.mono);
+        if let Some(address) = c.address {
+            self.created_from
+                .entry(address)
+                .or_default()
+                .push_back(now.mono);
+        }
         Ok(())
     }
 
@@ -1276,6 +1312,7 @@ mod tests {
         resume_grace: Duration::ZERO,
         max_rooms: 1_000,
         rooms_per_minute: 30,
+        rooms_per_minute_per_address: 120,
     };
 
     fn kinds(out: &Outbox) -> Vec<(ConnId, &'static str)> {
@@ -1307,7 +1344,7 @@ mod tests {
     fn rooms_with(n: u64) -> Rooms {
         let mut r = Rooms::new(CFG);
         for c in 1..=n {
-            r.connect(c, format!("peer{c}"));
+            r.connect(c, format!("peer{c}"), None);
         }
         r
     }
@@ -1450,6 +1487,37 @@ mod tests {
     }
 
     #[test]
+    fn one_address_creates_at_most_its_rooms_a_minute_however_many_connections_it_opens() {
+        let t = Now::system();
+        let mut r = Rooms::new(RoomsConfig {
+            rooms_per_minute: 3,
+            rooms_per_minute_per_address: 4,
+            ..CFG
+        });
+        let here: IpAddr = "198.51.100.7".parse().unwrap();
+        let there: IpAddr = "198.51.100.8".parse().unwrap();
+        let mut out = Outbox::new();
+        // A new connection for every room: 4 rooms, then refused.
+        for c in 1..=5 {
+            r.connect(c, format!("peer{c}"), Some(here));
+            r.handle(c, join(&format!("r{c}")), t, &mut out);
+        }
+        assert_eq!(error_code(&out), Some(ErrorCode::RateLimited));
+        assert_eq!(r.room_count(), 4);
+        // Another address is not affected; a minute later this one may again.
+        r.connect(6, "peer6".into(), Some(there));
+        r.handle(6, join("r6"), t, &mut out);
+        assert_eq!(kinds(&out).last(), Some(&(6, "joined")));
+        let later = Now {
+            mono: t.mono + MINUTE,
+            wall: t.wall,
+        };
+        r.connect(7, "peer7".into(), Some(here));
+        r.handle(7, join("r7"), later, &mut out);
+        assert_eq!(kinds(&out).last(), Some(&(7, "joined")));
+    }
+
+    #[test]
     fn a_connection_creates_at_most_its_rooms_a_minute_and_the_server_its_total() {
         let t = Now::system();
         let mut r = Rooms::new(RoomsConfig {
@@ -1458,7 +1526,7 @@ mod tests {
             ..CFG
         });
         for c in 1..=3 {
-            r.connect(c, format!("peer{c}"));
+            r.connect(c, format!("peer{c}"), None);
         }
         let mut out = Outbox::new();
         for i in 0..3 {
@@ -1560,7 +1628,7 @@ mod tests {
         r.disconnect(1, t, &mut out);
         assert_eq!(kinds(&out), vec![(2, "peer_left"), (2, "host_changed")]);
         assert_eq!(r.connection_count(), 1);
-        r.connect(3, "peer3".into());
+        r.connect(3, "peer3".into(), None);
         out.clear();
         r.handle(3, ClientMessage::Register { name: "a".into() }, t, &mut out);
         assert_eq!(kinds(&out), vec![(3, "registered")], "name freed");
@@ -1574,7 +1642,7 @@ mod tests {
             ..CFG
         });
         for c in 1..=n {
-            r.connect(c, format!("peer{c}"));
+            r.connect(c, format!("peer{c}"), None);
         }
         r
     }
@@ -1706,7 +1774,7 @@ mod tests {
         r.handle(3, join("x"), t, &mut out);
         let token3 = token_of(&out, 3);
         r.disconnect(3, t, &mut out);
-        r.connect(4, "peer4".into());
+        r.connect(4, "peer4".into(), None);
         out.clear();
         r.handle(4, resume("x", "peer3", &token3), t.later(GRACE), &mut out);
         assert_eq!(kinds(&out), vec![(2, "peer_left"), (4, "error")]);
@@ -1739,7 +1807,7 @@ mod tests {
             let sdp = big.clone();
             r.handle(2, ClientMessage::Offer { sdp }, t, &mut out);
         }
-        r.connect(4, "peer4".into());
+        r.connect(4, "peer4".into(), None);
         out.clear();
         r.handle(4, resume("x", "peer1", &token), t, &mut out);
         assert_eq!(out.len(), 1 + 4, "256 KiB hold four 60 kB offers");
@@ -1861,7 +1929,7 @@ mod tests {
         out.clear();
         // Once accepted, a call's room keeps seats like any other; the name does not
         // stay with the away seat.
-        r.connect(4, "peer4".into());
+        r.connect(4, "peer4".into(), None);
         r.handle(4, ClientMessage::Register { name: "d".into() }, t, &mut out);
         r.handle(4, ClientMessage::Call { to: "b".into() }, t, &mut out);
         let call_id = out

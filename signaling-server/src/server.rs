@@ -150,6 +150,7 @@ impl Server {
                 resume_grace: config.resume_grace,
                 max_rooms: config.max_rooms,
                 rooms_per_minute: config.rooms_per_minute,
+                rooms_per_minute_per_address: config.rooms_per_minute_per_address,
             },
             config.send_queue,
             // Room for at least two of the largest messages.
@@ -724,7 +725,7 @@ async fn upgrade(State(shared): State<Arc<Shared>>, request: Request) -> Respons
                 let shared = Arc::clone(&_slot.0);
                 // From here the WebSocket's own deadlines apply (pings, write timeout).
                 let stream = parts.io.into_inner().stream;
-                connection::run(stream, parts.read_buf, shared).await;
+                connection::run(stream, parts.read_buf, shared, client).await;
             }
             Err(_) => warn!("upgraded connection is not our stream; dropping it"),
         }
