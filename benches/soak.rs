@@ -11,6 +11,9 @@
 
 use std::time::{Duration, Instant};
 
+#[path = "../signaling-server/tests/common/proc.rs"]
+mod proc;
+
 use clap::Parser;
 use duet::call::{self, CallState, SessionConfig};
 use serde_json::{Value, json};
@@ -26,38 +29,6 @@ struct Args {
     seconds: f64,
     #[arg(long, hide = true)]
     bench: bool,
-}
-
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        * 1024
-}
-
-fn count(dir: &str) -> usize {
-    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
-}
-
-/// Least-squares slope of y over x.
-fn slope(points: &[(f64, f64)]) -> f64 {
-    let n = points.len() as f64;
-    if points.len() < 2 {
-        return 0.0;
-    }
-    let (mx, my) = points
-        .iter()
-        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x / n, b + y / n));
-    let (num, den) = points.iter().fold((0.0, 0.0), |(num, den), (x, y)| {
-        (num + (x - mx) * (y - my), den + (x - mx) * (x - mx))
-    });
-    if den == 0.0 { 0.0 } else { num / den }
 }
 
 async fn one_call(server: &Server, room: &str, media: Duration) -> (u64, u64) {
@@ -84,9 +55,9 @@ fn sample(calls: usize, started: Instant) -> Value {
     json!({
         "calls": calls,
         "t_s": started.elapsed().as_secs(),
-        "rss_bytes": rss_bytes(),
-        "fds": count("/proc/self/fd"),
-        "threads": count("/proc/self/task"),
+        "rss_bytes": proc::rss_bytes("self"),
+        "fds": proc::open_fds("self"),
+        "threads": proc::threads("self"),
         "tokio_tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
     })
 }
@@ -128,7 +99,7 @@ fn main() {
                 .iter()
                 .map(|s| (s["calls"].as_f64().unwrap(), s[key].as_f64().unwrap()))
                 .collect();
-            (slope(&points) * 100.0).round() / 100.0
+            (proc::slope(&points) * 100.0).round() / 100.0
         };
         json!({
             "benchmark": "soak",

@@ -20,6 +20,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+#[path = "../tests/common/proc.rs"]
+mod proc;
+
 use clap::Parser;
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
@@ -128,21 +131,12 @@ impl ServerProcess {
 
     /// Resident set size in bytes.
     fn rss(&self) -> u64 {
-        let status = self.proc_file("status");
-        let kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap();
-        kb * 1024
+        proc::rss_bytes(&self.child.id().to_string())
     }
 
     /// Open file descriptors (sockets, the database, ...).
     fn fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
-            .map(|d| d.count())
-            .unwrap_or(0)
+        proc::open_fds(&self.child.id().to_string())
     }
 
     /// User + system CPU time in microseconds.
@@ -455,25 +449,10 @@ async fn churn(server: &ServerProcess, minutes: f64, workers: usize) -> Value {
         "cycles": cycles.load(Ordering::Relaxed),
         "stalled_cycles": stalls.load(Ordering::Relaxed),
         "samples": samples,
-        "rss_slope_bytes_per_minute": slope(&points).round(),
+        "rss_slope_bytes_per_minute": proc::slope(&points).round(),
         "server_rss_after_bytes": server.rss(),
         "server_fds_after": server.fds(),
     })
-}
-
-/// Least-squares slope of y over x (0 with fewer than two points).
-fn slope(points: &[(f64, f64)]) -> f64 {
-    let n = points.len() as f64;
-    if points.len() < 2 {
-        return 0.0;
-    }
-    let (mx, my) = points
-        .iter()
-        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x / n, b + y / n));
-    let (num, den) = points.iter().fold((0.0, 0.0), |(num, den), (x, y)| {
-        (num + (x - mx) * (y - my), den + (x - mx) * (x - mx))
-    });
-    if den == 0.0 { 0.0 } else { num / den }
 }
 
 fn server_binary(args: &Args) -> std::path::PathBuf {

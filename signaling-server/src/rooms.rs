@@ -442,6 +442,13 @@ impl Rooms {
     /// Time passes: away members whose grace ran out leave, unanswered calls stop
     /// ringing, empty and ended rooms expire.
     pub fn tick(&mut self, now: Now, out: &mut Outbox) {
+        // Addresses that created no room in the last minute are forgotten here, not on
+        // every join (the map stays small without a join paying for the whole of it).
+        self.created_from.retain(|_, times| {
+            times
+                .back()
+                .is_some_and(|&at| now.mono.saturating_duration_since(at) < MINUTE)
+        });
         let mut gone: Vec<ConnId> = self
             .away
             .iter()
@@ -733,16 +740,15 @@ impl Rooms {
         while c.created.front().is_some_and(minute_ago) {
             c.created.pop_front();
         }
-        // Forget addresses with nothing in the last minute (the map stays small).
-        self.created_from.retain(|_, times| {
-            while times.front().is_some_and(minute_ago) {
-                times.pop_front();
-            }
-            !times.is_empty()
-        });
         let from_address = c
             .address
-            .map_or(0, |a| self.created_from.get(&a).map_or(0, VecDeque::len));
+            .and_then(|a| self.created_from.get_mut(&a))
+            .map_or(0, |times| {
+                while times.front().is_some_and(minute_ago) {
+                    times.pop_front();
+                }
+                times.len()
+            });
         if from_address >= self.config.rooms_per_minute_per_address {
             info!(peer = %c.peer_id, "too many new rooms from one address in a minute");
             return refuse(

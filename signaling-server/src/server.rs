@@ -579,7 +579,11 @@ impl Drop for Present {
 
 /// Counts a connection for `--max-connections` and `--max-connections-per-ip`; the slot
 /// is freed on drop.
-struct Slot(Arc<Shared>, #[allow(dead_code)] Present);
+struct Slot {
+    shared: Arc<Shared>,
+    /// Counted for `--max-connections-per-ip` while the slot lives.
+    _address: Present,
+}
 
 impl Slot {
     /// Takes a slot for a WebSocket from `client`, or says why not (the answer to give).
@@ -589,7 +593,10 @@ impl Slot {
     ) -> Result<Slot, (StatusCode, &'static str)> {
         let held = shared.connections.fetch_add(1, Ordering::Relaxed);
         let (present, from_client) = shared.per_ip.enter(client);
-        let slot = Slot(Arc::clone(shared), present);
+        let slot = Slot {
+            shared: Arc::clone(shared),
+            _address: present,
+        };
         if held >= shared.config.max_connections {
             warn!(held, "connection limit reached; refusing a WebSocket");
             return Err((StatusCode::SERVICE_UNAVAILABLE, "too many connections\n"));
@@ -607,7 +614,7 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        self.shared.connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -705,7 +712,8 @@ async fn upgrade(State(shared): State<Arc<Shared>>, request: Request) -> Respons
     let on_upgrade = hyper::upgrade::on(request);
     let handshake_limit = shared.config.http_idle_timeout;
     let fut = async move {
-        let _slot = slot;
+        // Held (counted) for as long as this task runs.
+        let slot = slot;
         // The 101 is written by the HTTP connection's task; a client that does not take
         // it in time is dropped there, which ends this wait too. The timeout is a second
         // line, so this task can never outlive a lost connection.
@@ -722,7 +730,7 @@ async fn upgrade(State(shared): State<Arc<Shared>>, request: Request) -> Respons
         };
         match upgraded.downcast::<TokioIo<Watched>>() {
             Ok(parts) => {
-                let shared = Arc::clone(&_slot.0);
+                let shared = Arc::clone(&slot.shared);
                 // From here the WebSocket's own deadlines apply (pings, write timeout).
                 let stream = parts.io.into_inner().stream;
                 connection::run(stream, parts.read_buf, shared, client).await;

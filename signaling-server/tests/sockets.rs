@@ -12,6 +12,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::proc::rss_bytes;
 use common::{request, start_server};
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use tokio::net::TcpSocket;
@@ -27,17 +28,6 @@ fn raise_file_limit() -> u64 {
     }
 }
 
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb * 1024
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_idle_connections_from_one_address_are_capped() {
     const CAP: usize = 100;
@@ -46,7 +36,7 @@ async fn thousands_of_idle_connections_from_one_address_are_capped() {
     let n = 20_000.min(limit.saturating_sub(2_000).max(limit / 2));
     assert!(n > 2 * CAP, "file limit {limit} too small for this test");
     let s = start_server(|c| c.max_tcp_connections_per_ip = CAP).await;
-    let before = rss_bytes();
+    let before = rss_bytes("self");
     let started = Instant::now();
     // From 127.0.0.2 (the normal client below comes from 127.0.0.1), four at a time.
     let addr = s.local_addr();
@@ -96,7 +86,7 @@ async fn thousands_of_idle_connections_from_one_address_are_capped() {
         "{open} of {n} connections still open (cap {CAP})"
     );
     assert!(open > 0, "the first {CAP} are served as usual");
-    let grown = rss_bytes().saturating_sub(before);
+    let grown = rss_bytes("self").saturating_sub(before);
     println!(
         "{open} of {n} held by the server; this process grew {} MB",
         grown >> 20

@@ -255,10 +255,7 @@ impl FrameAssembler {
     /// When [`FrameAssembler::poll`] should be called again even if no packet arrives.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let repair = self.incomplete_since.map(|t| t + self.repair_wait());
-        let request = self
-            .awaiting_keyframe
-            .filter(|_| !self.keyframe_arriving())
-            .map(|due| self.request_due_at(due));
+        let request = self.keyframe_request_due();
         let nack = self
             .missing
             .values()
@@ -305,11 +302,16 @@ impl FrameAssembler {
                 .is_some_and(|p| starts_keyframe(&p.payload))
     }
 
-    fn request_due_at(&self, due: Instant) -> Instant {
-        match self.last_request {
+    /// When the next keyframe request is due: while one is awaited and not arriving, and
+    /// no sooner than the request interval after the last.
+    fn keyframe_request_due(&self) -> Option<Instant> {
+        let due = self
+            .awaiting_keyframe
+            .filter(|_| !self.keyframe_arriving())?;
+        Some(match self.last_request {
             Some(t) => due.max(t + self.request_interval()),
             None => due,
-        }
+        })
     }
 
     /// What to do now; call until it returns None.
@@ -328,11 +330,7 @@ impl FrameAssembler {
                 return Some(Assembled::Nack(nacks));
             }
         }
-        let due = self
-            .awaiting_keyframe
-            .filter(|_| !self.keyframe_arriving())
-            .map(|due| self.request_due_at(due));
-        if due.is_some_and(|due| now >= due) {
+        if self.keyframe_request_due().is_some_and(|due| now >= due) {
             self.last_request = Some(now);
             self.stats.keyframe_requests += 1;
             return Some(Assembled::RequestKeyframe);
@@ -747,16 +745,21 @@ mod tests {
 
     #[test]
     fn no_second_keyframe_request_while_the_keyframe_is_arriving() {
+        /// A stream whose packet 12 is lost for good: by the returned instant the frame is
+        /// given up and one keyframe request has gone out.
+        fn waiting_for_a_keyframe(t: Instant) -> (FrameAssembler, Instant) {
+            let mut a = FrameAssembler::new();
+            a.set_rtt(Duration::from_millis(20));
+            push_all(&mut a, &stream(0), t);
+            drain(&mut a, t);
+            push_all(&mut a, &frame(13, 6000, &[P]), t);
+            drain(&mut a, t);
+            let late = t + a.repair_wait();
+            assert_eq!(decisions(drain(&mut a, late)), [Assembled::RequestKeyframe]);
+            (a, late)
+        }
         let t = Instant::now();
-        let mut a = FrameAssembler::new();
-        a.set_rtt(Duration::from_millis(20));
-        push_all(&mut a, &stream(0), t);
-        drain(&mut a, t);
-        // 12 is lost for good; the frame is given up and a keyframe asked for.
-        push_all(&mut a, &frame(13, 6000, &[P]), t);
-        drain(&mut a, t);
-        let late = t + a.repair_wait();
-        assert_eq!(decisions(drain(&mut a, late)), [Assembled::RequestKeyframe]);
+        let (mut a, late) = waiting_for_a_keyframe(t);
         // The keyframe's first packets come; on a thin link the rest takes long, far
         // longer than the request interval: no second request meanwhile.
         // SPS, then an IDR in three FU-A fragments (start, middle, end).
@@ -772,14 +775,7 @@ mod tests {
         assert_eq!(timestamps(&drain(&mut a, slow)), [9000]);
         assert_eq!(a.stats().keyframe_requests, 1);
         // A keyframe that cannot be completed is given up like any frame, and asked again.
-        let mut b = FrameAssembler::new();
-        b.set_rtt(Duration::from_millis(20));
-        push_all(&mut b, &stream(0), t);
-        drain(&mut b, t);
-        push_all(&mut b, &frame(13, 6000, &[P]), t);
-        drain(&mut b, t);
-        let late = t + b.repair_wait();
-        drain(&mut b, late);
+        let (mut b, late) = waiting_for_a_keyframe(t);
         push_all(&mut b, &key[..2], late); // 16 is lost,
         push_all(&mut b, &key[3..], late); // and 17 ends the frame
         push_all(&mut b, &frame(18, 12000, &[P]), late);

@@ -3,6 +3,8 @@
 //! for the framing cases a well-behaved library refuses to produce.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod proc;
+
 use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
