@@ -257,8 +257,10 @@ pub struct FreezeDetector {
 }
 
 impl FreezeDetector {
-    /// A frame was rendered (decoded) at `at`.
-    pub fn frame(&mut self, at: Instant) {
+    /// A frame was rendered (decoded) at `at`; returns the gap before it if that was a
+    /// freeze.
+    pub fn frame(&mut self, at: Instant) -> Option<Duration> {
+        let mut freeze = None;
         if let Some(last) = self.last.replace(at) {
             let delay = at.saturating_duration_since(last);
             if !self.recent.is_empty() {
@@ -266,6 +268,7 @@ impl FreezeDetector {
                 if delay > (average * 3).max(average + Duration::from_millis(150)) {
                     self.count += 1;
                     self.total += delay;
+                    freeze = Some(delay);
                 }
             }
             self.recent.push_back(delay);
@@ -273,6 +276,7 @@ impl FreezeDetector {
                 self.recent.pop_front();
             }
         }
+        freeze
     }
 }
 
@@ -387,8 +391,9 @@ impl Pipelines {
                         Err(_) => VideoFrame::black(size.0, size.1),
                     };
                     let now = Instant::now();
-                    let ladder =
-                        ladder.get_or_insert_with(|| Ladder::new(frame.height, settings.fps));
+                    let ladder = ladder.get_or_insert_with(|| {
+                        Ladder::new(frame.height, settings.fps).starting_at(start.bitrate_bps)
+                    });
                     for c in control.try_iter() {
                         match c {
                             EncoderControl::Keyframe => keyframes.request(now, *rtt.borrow()),
@@ -693,7 +698,7 @@ impl Pipelines {
                                 nacks: nack_pairs_from_sequence_numbers(&seqs),
                             };
                             let sent = track.write_rtcp(vec![Box::new(nack)]).await;
-                            tracing::trace!(?sent, ?seqs, "NACK sent");
+                            tracing::trace!(?sent, ?seqs, loss = assembler.loss(), "NACK sent");
                         }
                         Assembled::RequestKeyframe => {
                             let pli = PictureLossIndication {
@@ -1001,7 +1006,9 @@ fn video_decode_loop(
                 s.first_frame_after = Some(now - s.started);
             }
             s.last_decoded_at = Some(now);
-            s.freezes.frame(now);
+            if let Some(gap) = s.freezes.frame(now) {
+                tracing::debug!(?gap, keyframe = au.keyframe, "video froze");
+            }
             if let Some(data) = strip {
                 s.strip_frames += 1;
                 if let Some(l) = latency.filter(|&l| l < 10_000_000) {

@@ -7,6 +7,11 @@
 //!   round trip if it has still not come, at most [`MAX_NACKS`] times; never packets of a
 //!   frame already given up, and none at all for a hole too large to repair (after an
 //!   outage a keyframe is cheaper than a retransmission storm).
+//! - On a link that loses more than now and then ([`ECHO_LOSS`]) with a long round
+//!   trip, each NACK is sent a second time shortly after the first: a lost NACK or a
+//!   lost retransmission would otherwise cost a second round trip, and two round trips
+//!   there are a freeze. The sender answers both (a few percent more retransmissions);
+//!   the copy that comes second is a duplicate.
 //! - Frames leave in order. A frame with a missing packet is held for a retransmission
 //!   (NACK) for about two and a half round trips, room for one lost retransmission
 //!   ([`FrameAssembler::repair_wait`]); frames behind it wait too (a P-frame needs the
@@ -37,6 +42,12 @@ use rtc::rtp::packetizer::Depacketizer as _;
 const MAX_HELD_PACKETS: usize = 2048;
 /// A packet is asked for at most this many times.
 pub const MAX_NACKS: u32 = 10;
+/// At this much loss (a fraction of the stream's packets, measured here) and a round
+/// trip of at least [`ECHO_RTT`], NACKs are sent twice.
+/// The loss counted here is what FEC did not rebuild first, about half of the link's:
+/// a link that loses 2 % shows about 1 %. An echo costs one packet per lost packet.
+pub const ECHO_LOSS: f64 = 0.01;
+pub const ECHO_RTT: Duration = Duration::from_millis(60);
 /// A hole of more packets than this is not repaired packet by packet.
 const MAX_NACK_HOLE: u64 = 300;
 /// Nor is one across which the RTP clock (90 kHz) jumps more than half a second: that was
@@ -77,6 +88,8 @@ pub struct AssemblerStats {
     /// NACK messages sent, and packets asked for in them.
     pub nacks: u64,
     pub nacked_packets: u64,
+    /// Of those, packets asked for a second time at once (an echo) on a lossy link.
+    pub echoed_packets: u64,
     pub duplicate_packets: u64,
     /// Packets that arrived after their frame was handed out or given up.
     pub late_packets: u64,
@@ -96,6 +109,37 @@ struct Held {
 struct Missing {
     asked: Option<Instant>,
     times: u32,
+    /// The first request has been echoed (sent again shortly after).
+    echoed: bool,
+}
+
+/// The share of the stream's packets lost, in one-second windows, smoothed.
+#[derive(Debug, Clone, Copy, Default)]
+struct LossMeter {
+    since: Option<Instant>,
+    arrived: u32,
+    lost: u32,
+    loss: f64,
+}
+
+impl LossMeter {
+    /// A new highest packet arrived, `lost` packets after the one before.
+    fn record(&mut self, lost: u64, now: Instant) {
+        let since = *self.since.get_or_insert(now);
+        self.arrived += 1;
+        self.lost = self
+            .lost
+            .saturating_add(u32::try_from(lost).unwrap_or(u32::MAX));
+        if now.saturating_duration_since(since) >= Duration::from_secs(1) && self.arrived >= 20 {
+            let window = f64::from(self.lost) / f64::from(self.arrived + self.lost);
+            self.loss = (self.loss + window) / 2.0;
+            *self = LossMeter {
+                since: Some(now),
+                loss: self.loss,
+                ..LossMeter::default()
+            };
+        }
+    }
 }
 
 /// The receive-side reassembly of one H.264 RTP stream. See the module docs.
@@ -119,6 +163,7 @@ pub struct FrameAssembler {
     /// Packets to ask for again, by extended sequence number.
     missing: BTreeMap<u64, Missing>,
     rtt: Duration,
+    loss: LossMeter,
     /// The queueing delay our direction has now ([`FrameAssembler::set_queue_delay`]).
     queue: Duration,
     stats: AssemblerStats,
@@ -143,6 +188,7 @@ impl FrameAssembler {
             last_request: None,
             missing: BTreeMap::new(),
             rtt: Duration::from_millis(100),
+            loss: LossMeter::default(),
             queue: Duration::ZERO,
             stats: AssemblerStats::default(),
         }
@@ -201,16 +247,20 @@ impl FrameAssembler {
                 // An outage, not a loss: the frames in it are gone; a keyframe follows.
                 self.missing.clear();
             } else {
+                self.loss.record(seq - h - 1, now);
                 for m in h + 1..seq {
                     self.missing.insert(
                         m,
                         Missing {
                             asked: None,
                             times: 0,
+                            echoed: false,
                         },
                     );
                 }
             }
+        } else if self.highest.is_some_and(|h| seq == h + 1) {
+            self.loss.record(0, now);
         }
         self.missing.remove(&seq);
         if self.highest.is_none_or(|h| seq > h) {
@@ -256,13 +306,34 @@ impl FrameAssembler {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let repair = self.incomplete_since.map(|t| t + self.repair_wait());
         let request = self.keyframe_request_due();
+        let echo = self.echo_gap();
         let nack = self
             .missing
             .values()
             .filter(|m| m.times < MAX_NACKS)
-            .filter_map(|m| m.asked.map(|t| t + self.nack_interval()))
+            .filter_map(|m| {
+                let asked = m.asked?;
+                Some(match echo {
+                    Some(gap) if m.times == 1 && !m.echoed => asked + gap,
+                    _ => asked + self.nack_interval(),
+                })
+            })
             .min();
         [repair, request, nack].into_iter().flatten().min()
+    }
+
+    /// The share of this stream's packets lost lately (one-second windows, smoothed).
+    pub fn loss(&self) -> f64 {
+        self.loss.loss
+    }
+
+    /// How long after the first request a NACK is echoed, when the link calls for it
+    /// (module docs): long enough that a short burst which took the first does not take
+    /// the echo too, short against the round trip.
+    fn echo_gap(&self) -> Option<Duration> {
+        let rtt = self.repair_rtt();
+        (self.loss.loss >= ECHO_LOSS && rtt >= ECHO_RTT)
+            .then(|| (rtt / 4).max(Duration::from_millis(20)))
     }
 
     /// How long to wait before asking for a packet again: its retransmission needs a
@@ -279,12 +350,22 @@ impl FrameAssembler {
         self.missing
             .retain(|&seq, m| seq >= floor && m.times < MAX_NACKS);
         let interval = self.nack_interval();
+        let echo = self.echo_gap();
         let mut due = Vec::new();
         for (&seq, m) in self.missing.iter_mut() {
             if m.asked.is_none_or(|t| now >= t + interval) {
                 m.asked = Some(now);
                 m.times += 1;
                 due.push(seq as u16); // the low 16 bits are the RTP sequence number
+            } else if let (Some(gap), Some(asked)) = (echo, m.asked)
+                && m.times == 1
+                && !m.echoed
+                && now >= asked + gap
+            {
+                // The echo: the first request again, its retry time unchanged.
+                m.echoed = true;
+                self.stats.echoed_packets += 1;
+                due.push(seq as u16);
             }
         }
         due
@@ -651,6 +732,88 @@ mod tests {
         assert_eq!(a.poll_timeout(), None, "nothing left to ask for");
         // Asked at once, then every 1.5 round trips within the 2.5 round trips' wait.
         assert_eq!(a.stats().nacked_packets, 3);
+    }
+
+    /// Two seconds of one-packet frames at 30 fps with every `nth` packet lost, each
+    /// repaired a round trip later; returns the next free sequence number and time.
+    fn lossy_seconds(a: &mut FrameAssembler, t: Instant, nth: u16) -> (u16, Instant) {
+        push_all(a, &frame(10, 0, &[SPS, IDR]), t);
+        let mut now = t;
+        let mut repairs = Vec::new();
+        for i in 0..60u16 {
+            now = t + Duration::from_millis(33 * u64::from(i));
+            let p = frame(12 + i, 3000 * (u32::from(i) + 1), &[P]);
+            if i % nth == nth - 1 {
+                repairs.push((now + a.repair_rtt(), p));
+            } else {
+                push_all(a, &p, now);
+            }
+            for (_, p) in repairs.extract_if(.., |(at, _)| *at <= now) {
+                push_all(a, &p, now);
+            }
+            drain(a, now);
+        }
+        for (at, p) in repairs {
+            push_all(a, &p, at);
+            drain(a, at);
+        }
+        (72, now + Duration::from_millis(33))
+    }
+
+    #[test]
+    fn on_a_lossy_link_with_a_long_round_trip_each_nack_is_echoed_once() {
+        let t = Instant::now();
+        let mut a = FrameAssembler::new();
+        a.set_rtt(Duration::from_millis(100));
+        let (next, now) = lossy_seconds(&mut a, t, 10);
+        assert!(a.loss() >= ECHO_LOSS, "{}", a.loss());
+        let echoed = a.stats().echoed_packets;
+        assert!(echoed > 0, "losses while the meter learned were echoed too");
+        // A new loss: asked for at once, again a quarter round trip later (the echo),
+        // then at the usual retry time only.
+        let p = |i: u16| frame(next + i, 3000 * (62 + u32::from(i)), &[P]);
+        push_all(&mut a, &p(1), now);
+        assert_eq!(nacked(&drain(&mut a, now)), [next]);
+        assert_eq!(a.poll_timeout(), Some(now + Duration::from_millis(25)));
+        assert_eq!(
+            nacked(&drain(&mut a, now + Duration::from_millis(25))),
+            [next]
+        );
+        assert_eq!(a.stats().echoed_packets, echoed + 1);
+        assert!(nacked(&drain(&mut a, now + Duration::from_millis(140))).is_empty());
+        assert_eq!(
+            nacked(&drain(&mut a, now + Duration::from_millis(150))),
+            [next]
+        );
+        assert_eq!(
+            a.stats().echoed_packets,
+            echoed + 1,
+            "the retry is not echoed"
+        );
+        push_all(&mut a, &p(0), now + Duration::from_millis(200));
+        assert_eq!(
+            timestamps(&drain(&mut a, now + Duration::from_millis(200))).len(),
+            2
+        );
+        // A short round trip: a second try comes in time anyway, no echo.
+        a.set_rtt(Duration::from_millis(20));
+        let later = now + Duration::from_secs(1);
+        push_all(&mut a, &p(3), later);
+        assert_eq!(nacked(&drain(&mut a, later)), [next + 2]);
+        assert!(nacked(&drain(&mut a, later + Duration::from_millis(25))).is_empty());
+    }
+
+    #[test]
+    fn a_rare_loss_is_not_echoed() {
+        let t = Instant::now();
+        let mut a = FrameAssembler::new();
+        a.set_rtt(Duration::from_millis(100));
+        let (next, now) = lossy_seconds(&mut a, t, 1000);
+        assert_eq!(a.loss(), 0.0);
+        push_all(&mut a, &frame(next + 1, 3000 * 70, &[P]), now);
+        assert_eq!(nacked(&drain(&mut a, now)), [next]);
+        assert!(nacked(&drain(&mut a, now + Duration::from_millis(100))).is_empty());
+        assert_eq!(a.stats().echoed_packets, 0);
     }
 
     #[test]

@@ -99,6 +99,18 @@ impl Ladder {
         }
     }
 
+    /// The same ladder, started on the highest rung `bps` can *enter*, not merely hold: a
+    /// call's first bitrate is a guess, and a step down in its first second costs a
+    /// keyframe while the link is least known (on a lossy link, a freeze). libwebrtc
+    /// limits the first frames' size by the start bitrate the same way; the picture grows
+    /// once the estimate does.
+    pub fn starting_at(mut self, bps: u32) -> Ladder {
+        while self.rung + 1 < RUNGS.len() && bps < RUNGS[self.rung].enter_above {
+            self.rung += 1;
+        }
+        self
+    }
+
     /// What to send now.
     pub fn step(&self) -> Step {
         let height = if self.rung == self.top {
@@ -165,6 +177,30 @@ pub fn scaled_size(source: (usize, usize), height: usize) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_call_starts_on_the_rung_its_start_bitrate_can_enter() {
+        let t = Instant::now();
+        // 670 kbit/s holds 540p (a 480p source's rung) but cannot enter it: 360p.
+        let mut l = Ladder::new(480, 30.0).starting_at(670_000);
+        assert_eq!(l.step().height, 360);
+        // No step down when the first estimate comes a little lower; up once it allows.
+        assert_eq!(l.update(500_000, t), None);
+        assert_eq!(l.update(1_000_000, t), None);
+        assert_eq!(
+            l.update(1_000_000, t + Ladder::UP_AFTER).map(|s| s.height),
+            Some(480)
+        );
+        // Enough to enter the top: it starts there.
+        assert_eq!(
+            Ladder::new(720, 30.0).starting_at(2_000_000).step().height,
+            720
+        );
+        assert_eq!(
+            Ladder::new(720, 30.0).starting_at(100_000).step().height,
+            180
+        );
+    }
 
     #[test]
     fn steps_down_at_once_as_far_as_needed() {
