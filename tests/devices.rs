@@ -19,14 +19,39 @@ fn speaker_to_microphone_through_a_null_sink() {
         eprintln!("not run: needs the PulseAudio null sink that `make test` sets up");
         return;
     }
+    // The sound server's own devices, by their descriptions, the default first (here
+    // the ones PULSE_SINK / PULSE_SOURCE name); none of ALSA's plugins.
     let (inputs, outputs) = list_audio_devices();
-    assert!(
-        !inputs.is_empty() && !outputs.is_empty(),
-        "{inputs:?} {outputs:?}"
+    println!("microphones {inputs:?}\nspeakers {outputs:?}");
+    assert_eq!(
+        outputs.first().map(String::as_str),
+        Some("Null Output"),
+        "{outputs:?}"
     );
+    assert_eq!(
+        inputs.first().map(String::as_str),
+        Some("Monitor of Null Output"),
+        "{inputs:?}"
+    );
+    for name in inputs.iter().chain(&outputs) {
+        for plugin in ["Plugin", "JACK", "Open Sound System", "Discard all samples"] {
+            assert!(
+                !name.contains(plugin),
+                "a pseudo-device is offered: {name:?}"
+            );
+        }
+    }
     let mut speaker = Speaker::open_default().unwrap();
     let mut mic = Microphone::open_default().unwrap();
     println!("{} -> {}", speaker.describe(), mic.describe());
+    // A device picked by the name the list gives opens too.
+    let named = Speaker::open(Some(&outputs[0])).unwrap();
+    assert!(
+        named.describe().contains("Null Output"),
+        "{}",
+        named.describe()
+    );
+    drop(named);
     let mut tone = Sine::new(1000.0);
     let mut heard = Vec::new();
     // 3 s: PulseAudio streams take a moment to start.

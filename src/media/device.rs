@@ -6,6 +6,14 @@
 //! buffer. Whatever format and rate the device offers is converted here. Opening fails
 //! with a clear [`MediaError::Device`] when there is no device or it cannot start, so
 //! the caller can fall back to a synthetic source or the null sink.
+//!
+//! Which devices a person is offered ([`list_audio_devices`]): when a sound server runs
+//! (PulseAudio, or PipeWire's PulseAudio service: nearly every desktop), its inputs and
+//! outputs by the names the desktop's sound settings show, through cpal's PulseAudio
+//! host; the monitors of outputs are not microphones. Without one, ALSA's system default
+//! and each sound card, never one of ALSA's plugins (rate converters, JACK, upmix...).
+//! The default comes first; `PULSE_SOURCE` / `PULSE_SINK` choose it as for any
+//! PulseAudio client.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -107,41 +115,139 @@ fn device_name(device: &cpal::Device) -> String {
         .unwrap_or_else(|_| "unnamed device".into())
 }
 
+/// The host's own name for a device (PulseAudio: the source or sink name; ALSA: the PCM).
+fn device_id(device: &cpal::Device) -> String {
+    device.id().map(|id| id.id().to_owned()).unwrap_or_default()
+}
+
+fn is_sound_server(host: &cpal::Host) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        host.id() == cpal::HostId::PulseAudio
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = host;
+        false
+    }
+}
+
 #[derive(Clone, Copy)]
 enum Direction {
     Input,
     Output,
 }
 
+impl Direction {
+    fn what(self) -> &'static str {
+        match self {
+            Direction::Input => "microphone",
+            Direction::Output => "speaker",
+        }
+    }
+}
+
+/// Whether a person would pick this device (module docs): `id` is the host's name for it.
+fn is_pickable(server: bool, id: &str) -> bool {
+    if server {
+        !id.ends_with(".monitor")
+    } else {
+        id == "default" || id.starts_with("plughw:")
+    }
+}
+
+/// The default device: for a sound server the one `PULSE_SOURCE` / `PULSE_SINK` names
+/// when set (as libpulse does), else the server's default.
+fn default_device(host: &cpal::Host, direction: Direction) -> Option<cpal::Device> {
+    if is_sound_server(host) {
+        let variable = match direction {
+            Direction::Input => "PULSE_SOURCE",
+            Direction::Output => "PULSE_SINK",
+        };
+        if let Ok(wanted) = std::env::var(variable)
+            && let Some(device) = all_devices(host, direction)
+                .into_iter()
+                .find(|d| device_id(d) == wanted)
+        {
+            return Some(device);
+        }
+    }
+    match direction {
+        Direction::Input => host.default_input_device(),
+        Direction::Output => host.default_output_device(),
+    }
+}
+
+fn all_devices(host: &cpal::Host, direction: Direction) -> Vec<cpal::Device> {
+    let all = match direction {
+        Direction::Input => host.input_devices().map(|d| d.collect()),
+        Direction::Output => host.output_devices().map(|d| d.collect()),
+    };
+    all.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "listing audio devices");
+        Vec::new()
+    })
+}
+
+/// The devices a person can pick, each with its name in the pickers, the default
+/// first; names are unique (a repeated one gets the host's id in brackets).
+fn pickable_devices(host: &cpal::Host, direction: Direction) -> Vec<(String, cpal::Device)> {
+    let server = is_sound_server(host);
+    let default = default_device(host, direction).map(|d| device_id(&d));
+    let mut devices: Vec<cpal::Device> = all_devices(host, direction)
+        .into_iter()
+        .filter(|d| {
+            let id = device_id(d);
+            is_pickable(server, &id) || default.as_ref() == Some(&id)
+        })
+        .collect();
+    // Stable: the default first, the rest in the host's order.
+    devices.sort_by_key(|d| default.as_ref() != Some(&device_id(d)));
+    let mut named: Vec<(String, cpal::Device)> = Vec::new();
+    for device in devices {
+        let mut name = device_name(&device);
+        if named.iter().any(|(n, _)| *n == name) {
+            name = format!("{name} [{}]", device_id(&device));
+        }
+        named.push((name, device));
+    }
+    named
+}
+
 /// The device called `wanted` (as [`list_audio_devices`] names it), or the default one.
 fn find_device(direction: Direction, wanted: Option<&str>) -> Result<cpal::Device, MediaError> {
     let host = cpal::default_host();
-    let (device, what) = match direction {
-        Direction::Input => (
-            match wanted {
-                Some(w) => host
-                    .input_devices()
-                    .ok()
-                    .and_then(|mut all| all.find(|d| device_name(d) == w)),
-                None => host.default_input_device(),
-            },
-            "microphone",
-        ),
-        Direction::Output => (
-            match wanted {
-                Some(w) => host
-                    .output_devices()
-                    .ok()
-                    .and_then(|mut all| all.find(|d| device_name(d) == w)),
-                None => host.default_output_device(),
-            },
-            "speaker",
-        ),
+    let what = direction.what();
+    match wanted {
+        None => default_device(&host, direction)
+            .ok_or_else(|| MediaError::Device(format!("no {what} found"))),
+        Some(w) => pickable_devices(&host, direction)
+            .into_iter()
+            .find_map(|(name, device)| (name == w).then_some(device))
+            .ok_or_else(|| MediaError::Device(format!("{what} {w:?} not found"))),
+    }
+}
+
+/// The stream configuration for a device: its own rate and channels; through a sound
+/// server, 20 ms periods (left to itself the server buffers a recording for up to 2 s).
+fn stream_config(
+    device: &cpal::Device,
+    supported: &cpal::SupportedStreamConfig,
+) -> cpal::StreamConfig {
+    let mut config = supported.config();
+    #[cfg(target_os = "linux")]
+    let server = device
+        .id()
+        .is_ok_and(|id| id.host() == cpal::HostId::PulseAudio);
+    #[cfg(not(target_os = "linux"))]
+    let server = {
+        let _ = device;
+        false
     };
-    device.ok_or_else(|| match wanted {
-        Some(w) => MediaError::Device(format!("{what} {w:?} not found")),
-        None => MediaError::Device(format!("no {what} found")),
-    })
+    if server {
+        config.buffer_size = cpal::BufferSize::Fixed(config.sample_rate / 50);
+    }
+    config
 }
 
 /// The default microphone, as 48 kHz mono 20 ms frames.
@@ -167,7 +273,7 @@ impl Microphone {
             let supported = device
                 .default_input_config()
                 .map_err(|e| MediaError::Device(format!("microphone: {e}")))?;
-            let config = supported.config();
+            let config = stream_config(&device, &supported);
             let stream = match supported.sample_format() {
                 cpal::SampleFormat::F32 => input_stream::<f32>(&device, &config, cb_shared),
                 cpal::SampleFormat::I16 => input_stream::<i16>(&device, &config, cb_shared),
@@ -276,7 +382,7 @@ impl Speaker {
             let supported = device
                 .default_output_config()
                 .map_err(|e| MediaError::Device(format!("speaker: {e}")))?;
-            let config = supported.config();
+            let config = stream_config(&device, &supported);
             let stream = match supported.sample_format() {
                 cpal::SampleFormat::F32 => output_stream::<f32>(&device, &config, cb_shared),
                 cpal::SampleFormat::I16 => output_stream::<i16>(&device, &config, cb_shared),
@@ -358,18 +464,17 @@ impl AudioSink for Speaker {
     }
 }
 
-/// Names of the audio devices present (for pickers), input and output.
+/// Names of the audio devices a person can pick (module docs), inputs and outputs, the
+/// default first of each.
 pub fn list_audio_devices() -> (Vec<String>, Vec<String>) {
     let host = cpal::default_host();
-    let inputs = host
-        .input_devices()
-        .map(|d| d.map(|dev| device_name(&dev)).collect())
-        .unwrap_or_default();
-    let outputs = host
-        .output_devices()
-        .map(|d| d.map(|dev| device_name(&dev)).collect())
-        .unwrap_or_default();
-    (inputs, outputs)
+    let names = |direction| {
+        pickable_devices(&host, direction)
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect()
+    };
+    (names(Direction::Input), names(Direction::Output))
 }
 
 /// A sound played in a loop on a speaker until dropped (the ring of an incoming call).
@@ -431,5 +536,40 @@ impl Drop for LoopPlayer {
     /// Stops the sound; the thread ends by itself within one 20 ms frame.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_devices_a_person_would_pick_are_offered() {
+        // A sound server: its sources and sinks, not the monitors of its sinks.
+        assert!(is_pickable(
+            true,
+            "alsa_input.pci-0000_00_1f.3.analog-stereo"
+        ));
+        assert!(is_pickable(true, "nullsink"));
+        assert!(!is_pickable(true, "nullsink.monitor"));
+        // ALSA alone: the default and the sound cards, none of its plugins.
+        assert!(is_pickable(false, "default"));
+        assert!(is_pickable(false, "plughw:CARD=PCH,DEV=0"));
+        for plugin in [
+            "null",
+            "pulse",
+            "lavrate",
+            "samplerate",
+            "speexrate",
+            "jack",
+            "oss",
+        ] {
+            assert!(!is_pickable(false, plugin), "{plugin}");
+        }
+        assert!(
+            !is_pickable(false, "hw:CARD=PCH,DEV=0"),
+            "plughw converts, hw does not"
+        );
+        assert!(!is_pickable(false, "upmix"));
     }
 }
