@@ -112,6 +112,29 @@ fn lobby_call_and_hang_up() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(connected, "the state line never said connected");
+    // Both send a tone: the meters say who is speaking.
+    let mut speaking = false;
+    for _ in 0..250 {
+        harness.run_steps(1);
+        if shows(&harness, "you are speaking") && shows(&harness, "is speaking") {
+            speaking = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(speaking, "the speaking indicators never showed");
+    // Muted, our tone still moves the meter, and the window says so.
+    click(&mut harness, "Mute microphone");
+    let mut warned = false;
+    for _ in 0..100 {
+        harness.run_steps(1);
+        if shows(&harness, "speaking while muted") {
+            warned = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(warned, "speaking while muted was not shown");
 
     click(&mut harness, "Hang up");
     assert!(!harness.state().in_call());

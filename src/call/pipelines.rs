@@ -37,6 +37,7 @@ use crate::media::audio::{AudioSink, AudioSource, OpusDecoder, OpusEncoder, SAMP
 use crate::media::h264::{EncoderSettings, H264Decoder, H264Encoder};
 use crate::media::jitter::{JitterBuffer, JitterStats, Playout};
 use crate::media::ladder::{Ladder, scaled_size};
+use crate::media::level::{VoiceLevel, VoiceMeter};
 use crate::media::pace;
 use crate::media::picture::{Notify, Picture, PictureSlot};
 use crate::media::processing::AudioProcessor;
@@ -71,6 +72,11 @@ pub struct MediaStats {
     /// The size of the pictures sent now (the resolution ladder's step).
     pub sent_resolution: (usize, usize),
     pub audio_frames_sent: u64,
+    /// The microphone as sent (after processing, before muting: a muted person who
+    /// speaks sees it), and whether they speak (never while muted).
+    pub microphone_level: VoiceLevel,
+    /// The other person's voice as received.
+    pub remote_voice: VoiceLevel,
     pub video_frames_received: u64,
     pub video_frames_decoded: u64,
     /// Frames given up (a packet never came) or dropped waiting for a keyframe.
@@ -129,6 +135,8 @@ impl MediaStats {
             encoder_bitrate_bps: 0,
             sent_resolution: (0, 0),
             audio_frames_sent: 0,
+            microphone_level: VoiceLevel::default(),
+            remote_voice: VoiceLevel::default(),
             video_frames_received: 0,
             video_frames_decoded: 0,
             video_frames_broken: 0,
@@ -561,6 +569,7 @@ impl Pipelines {
                 };
                 let period = Duration::from_millis(20);
                 let mut next = Instant::now();
+                let mut meter = VoiceMeter::new();
                 while !stop.load(Ordering::Relaxed) {
                     let mut pcm = match source.next_frame() {
                         Ok(p) => p,
@@ -577,9 +586,13 @@ impl Pipelines {
                             tracing::warn!(error = %e, "audio processing (sent unprocessed)");
                         }
                     }
-                    if muted.load(Ordering::Relaxed) {
+                    let mut level = meter.frame(&pcm);
+                    let muted = muted.load(Ordering::Relaxed);
+                    if muted {
                         pcm.fill(0);
+                        level.speaking = false;
                     }
+                    stats.lock().microphone_level = level;
                     if let Some(percent) = loss.try_iter().last()
                         && let Err(e) = encoder.set_expected_loss(percent)
                     {
@@ -741,6 +754,7 @@ impl Pipelines {
             // one frame out for the decoder (a late packet is waited for, as long as
             // the measured jitter calls for).
             let mut jitter = JitterBuffer::new();
+            let mut voice = VoiceMeter::new();
             let mut clock = tokio::time::interval(Duration::from_millis(20));
             loop {
                 let playout = tokio::select! {
@@ -780,6 +794,7 @@ impl Pipelines {
                     };
                     {
                         let mut s = sinks.stats.lock();
+                        s.remote_voice = voice.frame(&pcm);
                         s.audio_frames_decoded += 1;
                         s.audio_frames_concealed += u64::from(concealed);
                         s.audio_tail.extend(pcm.iter().copied());

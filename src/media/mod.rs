@@ -15,6 +15,8 @@
 //! - [`audio`]: 48 kHz mono PCM, the `AudioSource` trait, sine and WAV sources, Opus, sinks.
 //! - [`jitter`]: the audio jitter buffer: received packets wait as long as the measured
 //!   jitter calls for (pure, unit-tested).
+//! - [`level`]: how loud a stream is and whether someone speaks in it, for meters and
+//!   "speaking" indicators (pure, unit-tested).
 //! - [`processing`]: echo cancellation, noise suppression and automatic gain for the
 //!   microphone (sonora, a pure-Rust port of WebRTC's audio processing).
 //! - [`device`]: the real microphone and speaker (cpal) behind the same traits.
@@ -31,6 +33,7 @@ pub mod device;
 pub mod h264;
 pub mod jitter;
 pub mod ladder;
+pub mod level;
 pub mod openh264_rate;
 pub mod picture;
 pub mod processing;
