@@ -11,7 +11,8 @@
 //!   trip, each NACK is sent a second time shortly after the first: a lost NACK or a
 //!   lost retransmission would otherwise cost a second round trip, and two round trips
 //!   there are a freeze. The sender answers both (a few percent more retransmissions);
-//!   the copy that comes second is a duplicate.
+//!   the copy that comes second is a duplicate. Not while the stream sits in a queue
+//!   ([`ECHO_MAX_QUEUE`]): that loss is congestion.
 //! - Frames leave in order. A frame with a missing packet is held for a retransmission
 //!   (NACK) for about two and a half round trips, room for one lost retransmission
 //!   ([`FrameAssembler::repair_wait`]); frames behind it wait too (a P-frame needs the
@@ -48,6 +49,9 @@ pub const MAX_NACKS: u32 = 10;
 /// a link that loses 2 % shows about 1 %. An echo costs one packet per lost packet.
 pub const ECHO_LOSS: f64 = 0.01;
 pub const ECHO_RTT: Duration = Duration::from_millis(60);
+/// No echo while this stream sits in a queue this long: that loss is congestion (a full
+/// bottleneck drops its tail), and a second copy of each repair only adds to it.
+pub const ECHO_MAX_QUEUE: Duration = Duration::from_millis(40);
 /// A hole of more packets than this is not repaired packet by packet.
 const MAX_NACK_HOLE: u64 = 300;
 /// Nor is one across which the RTP clock (90 kHz) jumps more than half a second: that was
@@ -332,7 +336,7 @@ impl FrameAssembler {
     /// the echo too, short against the round trip.
     fn echo_gap(&self) -> Option<Duration> {
         let rtt = self.repair_rtt();
-        (self.loss.loss >= ECHO_LOSS && rtt >= ECHO_RTT)
+        (self.loss.loss >= ECHO_LOSS && self.rtt >= ECHO_RTT && self.queue < ECHO_MAX_QUEUE)
             .then(|| (rtt / 4).max(Duration::from_millis(20)))
     }
 
@@ -795,11 +799,23 @@ mod tests {
             timestamps(&drain(&mut a, now + Duration::from_millis(200))).len(),
             2
         );
+        // A queue on the path: the loss is congestion, no echo.
+        a.set_queue_delay(Duration::from_millis(200));
+        let queued = now + Duration::from_millis(500);
+        push_all(&mut a, &p(3), queued);
+        assert_eq!(nacked(&drain(&mut a, queued)), [next + 2]);
+        assert!(nacked(&drain(&mut a, queued + Duration::from_millis(80))).is_empty());
+        a.set_queue_delay(Duration::ZERO);
+        push_all(&mut a, &p(2), queued + Duration::from_millis(100));
+        assert_eq!(
+            timestamps(&drain(&mut a, queued + Duration::from_millis(100))).len(),
+            2
+        );
         // A short round trip: a second try comes in time anyway, no echo.
         a.set_rtt(Duration::from_millis(20));
         let later = now + Duration::from_secs(1);
-        push_all(&mut a, &p(3), later);
-        assert_eq!(nacked(&drain(&mut a, later)), [next + 2]);
+        push_all(&mut a, &p(5), later);
+        assert_eq!(nacked(&drain(&mut a, later)), [next + 4]);
         assert!(nacked(&drain(&mut a, later + Duration::from_millis(25))).is_empty());
     }
 
