@@ -13,6 +13,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use duet::call::{self, AudioInput, CallState, SessionConfig, VideoInput};
 use duet::media::h264::EncoderSettings;
+use duet::media::processing::ProcessingSettings;
 use duet::signaling::protocol::IceServer;
 
 /// Duet: two-person peer-to-peer video calls.
@@ -127,6 +128,15 @@ struct CallArgs {
     /// for a microphone, off for synthetic sources).
     #[arg(long, value_parser = ["on", "off"])]
     audio_processing: Option<String>,
+    /// With audio processing on: echo cancellation (default on).
+    #[arg(long, value_parser = ["on", "off"], default_value = "on")]
+    echo_cancellation: String,
+    /// With audio processing on: noise suppression (default on).
+    #[arg(long, value_parser = ["on", "off"], default_value = "on")]
+    noise_suppression: String,
+    /// With audio processing on: automatic gain (default on).
+    #[arg(long, value_parser = ["on", "off"], default_value = "on")]
+    auto_gain: String,
     /// Record the received audio to this WAV file.
     #[arg(long)]
     record_audio: Option<PathBuf>,
@@ -415,6 +425,11 @@ async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
         play_audio: args.speaker,
         speaker: None,
         audio_processing: args.audio_processing.as_deref().map(|v| v == "on"),
+        processing: ProcessingSettings {
+            echo_cancellation: args.echo_cancellation == "on",
+            noise_suppression: args.noise_suppression == "on",
+            auto_gain: args.auto_gain == "on",
+        },
         show_video: false,
         notify: None,
         // The remote is expected to render it at our size.

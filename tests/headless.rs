@@ -36,7 +36,8 @@ async fn two_headless_processes_call_record_and_report() {
                 "20s",
             ])
             .args(["--expect-pattern", "--chat", &format!("hi from {name}")])
-            .args(["--audio-processing", processing])
+            .arg("--audio-processing")
+            .args(processing.split(' '))
             .arg("--report")
             .arg(dir.join(format!("{name}.json")))
             .arg("--record-video")
@@ -50,7 +51,7 @@ async fn two_headless_processes_call_record_and_report() {
     // microphone's would) and must still arrive.
     let mut a = run("ann", "sine:500", "off");
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let mut b = run("bob", "sine:700", "on");
+    let mut b = run("bob", "sine:700", "on --noise-suppression off");
     let (sa, sb) = tokio::task::spawn_blocking(move || (a.wait().unwrap(), b.wait().unwrap()))
         .await
         .unwrap();
@@ -67,6 +68,28 @@ async fn two_headless_processes_call_record_and_report() {
         assert_eq!(report["candidate_type"], "host");
         assert_eq!(report["chat_received"][0], format!("hi from {other}"));
         assert!(report["rtt_ms"].as_f64().is_some());
+        // Both tones count as speech, sent and received; the processing is reported
+        // where it ran, with the stages chosen.
+        assert!(
+            report["speech_sent_dbfs"].as_f64().unwrap() < 0.0,
+            "{report}"
+        );
+        assert!(
+            report["speech_received_dbfs"].as_f64().unwrap() < 0.0,
+            "{report}"
+        );
+        let processing = &report["audio_processing"];
+        if me == "bob" {
+            assert_eq!(processing["echo_cancellation"], true);
+            assert_eq!(processing["noise_suppression"], false);
+            assert_eq!(processing["auto_gain"], true);
+            assert!(
+                processing["ms_per_frame_p95"].as_f64().unwrap() > 0.0,
+                "{report}"
+            );
+        } else {
+            assert!(processing.is_null(), "{report}");
+        }
         // The recordings hold what was received.
         let frames = read_y4m(std::fs::File::open(dir.join(format!("{me}.y4m"))).unwrap()).unwrap();
         assert!(frames.len() > 45, "{} frames recorded", frames.len());
@@ -105,6 +128,9 @@ fn help_explains_the_headless_call() {
         "--report",
         "--relay-only",
         "--audio-processing",
+        "--echo-cancellation",
+        "--noise-suppression",
+        "--auto-gain",
     ] {
         assert!(text.contains(flag), "--help lacks {flag}");
     }

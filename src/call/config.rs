@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 
 use crate::media::h264::EncoderSettings;
 use crate::media::picture::Notify;
+use crate::media::processing::ProcessingSettings;
 use crate::signaling::protocol::IceServer;
 use crate::signaling::{Client, Incoming};
 
@@ -96,6 +97,8 @@ pub struct SessionConfig {
     /// real microphone (which hears our speaker), off for synthetic sources (which
     /// tests compare sample by sample).
     pub audio_processing: Option<bool>,
+    /// Which clean-up stages run when it is on (all by default).
+    pub processing: ProcessingSettings,
     /// Fill [`SessionHandle::local_picture`] and [`SessionHandle::remote_picture`] with
     /// RGBA pictures for a window (headless runs skip the conversion).
     pub show_video: bool,
@@ -132,6 +135,7 @@ impl SessionConfig {
             play_audio: false,
             speaker: None,
             audio_processing: None,
+            processing: ProcessingSettings::ALL,
             show_video: false,
             notify: None,
             reference_pattern: None,

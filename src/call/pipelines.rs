@@ -77,6 +77,11 @@ pub struct MediaStats {
     pub microphone_level: VoiceLevel,
     /// The other person's voice as received.
     pub remote_voice: VoiceLevel,
+    /// The level of what was sent and received while someone spoke: sum of dBFS, frames.
+    pub speech_sent: (f64, u64),
+    pub speech_received: (f64, u64),
+    /// Time the audio processing took per 20 ms microphone frame, microseconds.
+    pub processing_us: Vec<u32>,
     pub video_frames_received: u64,
     pub video_frames_decoded: u64,
     /// Frames given up (a packet never came) or dropped waiting for a keyframe.
@@ -137,6 +142,9 @@ impl MediaStats {
             audio_frames_sent: 0,
             microphone_level: VoiceLevel::default(),
             remote_voice: VoiceLevel::default(),
+            speech_sent: (0.0, 0),
+            speech_received: (0.0, 0),
+            processing_us: Vec::new(),
             video_frames_received: 0,
             video_frames_decoded: 0,
             video_frames_broken: 0,
@@ -579,12 +587,15 @@ impl Pipelines {
                         }
                     };
                     // Processed even while muted, so the echo canceller stays adapted.
+                    let mut took = None;
                     if let Some(processor) = processor.as_ref() {
                         let mut processor =
                             processor.lock().unwrap_or_else(PoisonError::into_inner);
+                        let t0 = Instant::now();
                         if let Err(e) = processor.process_capture(&mut pcm) {
                             tracing::warn!(error = %e, "audio processing (sent unprocessed)");
                         }
+                        took = Some(t0.elapsed());
                     }
                     let mut level = meter.frame(&pcm);
                     let muted = muted.load(Ordering::Relaxed);
@@ -592,7 +603,19 @@ impl Pipelines {
                         pcm.fill(0);
                         level.speaking = false;
                     }
-                    stats.lock().microphone_level = level;
+                    {
+                        let mut s = stats.lock();
+                        s.microphone_level = level;
+                        if level.speaking {
+                            s.speech_sent.0 += f64::from(VoiceMeter::dbfs(&pcm));
+                            s.speech_sent.1 += 1;
+                        }
+                        if let Some(took) = took
+                            && s.processing_us.len() < MAX_TIMINGS
+                        {
+                            s.processing_us.push(took.as_micros() as u32);
+                        }
+                    }
                     if let Some(percent) = loss.try_iter().last()
                         && let Err(e) = encoder.set_expected_loss(percent)
                     {
@@ -795,6 +818,10 @@ impl Pipelines {
                     {
                         let mut s = sinks.stats.lock();
                         s.remote_voice = voice.frame(&pcm);
+                        if s.remote_voice.speaking {
+                            s.speech_received.0 += f64::from(VoiceMeter::dbfs(&pcm));
+                            s.speech_received.1 += 1;
+                        }
                         s.audio_frames_decoded += 1;
                         s.audio_frames_concealed += u64::from(concealed);
                         s.audio_tail.extend(pcm.iter().copied());
@@ -841,6 +868,9 @@ pub enum EncoderControl {
     /// `estimate` (both the video's share).
     Bitrate { target: u32, estimate: u32 },
 }
+
+/// At most this many per-frame timings are kept for the report (an hour of 20 ms frames).
+const MAX_TIMINGS: usize = 180_000;
 
 /// Audio's share of the estimate: Opus at 32 kbit/s plus RTP/UDP/IP/SRTP headers on 50
 /// packets a second.

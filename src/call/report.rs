@@ -6,6 +6,7 @@ use std::time::Duration;
 use super::peer::PeerStats;
 use super::pipelines::MediaStats;
 use super::state::{CallState, EndReason};
+use crate::media::processing::{ProcessingSettings, ProcessingStatistics};
 
 /// The JSON report of a call.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -89,6 +90,34 @@ pub struct Report {
     pub process_cpu_percent: Option<f64>,
     /// Peak resident memory of the process, MiB (headless only).
     pub process_peak_rss_mib: Option<f64>,
+    /// The microphone clean-up, when it ran.
+    pub audio_processing: Option<ProcessingReport>,
+    /// The mean level of what was sent, and of what was received, while someone spoke
+    /// (dBFS; none if nobody did).
+    pub speech_sent_dbfs: Option<f64>,
+    pub speech_received_dbfs: Option<f64>,
+}
+
+/// The microphone clean-up in a call's report: which stages ran, what the echo canceller
+/// says of itself at the end, and its CPU time per 20 ms frame.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ProcessingReport {
+    pub echo_cancellation: bool,
+    pub noise_suppression: bool,
+    pub auto_gain: bool,
+    /// Echo return loss enhancement: how much echo is removed, dB.
+    pub erle_db: Option<f64>,
+    /// How likely echo is left in what is sent, 0-1.
+    pub residual_echo_likelihood: Option<f64>,
+    /// The speaker-to-microphone delay the canceller found, ms.
+    pub echo_delay_ms: Option<i32>,
+    pub ms_per_frame_p50: Option<f64>,
+    pub ms_per_frame_p95: Option<f64>,
+}
+
+/// The mean of a (sum, count) pair, rounded to 0.1.
+fn mean_db((sum, n): (f64, u64)) -> Option<f64> {
+    (n > 0).then(|| (sum / n as f64 * 10.0).round() / 10.0)
 }
 
 fn percentile_ms(values_us: &[u32], p: f64) -> Option<f64> {
@@ -118,6 +147,7 @@ impl Report {
         peer: &PeerStats,
         state: &CallState,
         warnings: &[String],
+        processing: Option<(ProcessingSettings, ProcessingStatistics)>,
     ) -> Report {
         let (end_reason, ended) = match state {
             CallState::Ended(r) => (r.to_string(), Some(r.clone())),
@@ -206,6 +236,18 @@ impl Report {
             warnings: warnings.to_vec(),
             process_cpu_percent: None,
             process_peak_rss_mib: None,
+            audio_processing: processing.map(|(settings, stats)| ProcessingReport {
+                echo_cancellation: settings.echo_cancellation,
+                noise_suppression: settings.noise_suppression,
+                auto_gain: settings.auto_gain,
+                erle_db: stats.echo_return_loss_enhancement_db,
+                residual_echo_likelihood: stats.residual_echo_likelihood,
+                echo_delay_ms: stats.delay_ms,
+                ms_per_frame_p50: percentile_ms(&s.processing_us, 0.5),
+                ms_per_frame_p95: percentile_ms(&s.processing_us, 0.95),
+            }),
+            speech_sent_dbfs: mean_db(s.speech_sent),
+            speech_received_dbfs: mean_db(s.speech_received),
         }
     }
 }

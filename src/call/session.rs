@@ -27,7 +27,7 @@ use crate::media::audio::{AudioSink, NullSink, WavSink};
 use crate::media::capture::Capture;
 use crate::media::device::Speaker;
 use crate::media::picture::PictureSlot;
-use crate::media::processing::{AudioProcessor, ProcessingSettings};
+use crate::media::processing::AudioProcessor;
 use crate::media::sources::{Tee, open_audio, open_video};
 use crate::media::video::{VideoFrame, Y4mWriter};
 use crate::signaling::protocol::ClientMessage;
@@ -735,9 +735,7 @@ impl Session {
             return None;
         }
         let processor = self.processor.get_or_insert_with(|| {
-            Arc::new(Mutex::new(AudioProcessor::new(
-                ProcessingSettings::default(),
-            )))
+            Arc::new(Mutex::new(AudioProcessor::new(self.config.processing)))
         });
         Some(processor.clone())
     }
@@ -796,11 +794,16 @@ impl Session {
 
     fn report(&self) -> Report {
         self.stats.lock().signaling_resumes = self.call.resumes();
+        let processing = self.processor.as_ref().map(|p| {
+            let p = p.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            (p.settings(), p.statistics())
+        });
         Report::from_stats(
             &self.stats.lock(),
             &self.last_peer_stats,
             self.call.state(),
             &self.warnings,
+            processing,
         )
     }
 }

@@ -73,6 +73,17 @@ impl Default for ProcessingSettings {
     }
 }
 
+/// The processing stage's own view of the echo (sonora's statistics).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProcessingStatistics {
+    /// How much echo the canceller removes (ERLE), dB.
+    pub echo_return_loss_enhancement_db: Option<f64>,
+    /// How likely it is that echo is left in what is sent, 0-1.
+    pub residual_echo_likelihood: Option<f64>,
+    /// The delay between speaker and microphone the canceller found, ms.
+    pub delay_ms: Option<i32>,
+}
+
 /// Audio processing refused a frame.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProcessingError {
@@ -171,6 +182,16 @@ impl AudioProcessor {
     /// one.
     pub fn echo_return_loss_enhancement_db(&self) -> Option<f64> {
         self.apm.statistics().echo_return_loss_enhancement
+    }
+
+    /// What the stage says about itself now (for the call's report).
+    pub fn statistics(&self) -> ProcessingStatistics {
+        let s = self.apm.statistics();
+        ProcessingStatistics {
+            echo_return_loss_enhancement_db: s.echo_return_loss_enhancement,
+            residual_echo_likelihood: s.residual_echo_likelihood,
+            delay_ms: s.delay_median_ms.or(s.delay_ms),
+        }
     }
 }
 
