@@ -74,6 +74,23 @@ fn lobby_call_and_hang_up() {
     };
     let mut harness = window(&runtime, lobby);
 
+    // Beside the self-preview, the microphone's meter hears the tone.
+    let mut heard = false;
+    for _ in 0..250 {
+        harness.run_steps(1);
+        if shows(&harness, "hearing you") {
+            heard = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(heard, "the lobby's microphone meter never moved");
+    // Each clean-up stage can be switched off for the call.
+    assert!(harness.state().lobby.processing.noise_suppression);
+    click(&mut harness, "Noise suppression");
+    assert!(!harness.state().lobby.processing.noise_suppression);
+    assert!(harness.state().lobby.processing.echo_cancellation);
+
     // No room yet: Call explains instead of calling.
     harness.get_by_label("Call").click();
     harness.run_steps(2);
@@ -224,7 +241,7 @@ fn incoming_calls_ring_and_can_be_declined_and_accepted() {
     )));
     click(&mut harness, "Accept");
     assert!(step_until(&mut harness, 20, |h| shows(h, "connected")));
-    assert!(harness.state().in_call());
+    assert!(harness.state().in_call(), "{:?}", harness.state().message);
     assert!(shows(&harness, "call with carol"));
     assert!(
         runtime.block_on(carol.wait_for(Duration::from_secs(10), |s| matches!(

@@ -1,6 +1,7 @@
 //! `VoiceMeter`: how loud a stream of 20 ms PCM frames is, and whether someone is
 //! speaking in it, as a pure type (frames in, a [`VoiceLevel`] out), for the microphone
-//! meter and the "speaking" indicators.
+//! meter and the "speaking" indicators. [`SourceMeter`] runs one on an audio source of
+//! its own thread (the lobby's "is my microphone working" bar).
 //!
 //! - The level is the frame's RMS in dBFS, shown the way level meters move: it rises at
 //!   once and falls back 1 dB per frame (50 dB/s), so speech reads as a steady bar rather
@@ -10,6 +11,13 @@
 //!   [`SPEAKING_OFF_DBFS`] for [`HANG_FRAMES`] (the pauses between words do not blink it).
 //!   The thresholds suit what is sent (after noise suppression and gain) and what is
 //!   received; a fan left in by a raw microphone can read as speech.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::audio::AudioSource;
 
 /// The quietest level shown; silence reads as this.
 pub const FLOOR_DBFS: f32 = -70.0;
@@ -100,6 +108,83 @@ impl VoiceMeter {
     }
 }
 
+/// An audio source read and metered on its own thread until dropped; [`SourceMeter::level`]
+/// never waits for the device. Dropping it stops the thread and closes the source
+/// (within a frame: drop it off the UI thread).
+pub struct SourceMeter {
+    level: Arc<Mutex<VoiceLevel>>,
+    problem: Arc<Mutex<Option<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SourceMeter {
+    pub fn start(mut source: Box<dyn AudioSource>) -> SourceMeter {
+        let level = Arc::new(Mutex::new(VoiceLevel::default()));
+        let problem = Arc::new(Mutex::new(None));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (thread_level, thread_problem, thread_stop) =
+            (level.clone(), problem.clone(), stop.clone());
+        let spawned = std::thread::Builder::new()
+            .name("duet-meter".into())
+            .spawn(move || {
+                let mut meter = VoiceMeter::new();
+                let mut next = Instant::now();
+                while !thread_stop.load(Ordering::Relaxed) {
+                    match source.next_frame() {
+                        Ok(pcm) => {
+                            let shown = meter.frame(&pcm);
+                            *thread_level.lock().unwrap_or_else(PoisonError::into_inner) = shown;
+                        }
+                        Err(e) => {
+                            *thread_problem
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner) = Some(e.to_string());
+                            return;
+                        }
+                    }
+                    super::pace(&mut next, Duration::from_millis(20));
+                }
+            });
+        let thread = match spawned {
+            Ok(t) => Some(t),
+            Err(e) => {
+                *problem.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some(format!("cannot start the meter: {e}"));
+                None
+            }
+        };
+        SourceMeter {
+            level,
+            problem,
+            stop,
+            thread,
+        }
+    }
+
+    /// What the meter shows now.
+    pub fn level(&self) -> VoiceLevel {
+        *self.level.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Why the source stopped, if it failed.
+    pub fn problem(&self) -> Option<String> {
+        self.problem
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl Drop for SourceMeter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,6 +198,19 @@ mod tests {
                 (peak * (2.0 * std::f32::consts::PI * 440.0 * t).sin()) as i16
             })
             .collect()
+    }
+
+    #[test]
+    fn a_source_meter_follows_its_source_on_its_own_thread() {
+        let meter = SourceMeter::start(Box::new(crate::media::audio::Sine::new(440.0)));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !meter.level().speaking && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let level = meter.level();
+        assert!(level.speaking && level.dbfs > -30.0, "{level:?}");
+        assert_eq!(meter.problem(), None);
+        drop(meter); // stops the thread
     }
 
     #[test]

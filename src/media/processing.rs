@@ -22,7 +22,8 @@ use super::audio::SAMPLE_RATE;
 pub const PROCESSING_FRAME_SAMPLES: usize = SAMPLE_RATE as usize / 100;
 
 /// Which clean-up stages run; each can be switched on its own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct ProcessingSettings {
     pub echo_cancellation: bool,
     pub noise_suppression: bool,

@@ -134,85 +134,93 @@ impl App {
 
         let mut hang_up = false;
         egui::Panel::bottom("controls").show(root, |ui| {
-            ui.add_space(4.0);
-            ui.horizontal(|ui| {
-                let hang =
-                    egui::Button::new(egui::RichText::new("Hang up").color(egui::Color32::WHITE))
-                        .fill(egui::Color32::from_rgb(200, 40, 40));
-                if ui.add(hang).clicked() {
-                    hang_up = true;
-                }
-                let mic = if c.microphone_on {
-                    "Mute microphone"
-                } else {
-                    "Unmute microphone"
-                };
-                if ui.button(mic).clicked() {
-                    c.microphone_on = !c.microphone_on;
-                    c.session.command(Command::Microphone(c.microphone_on));
-                }
-                let cam = if c.camera_on {
-                    "Camera off"
-                } else {
-                    "Camera on"
-                };
-                if ui.button(cam).clicked() {
-                    c.camera_on = !c.camera_on;
-                    if !c.camera_on {
-                        c.local.clear();
+            // Laid out from the bottom up: the buttons keep their place whatever status
+            // or warning line appears above them (a click is never moved from under).
+            ui.with_layout(egui::Layout::bottom_up(egui::Align::Min), |ui| {
+                ui.add_space(4.0);
+                ui.horizontal(|ui| {
+                    let hang = egui::Button::new(
+                        egui::RichText::new("Hang up").color(egui::Color32::WHITE),
+                    )
+                    .fill(egui::Color32::from_rgb(200, 40, 40));
+                    if ui.add(hang).clicked() {
+                        hang_up = true;
                     }
-                    c.session.command(Command::Camera(c.camera_on));
-                }
-                ui.toggle_value(&mut c.show_chat, "Chat");
-                ui.toggle_value(&mut c.show_stats, "Stats");
-                if c.live.is_host && !state.is_ended() {
-                    let end = ui
-                        .button("End meeting for both")
-                        .on_hover_text("You are the host: this ends the room for both of you.");
-                    if end.clicked() {
-                        c.session.command(Command::EndMeeting);
+                    let mic = if c.microphone_on {
+                        "Mute microphone"
+                    } else {
+                        "Unmute microphone"
+                    };
+                    if ui.button(mic).clicked() {
+                        c.microphone_on = !c.microphone_on;
+                        c.session.command(Command::Microphone(c.microphone_on));
                     }
+                    let cam = if c.camera_on {
+                        "Camera off"
+                    } else {
+                        "Camera on"
+                    };
+                    if ui.button(cam).clicked() {
+                        c.camera_on = !c.camera_on;
+                        if !c.camera_on {
+                            c.local.clear();
+                        }
+                        c.session.command(Command::Camera(c.camera_on));
+                    }
+                    ui.toggle_value(&mut c.show_chat, "Chat");
+                    ui.toggle_value(&mut c.show_stats, "Stats");
+                    if c.live.is_host && !state.is_ended() {
+                        let end = ui
+                            .button("End meeting for both")
+                            .on_hover_text("You are the host: this ends the room for both of you.");
+                        if end.clicked() {
+                            c.session.command(Command::EndMeeting);
+                        }
+                    }
+                });
+                for w in c.live.warnings.iter().rev() {
+                    ui.colored_label(ui.visuals().warn_fg_color, w);
                 }
+                ui.horizontal(|ui| {
+                    ui.label("Microphone");
+                    ui.add(
+                        egui::ProgressBar::new(microphone.fraction())
+                            .desired_width(120.0)
+                            .desired_height(8.0),
+                    )
+                    .on_hover_text(format!("{:.0} dBFS", microphone.dbfs));
+                    if !c.microphone_on && microphone.dbfs > crate::media::level::SPEAKING_ON_DBFS {
+                        ui.colored_label(
+                            ui.visuals().warn_fg_color,
+                            "you are speaking while muted",
+                        );
+                    } else if microphone.speaking {
+                        ui.label("· you are speaking");
+                    }
+                    if remote_voice.speaking {
+                        let who = c.live.peer_name.as_deref().unwrap_or("the other person");
+                        ui.label(format!("· {who} is speaking"));
+                    }
+                });
+                ui.horizontal(|ui| {
+                    let with = c
+                        .live
+                        .peer_name
+                        .as_ref()
+                        .map(|n| format!(" with {n}"))
+                        .unwrap_or_default();
+                    ui.label(format!(
+                        "{}{with} · {} · {}",
+                        c.title,
+                        state.describe(),
+                        duration_text(c.started.elapsed())
+                    ));
+                    if !c.microphone_on {
+                        ui.colored_label(ui.visuals().warn_fg_color, "· microphone muted");
+                    }
+                });
+                ui.add_space(4.0);
             });
-            ui.horizontal(|ui| {
-                let with = c
-                    .live
-                    .peer_name
-                    .as_ref()
-                    .map(|n| format!(" with {n}"))
-                    .unwrap_or_default();
-                ui.label(format!(
-                    "{}{with} · {} · {}",
-                    c.title,
-                    state.describe(),
-                    duration_text(c.started.elapsed())
-                ));
-                if !c.microphone_on {
-                    ui.colored_label(ui.visuals().warn_fg_color, "· microphone muted");
-                }
-            });
-            ui.horizontal(|ui| {
-                ui.label("Microphone");
-                ui.add(
-                    egui::ProgressBar::new(microphone.fraction())
-                        .desired_width(120.0)
-                        .desired_height(8.0),
-                )
-                .on_hover_text(format!("{:.0} dBFS", microphone.dbfs));
-                if !c.microphone_on && microphone.dbfs > crate::media::level::SPEAKING_ON_DBFS {
-                    ui.colored_label(ui.visuals().warn_fg_color, "you are speaking while muted");
-                } else if microphone.speaking {
-                    ui.label("· you are speaking");
-                }
-                if remote_voice.speaking {
-                    let who = c.live.peer_name.as_deref().unwrap_or("the other person");
-                    ui.label(format!("· {who} is speaking"));
-                }
-            });
-            for w in &c.live.warnings {
-                ui.colored_label(ui.visuals().warn_fg_color, w);
-            }
-            ui.add_space(4.0);
         });
 
         if c.show_chat {

@@ -5,11 +5,13 @@ use eframe::egui;
 use super::{App, AudioChoice, SignIn, VideoChoice};
 use crate::media::Devices;
 use crate::media::capture::Capture;
+use crate::media::level::SourceMeter;
 
 impl App {
     pub(super) fn lobby_view(&mut self, root: &mut egui::Ui) {
         self.ensure_devices_listed();
         self.update_preview(root.ctx());
+        self.update_mic_meter(root.ctx());
         egui::Panel::right("preview")
             .resizable(false)
             .min_size(340.0)
@@ -129,6 +131,17 @@ impl App {
                 .map(|n| (Some(n.clone()), n.clone())),
         );
         picker(ui, "Speaker", &mut self.lobby.speaker, speakers);
+        ui.label("Sound clean-up");
+        ui.horizontal(|ui| {
+            let p = &mut self.lobby.processing;
+            ui.checkbox(&mut p.echo_cancellation, "Echo cancellation")
+                .on_hover_text("Removes your speaker's sound from your microphone.");
+            ui.checkbox(&mut p.noise_suppression, "Noise suppression")
+                .on_hover_text("Quietens fans, keyboards and hum.");
+            ui.checkbox(&mut p.auto_gain, "Automatic gain")
+                .on_hover_text("Evens out a voice that is too quiet or too loud.");
+        });
+        ui.end_row();
         ui.label("");
         ui.horizontal(|ui| {
             if listing {
@@ -191,6 +204,41 @@ impl App {
         self.preview.texture.update(ctx, &self.preview.slot);
     }
 
+    /// Starts, restarts (another microphone picked) or stops the lobby's microphone meter:
+    /// it runs with the self-preview, so a person sees and hears themselves before a call.
+    fn update_mic_meter(&mut self, ctx: &egui::Context) {
+        let want = self.lobby.preview.then(|| self.lobby.audio.clone());
+        if want != self.preview.mic_choice {
+            self.preview.mic_choice = want.clone();
+            self.preview.mic_note = None;
+            let old = self.preview.mic.take();
+            if let Some(o) = self.preview.mic_opening.take() {
+                o.abort();
+            }
+            self.preview.mic_opening = want.map(|choice| {
+                self.runtime.spawn_blocking(move || {
+                    drop(old); // release the previous microphone first
+                    let mut warnings = Vec::new();
+                    let source = crate::media::sources::open_audio(&choice.input(), &mut warnings);
+                    (SourceMeter::start(source), warnings.pop())
+                })
+            });
+        }
+        if let Some(result) = super::take_finished(&mut self.preview.mic_opening) {
+            match result {
+                Ok((meter, note)) => {
+                    self.preview.mic = Some(meter);
+                    self.preview.mic_note = note;
+                }
+                Err(e) => self.preview.mic_note = Some(format!("microphone failed: {e}")),
+            }
+        }
+        if self.preview.mic.is_some() {
+            // The bar moves ten times a second.
+            ctx.request_repaint_after(std::time::Duration::from_millis(100));
+        }
+    }
+
     fn preview_panel(&mut self, ui: &mut egui::Ui) {
         ui.add_space(8.0);
         ui.checkbox(&mut self.lobby.preview, "Show my camera");
@@ -217,6 +265,27 @@ impl App {
             }
         }
         if let Some(note) = &self.preview.note {
+            ui.colored_label(ui.visuals().warn_fg_color, note);
+        }
+        if let Some(meter) = &self.preview.mic {
+            let level = meter.level();
+            ui.horizontal(|ui| {
+                ui.label("Microphone");
+                ui.add(
+                    egui::ProgressBar::new(level.fraction())
+                        .desired_width(160.0)
+                        .desired_height(8.0),
+                )
+                .on_hover_text(format!("{:.0} dBFS", level.dbfs));
+                if level.speaking {
+                    ui.label("· hearing you");
+                }
+            });
+            if let Some(problem) = meter.problem() {
+                ui.colored_label(ui.visuals().warn_fg_color, problem);
+            }
+        }
+        if let Some(note) = &self.preview.mic_note {
             ui.colored_label(ui.visuals().warn_fg_color, note);
         }
     }

@@ -62,6 +62,8 @@ pub struct Lobby {
     pub call_to: String,
     /// Show the camera in the lobby.
     pub preview: bool,
+    /// Which clean-up stages a microphone goes through (a test tone never does).
+    pub processing: crate::media::processing::ProcessingSettings,
     /// Host tokens of the meetings created here, by room id: joining one of them with
     /// its token makes us its host (who may end it for both).
     pub host_tokens: std::collections::BTreeMap<String, String>,
@@ -79,6 +81,7 @@ impl Default for Lobby {
             speaker: None,
             call_to: String::new(),
             preview: true,
+            processing: crate::media::processing::ProcessingSettings::ALL,
             host_tokens: std::collections::BTreeMap::new(),
         }
     }
@@ -98,6 +101,15 @@ pub enum AudioChoice {
     /// A microphone by name (None: the default one).
     Microphone(Option<String>),
     Tone,
+}
+
+impl AudioChoice {
+    fn input(&self) -> AudioInput {
+        match self {
+            AudioChoice::Microphone(name) => AudioInput::Microphone(name.clone()),
+            AudioChoice::Tone => AudioInput::Sine(440.0),
+        }
+    }
 }
 
 impl VideoChoice {
@@ -167,6 +179,11 @@ struct Preview {
     slot: PictureSlot,
     texture: VideoTexture,
     note: Option<String>,
+    /// The microphone's meter beside the self-preview, and the choice it meters.
+    mic_choice: Option<AudioChoice>,
+    mic: Option<crate::media::level::SourceMeter>,
+    mic_opening: Option<JoinHandle<(crate::media::level::SourceMeter, Option<String>)>>,
+    mic_note: Option<String>,
 }
 
 /// The app.
@@ -217,6 +234,10 @@ impl App {
                 slot: PictureSlot::default(),
                 texture: VideoTexture::new("preview"),
                 note: None,
+                mic_choice: None,
+                mic: None,
+                mic_opening: None,
+                mic_note: None,
             },
             meetings: Meetings {
                 creating: None,
@@ -446,6 +467,10 @@ impl App {
         let opening = self.preview.opening.take();
         self.preview.choice = None;
         self.preview.texture.clear();
+        // The microphone too.
+        let mic = self.preview.mic.take();
+        let mic_opening = self.preview.mic_opening.take();
+        self.preview.mic_choice = None;
         let lobby = self.lobby.clone();
         let notify = self.notify.clone();
         let show_stats = self.show_stats;
@@ -460,6 +485,14 @@ impl App {
             if let Some(capture) = preview {
                 let _ = tokio::task::spawn_blocking(move || drop(capture)).await;
             }
+            if let Some(o) = mic_opening
+                && let Ok((meter, _)) = o.await
+            {
+                let _ = tokio::task::spawn_blocking(move || drop(meter)).await;
+            }
+            if let Some(meter) = mic {
+                let _ = tokio::task::spawn_blocking(move || drop(meter)).await;
+            }
             let (server, embedded) = if connection.is_some() {
                 (lobby.server.clone(), None)
             } else {
@@ -471,10 +504,8 @@ impl App {
             config.target = target;
             config.name = Some(lobby.name.trim().to_owned()).filter(|n| !n.is_empty());
             config.video = lobby.video.input();
-            config.audio = match &lobby.audio {
-                AudioChoice::Microphone(name) => AudioInput::Microphone(name.clone()),
-                AudioChoice::Tone => AudioInput::Sine(440.0),
-            };
+            config.audio = lobby.audio.input();
+            config.processing = lobby.processing;
             config.play_audio = true;
             config.speaker = lobby.speaker.clone();
             config.show_video = true;
@@ -639,15 +670,16 @@ impl App {
             None => Some("(ringing silently)".to_owned()),
         };
         let mut answer = None;
+        // Anchored at the top with a fixed width, the note under the buttons: a note
+        // that appears a frame later (the ring cannot play) must not move the buttons
+        // from under a click.
         egui::Window::new("Incoming call")
             .collapsible(false)
             .resizable(false)
-            .anchor(egui::Align2::CENTER_CENTER, egui::Vec2::ZERO)
+            .anchor(egui::Align2::CENTER_TOP, egui::vec2(0.0, 120.0))
             .show(root.ctx(), |ui| {
+                ui.set_width(300.0);
                 ui.heading(format!("{from} is calling"));
-                if let Some(n) = note {
-                    ui.weak(n);
-                }
                 ui.horizontal(|ui| {
                     if ui.button("Accept").clicked() {
                         answer = Some(true);
@@ -656,6 +688,9 @@ impl App {
                         answer = Some(false);
                     }
                 });
+                if let Some(n) = note {
+                    ui.weak(n);
+                }
             });
         match answer {
             Some(true) => self.accept(),
