@@ -6,10 +6,12 @@
 //!
 //! Receiving video: an async reader feeds RTP packets to a
 //! [`FrameAssembler`](crate::media::assembler::FrameAssembler), which hands out complete
-//! access units in order (waiting about one round trip for a retransmitted packet) and
-//! decides when to send a keyframe request; a decoder thread decodes and feeds the sinks.
+//! access units in order (waiting up to two and a half round trips for retransmitted
+//! packets) and decides what to NACK and when to send a keyframe request; a decoder
+//! thread decodes and feeds the sinks.
 //! Receiving audio: one async task puts packets through the jitter buffer and Opus decoder
-//! (both cheap) into the audio sink. Every stage records into [`MediaStats`].
+//! (both cheap) into the audio sink. Every stage records into [`MediaStats`], including
+//! the voice meters of what is sent and received (`media::level`).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
