@@ -75,15 +75,7 @@ fn lobby_call_and_hang_up() {
     let mut harness = window(&runtime, lobby);
 
     // Beside the self-preview, the microphone's meter hears the tone.
-    let mut heard = false;
-    for _ in 0..250 {
-        harness.run_steps(1);
-        if shows(&harness, "hearing you") {
-            heard = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let heard = step_until(&mut harness, 5, |h| shows(h, "hearing you"));
     assert!(heard, "the lobby's microphone meter never moved");
     // Each clean-up stage can be switched off for the call.
     assert!(harness.state().lobby.processing.noise_suppression);
@@ -130,27 +122,13 @@ fn lobby_call_and_hang_up() {
     }
     assert!(connected, "the state line never said connected");
     // Both send a tone: the meters say who is speaking.
-    let mut speaking = false;
-    for _ in 0..250 {
-        harness.run_steps(1);
-        if shows(&harness, "you are speaking") && shows(&harness, "is speaking") {
-            speaking = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let speaking = step_until(&mut harness, 5, |h| {
+        shows(h, "you are speaking") && shows(h, "is speaking")
+    });
     assert!(speaking, "the speaking indicators never showed");
     // Muted, our tone still moves the meter, and the window says so.
     click(&mut harness, "Mute microphone");
-    let mut warned = false;
-    for _ in 0..100 {
-        harness.run_steps(1);
-        if shows(&harness, "speaking while muted") {
-            warned = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let warned = step_until(&mut harness, 2, |h| shows(h, "speaking while muted"));
     assert!(warned, "speaking while muted was not shown");
 
     click(&mut harness, "Hang up");

@@ -39,7 +39,7 @@ use crate::media::audio::{AudioSink, AudioSource, OpusDecoder, OpusEncoder, SAMP
 use crate::media::h264::{EncoderSettings, H264Decoder, H264Encoder};
 use crate::media::jitter::{JitterBuffer, JitterStats, Playout};
 use crate::media::ladder::{Ladder, scaled_size};
-use crate::media::level::{VoiceLevel, VoiceMeter};
+use crate::media::level::{SpeechMean, VoiceLevel, VoiceMeter};
 use crate::media::pace;
 use crate::media::picture::{Notify, Picture, PictureSlot};
 use crate::media::processing::AudioProcessor;
@@ -79,9 +79,9 @@ pub struct MediaStats {
     pub microphone_level: VoiceLevel,
     /// The other person's voice as received.
     pub remote_voice: VoiceLevel,
-    /// The level of what was sent and received while someone spoke: sum of dBFS, frames.
-    pub speech_sent: (f64, u64),
-    pub speech_received: (f64, u64),
+    /// The level of what was sent and received while someone spoke.
+    pub speech_sent: SpeechMean,
+    pub speech_received: SpeechMean,
     /// Time the audio processing took per 20 ms microphone frame, microseconds.
     pub processing_us: Vec<u32>,
     pub video_frames_received: u64,
@@ -144,8 +144,8 @@ impl MediaStats {
             audio_frames_sent: 0,
             microphone_level: VoiceLevel::default(),
             remote_voice: VoiceLevel::default(),
-            speech_sent: (0.0, 0),
-            speech_received: (0.0, 0),
+            speech_sent: SpeechMean::default(),
+            speech_received: SpeechMean::default(),
             processing_us: Vec::new(),
             video_frames_received: 0,
             video_frames_decoded: 0,
@@ -608,10 +608,7 @@ impl Pipelines {
                     {
                         let mut s = stats.lock();
                         s.microphone_level = level;
-                        if level.speaking {
-                            s.speech_sent.0 += f64::from(VoiceMeter::dbfs(&pcm));
-                            s.speech_sent.1 += 1;
-                        }
+                        s.speech_sent.add(level);
                         if let Some(took) = took
                             && s.processing_us.len() < MAX_TIMINGS
                         {
@@ -820,10 +817,8 @@ impl Pipelines {
                     {
                         let mut s = sinks.stats.lock();
                         s.remote_voice = voice.frame(&pcm);
-                        if s.remote_voice.speaking {
-                            s.speech_received.0 += f64::from(VoiceMeter::dbfs(&pcm));
-                            s.speech_received.1 += 1;
-                        }
+                        let heard = s.remote_voice;
+                        s.speech_received.add(heard);
                         s.audio_frames_decoded += 1;
                         s.audio_frames_concealed += u64::from(concealed);
                         s.audio_tail.extend(pcm.iter().copied());

@@ -115,11 +115,6 @@ pub struct ProcessingReport {
     pub ms_per_frame_p95: Option<f64>,
 }
 
-/// The mean of a (sum, count) pair, rounded to 0.1.
-fn mean_db((sum, n): (f64, u64)) -> Option<f64> {
-    (n > 0).then(|| (sum / n as f64 * 10.0).round() / 10.0)
-}
-
 fn percentile_ms(values_us: &[u32], p: f64) -> Option<f64> {
     if values_us.is_empty() {
         return None;
@@ -246,8 +241,8 @@ impl Report {
                 ms_per_frame_p50: percentile_ms(&s.processing_us, 0.5),
                 ms_per_frame_p95: percentile_ms(&s.processing_us, 0.95),
             }),
-            speech_sent_dbfs: mean_db(s.speech_sent),
-            speech_received_dbfs: mean_db(s.speech_received),
+            speech_sent_dbfs: s.speech_sent.dbfs(),
+            speech_received_dbfs: s.speech_received.dbfs(),
         }
     }
 }

@@ -120,10 +120,11 @@ fn device_id(device: &cpal::Device) -> String {
     device.id().map(|id| id.id().to_owned()).unwrap_or_default()
 }
 
-fn is_sound_server(host: &cpal::Host) -> bool {
+/// Whether a host is the sound server's (cpal's PulseAudio host).
+fn is_sound_server(host: cpal::HostId) -> bool {
     #[cfg(target_os = "linux")]
     {
-        host.id() == cpal::HostId::PulseAudio
+        host == cpal::HostId::PulseAudio
     }
     #[cfg(not(target_os = "linux"))]
     {
@@ -159,7 +160,7 @@ fn is_pickable(server: bool, id: &str) -> bool {
 /// The default device: for a sound server the one `PULSE_SOURCE` / `PULSE_SINK` names
 /// when set (as libpulse does), else the server's default.
 fn default_device(host: &cpal::Host, direction: Direction) -> Option<cpal::Device> {
-    if is_sound_server(host) {
+    if is_sound_server(host.id()) {
         let variable = match direction {
             Direction::Input => "PULSE_SOURCE",
             Direction::Output => "PULSE_SINK",
@@ -192,7 +193,7 @@ fn all_devices(host: &cpal::Host, direction: Direction) -> Vec<cpal::Device> {
 /// The devices a person can pick, each with its name in the pickers, the default
 /// first; names are unique (a repeated one gets the host's id in brackets).
 fn pickable_devices(host: &cpal::Host, direction: Direction) -> Vec<(String, cpal::Device)> {
-    let server = is_sound_server(host);
+    let server = is_sound_server(host.id());
     let default = default_device(host, direction).map(|d| device_id(&d));
     let mut devices: Vec<cpal::Device> = all_devices(host, direction)
         .into_iter()
@@ -235,16 +236,7 @@ fn stream_config(
     supported: &cpal::SupportedStreamConfig,
 ) -> cpal::StreamConfig {
     let mut config = supported.config();
-    #[cfg(target_os = "linux")]
-    let server = device
-        .id()
-        .is_ok_and(|id| id.host() == cpal::HostId::PulseAudio);
-    #[cfg(not(target_os = "linux"))]
-    let server = {
-        let _ = device;
-        false
-    };
-    if server {
+    if device.id().is_ok_and(|id| is_sound_server(id.host())) {
         config.buffer_size = cpal::BufferSize::Fixed(config.sample_rate / 50);
     }
     config

@@ -35,6 +35,8 @@ pub const HANG_FRAMES: u32 = 20;
 pub struct VoiceLevel {
     /// The level as a meter shows it, dBFS, [`FLOOR_DBFS`]..=0.
     pub dbfs: f32,
+    /// The last frame's own level (RMS, dBFS), without the meter's fall-back.
+    pub frame_dbfs: f32,
     pub speaking: bool,
 }
 
@@ -42,8 +44,31 @@ impl Default for VoiceLevel {
     fn default() -> Self {
         VoiceLevel {
             dbfs: FLOOR_DBFS,
+            frame_dbfs: FLOOR_DBFS,
             speaking: false,
         }
+    }
+}
+
+/// The mean level of a stream's frames while someone speaks in it (for the report).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SpeechMean {
+    sum_dbfs: f64,
+    frames: u64,
+}
+
+impl SpeechMean {
+    /// Counts the frame `level` describes if it is speech.
+    pub fn add(&mut self, level: VoiceLevel) {
+        if level.speaking {
+            self.sum_dbfs += f64::from(level.frame_dbfs);
+            self.frames += 1;
+        }
+    }
+
+    /// The mean, rounded to 0.1 dB; None if nobody spoke.
+    pub fn dbfs(&self) -> Option<f64> {
+        (self.frames > 0).then(|| (self.sum_dbfs / self.frames as f64 * 10.0).round() / 10.0)
     }
 }
 
@@ -83,6 +108,7 @@ impl VoiceMeter {
     /// The next frame; returns what the meter shows after it.
     pub fn frame(&mut self, pcm: &[i16]) -> VoiceLevel {
         let level = VoiceMeter::dbfs(pcm);
+        self.shown.frame_dbfs = level;
         self.shown.dbfs = level.max(self.shown.dbfs - 1.0).max(FLOOR_DBFS);
         if level > SPEAKING_ON_DBFS {
             self.loud_frames += 1;

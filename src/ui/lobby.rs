@@ -166,41 +166,26 @@ impl App {
     /// Starts, restarts (another camera picked) or stops the lobby's self-preview.
     fn update_preview(&mut self, ctx: &egui::Context) {
         let want = self.lobby.preview.then(|| self.lobby.video.clone());
-        if want != self.preview.choice {
-            self.preview.choice = want.clone();
-            self.preview.texture.clear();
-            self.preview.note = None;
-            let old = self.preview.capture.take();
-            if let Some(o) = self.preview.opening.take() {
-                o.abort();
-            }
-            let slot = self.preview.slot.clone();
-            let notify = self.notify.clone();
-            self.preview.opening = want.map(|choice| {
-                self.runtime.spawn_blocking(move || {
-                    drop(old); // release the previous camera first
-                    let mut warnings = Vec::new();
-                    let source = crate::media::sources::open_video(&choice.input(), &mut warnings);
-                    let capture = Capture::start(source);
-                    capture.preview_into(slot, notify.clone());
-                    if let Some(n) = notify {
-                        n.notify();
-                    }
-                    (capture, warnings.pop())
-                })
-            });
-        }
-        if let Some(result) = super::take_finished(&mut self.preview.opening) {
-            match result {
-                Ok((capture, note)) => {
-                    // A fallback source (no camera: the test pattern) still previews;
-                    // the note says why.
-                    self.preview.capture = Some(capture);
-                    self.preview.note = note;
+        let slot = self.preview.slot.clone();
+        let notify = self.notify.clone();
+        // A fallback source (no camera: the test pattern) still previews; the note says why.
+        let reopened = self
+            .preview
+            .camera
+            .choose(&self.runtime, want, move |choice| {
+                let mut warnings = Vec::new();
+                let source = crate::media::sources::open_video(&choice.input(), &mut warnings);
+                let capture = Capture::start(source);
+                capture.preview_into(slot, notify.clone());
+                if let Some(n) = notify {
+                    n.notify();
                 }
-                Err(e) => self.preview.note = Some(format!("preview failed: {e}")),
-            }
+                (capture, warnings.pop())
+            });
+        if reopened {
+            self.preview.texture.clear();
         }
+        self.preview.camera.poll("preview");
         self.preview.texture.update(ctx, &self.preview.slot);
     }
 
@@ -208,32 +193,13 @@ impl App {
     /// it runs with the self-preview, so a person sees and hears themselves before a call.
     fn update_mic_meter(&mut self, ctx: &egui::Context) {
         let want = self.lobby.preview.then(|| self.lobby.audio.clone());
-        if want != self.preview.mic_choice {
-            self.preview.mic_choice = want.clone();
-            self.preview.mic_note = None;
-            let old = self.preview.mic.take();
-            if let Some(o) = self.preview.mic_opening.take() {
-                o.abort();
-            }
-            self.preview.mic_opening = want.map(|choice| {
-                self.runtime.spawn_blocking(move || {
-                    drop(old); // release the previous microphone first
-                    let mut warnings = Vec::new();
-                    let source = crate::media::sources::open_audio(&choice.input(), &mut warnings);
-                    (SourceMeter::start(source), warnings.pop())
-                })
-            });
-        }
-        if let Some(result) = super::take_finished(&mut self.preview.mic_opening) {
-            match result {
-                Ok((meter, note)) => {
-                    self.preview.mic = Some(meter);
-                    self.preview.mic_note = note;
-                }
-                Err(e) => self.preview.mic_note = Some(format!("microphone failed: {e}")),
-            }
-        }
-        if self.preview.mic.is_some() {
+        self.preview.mic.choose(&self.runtime, want, |choice| {
+            let mut warnings = Vec::new();
+            let source = crate::media::sources::open_audio(&choice.input(), &mut warnings);
+            (SourceMeter::start(source), warnings.pop())
+        });
+        self.preview.mic.poll("microphone");
+        if self.preview.mic.value.is_some() {
             // The bar moves ten times a second.
             ctx.request_repaint_after(std::time::Duration::from_millis(100));
         }
@@ -264,10 +230,10 @@ impl App {
                 );
             }
         }
-        if let Some(note) = &self.preview.note {
+        if let Some(note) = &self.preview.camera.note {
             ui.colored_label(ui.visuals().warn_fg_color, note);
         }
-        if let Some(meter) = &self.preview.mic {
+        if let Some(meter) = &self.preview.mic.value {
             let level = meter.level();
             ui.horizontal(|ui| {
                 ui.label("Microphone");
@@ -285,7 +251,7 @@ impl App {
                 ui.colored_label(ui.visuals().warn_fg_color, problem);
             }
         }
-        if let Some(note) = &self.preview.mic_note {
+        if let Some(note) = &self.preview.mic.note {
             ui.colored_label(ui.visuals().warn_fg_color, note);
         }
     }

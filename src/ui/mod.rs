@@ -173,17 +173,89 @@ struct Ringing {
 
 /// The lobby's live camera picture.
 struct Preview {
-    choice: Option<VideoChoice>,
-    capture: Option<Capture>,
-    opening: Option<JoinHandle<(Capture, Option<String>)>>,
+    camera: Opened<VideoChoice, Capture>,
     slot: PictureSlot,
     texture: VideoTexture,
+    /// The microphone's meter beside the self-preview.
+    mic: Opened<AudioChoice, crate::media::level::SourceMeter>,
+}
+
+/// A device the lobby keeps open for the current choice (the self-preview's camera, the
+/// meter's microphone): opened off the UI thread, reopened when the choice changes (the
+/// old one released first), and closed when a call needs the device.
+struct Opened<C, T> {
+    choice: Option<C>,
+    value: Option<T>,
+    opening: Option<JoinHandle<(T, Option<String>)>>,
+    /// Why what is open is not what was chosen (a fallback), or why opening failed.
     note: Option<String>,
-    /// The microphone's meter beside the self-preview, and the choice it meters.
-    mic_choice: Option<AudioChoice>,
-    mic: Option<crate::media::level::SourceMeter>,
-    mic_opening: Option<JoinHandle<(crate::media::level::SourceMeter, Option<String>)>>,
-    mic_note: Option<String>,
+}
+
+impl<C: Clone + PartialEq + Send + 'static, T: Send + 'static> Opened<C, T> {
+    fn new() -> Self {
+        Opened {
+            choice: None,
+            value: None,
+            opening: None,
+            note: None,
+        }
+    }
+
+    /// Makes `want` the open choice (None: nothing open); true when it changed and
+    /// `open` was started on a blocking thread.
+    fn choose(
+        &mut self,
+        runtime: &tokio::runtime::Handle,
+        want: Option<C>,
+        open: impl FnOnce(C) -> (T, Option<String>) + Send + 'static,
+    ) -> bool {
+        if want == self.choice {
+            return false;
+        }
+        self.choice = want.clone();
+        self.note = None;
+        let old = self.value.take();
+        if let Some(o) = self.opening.take() {
+            o.abort();
+        }
+        self.opening = want.map(|choice| {
+            runtime.spawn_blocking(move || {
+                drop(old); // release the previous device first
+                open(choice)
+            })
+        });
+        true
+    }
+
+    /// Takes what a finished opening gave; `what` names the device in a failure note.
+    fn poll(&mut self, what: &str) {
+        if let Some(result) = take_finished(&mut self.opening) {
+            match result {
+                Ok((value, note)) => {
+                    self.value = Some(value);
+                    self.note = note;
+                }
+                Err(e) => self.note = Some(format!("{what} failed: {e}")),
+            }
+        }
+    }
+
+    /// Forgets the choice; the future releases the device (off the async threads).
+    fn close(&mut self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.choice = None;
+        let (value, opening) = (self.value.take(), self.opening.take());
+        async move {
+            if let Some(o) = opening {
+                o.abort();
+                if let Ok((value, _)) = o.await {
+                    let _ = tokio::task::spawn_blocking(move || drop(value)).await;
+                }
+            }
+            if let Some(value) = value {
+                let _ = tokio::task::spawn_blocking(move || drop(value)).await;
+            }
+        }
+    }
 }
 
 /// The app.
@@ -228,16 +300,10 @@ impl App {
             devices: None,
             listing: None,
             preview: Preview {
-                choice: None,
-                capture: None,
-                opening: None,
+                camera: Opened::new(),
                 slot: PictureSlot::default(),
                 texture: VideoTexture::new("preview"),
-                note: None,
-                mic_choice: None,
-                mic: None,
-                mic_opening: None,
-                mic_note: None,
+                mic: Opened::new(),
             },
             meetings: Meetings {
                 creating: None,
@@ -462,37 +528,17 @@ impl App {
     /// Starts the session in the background; the call view shows at once.
     fn begin(&mut self, target: Target, title: String, connection: Option<Connection>) {
         self.message = None;
-        // The camera is the session's now: stop the preview before it opens it.
-        let preview = self.preview.capture.take();
-        let opening = self.preview.opening.take();
-        self.preview.choice = None;
+        // The camera and microphone are the session's now: close the lobby's first.
+        let camera = self.preview.camera.close();
         self.preview.texture.clear();
-        // The microphone too.
-        let mic = self.preview.mic.take();
-        let mic_opening = self.preview.mic_opening.take();
-        self.preview.mic_choice = None;
+        let mic = self.preview.mic.close();
         let lobby = self.lobby.clone();
         let notify = self.notify.clone();
         let show_stats = self.show_stats;
         let (extra_ice_servers, relay_only) = (self.extra_ice_servers.clone(), self.relay_only);
         self.pending = Some(self.runtime.spawn(async move {
-            if let Some(o) = opening {
-                o.abort();
-                if let Ok((capture, _)) = o.await {
-                    let _ = tokio::task::spawn_blocking(move || drop(capture)).await;
-                }
-            }
-            if let Some(capture) = preview {
-                let _ = tokio::task::spawn_blocking(move || drop(capture)).await;
-            }
-            if let Some(o) = mic_opening
-                && let Ok((meter, _)) = o.await
-            {
-                let _ = tokio::task::spawn_blocking(move || drop(meter)).await;
-            }
-            if let Some(meter) = mic {
-                let _ = tokio::task::spawn_blocking(move || drop(meter)).await;
-            }
+            camera.await;
+            mic.await;
             let (server, embedded) = if connection.is_some() {
                 (lobby.server.clone(), None)
             } else {
