@@ -36,6 +36,7 @@ use super::sleep_until;
 use crate::media::arrival::ArrivalMonitor;
 use crate::media::assembler::{AccessUnit, Assembled, FrameAssembler};
 use crate::media::audio::{AudioSink, AudioSource, OpusDecoder, OpusEncoder, SAMPLE_RATE};
+use crate::media::capture::CapturedFrame;
 use crate::media::h264::{EncoderSettings, H264Decoder, H264Encoder};
 use crate::media::jitter::{JitterBuffer, JitterStats, Playout};
 use crate::media::ladder::{Ladder, scaled_size};
@@ -362,7 +363,7 @@ impl Pipelines {
     /// the other side sees "no picture" instead of a frozen one.
     pub fn start_video_sender(
         &mut self,
-        frames: std::sync::mpsc::Receiver<VideoFrame>,
+        frames: std::sync::mpsc::Receiver<CapturedFrame>,
         settings: EncoderSettings,
         track: LocalTrack,
         stats: StatsHandle,
@@ -393,7 +394,9 @@ impl Pipelines {
                 };
                 // Frames captured before the call connected are stale: skip them.
                 while frames.try_recv().is_ok() {}
-                let mut last_sample = Instant::now();
+                // The capture instant of the last frame sent: a sample's duration is the
+                // time between two captures, so RTP timestamps follow the capture clock.
+                let mut last_capture = Instant::now();
                 let mut keyframes = KeyframePacer::default();
                 let mut size = (640, 360);
                 // The resolution ladder starts with the first frame (the source's size).
@@ -401,12 +404,13 @@ impl Pipelines {
                 let mut scaler = Scaler::new();
                 let mut next_due = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
-                    let frame = match frames.recv_timeout(Duration::from_millis(250)) {
+                    let (frame, captured_at) = match frames.recv_timeout(Duration::from_millis(250))
+                    {
                         Ok(f) => {
-                            size = (f.width, f.height);
-                            f
+                            size = (f.frame.width, f.frame.height);
+                            (f.frame, f.captured_at)
                         }
-                        Err(_) => VideoFrame::black(size.0, size.1),
+                        Err(_) => (VideoFrame::black(size.0, size.1), Instant::now()),
                     };
                     let now = Instant::now();
                     let ladder = ladder.get_or_insert_with(|| {
@@ -473,9 +477,8 @@ impl Pipelines {
                             s.encoder_bitrate_bps = encoder.settings().bitrate_bps;
                             drop(s);
                             // A skipped frame's duration is carried into the next sample.
-                            let now = Instant::now();
-                            let duration = now - last_sample;
-                            last_sample = now;
+                            let duration = captured_at.saturating_duration_since(last_capture);
+                            last_capture = last_capture.max(captured_at);
                             if tx.blocking_send((Bytes::from(au.data), duration)).is_err() {
                                 return;
                             }

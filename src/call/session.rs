@@ -24,12 +24,12 @@ use super::report::Report;
 use super::sleep_until;
 use super::state::{Action, Call, CallState, Event, PeerState, Role};
 use crate::media::audio::{AudioSink, NullSink, WavSink};
-use crate::media::capture::Capture;
+use crate::media::capture::{Capture, CapturedFrame};
 use crate::media::device::Speaker;
 use crate::media::picture::PictureSlot;
 use crate::media::processing::AudioProcessor;
 use crate::media::sources::{Tee, open_audio, open_video};
-use crate::media::video::{VideoFrame, Y4mWriter};
+use crate::media::video::Y4mWriter;
 use crate::signaling::protocol::ClientMessage;
 use crate::signaling::{Client, Incoming};
 
@@ -125,8 +125,8 @@ struct Session {
     /// The running video source; None while the camera is off (or still opening).
     capture: Option<Capture>,
     /// Captures feed the encoder through this channel (it outlives camera off/on).
-    frames_tx: std::sync::mpsc::SyncSender<VideoFrame>,
-    frames_rx: Option<std::sync::mpsc::Receiver<VideoFrame>>,
+    frames_tx: std::sync::mpsc::SyncSender<CapturedFrame>,
+    frames_rx: Option<std::sync::mpsc::Receiver<CapturedFrame>>,
     mic_muted: Arc<AtomicBool>,
     client: Option<Client>,
     peer: Option<Peer>,
