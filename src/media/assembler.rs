@@ -84,6 +84,10 @@ pub enum Assembled {
     Frame(AccessUnit),
     /// Ask the sender for a keyframe (RTCP PLI).
     RequestKeyframe,
+    /// A burst of packets was lost at once: the path has likely just narrowed. Comes
+    /// right before the [`Assembled::RequestKeyframe`] it causes; the sender should hear
+    /// "send less" with it, so the keyframe is not made at the old rate.
+    BurstLost,
     /// Ask the sender to send these packets again (RTCP NACK).
     Nack(Vec<u16>),
 }
@@ -166,6 +170,8 @@ pub struct FrameAssembler {
     /// Where the next frame to hand out starts; None: not known (at the start, or after
     /// giving up), then the next keyframe's first packet decides.
     next: Option<u64>,
+    /// A burst was reported ([`Assembled::BurstLost`]); its keyframe request is next.
+    burst_lost: bool,
     /// Packets below this number are done with (handed out, given up or dropped).
     floor: Option<u64>,
     /// Since when the frame at `next` has been incomplete while later packets wait.
@@ -198,6 +204,7 @@ impl FrameAssembler {
             floor: None,
             incomplete_since: None,
             awaiting_keyframe: None,
+            burst_lost: false,
             last_request: None,
             missing: BTreeMap::new(),
             rtt: Duration::from_millis(100),
@@ -424,6 +431,9 @@ impl FrameAssembler {
                 return Some(Assembled::Nack(nacks));
             }
         }
+        if std::mem::take(&mut self.burst_lost) {
+            return Some(Assembled::RequestKeyframe);
+        }
         let burst = self.awaiting_keyframe.is_none()
             && self.missing.len() >= BURST_PACKETS
             && self
@@ -436,7 +446,8 @@ impl FrameAssembler {
             );
             self.last_request = Some(now);
             self.stats.keyframe_requests += 1;
-            return Some(Assembled::RequestKeyframe);
+            self.burst_lost = true;
+            return Some(Assembled::BurstLost);
         }
         if self.keyframe_request_due().is_some_and(|due| now >= due) {
             self.last_request = Some(now);
@@ -1032,6 +1043,9 @@ mod tests {
         push_all(&mut a, &s[30..31], t1);
         let out = drain(&mut a, t1);
         assert_eq!(requests(&out), 1, "{out:?}");
+        let burst = out.iter().position(|o| *o == Assembled::BurstLost);
+        let request = out.iter().position(|o| *o == Assembled::RequestKeyframe);
+        assert_eq!(burst.map(|b| b + 1), request, "the burst, then its request");
         assert_eq!(nacked(&out).len(), 24);
         assert_eq!(timestamps(&out), Vec::<u32>::new());
         // Not again within the request interval.
