@@ -94,6 +94,7 @@ fn gate() -> &'static Gate {
             registry: Arc::new(Registry::new(5, 100)),
             pending: Arc::default(),
             max_lifetime: Duration::from_secs(600),
+            origins: Arc::default(),
         };
         (runtime, gate)
     });
