@@ -58,3 +58,32 @@ fn symmetric_nats_connect_through_the_relay_and_cone_nats_directly() {
     }
     assert_media_both_ways(&ra, &rb);
 }
+
+/// A client whose network drops all UDP still calls its partner: the app bridges TURN over
+/// TCP to the server's `--turn-listen-tcp` front, and its report's path says so.
+#[test]
+fn a_client_without_udp_calls_through_turn_over_tcp() {
+    if !able() {
+        assert!(
+            std::env::var("DUET_REQUIRE_NAT_TEST").is_err(),
+            "the NAT test needs root, ip and iptables"
+        );
+        eprintln!("skipped: needs root, ip and iptables");
+        return;
+    }
+    let tag = format!("{}", std::process::id() % 10_000);
+    let mut topology = Topology::build(&tag, false);
+    topology.server_args = ["--turn-listen-tcp", "198.51.100.1:3478"]
+        .map(String::from)
+        .to_vec();
+    topology.set_outage("a", true);
+    let (ra, rb) = call_through(&topology, "udp-blocked");
+    eprintln!(
+        "udp blocked: a {} / b {}",
+        ra["candidate_type"], rb["candidate_type"]
+    );
+    assert_eq!(ra["candidate_type"], "relay (tcp)", "{ra}");
+    assert_eq!(ra["local_candidate_type"], "relay", "{ra}");
+    assert_eq!(rb["candidate_type"], "relay", "{rb}");
+    assert_media_both_ways(&ra, &rb);
+}

@@ -55,6 +55,10 @@ pub struct Topology {
     tag: String,
     /// Added to every client's `duet call` (e.g. a resolution for a benchmark).
     pub client_args: Vec<String>,
+    /// Added to the server's command line (e.g. `--turn-listen-tcp`).
+    pub server_args: Vec<String>,
+    /// What the clients' `--server` says (default `198.51.100.1:8787`).
+    pub server_url: Option<String>,
     /// Running uplink delayers by side; stopped before the namespaces are deleted.
     delayers: Mutex<Vec<(String, delay::Delayer)>>,
 }
@@ -88,6 +92,8 @@ impl Topology {
             names: Vec::new(),
             tag: tag.to_owned(),
             client_args: Vec::new(),
+            server_args: Vec::new(),
+            server_url: None,
             delayers: Mutex::new(Vec::new()),
         };
         for role in ["pub", "ra", "rb", "a", "b"] {
@@ -199,7 +205,7 @@ impl Topology {
     pub fn spawn(&self, role: &str, args: &[&str], log: &Path) -> Child {
         let log = std::fs::File::create(log).unwrap();
         let extra: &[String] = if role == "pub" {
-            &[]
+            &self.server_args
         } else {
             &self.client_args
         };
@@ -412,6 +418,39 @@ impl Topology {
         ]);
     }
 
+    /// Lets only TCP to `ports` through the router of `side` (outbound; answers come back
+    /// through conntrack): all UDP and every other TCP port are dropped, as on a network
+    /// that allows only web traffic.
+    pub fn allow_only_tcp_ports(&self, side: &str, ports: &[u16]) {
+        let list = ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        self.router(
+            side,
+            &["iptables", "-I", "FORWARD", "-i", "lan", "-j", "DROP"],
+        );
+        self.router(
+            side,
+            &[
+                "iptables",
+                "-I",
+                "FORWARD",
+                "-i",
+                "lan",
+                "-p",
+                "tcp",
+                "-m",
+                "multiport",
+                "--dports",
+                &list,
+                "-j",
+                "ACCEPT",
+            ],
+        );
+    }
+
     /// Cuts (or restores) all UDP through the router of `side`: media and TURN, not the
     /// signaling WebSocket.
     pub fn set_outage(&self, side: &str, down: bool) {
@@ -458,6 +497,10 @@ pub fn call_with(
 ) -> (Value, Value) {
     let dir = out_dir(name);
     let mut server = topology.start_server(&dir);
+    let server_url = topology
+        .server_url
+        .clone()
+        .unwrap_or_else(|| "198.51.100.1:8787".to_owned());
     let client = |side: &str| {
         let report = dir.join(format!("{side}.json"));
         let child = topology.spawn(
@@ -466,7 +509,7 @@ pub fn call_with(
                 "call",
                 "--headless",
                 "--server",
-                "198.51.100.1:8787",
+                &server_url,
                 "--room",
                 "nat",
                 "--name",
