@@ -12,8 +12,32 @@
 
 mod common;
 
-use common::netns::{Topology, able, call_through};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+
+use common::netns::{Topology, able, call_through, out_dir};
 use serde_json::Value;
+
+/// One call at a time: two cores do not encode four video streams in real time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Whether the test can run (else it says so, and fails when it must run).
+fn runnable() -> bool {
+    if able() {
+        return true;
+    }
+    assert!(
+        std::env::var("DUET_REQUIRE_NAT_TEST").is_err(),
+        "the NAT test needs root, ip and iptables"
+    );
+    eprintln!("skipped: needs root, ip and iptables");
+    false
+}
+
+/// Namespace names of their own per test (`letter`), so tests never share one.
+fn tag(letter: char) -> String {
+    format!("{letter}{}", std::process::id() % 10_000)
+}
 
 fn assert_media_both_ways(ra: &Value, rb: &Value) {
     for r in [ra, rb] {
@@ -25,15 +49,11 @@ fn assert_media_both_ways(ra: &Value, rb: &Value) {
 
 #[test]
 fn symmetric_nats_connect_through_the_relay_and_cone_nats_directly() {
-    if !able() {
-        assert!(
-            std::env::var("DUET_REQUIRE_NAT_TEST").is_err(),
-            "the NAT test needs root, ip and iptables"
-        );
-        eprintln!("skipped: needs root, ip and iptables");
+    if !runnable() {
         return;
     }
-    let tag = format!("{}", std::process::id() % 10_000);
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
+    let tag = tag('n');
 
     let symmetric = Topology::build(&tag, true);
     let (ra, rb) = call_through(&symmetric, "symmetric");
@@ -63,16 +83,11 @@ fn symmetric_nats_connect_through_the_relay_and_cone_nats_directly() {
 /// TCP to the server's `--turn-listen-tcp` front, and its report's path says so.
 #[test]
 fn a_client_without_udp_calls_through_turn_over_tcp() {
-    if !able() {
-        assert!(
-            std::env::var("DUET_REQUIRE_NAT_TEST").is_err(),
-            "the NAT test needs root, ip and iptables"
-        );
-        eprintln!("skipped: needs root, ip and iptables");
+    if !runnable() {
         return;
     }
-    let tag = format!("{}", std::process::id() % 10_000);
-    let mut topology = Topology::build(&tag, false);
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut topology = Topology::build(&tag('t'), false);
     topology.server_args = ["--turn-listen-tcp", "198.51.100.1:3478"]
         .map(String::from)
         .to_vec();
@@ -84,6 +99,63 @@ fn a_client_without_udp_calls_through_turn_over_tcp() {
     );
     assert_eq!(ra["candidate_type"], "relay (tcp)", "{ra}");
     assert_eq!(ra["local_candidate_type"], "relay", "{ra}");
-    assert_eq!(rb["candidate_type"], "relay", "{rb}");
+    // B's path goes through A's relay; its own end may be any of its candidates.
+    assert_eq!(rb["remote_candidate_type"], "relay", "{rb}");
+    assert_media_both_ways(&ra, &rb);
+}
+
+/// A CA and a server certificate for 198.51.100.1 signed by it, written to `dir`:
+/// (ca.pem, cert.pem, key.pem).
+fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf = CertificateParams::new(vec!["198.51.100.1".to_owned()]).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&paths.0, ca_cert.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// A client on a network that lets only web traffic out (TCP 443, and here the signaling
+/// port) calls through TURN over TLS on 443 (`--turn-listen-tls`); the path says so.
+#[test]
+fn a_client_behind_a_web_only_firewall_calls_through_turn_over_tls_on_443() {
+    if !runnable() {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
+    let dir = out_dir("tls-only");
+    let (ca, cert, key) = certificates(&dir);
+    let path = |p: &Path| p.to_str().unwrap().to_owned();
+    let mut topology = Topology::build(&tag('s'), false);
+    topology.server_args = vec![
+        "--turn-listen-tls".into(),
+        "198.51.100.1:443".into(),
+        "--tls-cert".into(),
+        path(&cert),
+        "--tls-key".into(),
+        path(&key),
+    ];
+    topology.server_url = Some("wss://198.51.100.1:8787".into());
+    topology.client_args = vec!["--ca-file".into(), path(&ca)];
+    topology.allow_only_tcp_ports("a", &[443, 8787]);
+    let (ra, rb) = call_through(&topology, "tls-only");
+    eprintln!(
+        "web only: a {} / b {}",
+        ra["candidate_type"], rb["candidate_type"]
+    );
+    assert_eq!(ra["candidate_type"], "relay (tls)", "{ra}");
+    assert_eq!(rb["remote_candidate_type"], "relay", "{rb}");
     assert_media_both_ways(&ra, &rb);
 }
