@@ -6,6 +6,10 @@
 //! `relay`; behind port-preserving ("cone") NATs hole punching works and the relay is not
 //! used. Both directions must carry video and audio.
 //!
+//! TURN over TCP and TLS: a client whose router drops all UDP calls through the server's
+//! `--turn-listen-tcp` front (its path `relay (tcp)`), and one that may only reach TCP 443
+//! and the signaling port through `--turn-listen-tls` on 443 (`relay (tls)`).
+//!
 //! Needs root, `ip` and `iptables`; without them the test says so and passes, unless
 //! `DUET_REQUIRE_NAT_TEST=1` (set by `make test`).
 #![allow(clippy::unwrap_used)]

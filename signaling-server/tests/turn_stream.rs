@@ -18,7 +18,14 @@ use signaling_server::turn::{credential, username};
 use signaling_server::turn_server::framing;
 use signaling_server::turn_server::peers::PeerRange;
 use stun::agent::TransactionId;
-use stun::message::{CLASS_ERROR_RESPONSE, CLASS_REQUEST, METHOD_ALLOCATE, Message, MessageType};
+use stun::attributes::{ATTR_NONCE, ATTR_REALM, ATTR_USERNAME};
+use stun::fingerprint::FINGERPRINT;
+use stun::integrity::MessageIntegrity;
+use stun::message::{
+    CLASS_ERROR_RESPONSE, CLASS_REQUEST, CLASS_SUCCESS_RESPONSE, METHOD_ALLOCATE, Message,
+    MessageType, Setter,
+};
+use stun::textattrs::{Nonce, Realm, Username};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpSocket, TcpStream};
 use turn::proto::PROTO_UDP;
@@ -406,6 +413,67 @@ async fn half_open_slow_garbage_and_oversized_streams_are_closed_and_counted_per
     let mut big = connect_from("127.0.0.5", tcp).await;
     big.write_all(&[0x40, 0x00, 0x10, 0x00]).await.unwrap();
     assert!(closed_within(&mut big, Duration::from_millis(300)).await);
+    streams_become(&s, 0).await;
+    s.stop().await;
+}
+
+async fn allocations_become(s: &Server, n: usize) {
+    let turn = s.turn_server().unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while turn.allocations() != n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "allocations stayed {} (wanted {n})",
+            turn.allocations()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// An allocation over a stream of its own (a hand-made client: 401, then the signed
+/// Allocate).
+async fn allocate_over_tcp(to: SocketAddr, user: &str, pass: &str) -> TcpStream {
+    let mut tcp = TcpStream::connect(to).await.unwrap();
+    tcp.write_all(&unauthenticated_allocate()).await.unwrap();
+    let challenge = read_message(&mut tcp, WAIT).await.unwrap();
+    let realm = Realm::get_from_as(&challenge, ATTR_REALM).unwrap();
+    let nonce = Nonce::get_from_as(&challenge, ATTR_NONCE).unwrap();
+    let key =
+        MessageIntegrity::new_long_term_integrity(user.into(), realm.text.clone(), pass.into());
+    let setters: Vec<Box<dyn Setter>> = vec![
+        Box::new(TransactionId::new()),
+        Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_REQUEST)),
+        Box::new(RequestedTransport {
+            protocol: PROTO_UDP,
+        }),
+        Box::new(Username::new(ATTR_USERNAME, user.into())),
+        Box::new(realm),
+        Box::new(nonce),
+        Box::new(key),
+        Box::new(FINGERPRINT),
+    ];
+    let mut m = Message::new();
+    m.build(&setters).unwrap();
+    tcp.write_all(&m.raw).await.unwrap();
+    let answer = read_message(&mut tcp, WAIT).await.unwrap();
+    assert_eq!(answer.typ.class, CLASS_SUCCESS_RESPONSE, "{answer}");
+    tcp
+}
+
+#[tokio::test]
+async fn an_allocation_ends_with_its_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = turn_server(dir.path(), |_| {}).await;
+    let tcp = s.turn_server().unwrap().tcp_addr().unwrap();
+    let (user, pass) = minted("closer");
+    let first = allocate_over_tcp(tcp, &user, &pass).await;
+    let second = allocate_over_tcp(tcp, &user, &pass).await;
+    allocations_become(&s, 2).await;
+    // RFC 6062: the allocation lives as long as its connection, not its lifetime (10 min).
+    drop(first);
+    allocations_become(&s, 1).await;
+    drop(second);
+    allocations_become(&s, 0).await;
     streams_become(&s, 0).await;
     s.stop().await;
 }

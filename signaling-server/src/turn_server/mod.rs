@@ -371,6 +371,7 @@ impl TurnServer {
         let registry = Arc::new(Registry::new(settings.user_quota, settings.total_quota));
         let pending = Arc::new(Mutex::new(None));
         let auth = RestAuth::new(secret);
+        let auth_for_fronts = auth.clone();
         let origins = Arc::new(Origins::default());
         let gate = Arc::new(Gate {
             socket,
@@ -413,7 +414,12 @@ impl TurnServer {
             allowed_peers = ?settings.allow_peers.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
             "embedded TURN server listening (UDP)"
         );
-        let fronts = Fronts::new(local_addr, settings.stream_limits(), origins);
+        let fronts = Fronts::new(
+            local_addr,
+            settings.stream_limits(),
+            origins,
+            auth_for_fronts,
+        );
         let tcp_addr = tcp.map(|(listener, addr)| {
             fronts.serve(listener, Transport::Tcp);
             addr

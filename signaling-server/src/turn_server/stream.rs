@@ -30,8 +30,12 @@
 //!   the server wait in the kernel's socket buffer meanwhile (and are dropped when it is
 //!   full, as UDP would).
 //!
-//! When a stream ends its socket closes; the allocation made over it ends with its
-//! lifetime (at most `--turn-allocation-lifetime`), as for a UDP client that goes away.
+//! When a stream ends, the allocation made over it ends too (RFC 6062 §4.1: the
+//! allocation lives as long as its control connection): the front sends a Refresh with
+//! LIFETIME 0 on the stream's socket, signed with the key of the stream's last
+//! authenticated request (and its nonce). Should that nonce have gone stale, the
+//! allocation ends with its lifetime (at most `--turn-allocation-lifetime`) instead, as for
+//! a UDP client that goes away.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -47,7 +51,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::framing::{self, FrameError};
+use stun::attributes::{ATTR_MESSAGE_INTEGRITY, ATTR_NONCE, ATTR_REALM, ATTR_USERNAME};
+use stun::fingerprint::FINGERPRINT;
+use stun::integrity::MessageIntegrity;
+use stun::message::{CLASS_REQUEST, Getter as _, METHOD_REFRESH, Message, MessageType, Setter};
+use stun::textattrs::TextAttribute;
+use turn::proto::lifetime::Lifetime;
+
+use super::auth::RestAuth;
+use super::framing::{self, FrameError, Kind};
 use crate::server::PerAddress;
 
 /// The largest message a stream client may send: what the crate reads of one datagram.
@@ -129,6 +141,8 @@ struct Shared {
     /// The UDP server's address as the bridge sockets reach it.
     target: SocketAddr,
     origins: Arc<Origins>,
+    /// To sign the Refresh that ends a closed stream's allocation.
+    auth: RestAuth,
     open: AtomicUsize,
     per_ip: Arc<PerAddress>,
     shutdown: CancellationToken,
@@ -136,8 +150,14 @@ struct Shared {
 }
 
 impl Fronts {
-    /// Fronts for the UDP server at `udp` (a wildcard address is reached on loopback).
-    pub fn new(udp: SocketAddr, limits: StreamLimits, origins: Arc<Origins>) -> Fronts {
+    /// Fronts for the UDP server at `udp` (a wildcard address is reached on loopback),
+    /// whose credentials `auth` checks.
+    pub fn new(
+        udp: SocketAddr,
+        limits: StreamLimits,
+        origins: Arc<Origins>,
+        auth: RestAuth,
+    ) -> Fronts {
         let ip = match udp.ip() {
             IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
             IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
@@ -148,6 +168,7 @@ impl Fronts {
                 limits,
                 target: SocketAddr::new(ip, udp.port()),
                 origins,
+                auth,
                 open: AtomicUsize::new(0),
                 per_ip: Arc::default(),
                 shutdown: CancellationToken::new(),
@@ -281,9 +302,82 @@ async fn bridge(
     udp.connect(shared.target).await?;
     let _registered = shared.origins.register(udp.local_addr()?, peer.ip());
     let (reader, writer) = tokio::io::split(stream);
-    tokio::select! {
-        r = inbound(reader, &udp, setup_deadline, limits.idle_timeout) => r,
-        r = outbound(writer, &udp, limits.write_timeout) => r,
+    let session = Mutex::new(Session::default());
+    let result = tokio::select! {
+        r = inbound(reader, &udp, setup_deadline, limits.idle_timeout, &session) => r,
+        r = outbound(writer, &udp, limits.write_timeout, &session) => r,
+    };
+    let session = session.into_inner().unwrap_or_else(PoisonError::into_inner);
+    if let Some(refresh) = session.closing_refresh(&shared.auth) {
+        // The answer goes to a socket about to close; the allocation is gone either way.
+        if let Err(e) = udp.send(&refresh).await {
+            debug!(%peer, error = %e, "cannot end the allocation of a closed stream");
+        }
+    }
+    result
+}
+
+/// What the front knows of a stream's TURN session: enough to end its allocation.
+#[derive(Debug, Default)]
+struct Session {
+    /// USERNAME, REALM and NONCE of the client's last request with MESSAGE-INTEGRITY.
+    credentials: Option<(String, String, String)>,
+    /// An Allocate succeeded (and no zero Refresh was seen since).
+    allocated: bool,
+}
+
+const ALLOCATE_SUCCESS: u16 = 0x0103;
+const REFRESH_REQUEST: u16 = 0x0004;
+
+impl Session {
+    /// Notes the credentials of a client request.
+    fn saw_request(&mut self, message: &[u8]) {
+        let mut m = Message::new();
+        m.raw = message.to_vec();
+        if m.decode().is_err()
+            || m.typ.class != CLASS_REQUEST
+            || !m.contains(ATTR_MESSAGE_INTEGRITY)
+        {
+            return;
+        }
+        let text = |attr| TextAttribute::get_from_as(&m, attr).ok().map(|t| t.text);
+        if let (Some(user), Some(realm), Some(nonce)) =
+            (text(ATTR_USERNAME), text(ATTR_REALM), text(ATTR_NONCE))
+        {
+            self.credentials = Some((user, realm, nonce));
+        }
+        if u16::from_be_bytes([message[0], message[1]]) == REFRESH_REQUEST {
+            let mut lifetime = Lifetime::default();
+            if lifetime.get_from(&m).is_ok() && lifetime.0.is_zero() {
+                self.allocated = false;
+            }
+        }
+    }
+
+    /// Notes an Allocate success from the server.
+    fn saw_answer(&mut self, message: &[u8]) {
+        if message.len() >= 2 && u16::from_be_bytes([message[0], message[1]]) == ALLOCATE_SUCCESS {
+            self.allocated = true;
+        }
+    }
+
+    /// A Refresh with LIFETIME 0 for the allocation, when there is one to end.
+    fn closing_refresh(&self, auth: &RestAuth) -> Option<Vec<u8>> {
+        let (user, realm, nonce) = self.credentials.as_ref().filter(|_| self.allocated)?;
+        let key = auth.key(user, realm, std::time::SystemTime::now()).ok()?;
+        let setters: [Box<dyn Setter>; 8] = [
+            Box::new(stun::agent::TransactionId::new()),
+            Box::new(MessageType::new(METHOD_REFRESH, CLASS_REQUEST)),
+            Box::new(Lifetime(Duration::ZERO)),
+            Box::new(TextAttribute::new(ATTR_USERNAME, user.clone())),
+            Box::new(TextAttribute::new(ATTR_REALM, realm.clone())),
+            Box::new(TextAttribute::new(ATTR_NONCE, nonce.clone())),
+            Box::new(MessageIntegrity(key)),
+            Box::new(FINGERPRINT),
+        ];
+        let mut m = Message::new();
+        m.build(&setters).ok()?;
+        Some(m.raw)
     }
 }
 
@@ -293,12 +387,16 @@ async fn inbound(
     udp: &UdpSocket,
     setup_deadline: Instant,
     idle: Duration,
+    session: &Mutex<Session>,
 ) -> Result<(), StreamError> {
     let mut buf = BytesMut::with_capacity(2048);
     let mut deadline = setup_deadline;
     let mut set_up = false;
     loop {
         while let Some(frame) = framing::next_frame(&buf, MAX_FRAME)? {
+            if frame.kind == Kind::Stun {
+                lock(session).saw_request(&buf[..frame.len]);
+            }
             udp.send(&buf[..frame.len]).await?;
             buf.advance(frame.consumed);
             set_up = true;
@@ -320,14 +418,17 @@ async fn outbound(
     mut writer: impl AsyncWrite + Unpin,
     udp: &UdpSocket,
     write_timeout: Duration,
+    session: &Mutex<Session>,
 ) -> Result<(), StreamError> {
     let mut datagram = vec![0u8; 65_536];
     let mut out = Vec::with_capacity(2048);
     loop {
         let n = udp.recv(&mut datagram).await?;
         out.clear();
-        if framing::encode(&datagram[..n], &mut out).is_err() {
-            continue;
+        match framing::encode(&datagram[..n], &mut out) {
+            Ok(Kind::Stun) => lock(session).saw_answer(&datagram[..n]),
+            Ok(Kind::ChannelData) => {}
+            Err(_) => continue,
         }
         let write = async {
             writer.write_all(&out).await?;
@@ -338,4 +439,8 @@ async fn outbound(
             Err(_) => return Err(StreamError::WriteTimeout),
         }
     }
+}
+
+fn lock(session: &Mutex<Session>) -> std::sync::MutexGuard<'_, Session> {
+    session.lock().unwrap_or_else(PoisonError::into_inner)
 }
