@@ -7,11 +7,13 @@
 //! used. Both directions must carry video and audio.
 //!
 //! TURN over TCP and TLS: a client whose router drops all UDP calls through the server's
-//! `--turn-listen-tcp` front (its path `relay (tcp)`), and one that may only reach TCP 443
-//! and the signaling port through `--turn-listen-tls` on 443 (`relay (tls)`).
+//! `--turn-listen-tcp` front (its path `relay (tcp)`), one that may only reach TCP 443
+//! and the signaling port through `--turn-listen-tls` on 443 (`relay (tls)`), and the
+//! first one through coturn's TCP and TLS listeners instead.
 //!
 //! Needs root, `ip` and `iptables`; without them the test says so and passes, unless
-//! `DUET_REQUIRE_NAT_TEST=1` (set by `make test`).
+//! `DUET_REQUIRE_NAT_TEST=1` (set by `make test`). The coturn test also needs `turnserver`
+//! (Debian `coturn`); without it it passes, unless `DUET_REQUIRE_COTURN_TEST=1`.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -162,4 +164,114 @@ fn a_client_behind_a_web_only_firewall_calls_through_turn_over_tls_on_443() {
     assert_eq!(ra["candidate_type"], "relay (tls)", "{ra}");
     assert_eq!(rb["remote_candidate_type"], "relay", "{rb}");
     assert_media_both_ways(&ra, &rb);
+}
+
+/// coturn (`turnserver`, Debian package `coturn`) in the "public" namespace; killed on drop.
+struct Coturn(std::process::Child);
+
+impl Drop for Coturn {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The app's bridge against coturn's own TCP and TLS listeners (same REST secret as the
+/// signaling server): a client whose router drops all UDP calls through each; its partner
+/// may use coturn too (a path from one coturn relay to the other).
+#[test]
+fn a_client_without_udp_calls_through_coturn_over_tcp_and_tls() {
+    if !runnable() {
+        return;
+    }
+    let coturn_present = std::process::Command::new("sh")
+        .args(["-c", "command -v turnserver"])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !coturn_present {
+        assert!(
+            std::env::var("DUET_REQUIRE_COTURN_TEST").is_err(),
+            "turnserver not found: install the Debian package `coturn`"
+        );
+        eprintln!("skipped: turnserver not found (Debian package `coturn`)");
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
+    let dir = out_dir("coturn");
+    let (ca, cert, key) = certificates(&dir);
+    let path = |p: &Path| p.to_str().unwrap().to_owned();
+    let secret = "coturn-nat-secret";
+    let mut topology = Topology::build(&tag('c'), false);
+    let log = std::fs::File::create(dir.join("coturn.log")).unwrap();
+    let _coturn = Coturn(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &topology.ns("pub"), "turnserver", "-n"])
+            .args([
+                "--listening-ip",
+                "198.51.100.1",
+                "--relay-ip",
+                "198.51.100.1",
+            ])
+            .args(["--listening-port", "3479", "--tls-listening-port", "5349"])
+            .args([
+                "--min-port",
+                "50000",
+                "--max-port",
+                "50999",
+                "--realm",
+                "duet",
+            ])
+            .args(["--use-auth-secret", "--static-auth-secret", secret])
+            .args(["--cert", &path(&cert), "--pkey", &path(&key)])
+            .args(["--no-dtls", "--no-cli", "--no-stdout-log", "--simple-log"])
+            .args(["--log-file", &path(&dir.join("coturn-file.log"))])
+            .args(["--pidfile", &path(&dir.join("coturn.pid"))])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    common::netns::wait_for_port(&topology.ns("pub"), "198.51.100.1", 3479);
+    common::netns::wait_for_port(&topology.ns("pub"), "198.51.100.1", 5349);
+    topology.client_args = vec!["--ca-file".into(), path(&ca)];
+    topology.set_outage("a", true);
+    // coturn alone (the signaling server without its own TURN server).
+    topology.embedded_turn = false;
+    // As on the internet: a send to a private address goes somewhere and is lost; coturn
+    // ends a TCP client's session when its relay's send fails at once (no route).
+    topology.public_default_route();
+    for (name, url, path_type) in [
+        (
+            "coturn-tcp",
+            "turn:198.51.100.1:3479?transport=tcp",
+            "relay (tcp)",
+        ),
+        (
+            "coturn-tls",
+            "turns:198.51.100.1:5349?transport=tcp",
+            "relay (tls)",
+        ),
+    ] {
+        // The signaling server hands out coturn's STUN and TURN URLs (B finds its NAT's
+        // address through STUN, so A's relay may reach it).
+        topology.server_args = [
+            "--ice-server",
+            "stun:198.51.100.1:3479",
+            "--ice-server",
+            url,
+            "--turn-secret",
+            secret,
+        ]
+        .map(String::from)
+        .to_vec();
+        let (ra, rb) = call_through(&topology, name);
+        eprintln!(
+            "{name}: a {} / b {}",
+            ra["candidate_type"], rb["candidate_type"]
+        );
+        assert_eq!(ra["candidate_type"], path_type, "{ra}");
+        assert_eq!(rb["remote_candidate_type"], "relay", "{rb}");
+        assert_media_both_ways(&ra, &rb);
+    }
 }

@@ -59,6 +59,8 @@ pub struct Topology {
     pub server_args: Vec<String>,
     /// What the clients' `--server` says (default `198.51.100.1:8787`).
     pub server_url: Option<String>,
+    /// Whether the server runs its embedded STUN/TURN server (default true).
+    pub embedded_turn: bool,
     /// Running uplink delayers by side; stopped before the namespaces are deleted.
     delayers: Mutex<Vec<(String, delay::Delayer)>>,
 }
@@ -94,6 +96,7 @@ impl Topology {
             client_args: Vec::new(),
             server_args: Vec::new(),
             server_url: None,
+            embedded_turn: true,
             delayers: Mutex::new(Vec::new()),
         };
         for role in ["pub", "ra", "rb", "a", "b"] {
@@ -330,25 +333,26 @@ impl Topology {
     /// Gives the client of `side` a new address on its LAN (10.0.x.3 instead of .2), as a
     /// laptop that changes networks: its NAT mapping, and so its public port, change too.
     /// The signaling connection (TCP from the old address) is cut by it as well.
-    /// Starts the signaling server with its STUN/TURN relay on the "public" segment
-    /// (198.51.100.1, ports 8787 and 3478), logging to `dir/server.log`; returns once it
+    /// Starts the signaling server with its STUN/TURN relay (unless `embedded_turn` is
+    /// off) on the "public" segment (198.51.100.1, ports 8787 and 3478), logging to `dir/server.log`; returns once it
     /// accepts connections.
     pub fn start_server(&self, dir: &Path) -> Child {
-        let server = self.spawn(
-            "pub",
-            &[
-                "server",
-                "--listen",
-                "198.51.100.1:8787",
+        let mut args = vec![
+            "server",
+            "--listen",
+            "198.51.100.1:8787",
+            "--db",
+            ":memory:",
+        ];
+        if self.embedded_turn {
+            args.extend([
                 "--turn-listen",
                 "198.51.100.1:3478",
                 "--turn-public-ip",
                 "198.51.100.1",
-                "--db",
-                ":memory:",
-            ],
-            &dir.join("server.log"),
-        );
+            ]);
+        }
+        let server = self.spawn("pub", &args, &dir.join("server.log"));
         wait_for_port(&self.ns("pub"), "198.51.100.1", 8787);
         server
     }
@@ -449,6 +453,22 @@ impl Topology {
                 "ACCEPT",
             ],
         );
+    }
+
+    /// Gives the "public" segment a default route to a gateway that does not exist (an
+    /// address with a fixed MAC address nobody has): a relay's send to an address nobody
+    /// routes (a partner's private host candidate) is then lost on the way, as on the
+    /// internet, instead of failing at once with "network unreachable".
+    pub fn public_default_route(&self) {
+        let public = self.ns("pub");
+        for cmd in [
+            "ip neigh add 198.51.100.254 lladdr 02:00:00:00:00:fe dev br0 nud permanent",
+            "ip route add default via 198.51.100.254 dev br0",
+        ] {
+            let mut args = vec!["ip", "netns", "exec", &public];
+            args.extend(cmd.split(' '));
+            run(&args);
+        }
     }
 
     /// Cuts (or restores) all UDP through the router of `side`: media and TURN, not the
