@@ -52,7 +52,7 @@ use super::repair::{
 };
 use super::runtime::PromptRuntime;
 use super::state::Role;
-use super::turn_bridge::{TurnBridge, bridge_ice_servers};
+use super::turn_bridge::{BridgedRelays, TurnBridge, bridge_ice_servers, deprioritize};
 use crate::signaling::protocol::{IceCandidate, IceServer};
 
 /// The peer connection could not do what was asked.
@@ -97,6 +97,8 @@ pub struct PeerConfig {
 /// Callbacks run on webrtc-rs's driver task: forward, never block.
 struct Handler {
     events: mpsc::UnboundedSender<PeerEvent>,
+    /// Relays reached over TCP/TLS bridges: signaled with a lower priority.
+    bridged: BridgedRelays,
 }
 
 #[async_trait::async_trait]
@@ -104,7 +106,7 @@ impl PeerConnectionEventHandler for Handler {
     async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
         if let Ok(init) = event.candidate.to_json() {
             let candidate = IceCandidate {
-                candidate: init.candidate,
+                candidate: deprioritize(&init.candidate, &self.bridged),
                 // webrtc-rs reports mid ""; with BUNDLE every candidate belongs to mid "0".
                 sdp_mid: Some("0".into()),
                 sdp_mline_index: Some(0),
@@ -506,7 +508,10 @@ impl Peer {
             .with_media_engine(media)
             .with_interceptor_registry(registry)
             .with_setting_engine(settings)
-            .with_handler(Arc::new(Handler { events }))
+            .with_handler(Arc::new(Handler {
+                events,
+                bridged: BridgedRelays::of(&bridges),
+            }))
             .with_udp_addrs(addrs)
             .build()
             .await

@@ -15,7 +15,11 @@
 //! A [`TurnBridge`] lives as long as the call's peer connection and ends its task (and
 //! with it every stream) when dropped. It also notes the relayed addresses the server
 //! grants (XOR-RELAYED-ADDRESS of Allocate answers), so the call's path can say
-//! `relay (tcp)` or `relay (tls)` when its local end is one of them.
+//! `relay (tcp)` or `relay (tls)` when its local end is one of them, and so such a relay
+//! candidate is signaled with a lower priority than a UDP relay's ([`deprioritize`]):
+//! to webrtc-rs all relays look alike, but a relay reached over TCP adds head-of-line
+//! blocking and should win only when nothing over UDP works (browsers rank them the same
+//! way: UDP, then TCP, then TLS).
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -154,6 +158,66 @@ impl TurnBridge {
             .unwrap_or_else(PoisonError::into_inner)
             .contains(&addr)
     }
+}
+
+/// The relayed addresses granted through a set of bridges, with their transports; cheap
+/// to clone (for the peer connection's event handler).
+#[derive(Debug, Clone, Default)]
+pub struct BridgedRelays(Vec<(StreamTransport, Arc<Mutex<HashSet<SocketAddr>>>)>);
+
+impl BridgedRelays {
+    pub fn of(bridges: &[TurnBridge]) -> BridgedRelays {
+        BridgedRelays(
+            bridges
+                .iter()
+                .map(|b| (b.server.transport, Arc::clone(&b.relays)))
+                .collect(),
+        )
+    }
+
+    /// The transport of the bridge that granted relayed address `addr`, if one did.
+    pub fn transport_of(&self, addr: SocketAddr) -> Option<StreamTransport> {
+        self.0.iter().find_map(|(transport, relays)| {
+            relays
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(&addr)
+                .then_some(*transport)
+        })
+    }
+}
+
+/// `candidate` (an SDP candidate attribute) with a lower priority when it is a relay
+/// candidate granted through a bridge: one step of local preference below a UDP relay
+/// for TCP, two for TLS (RFC 8445 §5.1.2.1: `2^8 * local preference`). Anything else
+/// comes back unchanged.
+pub fn deprioritize(candidate: &str, relays: &BridgedRelays) -> String {
+    let fields: Vec<&str> = candidate.split_whitespace().collect();
+    let relay = fields
+        .iter()
+        .position(|f| *f == "typ")
+        .and_then(|i| fields.get(i + 1))
+        .is_some_and(|t| *t == "relay");
+    let addr = fields
+        .get(4)
+        .zip(fields.get(5))
+        .and_then(|(ip, port)| Some(SocketAddr::new(ip.parse().ok()?, port.parse().ok()?)));
+    let (Some(addr), Some(priority), true) = (
+        addr,
+        fields.get(3).and_then(|p| p.parse::<u32>().ok()),
+        relay,
+    ) else {
+        return candidate.to_owned();
+    };
+    let steps = match relays.transport_of(addr) {
+        Some(StreamTransport::Tcp) => 1,
+        Some(StreamTransport::Tls) => 2,
+        None => return candidate.to_owned(),
+    };
+    let lowered = priority.saturating_sub(steps * 256 * 256).to_string();
+    let mut out: Vec<&str> = fields.clone();
+    out[3] = &lowered;
+    out.join(" ")
 }
 
 /// The list to give webrtc-rs: every `turn:...?transport=tcp` and `turns:` URL replaced by
@@ -474,6 +538,45 @@ mod tests {
         assert_eq!(out[2].urls, vec![bridges[0].local_url()]);
         assert_eq!(out[2].username.as_deref(), Some("other"));
         assert_eq!(bridges[1].server().transport, StreamTransport::Tls);
+    }
+
+    #[test]
+    fn bridged_relay_candidates_are_signaled_below_udp_relays() {
+        let tcp = Arc::new(Mutex::new(HashSet::from(["203.0.113.9:50000"
+            .parse::<SocketAddr>()
+            .unwrap()])));
+        let tls = Arc::new(Mutex::new(HashSet::from(["203.0.113.9:50001"
+            .parse::<SocketAddr>()
+            .unwrap()])));
+        let relays = BridgedRelays(vec![
+            (StreamTransport::Tcp, tcp),
+            (StreamTransport::Tls, tls),
+        ]);
+        let line = |port: u16, typ: &str| {
+            format!(
+                "candidate:1 1 udp 16777215 203.0.113.9 {port} typ {typ} raddr 10.0.0.2 rport 5"
+            )
+        };
+        let priority = |c: &str| -> u32 { c.split_whitespace().nth(3).unwrap().parse().unwrap() };
+        let udp_relay = deprioritize(&line(50002, "relay"), &relays);
+        let over_tcp = deprioritize(&line(50000, "relay"), &relays);
+        let over_tls = deprioritize(&line(50001, "relay"), &relays);
+        assert_eq!(udp_relay, line(50002, "relay"));
+        assert!(priority(&over_tls) < priority(&over_tcp));
+        assert!(priority(&over_tcp) < priority(&udp_relay));
+        assert_eq!(
+            over_tcp,
+            line(50000, "relay").replace("16777215", &(16777215 - 65536).to_string())
+        );
+        // Not a relay, or unreadable: unchanged.
+        assert_eq!(
+            deprioritize(&line(50000, "host"), &relays),
+            line(50000, "host")
+        );
+        assert_eq!(
+            deprioritize("candidate:1 1 udp", &relays),
+            "candidate:1 1 udp"
+        );
     }
 
     #[test]
