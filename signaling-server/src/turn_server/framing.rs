@@ -10,8 +10,8 @@
 //!
 //! Anything else (first bits `10`/`11`, a STUN header without the cookie or with a length
 //! that is not a multiple of 4) cannot be resynchronised: the stream is garbage and is
-//! closed. So is a message over the caller's size limit, which bounds what a reader ever
-//! buffers. Both ends of Duet's bridges use this: the server's TCP/TLS front
+//! closed. A message over the caller's size limit is reported from its header, with its
+//! length on the stream, so a reader can skip it without buffering it. Both ends of Duet's bridges use this: the server's TCP/TLS front
 //! ([`super::stream`]) and the client's local bridge (`duet::call::turn_bridge`).
 
 /// The STUN header: type, length, magic cookie, transaction id.
@@ -23,8 +23,14 @@ const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
 /// Why a stream cannot be read on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
+    /// `consumed`: what it takes on the stream, padding included (a reader that skips
+    /// it stays in step).
     #[error("a message of {len} bytes is over the limit of {max}")]
-    TooLarge { len: usize, max: usize },
+    TooLarge {
+        len: usize,
+        max: usize,
+        consumed: usize,
+    },
     #[error("neither a STUN nor a ChannelData message")]
     Garbage,
 }
@@ -89,13 +95,13 @@ pub fn next_frame(buf: &[u8], max: usize) -> Result<Option<Frame>, FrameError> {
     let Some((kind, len)) = header(buf)? else {
         return Ok(None);
     };
-    if len > max {
-        return Err(FrameError::TooLarge { len, max });
-    }
     let consumed = match kind {
         Kind::Stun => len,
         Kind::ChannelData => padded(len),
     };
+    if len > max {
+        return Err(FrameError::TooLarge { len, max, consumed });
+    }
     Ok((buf.len() >= consumed).then_some(Frame {
         kind,
         len,
@@ -202,14 +208,16 @@ mod tests {
             next_frame(&big[..8], 1500),
             Err(FrameError::TooLarge {
                 len: 1520,
-                max: 1500
+                max: 1500,
+                consumed: 1520
             })
         );
         assert_eq!(
             next_frame(&[0x40, 0x00, 0xFF, 0xFF], 1500),
             Err(FrameError::TooLarge {
                 len: 65539,
-                max: 1500
+                max: 1500,
+                consumed: 65540
             })
         );
         // At the limit: fine.

@@ -23,9 +23,10 @@
 //! - set-up: the TLS handshake and the first whole message within `setup_timeout`;
 //! - idle: a whole message at least every `idle_timeout` (the allocation lifetime ceiling
 //!   plus a minute: a client with an allocation refreshes it within its lifetime);
-//! - a message over [`MAX_FRAME`] bytes (what the crate reads from one datagram) or bytes
-//!   that are neither STUN nor ChannelData close the stream; so the read buffer never
-//!   holds more than one message and one read;
+//! - a message over [`MAX_FRAME`] bytes (what the crate reads from one datagram) is
+//!   skipped without being buffered (UDP would have cut it short), unless it is the
+//!   first; bytes that are neither STUN nor ChannelData close the stream. So the read
+//!   buffer never holds more than one message and one read;
 //! - writing to a client that does not read: `write_timeout`, then closed. Datagrams from
 //!   the server wait in the kernel's socket buffer meanwhile (and are dropped when it is
 //!   full, as UDP would).
@@ -392,15 +393,37 @@ async fn inbound(
     let mut buf = BytesMut::with_capacity(2048);
     let mut deadline = setup_deadline;
     let mut set_up = false;
+    // Bytes of an oversized message still to be thrown away.
+    let mut skip = 0usize;
     loop {
-        while let Some(frame) = framing::next_frame(&buf, MAX_FRAME)? {
-            if frame.kind == Kind::Stun {
-                lock(session).saw_request(&buf[..frame.len]);
+        loop {
+            if skip > 0 {
+                let now = skip.min(buf.len());
+                buf.advance(now);
+                skip -= now;
+                if skip > 0 {
+                    break;
+                }
             }
-            udp.send(&buf[..frame.len]).await?;
-            buf.advance(frame.consumed);
-            set_up = true;
-            deadline = Instant::now() + idle;
+            match framing::next_frame(&buf, MAX_FRAME) {
+                Ok(Some(frame)) => {
+                    if frame.kind == Kind::Stun {
+                        lock(session).saw_request(&buf[..frame.len]);
+                    }
+                    udp.send(&buf[..frame.len]).await?;
+                    buf.advance(frame.consumed);
+                    set_up = true;
+                    deadline = Instant::now() + idle;
+                }
+                Ok(None) => break,
+                // Once the client has spoken TURN; a first message like this is
+                // something else (HTTP reads as ChannelData of an impossible length).
+                Err(FrameError::TooLarge { len, consumed, .. }) if set_up => {
+                    debug!(len, "TURN message over the size limit skipped");
+                    skip = consumed;
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         buf.reserve(2048);
         match tokio::time::timeout_at(deadline, reader.read_buf(&mut buf)).await {
