@@ -16,6 +16,7 @@ use tokio::time::{Duration, sleep_until, timeout};
 use tracing::{Instrument as _, debug, error, info, info_span};
 
 use crate::clock::Now;
+use crate::cluster::Cluster;
 use crate::hub::{Hub, Registration};
 use crate::protocol::{ClientMessage, ErrorCode, PROTOCOL_VERSION, RoomEndReason, ServerMessage};
 use crate::rate_limit::{RateLimiter, Verdict};
@@ -42,12 +43,29 @@ enum Exit {
 struct Departure<'a> {
     hub: &'a Hub,
     conn: ConnId,
+    /// Cluster mode, until the member has left there (the task's normal end does that
+    /// awaited; a cancelled or panicked task leaves it to a task of its own).
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Drop for Departure<'_> {
     fn drop(&mut self) {
+        if let Some(cluster) = self.cluster.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let conn = self.conn;
+            runtime.spawn(async move { cluster.disconnect(conn).await });
+        }
         self.hub.disconnect(self.conn);
     }
+}
+
+/// What `process_inbox` leaves to its async caller.
+enum Pending {
+    /// A host's `end_room` of a meeting: store the end first.
+    StoreEnd(String),
+    /// Cluster mode: a message for [`Cluster::handle`].
+    Cluster(ClientMessage),
 }
 
 pub(crate) async fn run(
@@ -57,12 +75,16 @@ pub(crate) async fn run(
     client: std::net::IpAddr,
 ) {
     let registration = shared.hub.connect(Some(client));
+    if let Some(cluster) = &shared.cluster {
+        cluster.connect(registration.conn, &registration.peer_id);
+    }
     let span = info_span!("ws", peer = %registration.peer_id);
     let conn = registration.conn;
     async move {
-        let departure = Departure {
+        let mut departure = Departure {
             hub: &shared.hub,
             conn,
+            cluster: shared.cluster.clone(),
         };
         let remote = stream.peer_addr().ok();
         info!(?remote, "connected");
@@ -74,6 +96,9 @@ pub(crate) async fn run(
                 info!(code, reason, "closed by the server");
             }
             Exit::Close(_, reason) | Exit::Drop(reason) => info!(reason, "disconnected"),
+        }
+        if let Some(cluster) = departure.cluster.take() {
+            cluster.disconnect(conn).await;
         }
         drop(departure);
     }
@@ -197,7 +222,17 @@ impl Connection {
     /// meeting is stored first (awaited, as `DELETE /api/rooms/{id}` does), so that a
     /// member who hears `room_ended` can rely on it surviving a restart.
     async fn process_all(&mut self, shared: &Shared, conn: ConnId) -> Result<(), Exit> {
-        while let Some(room) = self.process_inbox(&shared.hub, conn)? {
+        while let Some(pending) = self.process_inbox(shared, conn)? {
+            let room = match pending {
+                Pending::StoreEnd(room) => room,
+                Pending::Cluster(msg) => {
+                    if let Some(cluster) = &shared.cluster {
+                        cluster.handle(conn, msg).await;
+                    }
+                    self.drain_outgoing();
+                    continue;
+                }
+            };
             let now = Now::system();
             if let Err(e) = shared
                 .store
@@ -221,9 +256,11 @@ impl Connection {
     }
 
     /// Handles messages until the inbox has no complete one (`Ok(None)`), or until a
-    /// host's `end_room` of a meeting (`Ok(Some(room))`: the caller stores the end, then
-    /// applies it and calls again for the rest).
-    fn process_inbox(&mut self, hub: &Hub, conn: ConnId) -> Result<Option<String>, Exit> {
+    /// host's `end_room` of a meeting (`Ok(Some(Pending::StoreEnd(room)))`: the caller
+    /// stores the end, then applies it and calls again for the rest).
+    /// In cluster mode every message is left to the caller (`Ok(Some(Pending::Cluster))`).
+    fn process_inbox(&mut self, shared: &Shared, conn: ConnId) -> Result<Option<Pending>, Exit> {
+        let hub = &shared.hub;
         loop {
             let event = match self.decoder.decode(&mut self.inbox) {
                 Ok(Some(event)) => event,
@@ -254,11 +291,15 @@ impl Connection {
                 Event::Text(text) => {
                     if self.admit()? {
                         match ClientMessage::parse(&text) {
+                            Ok(msg) if shared.cluster.is_some() => {
+                                debug!(kind = msg.kind(), bytes = text.len(), "message");
+                                return Ok(Some(Pending::Cluster(msg)));
+                            }
                             Ok(ClientMessage::EndRoom)
                                 if let Some(room) = hub.hosted_meeting(conn) =>
                             {
                                 debug!(kind = "end_room", %room, "message; storing the end first");
-                                return Ok(Some(room));
+                                return Ok(Some(Pending::StoreEnd(room)));
                             }
                             Ok(msg) => {
                                 debug!(kind = msg.kind(), bytes = text.len(), "message");
