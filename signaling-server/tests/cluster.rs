@@ -1,0 +1,309 @@
+//! Cluster mode (`--redis`): two server instances in this process, sharing rooms through
+//! a real `redis-server` (started by the test, see `common/redis.rs`), and real WebSocket
+//! clients connected to one instance or the other.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::redis::RedisServer;
+use common::{Client, http, start_server};
+use serde_json::json;
+use signaling_server::Server;
+
+/// How long an instance may take to become ready (subscribed, Redis answering).
+const READY_WITHIN: Duration = Duration::from_secs(10);
+
+/// An instance of the cluster on `redis`, ready.
+async fn instance(redis: &RedisServer) -> Server {
+    let url = redis.url();
+    let s = start_server(|c| c.redis = Some(url)).await;
+    wait_health(&s, 200).await;
+    s
+}
+
+/// Waits until `/healthz` answers `status`.
+async fn wait_health(s: &Server, status: u16) {
+    let deadline = tokio::time::Instant::now() + READY_WITHIN;
+    loop {
+        let (got, body) = http(s, "GET", "/healthz").await;
+        if got == status {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/healthz still {got} ({body}) after {READY_WITHIN:?}; waiting for {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn id(v: &serde_json::Value) -> String {
+    v["peer_id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn members_on_two_instances_meet_and_relay_both_ways_in_order() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let (one, two) = (instance(&redis).await, instance(&redis).await);
+    let mut a = Client::connect(&one).await;
+    let mut b = Client::connect(&two).await;
+
+    let ja = a.join_named("  standup ", "Ann").await;
+    assert_eq!(ja["room"], "standup");
+    assert_eq!(ja["members"], 1);
+    assert_eq!(ja["host"], true);
+    assert_eq!(ja["peers"], json!([]));
+    let jb = b.join_named("standup", "Bob").await;
+    assert_eq!(jb["members"], 2);
+    assert_eq!(jb["host"], false);
+    assert_eq!(jb["peers"], json!([{"peer_id": id(&ja), "name": "Ann"}]));
+    let pj = a.expect("peer_joined").await;
+    assert_eq!(
+        pj,
+        json!({"type":"peer_joined","peer_id": id(&jb),"name":"Bob"})
+    );
+
+    // Offer, candidates, answer: each side receives the other's in the order sent.
+    a.send(json!({"type":"offer","sdp":"v=0 offer"})).await;
+    for i in 0..30 {
+        let c = json!({"candidate": format!("candidate:{i} 1 udp 1 10.0.0.1 {i} typ host"),
+                       "sdp_mid": "0", "sdp_mline_index": 0});
+        a.send(json!({"type":"candidate","candidate": c})).await;
+    }
+    let offer = b.expect("offer").await;
+    assert_eq!(
+        offer,
+        json!({"type":"offer","from": id(&ja),"sdp":"v=0 offer"})
+    );
+    for i in 0..30 {
+        let c = b.expect("candidate").await;
+        assert_eq!(c["from"], id(&ja));
+        assert_eq!(
+            c["candidate"]["candidate"],
+            format!("candidate:{i} 1 udp 1 10.0.0.1 {i} typ host")
+        );
+    }
+    b.send(json!({"type":"answer","sdp":"v=0 answer"})).await;
+    for i in 0..30 {
+        let c = json!({"candidate": format!("candidate:{i} 1 udp 1 10.0.0.2 {i} typ host"),
+                       "sdp_mid": "0", "sdp_mline_index": 0});
+        b.send(json!({"type":"candidate","candidate": c})).await;
+    }
+    b.send(json!({"type":"candidate","candidate": null})).await;
+    let answer = a.expect("answer").await;
+    assert_eq!(
+        answer,
+        json!({"type":"answer","from": id(&jb),"sdp":"v=0 answer"})
+    );
+    for i in 0..30 {
+        let c = a.expect("candidate").await;
+        assert_eq!(
+            c["candidate"]["candidate"],
+            format!("candidate:{i} 1 udp 1 10.0.0.2 {i} typ host")
+        );
+    }
+    let end = a.expect("candidate").await;
+    assert_eq!(end["candidate"], serde_json::Value::Null, "{end}");
+    a.expect_silence(Duration::from_millis(100)).await;
+    b.expect_silence(Duration::from_millis(100)).await;
+
+    one.stop().await;
+    two.stop().await;
+}
+
+#[tokio::test]
+async fn ten_racing_joins_through_two_instances_seat_exactly_two() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let (one, two) = (instance(&redis).await, instance(&redis).await);
+    let mut clients = Vec::new();
+    for i in 0..10 {
+        clients.push(Client::connect(if i % 2 == 0 { &one } else { &two }).await);
+    }
+    // Every join is on the wire before any answer is read.
+    for c in &mut clients {
+        c.send(json!({"type":"join","room":"race"})).await;
+    }
+    let mut joined = 0;
+    let mut full = 0;
+    for c in &mut clients {
+        let m = c.recv().await;
+        match m["type"].as_str() {
+            Some("joined") => joined += 1,
+            Some("room_full") => {
+                assert_eq!(m, json!({"type":"room_full","room":"race","members":2}));
+                full += 1;
+            }
+            _ => panic!("unexpected answer to a join: {m}"),
+        }
+    }
+    assert_eq!((joined, full), (2, 8));
+
+    one.stop().await;
+    two.stop().await;
+}
+
+#[tokio::test]
+async fn leaving_on_one_instance_is_seen_on_the_other() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let (one, two) = (instance(&redis).await, instance(&redis).await);
+    let mut a = Client::connect(&one).await;
+    let mut b = Client::connect(&two).await;
+    let ja = a.join("desk").await;
+    let jb = b.join("desk").await;
+    a.expect("peer_joined").await;
+
+    // The host leaves: the other hears it, then becomes host.
+    a.send(json!({"type":"leave"})).await;
+    let left = b.expect("peer_left").await;
+    assert_eq!(
+        left,
+        json!({"type":"peer_left","peer_id": id(&ja),"reason":"left"})
+    );
+    let host = b.expect("host_changed").await;
+    assert_eq!(host["peer_id"], id(&jb));
+    a.send(json!({"type":"offer","sdp":"x"})).await;
+    a.expect_error("not_in_call").await;
+
+    // Somebody on the first instance joins, then its connection drops.
+    let mut c = Client::connect(&one).await;
+    let jc = c.join("desk").await;
+    assert_eq!(jc["host"], false);
+    b.expect("peer_joined").await;
+    c.close().await;
+    let dropped = b.expect("peer_left").await;
+    assert_eq!(
+        dropped,
+        json!({"type":"peer_left","peer_id": id(&jc),"reason":"disconnected"})
+    );
+    b.send(json!({"type":"offer","sdp":"x"})).await;
+    b.expect_error("not_in_call").await;
+
+    // The seat is free again, from either instance.
+    let jd = Client::connect(&one).await.join("desk").await;
+    assert_eq!(jd["members"], 2);
+
+    one.stop().await;
+    two.stop().await;
+}
+
+#[tokio::test]
+async fn only_the_host_ends_a_room_and_both_instances_hear_it() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let (one, two) = (instance(&redis).await, instance(&redis).await);
+    let mut a = Client::connect(&one).await;
+    let mut b = Client::connect(&two).await;
+    a.join("townhall").await;
+    b.join("townhall").await;
+    a.expect("peer_joined").await;
+
+    b.send(json!({"type":"end_room"})).await;
+    b.expect_error("not_host").await;
+    a.send(json!({"type":"end_room"})).await;
+    let ended = json!({"type":"room_ended","room":"townhall","reason":"host_ended"});
+    assert_eq!(a.expect("room_ended").await, ended);
+    assert_eq!(b.expect("room_ended").await, ended);
+    // Ended for everybody, whichever instance they ask.
+    b.send(json!({"type":"join","room":"townhall"})).await;
+    b.expect_error("room_ended").await;
+    let mut c = Client::connect(&one).await;
+    c.send(json!({"type":"join","room":"townhall"})).await;
+    c.expect_error("room_ended").await;
+
+    one.stop().await;
+    two.stop().await;
+}
+
+#[tokio::test]
+async fn members_of_a_dead_instance_do_not_hold_seats() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let (one, two) = (instance(&redis).await, instance(&redis).await);
+    // A member whose instance is gone (no liveness key), as a SIGKILLed instance leaves.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut r = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("HSET")
+        .arg("duet:room:orphan")
+        .arg("m:ghost")
+        .arg("dead-instance\nGhost")
+        .arg("host")
+        .arg("ghost")
+        .query_async::<()>(&mut r)
+        .await
+        .unwrap();
+
+    let mut a = Client::connect(&one).await;
+    let mut b = Client::connect(&two).await;
+    let ja = a.join("orphan").await;
+    assert_eq!(ja["members"], 1, "{ja}");
+    assert_eq!(ja["host"], true, "the dead host's role is not kept: {ja}");
+    let jb = b.join("orphan").await;
+    assert_eq!(jb["members"], 2);
+    a.expect("peer_joined").await;
+
+    one.stop().await;
+    two.stop().await;
+}
+
+#[tokio::test]
+async fn without_redis_an_instance_is_not_ready_and_refuses_joins_then_recovers() {
+    let Some(mut redis) = RedisServer::start().await else {
+        return;
+    };
+    let (one, two) = (instance(&redis).await, instance(&redis).await);
+    let mut a = Client::connect(&one).await;
+
+    redis.kill();
+    wait_health(&one, 503).await;
+    let (_, body) = http(&one, "GET", "/healthz").await;
+    assert!(body.starts_with("not ready: "), "{body}");
+    a.send(json!({"type":"join","room":"later"})).await;
+    let refused = a.expect_error("unavailable").await;
+    assert!(
+        refused["message"].as_str().unwrap().contains("Redis"),
+        "{refused}"
+    );
+
+    // Redis is back (empty: no persistence): both instances recover by themselves.
+    redis.restart().await;
+    wait_health(&one, 200).await;
+    wait_health(&two, 200).await;
+    let ja = a.join("later").await;
+    assert_eq!(ja["members"], 1);
+    let mut b = Client::connect(&two).await;
+    b.join("later").await;
+    a.expect("peer_joined").await;
+    b.send(json!({"type":"offer","sdp":"after the restart"}))
+        .await;
+    assert_eq!(a.expect("offer").await["sdp"], "after the restart");
+
+    one.stop().await;
+    two.stop().await;
+}
+
+#[tokio::test]
+async fn direct_calls_and_resume_are_refused_clearly_in_cluster_mode() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let one = instance(&redis).await;
+    let mut a = Client::connect(&one).await;
+    a.send(json!({"type":"register","name":"ann"})).await;
+    a.expect_error("unavailable").await;
+    a.send(json!({"type":"resume","room":"x","peer_id":"p","resume_token":"t"}))
+        .await;
+    a.expect_error("resume_failed").await;
+    let ja = a.join("x").await;
+    assert!(ja.get("resume_token").is_none(), "{ja}");
+    one.stop().await;
+}
