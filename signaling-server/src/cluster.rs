@@ -35,7 +35,9 @@
 //! # What is not clustered yet
 //! Direct calls by name (`register`, `call`, ...) are refused with `unavailable`;
 //! `resume` is refused with `resume_failed` (no seat survives a dropped connection);
-//! meetings of the HTTP API, `GET /api/rooms/{id}` and the room caps are per instance.
+//! meetings of the HTTP API (`POST /api/rooms` answers 503 `unavailable`) and the
+//! room caps (`--max-rooms`, `--rooms-per-minute*`) are not applied. `GET
+//! /api/rooms/{id}` reads Redis, so every instance answers the same.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,11 +48,14 @@ use futures_util::StreamExt as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
 use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::api::{RoomInfo, RoomState};
+use crate::clock::format_rfc3339;
 use crate::hub::Hub;
 use crate::ids;
 use crate::protocol::{
@@ -182,10 +187,11 @@ end
 return cjson.encode({left = true, others = (#rest > 0) and rest or nil, new_host = new_host})
 ";
 
-/// Ends a room if `me` is its host: every member out, `ended` kept for `ttl_ms`.
+/// Ends a room if `me` is its host: every member out, `ended` (the time, Unix ms) kept
+/// for `ttl_ms`.
 const END: &str = r"
 local key = KEYS[1]
-local me, ttl = ARGV[1], ARGV[2]
+local me, ttl, now_ms = ARGV[1], ARGV[2], ARGV[3]
 if redis.call('HGET', key, 'host') ~= me then
   return cjson.encode({status = 'not_host'})
 end
@@ -200,7 +206,7 @@ for i = 1, #fields, 2 do
   end
 end
 redis.call('DEL', key)
-redis.call('HSET', key, 'ended', '1')
+redis.call('HSET', key, 'ended', now_ms)
 redis.call('PEXPIRE', key, ttl)
 return cjson.encode({status = 'ended', others = (#members > 0) and members or nil})
 ";
@@ -271,6 +277,9 @@ struct Member {
     peer_id: String,
     room: Option<String>,
     partner: Option<Seat>,
+    /// The room a join under way may have put it in (left again if the connection ends
+    /// before the answer came back).
+    joining: Option<String>,
     /// While a join is under way: what arrived meanwhile, delivered after `joined`.
     held: Option<Vec<Envelope>>,
 }
@@ -402,6 +411,7 @@ impl Cluster {
                 peer_id: peer_id.to_owned(),
                 room: None,
                 partner: None,
+                joining: None,
                 held: None,
             },
         );
@@ -480,7 +490,7 @@ impl Cluster {
                 .await
                 .map_err(|e| unavailable(&e))?;
         }
-        self.hold(conn, true);
+        self.hold(conn, Some(room));
         let answer = self
             .script(
                 self.join
@@ -495,7 +505,7 @@ impl Cluster {
         let answer = match answer {
             Ok(answer) => answer,
             Err(e) => {
-                self.hold(conn, false);
+                self.hold(conn, None);
                 return Err(unavailable(&e));
             }
         };
@@ -526,11 +536,11 @@ impl Cluster {
         }
         match answer.status.as_str() {
             "ended" => {
-                self.hold(conn, false);
+                self.hold(conn, None);
                 Err((ErrorCode::RoomEnded, format!("room `{room}` has ended")))
             }
             "full" => {
-                self.hold(conn, false);
+                self.hold(conn, None);
                 info!(room, peer = %peer_id, "room full");
                 self.hub.send(
                     conn,
@@ -554,6 +564,7 @@ impl Cluster {
                         return Ok(());
                     };
                     member.room = Some(room.to_owned());
+                    member.joining = None;
                     member.partner = answer.others.first().map(ScriptMember::seat);
                     self.hub.send(
                         conn,
@@ -584,7 +595,7 @@ impl Cluster {
                 Ok(())
             }
             other => {
-                self.hold(conn, false);
+                self.hold(conn, None);
                 warn!(status = other, "unexpected answer from the join script");
                 Err((
                     ErrorCode::Internal,
@@ -594,11 +605,13 @@ impl Cluster {
         }
     }
 
-    /// Starts (`true`) or stops holding what arrives for `conn` while it joins.
-    fn hold(&self, conn: ConnId, on: bool) {
+    /// Starts (joining `Some(room)`) or stops holding what arrives for `conn` while it
+    /// joins.
+    fn hold(&self, conn: ConnId, joining: Option<&str>) {
         let mut local = self.lock();
         if let Some(member) = local.conns.get_mut(&conn) {
-            member.held = on.then(Vec::new);
+            member.held = joining.map(|_| Vec::new());
+            member.joining = joining.map(str::to_owned);
         }
     }
 
@@ -622,7 +635,8 @@ impl Cluster {
             let Some(member) = local.conns.get_mut(&conn) else {
                 return Ok(false);
             };
-            let Some(room) = member.room.take() else {
+            // A join cancelled half-way may have seated it: that seat goes too.
+            let Some(room) = member.room.take().or_else(|| member.joining.take()) else {
                 return Ok(false);
             };
             member.partner = None;
@@ -667,6 +681,37 @@ impl Cluster {
         }
     }
 
+    /// A room as `GET /api/rooms/{room}` shows it (the same from every instance);
+    /// `None` when it does not exist (an empty room is forgotten at once).
+    pub async fn room_info(&self, room: &str) -> Result<Option<RoomInfo>, Unreachable> {
+        let fields: Vec<(String, String)> = self
+            .command(redis::cmd("HGETALL").arg(room_key(room)))
+            .await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        let members = fields.iter().filter(|(f, _)| f.starts_with("m:")).count();
+        let ended = fields.iter().find(|(f, _)| f == "ended").map(|(_, at)| {
+            let ms = at.parse::<i128>().unwrap_or(0);
+            OffsetDateTime::from_unix_timestamp_nanos(ms * 1_000_000)
+                .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+        });
+        let state = match (ended, members) {
+            (Some(_), _) => RoomState::Ended,
+            (None, 0) => RoomState::Open,
+            (None, _) => RoomState::Active,
+        };
+        Ok(Some(RoomInfo {
+            room_id: room.to_owned(),
+            title: None,
+            starts_at: None,
+            expires_at: ended.map(format_rfc3339),
+            members,
+            state,
+            ttl_s: i64::try_from(self.config.room_ttl.as_secs()).unwrap_or(i64::MAX),
+        }))
+    }
+
     async fn end_room(&self, conn: ConnId) -> Result<(), (ErrorCode, String)> {
         let (peer_id, room) = {
             let local = self.lock();
@@ -681,7 +726,8 @@ impl Cluster {
                 self.end
                     .key(room_key(&room))
                     .arg(&peer_id)
-                    .arg(millis(self.config.room_ttl)),
+                    .arg(millis(self.config.room_ttl))
+                    .arg(unix_millis(OffsetDateTime::now_utc())),
             )
             .await
             .map_err(|e| unavailable(&e))?;
@@ -938,6 +984,10 @@ fn room_key(room: &str) -> String {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+fn unix_millis(t: OffsetDateTime) -> i128 {
+    t.unix_timestamp_nanos() / 1_000_000
 }
 
 fn unavailable(e: &Unreachable) -> (ErrorCode, String) {

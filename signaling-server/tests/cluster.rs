@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::redis::RedisServer;
-use common::{Client, http, start_server};
+use common::{Client, http, request, start_server};
 use serde_json::json;
 use signaling_server::Server;
 
@@ -306,4 +306,54 @@ async fn direct_calls_and_resume_are_refused_clearly_in_cluster_mode() {
     let ja = a.join("x").await;
     assert!(ja.get("resume_token").is_none(), "{ja}");
     one.stop().await;
+}
+
+/// `GET /api/rooms/{id}` from instance `s`, as JSON (with its status).
+async fn room_info(s: &Server, room: &str) -> (u16, serde_json::Value) {
+    let r = request(s, "GET", &format!("/api/rooms/{room}"), &[], b"").await;
+    (r.status, serde_json::from_str(&r.body).unwrap())
+}
+
+#[tokio::test]
+async fn every_instance_shows_a_room_the_same_and_meetings_are_refused() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let (one, two) = (instance(&redis).await, instance(&redis).await);
+    for s in [&one, &two] {
+        let (status, body) = room_info(s, "lobby").await;
+        assert_eq!(status, 404, "{body}");
+        assert_eq!(body["error"], "unknown_room");
+    }
+    let mut a = Client::connect(&one).await;
+    a.join("lobby").await;
+    let (_, on_one) = room_info(&one, "lobby").await;
+    assert_eq!(on_one, room_info(&two, "lobby").await.1);
+    assert_eq!(on_one["members"], 1);
+    assert_eq!(on_one["state"], "active");
+    assert_eq!(on_one["expires_at"], serde_json::Value::Null);
+
+    let mut b = Client::connect(&two).await;
+    b.join("lobby").await;
+    a.expect("peer_joined").await;
+    assert_eq!(room_info(&one, "lobby").await.1["members"], 2);
+    assert_eq!(room_info(&two, "lobby").await.1["members"], 2);
+
+    a.send(json!({"type":"end_room"})).await;
+    a.expect("room_ended").await;
+    b.expect("room_ended").await;
+    let (_, ended) = room_info(&two, "lobby").await;
+    assert_eq!(ended, room_info(&one, "lobby").await.1);
+    assert_eq!(ended["state"], "ended");
+    assert_eq!(ended["members"], 0);
+    assert!(
+        ended["expires_at"].as_str().unwrap().ends_with('Z'),
+        "{ended}"
+    );
+
+    let r = request(&one, "POST", "/api/rooms", &[], b"{}").await;
+    r.assert_error(503, "unavailable");
+
+    one.stop().await;
+    two.stop().await;
 }
