@@ -22,6 +22,9 @@
 //!   `"{instance}\n{display name}"` per member (at most two), `ended` once its host
 //!   ended it (the key then expires after `--room-ttl`). An ad-hoc room's key is deleted
 //!   when its last member leaves.
+//! - `duet:name:{name}`: `"{peer_id}\n{instance}"` of the connection that registered it;
+//!   claimed by a Lua script (taken unless its holder's instance is dead), freed when
+//!   that connection ends.
 //! - `duet:instance:{id}`: exists while instance `id` is alive (a heartbeat refreshes its
 //!   ttl). A join finding a member whose instance key is gone removes that member (its
 //!   partner hears `peer_left/disconnected`), so a killed instance does not hold seats.
@@ -33,7 +36,9 @@
 //!   is still in the message's room.
 //!
 //! # What is not clustered yet
-//! Direct calls by name (`register`, `call`, ...) are refused with `unavailable`;
+//! Names are registered cluster-wide (`duet:name:{name}` = `"{peer_id}\n{instance}"`,
+//! freed when the connection ends or its instance dies), but direct calls (`call`,
+//! `accept`, `reject`) are refused with `unavailable`;
 //! `resume` is refused with `resume_failed` (no seat survives a dropped connection);
 //! meetings of the HTTP API (`POST /api/rooms` answers 503 `unavailable`) and the
 //! room caps (`--max-rooms`, `--rooms-per-minute*`) are not applied. `GET
@@ -76,6 +81,7 @@ const PUBLISH_QUEUE: usize = 65_536;
 
 const ROOM_PREFIX: &str = "duet:room:";
 const INSTANCE_PREFIX: &str = "duet:instance:";
+const NAME_PREFIX: &str = "duet:name:";
 const CHANNEL_PREFIX: &str = "duet:to:";
 
 /// The cluster could not be set up.
@@ -211,6 +217,32 @@ redis.call('PEXPIRE', key, ttl)
 return cjson.encode({status = 'ended', others = (#members > 0) and members or nil})
 ";
 
+/// Claims a name for `me` (`"{peer_id}\n{instance}"`) unless a live connection holds
+/// it (a holder whose instance is dead loses it); frees `me`'s previous name (KEYS[2]).
+const REGISTER: &str = r"
+local me, prefix = ARGV[1], ARGV[2]
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= me then
+  local sep = string.find(holder, '\n', 1, true) or (#holder + 1)
+  if redis.call('EXISTS', prefix .. string.sub(holder, sep + 1)) == 1 then
+    return cjson.encode({status = 'taken'})
+  end
+end
+redis.call('SET', KEYS[1], me)
+if KEYS[2] ~= KEYS[1] and redis.call('GET', KEYS[2]) == me then
+  redis.call('DEL', KEYS[2])
+end
+return cjson.encode({status = 'registered'})
+";
+
+/// Frees a name if `me` still holds it.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+end
+return cjson.encode({status = 'released'})
+";
+
 /// A member as the scripts return it.
 #[derive(Debug, Clone, Deserialize)]
 struct ScriptMember {
@@ -280,6 +312,8 @@ struct Member {
     /// The room a join under way may have put it in (left again if the connection ends
     /// before the answer came back).
     joining: Option<String>,
+    /// The name it registered (held in Redis, cluster-wide).
+    registered: Option<String>,
     /// While a join is under way: what arrived meanwhile, delivered after `joined`.
     held: Option<Vec<Envelope>>,
 }
@@ -316,6 +350,8 @@ pub struct Cluster {
     join: Script,
     leave: Script,
     end: Script,
+    register: Script,
+    release: Script,
 }
 
 impl Cluster {
@@ -346,6 +382,8 @@ impl Cluster {
             join: Script::new(JOIN),
             leave: Script::new(LEAVE),
             end: Script::new(END),
+            register: Script::new(REGISTER),
+            release: Script::new(RELEASE),
         });
         if let Err(e) = cluster.heartbeat().await {
             warn!(error = %e, "Redis not reachable at start; not ready until it is");
@@ -412,6 +450,7 @@ impl Cluster {
                 room: None,
                 partner: None,
                 joining: None,
+                registered: None,
                 held: None,
             },
         );
@@ -422,9 +461,23 @@ impl Cluster {
         if let Err(e) = self.leave_room(conn, LeaveReason::Disconnected).await {
             warn!(error = %e, conn, "could not take a dropped member out of its room in Redis");
         }
-        let mut local = self.lock();
-        if let Some(member) = local.conns.remove(&conn) {
-            local.by_peer.remove(&member.peer_id);
+        let member = {
+            let mut local = self.lock();
+            let member = local.conns.remove(&conn);
+            if let Some(member) = &member {
+                local.by_peer.remove(&member.peer_id);
+            }
+            member
+        };
+        if let Some(name) = member.as_ref().and_then(|m| m.registered.as_deref()) {
+            let me = format!(
+                "{}\n{}",
+                member.as_ref().map_or("", |m| &m.peer_id),
+                self.instance
+            );
+            if let Err(e) = self.script(self.release.key(name_key(name)).arg(me)).await {
+                warn!(error = %e, name, "could not free a registered name in Redis");
+            }
         }
     }
 
@@ -447,12 +500,12 @@ impl Cluster {
                 Err(e) => Err(unavailable(&e)),
             },
             ClientMessage::EndRoom => self.end_room(conn).await,
-            ClientMessage::Register { .. }
-            | ClientMessage::Call { .. }
+            ClientMessage::Register { name } => self.register(conn, &name).await,
+            ClientMessage::Call { .. }
             | ClientMessage::Accept { .. }
             | ClientMessage::Reject { .. } => Err((
                 ErrorCode::Unavailable,
-                "direct calls by name are not available on a clustered server yet".to_owned(),
+                "direct calls are not available on a clustered server yet".to_owned(),
             )),
             ClientMessage::Resume { .. } => Err((
                 ErrorCode::ResumeFailed,
@@ -603,6 +656,44 @@ impl Cluster {
                 ))
             }
         }
+    }
+
+    /// Claims `name` cluster-wide for `conn` (its previous name, if any, is freed).
+    async fn register(&self, conn: ConnId, name: &str) -> Result<(), (ErrorCode, String)> {
+        let name = validate_name("name", name).map_err(|e| (e.code, e.message))?;
+        let (peer_id, old) = {
+            let local = self.lock();
+            let member = local
+                .conns
+                .get(&conn)
+                .ok_or((ErrorCode::Internal, "unknown connection".to_owned()))?;
+            (member.peer_id.clone(), member.registered.clone())
+        };
+        let me = format!("{peer_id}\n{}", self.instance);
+        let answer = self
+            .script(
+                self.register
+                    .key(name_key(name))
+                    .key(name_key(old.as_deref().unwrap_or(name)))
+                    .arg(me)
+                    .arg(INSTANCE_PREFIX),
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        if answer.status == "taken" {
+            return Err((ErrorCode::NameTaken, format!("the name `{name}` is taken")));
+        }
+        info!(peer = %peer_id, name, "registered");
+        if let Some(member) = self.lock().conns.get_mut(&conn) {
+            member.registered = Some(name.to_owned());
+        }
+        self.hub.send(
+            conn,
+            ServerMessage::Registered {
+                name: name.to_owned(),
+            },
+        );
+        Ok(())
     }
 
     /// Starts (joining `Some(room)`) or stops holding what arrives for `conn` while it
@@ -976,6 +1067,10 @@ async fn publish_loop(
             return;
         }
     }
+}
+
+fn name_key(name: &str) -> String {
+    format!("{NAME_PREFIX}{name}")
 }
 
 fn room_key(room: &str) -> String {

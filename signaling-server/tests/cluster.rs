@@ -224,7 +224,7 @@ async fn only_the_host_ends_a_room_and_both_instances_hear_it() {
 }
 
 #[tokio::test]
-async fn members_of_a_dead_instance_do_not_hold_seats() {
+async fn members_of_a_dead_instance_hold_no_seats_and_no_names() {
     let Some(redis) = RedisServer::start().await else {
         return;
     };
@@ -250,6 +250,16 @@ async fn members_of_a_dead_instance_do_not_hold_seats() {
     let jb = b.join("orphan").await;
     assert_eq!(jb["members"], 2);
     a.expect("peer_joined").await;
+
+    // Nor names.
+    redis::cmd("SET")
+        .arg("duet:name:ghost")
+        .arg("ghost\ndead-instance")
+        .query_async::<()>(&mut r)
+        .await
+        .unwrap();
+    b.send(json!({"type":"register","name":"ghost"})).await;
+    assert_eq!(b.expect("registered").await["name"], "ghost");
 
     one.stop().await;
     two.stop().await;
@@ -292,13 +302,13 @@ async fn without_redis_an_instance_is_not_ready_and_refuses_joins_then_recovers(
 }
 
 #[tokio::test]
-async fn direct_calls_and_resume_are_refused_clearly_in_cluster_mode() {
+async fn calls_and_resume_are_refused_clearly_in_cluster_mode() {
     let Some(redis) = RedisServer::start().await else {
         return;
     };
     let one = instance(&redis).await;
     let mut a = Client::connect(&one).await;
-    a.send(json!({"type":"register","name":"ann"})).await;
+    a.send(json!({"type":"call","to":"bob"})).await;
     a.expect_error("unavailable").await;
     a.send(json!({"type":"resume","room":"x","peer_id":"p","resume_token":"t"}))
         .await;
@@ -306,6 +316,53 @@ async fn direct_calls_and_resume_are_refused_clearly_in_cluster_mode() {
     let ja = a.join("x").await;
     assert!(ja.get("resume_token").is_none(), "{ja}");
     one.stop().await;
+}
+
+/// Registers `name` on `c`; the answer (`registered` or an error).
+async fn register(c: &mut Client, name: &str) -> serde_json::Value {
+    c.send(json!({"type":"register","name":name})).await;
+    c.recv().await
+}
+
+#[tokio::test]
+async fn a_name_is_registered_once_across_instances() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let (one, two) = (instance(&redis).await, instance(&redis).await);
+    let mut a = Client::connect(&one).await;
+    let mut b = Client::connect(&two).await;
+    let mut c = Client::connect(&one).await;
+    assert_eq!(
+        register(&mut a, " ann ").await,
+        json!({"type":"registered","name":"ann"})
+    );
+    // Again by its holder: fine. By anybody else, on either instance: taken.
+    assert_eq!(register(&mut a, "ann").await["type"], "registered");
+    assert_eq!(register(&mut b, "ann").await["code"], "name_taken");
+    assert_eq!(register(&mut c, "ann").await["code"], "name_taken");
+
+    // A new name frees the old one cluster-wide.
+    assert_eq!(register(&mut a, "anna").await["type"], "registered");
+    assert_eq!(register(&mut b, "ann").await["type"], "registered");
+    assert_eq!(register(&mut c, "anna").await["code"], "name_taken");
+
+    // A closed connection's name is freed (once its instance has noticed the close).
+    a.close().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let answer = register(&mut c, "anna").await;
+        if answer["type"] == "registered" {
+            break;
+        }
+        assert_eq!(answer["code"], "name_taken", "{answer}");
+        assert!(tokio::time::Instant::now() < deadline, "name never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(register(&mut b, "anna").await["code"], "name_taken");
+
+    one.stop().await;
+    two.stop().await;
 }
 
 /// `GET /api/rooms/{id}` from instance `s`, as JSON (with its status).
