@@ -8,12 +8,9 @@ mod common;
 use std::time::Duration;
 
 use common::redis::RedisServer;
-use common::{Client, http, request, start_server};
+use common::{Client, http, request, start_server, wait_health};
 use serde_json::json;
 use signaling_server::Server;
-
-/// How long an instance may take to become ready (subscribed, Redis answering).
-const READY_WITHIN: Duration = Duration::from_secs(10);
 
 /// An instance of the cluster on `redis`, ready.
 async fn instance(redis: &RedisServer) -> Server {
@@ -21,22 +18,6 @@ async fn instance(redis: &RedisServer) -> Server {
     let s = start_server(|c| c.redis = Some(url)).await;
     wait_health(&s, 200).await;
     s
-}
-
-/// Waits until `/healthz` answers `status`.
-async fn wait_health(s: &Server, status: u16) {
-    let deadline = tokio::time::Instant::now() + READY_WITHIN;
-    loop {
-        let (got, body) = http(s, "GET", "/healthz").await;
-        if got == status {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "/healthz still {got} ({body}) after {READY_WITHIN:?}; waiting for {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn id(v: &serde_json::Value) -> String {
