@@ -46,7 +46,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
@@ -64,7 +64,8 @@ use crate::clock::format_rfc3339;
 use crate::hub::Hub;
 use crate::ids;
 use crate::protocol::{
-    ClientMessage, ErrorCode, LeaveReason, PeerInfo, RoomEndReason, ServerMessage, validate_name,
+    CallRejectReason, ClientMessage, ErrorCode, LeaveReason, PeerInfo, RoomEndReason,
+    ServerMessage, validate_name,
 };
 use crate::rooms::ConnId;
 
@@ -82,6 +83,8 @@ const PUBLISH_QUEUE: usize = 65_536;
 const ROOM_PREFIX: &str = "duet:room:";
 const INSTANCE_PREFIX: &str = "duet:instance:";
 const NAME_PREFIX: &str = "duet:name:";
+const BUSY_PREFIX: &str = "duet:busy:";
+const CALL_PREFIX: &str = "duet:call:";
 const CHANNEL_PREFIX: &str = "duet:to:";
 
 /// The cluster could not be set up.
@@ -109,10 +112,13 @@ pub enum Unreachable {
 /// remaining member, if any, becomes host and is returned as `new_host`).
 const JOIN: &str = r"
 local key = KEYS[1]
-local me, inst, name, prefix, inst_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local me, inst, name, prefix, inst_ttl, busy = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 redis.call('SET', prefix .. inst, '1', 'PX', inst_ttl)
 if redis.call('HEXISTS', key, 'ended') == 1 then
   return cjson.encode({status = 'ended'})
+end
+if redis.call('HEXISTS', key, 'ringing') == 1 then
+  return cjson.encode({status = 'full', members = 2})
 end
 local fields = redis.call('HGETALL', key)
 local host = false
@@ -153,6 +159,7 @@ if #others >= 2 then
 end
 if not host then host = me end
 redis.call('HSET', key, 'm:' .. me, inst .. '\n' .. name, 'host', host)
+redis.call('SET', busy .. me, ARGV[7])
 return cjson.encode({status = 'joined', host = host, others = (#others > 0) and others or nil,
                      gone = (#gone > 0) and gone or nil, new_host = new_host})
 ";
@@ -161,7 +168,10 @@ return cjson.encode({status = 'joined', host = host, others = (#others > 0) and 
 /// room left empty is deleted (an ended one keeps its key until it expires).
 const LEAVE: &str = r"
 local key = KEYS[1]
-local me = ARGV[1]
+local me, busy, room = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('GET', busy .. me) == room then
+  redis.call('DEL', busy .. me)
+end
 if redis.call('HDEL', key, 'm:' .. me) == 0 then
   return cjson.encode({left = false})
 end
@@ -209,6 +219,7 @@ for i = 1, #fields, 2 do
     local sep = string.find(v, '\n', 1, true) or (#v + 1)
     table.insert(members, {peer = string.sub(f, 3), instance = string.sub(v, 1, sep - 1),
                            name = string.sub(v, sep + 1)})
+    redis.call('DEL', ARGV[4] .. string.sub(f, 3))
   end
 end
 redis.call('DEL', key)
@@ -241,6 +252,86 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
 end
 return cjson.encode({status = 'released'})
+";
+
+/// Rings `callee`'s name for `me` (`from` its registered name): offline (no live holder),
+/// self, busy (in a room or rung), or ringing: the call room is created with `me` in it
+/// (closed to joins while it rings), both marked busy, and the call recorded (KEYS[3],
+/// the arbiter of how it ends).
+const CALL: &str = r"
+local me, inst, from, prefix, busy, call_id, ring_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local holder = redis.call('GET', KEYS[1])
+if not holder then
+  return cjson.encode({status = 'offline'})
+end
+local sep = string.find(holder, '\n', 1, true) or (#holder + 1)
+local peer, at = string.sub(holder, 1, sep - 1), string.sub(holder, sep + 1)
+if redis.call('EXISTS', prefix .. at) == 0 then
+  return cjson.encode({status = 'offline'})
+end
+if peer == me then
+  return cjson.encode({status = 'self'})
+end
+if redis.call('EXISTS', busy .. peer) == 1 then
+  return cjson.encode({status = 'busy'})
+end
+redis.call('HSET', KEYS[2], 'm:' .. me, inst .. '\n' .. from, 'host', me, 'ringing', peer)
+redis.call('SET', busy .. me, call_id)
+redis.call('SET', busy .. peer, call_id)
+redis.call('SET', KEYS[3], cjson.encode({caller = me, caller_instance = inst, callee = peer,
+                                          callee_instance = at}), 'PX', ring_ms)
+return cjson.encode({status = 'ringing', others = {{peer = peer, instance = at, name = ''}}})
+";
+
+/// Ends a call that still rings (whoever comes first: reject, timeout, either side
+/// gone); `gone` when it was answered or ended already.
+const END_CALL: &str = r"
+local call = redis.call('GET', KEYS[1])
+if not call then
+  return cjson.encode({status = 'gone'})
+end
+local c = cjson.decode(call)
+local busy, call_id = ARGV[1], ARGV[2]
+redis.call('DEL', KEYS[1], KEYS[2])
+for _, p in ipairs({c.caller, c.callee}) do
+  if redis.call('GET', busy .. p) == call_id then
+    redis.call('DEL', busy .. p)
+  end
+end
+return cjson.encode({status = 'ended', others = {
+  {peer = c.caller, instance = c.caller_instance, name = ''},
+  {peer = c.callee, instance = c.callee_instance, name = ''}}})
+";
+
+/// The callee `me` answers: the call is over (as ringing), `me` joins its room.
+const ACCEPT: &str = r"
+local call = redis.call('GET', KEYS[1])
+if not call then
+  return cjson.encode({status = 'gone'})
+end
+local c = cjson.decode(call)
+local me, inst, name, busy, call_id = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+if c.callee ~= me then
+  return cjson.encode({status = 'gone'})
+end
+redis.call('DEL', KEYS[1])
+redis.call('HDEL', KEYS[2], 'ringing')
+local fields = redis.call('HGETALL', KEYS[2])
+local host = nil
+local others = {}
+for i = 1, #fields, 2 do
+  local f, v = fields[i], fields[i + 1]
+  if f == 'host' then
+    host = v
+  elseif string.sub(f, 1, 2) == 'm:' then
+    local sep = string.find(v, '\n', 1, true) or (#v + 1)
+    table.insert(others, {peer = string.sub(f, 3), instance = string.sub(v, 1, sep - 1),
+                          name = string.sub(v, sep + 1)})
+  end
+end
+redis.call('HSET', KEYS[2], 'm:' .. me, inst .. '\n' .. name)
+redis.call('SET', busy .. me, call_id)
+return cjson.encode({status = 'joined', host = host, others = (#others > 0) and others or nil})
 ";
 
 /// A member as the scripts return it.
@@ -303,6 +394,13 @@ struct Envelope {
     msg: ServerMessage,
 }
 
+/// A callee being rung: its peer id, registered name and room.
+struct Rung {
+    peer_id: String,
+    name: Option<String>,
+    room: Option<String>,
+}
+
 /// One of this instance's connections.
 #[derive(Debug)]
 struct Member {
@@ -314,6 +412,10 @@ struct Member {
     joining: Option<String>,
     /// The name it registered (held in Redis, cluster-wide).
     registered: Option<String>,
+    /// The call it placed while it rings (its room is the call id).
+    calling: Option<String>,
+    /// The call ringing it.
+    rung_by: Option<String>,
     /// While a join is under way: what arrived meanwhile, delivered after `joined`.
     held: Option<Vec<Envelope>>,
 }
@@ -331,6 +433,8 @@ pub struct ClusterConfig {
     pub url: String,
     /// How long an ended room keeps refusing joins.
     pub room_ttl: Duration,
+    /// How long a direct call rings.
+    pub ring_timeout: Duration,
 }
 
 /// This instance's part of the cluster.
@@ -352,6 +456,11 @@ pub struct Cluster {
     end: Script,
     register: Script,
     release: Script,
+    call: Script,
+    end_call: Script,
+    accept: Script,
+    /// Itself, for the ring timers' tasks.
+    weak: Weak<Cluster>,
 }
 
 impl Cluster {
@@ -367,7 +476,7 @@ impl Cluster {
             .map_err(ClusterError::Connection)?;
         let instance = ids::peer_id();
         let (publish, queue) = mpsc::channel(PUBLISH_QUEUE);
-        let cluster = Arc::new(Cluster {
+        let cluster = Arc::new_cyclic(|weak| Cluster {
             channel: format!("{CHANNEL_PREFIX}{instance}"),
             instance,
             client,
@@ -384,6 +493,10 @@ impl Cluster {
             end: Script::new(END),
             register: Script::new(REGISTER),
             release: Script::new(RELEASE),
+            call: Script::new(CALL),
+            end_call: Script::new(END_CALL),
+            accept: Script::new(ACCEPT),
+            weak: weak.clone(),
         });
         if let Err(e) = cluster.heartbeat().await {
             warn!(error = %e, "Redis not reachable at start; not ready until it is");
@@ -451,6 +564,8 @@ impl Cluster {
                 partner: None,
                 joining: None,
                 registered: None,
+                calling: None,
+                rung_by: None,
                 held: None,
             },
         );
@@ -460,6 +575,18 @@ impl Cluster {
     pub async fn disconnect(&self, conn: ConnId) {
         if let Err(e) = self.leave_room(conn, LeaveReason::Disconnected).await {
             warn!(error = %e, conn, "could not take a dropped member out of its room in Redis");
+        }
+        let rung_by = self
+            .lock()
+            .conns
+            .get_mut(&conn)
+            .and_then(|m| m.rung_by.take());
+        if let Some(call_id) = rung_by
+            && let Err(e) = self
+                .end_call(&call_id, Some(CallRejectReason::Offline), false)
+                .await
+        {
+            warn!(error = %e, call = %call_id, "could not end a call whose callee left");
         }
         let member = {
             let mut local = self.lock();
@@ -501,12 +628,9 @@ impl Cluster {
             },
             ClientMessage::EndRoom => self.end_room(conn).await,
             ClientMessage::Register { name } => self.register(conn, &name).await,
-            ClientMessage::Call { .. }
-            | ClientMessage::Accept { .. }
-            | ClientMessage::Reject { .. } => Err((
-                ErrorCode::Unavailable,
-                "direct calls are not available on a clustered server yet".to_owned(),
-            )),
+            ClientMessage::Call { to } => self.place_call(conn, &to).await,
+            ClientMessage::Accept { call_id } => self.accept_call(conn, &call_id).await,
+            ClientMessage::Reject { call_id } => self.reject_call(conn, &call_id).await,
             ClientMessage::Resume { .. } => Err((
                 ErrorCode::ResumeFailed,
                 "this server does not keep seats (resume is not available in cluster mode yet)"
@@ -552,7 +676,9 @@ impl Cluster {
                     .arg(&self.instance)
                     .arg(display.unwrap_or(""))
                     .arg(INSTANCE_PREFIX)
-                    .arg(millis(INSTANCE_TTL)),
+                    .arg(millis(INSTANCE_TTL))
+                    .arg(BUSY_PREFIX)
+                    .arg(room),
             )
             .await;
         let answer = match answer {
@@ -696,20 +822,312 @@ impl Cluster {
         Ok(())
     }
 
+    /// `call`: rings the holder of the name `to` (see [`CALL`]).
+    async fn place_call(&self, conn: ConnId, to: &str) -> Result<(), (ErrorCode, String)> {
+        let (peer_id, from, current) = {
+            let local = self.lock();
+            let member = local
+                .conns
+                .get(&conn)
+                .ok_or((ErrorCode::Internal, "unknown connection".to_owned()))?;
+            let Some(from) = member.registered.clone() else {
+                return Err((
+                    ErrorCode::BadField,
+                    "register a name before calling (`register` first)".to_owned(),
+                ));
+            };
+            (member.peer_id.clone(), from, member.room.clone())
+        };
+        let to = validate_name("to", to).map_err(|e| (e.code, e.message))?;
+        let call_id = ids::call_id();
+        let answer = self
+            .script(
+                self.call
+                    .key(name_key(to))
+                    .key(room_key(&call_id))
+                    .key(call_key(&call_id))
+                    .arg(&peer_id)
+                    .arg(&self.instance)
+                    .arg(&from)
+                    .arg(INSTANCE_PREFIX)
+                    .arg(BUSY_PREFIX)
+                    .arg(&call_id)
+                    // The record outlives the ring by a margin: the timer ends it.
+                    .arg(millis(self.config.ring_timeout + Duration::from_secs(60))),
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let rejected = |reason| {
+            info!(call = %call_id, from = %from, to, ?reason, "call not placed");
+            self.hub.send(
+                conn,
+                ServerMessage::CallRejected {
+                    call_id: call_id.clone(),
+                    reason,
+                },
+            );
+            Ok(())
+        };
+        let callee = match answer.status.as_str() {
+            "offline" => return rejected(CallRejectReason::Offline),
+            "busy" => return rejected(CallRejectReason::Busy),
+            "self" => return Err((ErrorCode::BadField, "`to` is your own name".to_owned())),
+            "ringing" => match answer.others.first() {
+                Some(callee) => callee.seat(),
+                None => return Err((ErrorCode::Internal, "no callee in the answer".to_owned())),
+            },
+            other => {
+                warn!(status = other, "unexpected answer from the call script");
+                return Err((
+                    ErrorCode::Internal,
+                    "unexpected answer from Redis".to_owned(),
+                ));
+            }
+        };
+        if let Some(old) = current {
+            // The caller is in the call's room now; out of the one it was in.
+            self.leave_old_room(conn, &peer_id, &old).await;
+        }
+        info!(call = %call_id, from = %from, to, "ringing");
+        {
+            let mut local = self.lock();
+            if let Some(member) = local.conns.get_mut(&conn) {
+                member.room = Some(call_id.clone());
+                member.partner = None;
+                member.calling = Some(call_id.clone());
+            }
+            self.hub.send(
+                conn,
+                ServerMessage::Ringing {
+                    call_id: call_id.clone(),
+                    to: to.to_owned(),
+                },
+            );
+            self.hub.send(
+                conn,
+                ServerMessage::Joined {
+                    room: call_id.clone(),
+                    peer_id: peer_id.clone(),
+                    members: 1,
+                    host: true,
+                    peers: Vec::new(),
+                    resume_token: None,
+                },
+            );
+        }
+        self.route(
+            &callee,
+            &call_id,
+            ServerMessage::IncomingCall {
+                call_id: call_id.clone(),
+                from,
+            },
+        );
+        if let Some(this) = self.weak.upgrade() {
+            let ring = self.config.ring_timeout;
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = this.stop.cancelled() => {}
+                    () = tokio::time::sleep(ring) => {
+                        let ended = this
+                            .end_call(&call_id, Some(CallRejectReason::NoAnswer), true)
+                            .await;
+                        match ended {
+                            Ok(true) => info!(call = %call_id, "call not answered"),
+                            Ok(false) => {}
+                            Err(e) => warn!(error = %e, call = %call_id, "ring timeout not applied"),
+                        }
+                    }
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Ends the ringing call `call_id` if it still rings (`Ok(false)` if it does not):
+    /// the caller hears `call_rejected/caller_reason` (nothing when it gave up itself),
+    /// the callee `call_cancelled` when `cancel_callee`.
+    async fn end_call(
+        &self,
+        call_id: &str,
+        caller_reason: Option<CallRejectReason>,
+        cancel_callee: bool,
+    ) -> Result<bool, Unreachable> {
+        let answer = self
+            .script(
+                self.end_call
+                    .key(call_key(call_id))
+                    .key(room_key(call_id))
+                    .arg(BUSY_PREFIX)
+                    .arg(call_id),
+            )
+            .await?;
+        if answer.status != "ended" {
+            return Ok(false);
+        }
+        let (Some(caller), Some(callee)) = (answer.others.first(), answer.others.get(1)) else {
+            return Ok(true);
+        };
+        if let Some(reason) = caller_reason {
+            self.route(
+                &caller.seat(),
+                call_id,
+                ServerMessage::CallRejected {
+                    call_id: call_id.to_owned(),
+                    reason,
+                },
+            );
+        }
+        if cancel_callee || caller_reason.is_none() {
+            self.route(
+                &callee.seat(),
+                call_id,
+                ServerMessage::CallCancelled {
+                    call_id: call_id.to_owned(),
+                },
+            );
+        }
+        Ok(true)
+    }
+
+    /// Whether `call_id` is ringing `conn`.
+    fn rung(&self, conn: ConnId, call_id: &str) -> Result<Rung, (ErrorCode, String)> {
+        let local = self.lock();
+        match local.conns.get(&conn) {
+            Some(m) if m.rung_by.as_deref() == Some(call_id) => Ok(Rung {
+                peer_id: m.peer_id.clone(),
+                name: m.registered.clone(),
+                room: m.room.clone(),
+            }),
+            _ => Err((
+                ErrorCode::UnknownCall,
+                "no call with that `call_id` is ringing you".to_owned(),
+            )),
+        }
+    }
+
+    /// `accept`: the callee joins the call's room.
+    async fn accept_call(&self, conn: ConnId, call_id: &str) -> Result<(), (ErrorCode, String)> {
+        let Rung {
+            peer_id,
+            name,
+            room: current,
+        } = self.rung(conn, call_id)?;
+        self.hold(conn, Some(call_id));
+        let answer = self
+            .script(
+                self.accept
+                    .key(call_key(call_id))
+                    .key(room_key(call_id))
+                    .arg(&peer_id)
+                    .arg(&self.instance)
+                    .arg(name.as_deref().unwrap_or(""))
+                    .arg(BUSY_PREFIX)
+                    .arg(call_id),
+            )
+            .await;
+        let answer = match answer {
+            Ok(answer) if answer.status == "joined" => answer,
+            Ok(_) => {
+                self.hold(conn, None);
+                return Err((
+                    ErrorCode::UnknownCall,
+                    "no call with that `call_id` is ringing you".to_owned(),
+                ));
+            }
+            Err(e) => {
+                self.hold(conn, None);
+                return Err(unavailable(&e));
+            }
+        };
+        if let Some(old) = current {
+            self.leave_old_room(conn, &peer_id, &old).await;
+        }
+        info!(call = %call_id, peer = %peer_id, "call accepted");
+        let held = {
+            let mut local = self.lock();
+            let Some(member) = local.conns.get_mut(&conn) else {
+                return Ok(());
+            };
+            member.rung_by = None;
+            member.room = Some(call_id.to_owned());
+            member.joining = None;
+            member.partner = answer.others.first().map(ScriptMember::seat);
+            self.hub.send(
+                conn,
+                ServerMessage::Joined {
+                    room: call_id.to_owned(),
+                    peer_id: peer_id.clone(),
+                    members: answer.others.len() + 1,
+                    host: answer.host.as_deref() == Some(peer_id.as_str()),
+                    peers: answer.others.iter().map(ScriptMember::info).collect(),
+                    resume_token: None,
+                },
+            );
+            member.held.take().unwrap_or_default()
+        };
+        for other in &answer.others {
+            self.route(
+                &other.seat(),
+                call_id,
+                ServerMessage::PeerJoined {
+                    peer_id: peer_id.clone(),
+                    name: name.clone(),
+                },
+            );
+        }
+        for envelope in held {
+            self.receive(envelope);
+        }
+        Ok(())
+    }
+
+    /// `reject`: the caller hears `call_rejected/rejected`.
+    async fn reject_call(&self, conn: ConnId, call_id: &str) -> Result<(), (ErrorCode, String)> {
+        let peer_id = self.rung(conn, call_id)?.peer_id;
+        let ended = self
+            .end_call(call_id, Some(CallRejectReason::Rejected), false)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        if let Some(member) = self.lock().conns.get_mut(&conn) {
+            member.rung_by = None;
+        }
+        if !ended {
+            return Err((
+                ErrorCode::UnknownCall,
+                "no call with that `call_id` is ringing you".to_owned(),
+            ));
+        }
+        info!(call = %call_id, peer = %peer_id, "call rejected");
+        Ok(())
+    }
+
     /// Starts (joining `Some(room)`) or stops holding what arrives for `conn` while it
-    /// joins.
+    /// joins; what was held when it stops without having joined is delivered as usual.
     fn hold(&self, conn: ConnId, joining: Option<&str>) {
-        let mut local = self.lock();
-        if let Some(member) = local.conns.get_mut(&conn) {
-            member.held = joining.map(|_| Vec::new());
+        let held = {
+            let mut local = self.lock();
+            let Some(member) = local.conns.get_mut(&conn) else {
+                return;
+            };
             member.joining = joining.map(str::to_owned);
+            std::mem::replace(&mut member.held, joining.map(|_| Vec::new()))
+        };
+        for envelope in held.unwrap_or_default() {
+            self.receive(envelope);
         }
     }
 
     /// After joining another room: out of `old` in Redis, telling its other member.
     async fn leave_old_room(&self, conn: ConnId, peer_id: &str, old: &str) {
         match self
-            .script(self.leave.key(room_key(old)).arg(peer_id))
+            .script(
+                self.leave
+                    .key(room_key(old))
+                    .arg(peer_id)
+                    .arg(BUSY_PREFIX)
+                    .arg(old),
+            )
             .await
         {
             Ok(answer) => self.announce_leave(old, peer_id, LeaveReason::Left, &answer),
@@ -719,9 +1137,10 @@ impl Cluster {
         }
     }
 
-    /// Takes `conn` out of its room: `Ok(false)` if it was in none.
+    /// Takes `conn` out of its room: `Ok(false)` if it was in none. A caller whose call
+    /// still rings cancels it (the callee hears `call_cancelled`).
     async fn leave_room(&self, conn: ConnId, reason: LeaveReason) -> Result<bool, Unreachable> {
-        let (peer_id, room) = {
+        let (peer_id, room, calling) = {
             let mut local = self.lock();
             let Some(member) = local.conns.get_mut(&conn) else {
                 return Ok(false);
@@ -731,11 +1150,21 @@ impl Cluster {
                 return Ok(false);
             };
             member.partner = None;
-            (member.peer_id.clone(), room)
+            let calling = member.calling.take();
+            (member.peer_id.clone(), room, calling)
         };
         info!(room = %room, peer = %peer_id, ?reason, "left");
+        if calling.as_deref() == Some(room.as_str()) && self.end_call(&room, None, true).await? {
+            return Ok(true);
+        }
         let answer = self
-            .script(self.leave.key(room_key(&room)).arg(&peer_id))
+            .script(
+                self.leave
+                    .key(room_key(&room))
+                    .arg(&peer_id)
+                    .arg(BUSY_PREFIX)
+                    .arg(&room),
+            )
             .await?;
         self.announce_leave(&room, &peer_id, reason, &answer);
         Ok(true)
@@ -818,7 +1247,8 @@ impl Cluster {
                     .key(room_key(&room))
                     .arg(&peer_id)
                     .arg(millis(self.config.room_ttl))
-                    .arg(unix_millis(OffsetDateTime::now_utc())),
+                    .arg(unix_millis(OffsetDateTime::now_utc()))
+                    .arg(BUSY_PREFIX),
             )
             .await
             .map_err(|e| unavailable(&e))?;
@@ -908,12 +1338,34 @@ impl Cluster {
             held.push(envelope);
             return;
         }
-        if member.room.as_deref() != Some(envelope.room.as_str()) {
+        let deliver = match &envelope.msg {
+            // The callee of a call is in no room: these are about its ringing.
+            ServerMessage::IncomingCall { call_id, .. } => {
+                member.rung_by = Some(call_id.clone());
+                true
+            }
+            ServerMessage::CallCancelled { call_id } => {
+                let rung = member.rung_by.as_ref() == Some(call_id);
+                if rung {
+                    member.rung_by = None;
+                }
+                rung
+            }
+            _ => member.room.as_deref() == Some(envelope.room.as_str()),
+        };
+        if !deliver {
             debug!(to = %envelope.to, room = %envelope.room, "recipient not in that room; dropped");
             return;
         }
         match &envelope.msg {
+            ServerMessage::CallRejected { .. } => {
+                member.room = None;
+                member.partner = None;
+                member.calling = None;
+            }
             ServerMessage::PeerJoined { peer_id, .. } => {
+                // In a call's room, the callee has answered.
+                member.calling = None;
                 member.partner = Some(Seat {
                     peer_id: peer_id.clone(),
                     instance: envelope.from.clone(),
@@ -1071,6 +1523,10 @@ async fn publish_loop(
 
 fn name_key(name: &str) -> String {
     format!("{NAME_PREFIX}{name}")
+}
+
+fn call_key(call_id: &str) -> String {
+    format!("{CALL_PREFIX}{call_id}")
 }
 
 fn room_key(room: &str) -> String {

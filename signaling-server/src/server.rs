@@ -195,6 +195,7 @@ impl Server {
                     ClusterConfig {
                         url: url.clone(),
                         room_ttl: config.room_ttl,
+                        ring_timeout: config.ring_timeout,
                     },
                     Arc::clone(&hub),
                 )
