@@ -22,6 +22,8 @@
 //!   `"{instance}\n{display name}"` per member (at most two), `ended` once its host
 //!   ended it (the key then expires after `--room-ttl`). An ad-hoc room's key is deleted
 //!   when its last member leaves.
+//! - `duet:busy:{peer_id}`: the room (or call) a peer is in or rung by.
+//! - `duet:call:{call_id}`: a call that rings (see *Direct calls*).
 //! - `duet:name:{name}`: `"{peer_id}\n{instance}"` of the connection that registered it;
 //!   claimed by a Lua script (taken unless its holder's instance is dead), freed when
 //!   that connection ends.
@@ -35,14 +37,22 @@
 //!   reach its partner in the order sent. A message is delivered only if its recipient
 //!   is still in the message's room.
 //!
+//! # Direct calls
+//! `call` runs one script on the callee's name: offline (no live holder), busy (a
+//! `duet:busy:{peer_id}` marker, set while a peer is in a room or rung), or ringing: the
+//! call's room is created with the caller in it (flagged `ringing`, so joins find it
+//! full) and `duet:call:{call_id}` records the call. That record is the arbiter of how a
+//! ringing call ends: `accept` (the callee joins), `reject`, the ring timeout (a timer on
+//! the caller's instance), the caller leaving or dropping, the callee dropping: each
+//! deletes the record in a script, and only the one that did acts on it.
+//!
 //! # What is not clustered yet
-//! Names are registered cluster-wide (`duet:name:{name}` = `"{peer_id}\n{instance}"`,
-//! freed when the connection ends or its instance dies), but direct calls (`call`,
-//! `accept`, `reject`) are refused with `unavailable`;
 //! `resume` is refused with `resume_failed` (no seat survives a dropped connection);
 //! meetings of the HTTP API (`POST /api/rooms` answers 503 `unavailable`) and the
 //! room caps (`--max-rooms`, `--rooms-per-minute*`) are not applied. `GET
-//! /api/rooms/{id}` reads Redis, so every instance answers the same.
+//! /api/rooms/{id}` reads Redis, so every instance answers the same. Busy markers and
+//! room keys of a dead instance's members are only removed by the next join of that
+//! room (there is no ttl on them yet).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

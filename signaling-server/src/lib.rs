@@ -15,9 +15,9 @@
 //! - [`connection`] (private): one task per WebSocket; limits, pings, reading, writing.
 //! - [`websocket`]: RFC 6455 frame decoding/encoding that can skip oversized messages.
 //! - [`hub`]: the room state behind one mutex, and delivery to connection queues.
-//! - [`cluster`]: cluster mode (`--redis`): room membership in Redis (Lua scripts),
-//!   delivery to members on other instances through Redis pub/sub; a routing layer in
-//!   front of the hub, which stays the single-process default.
+//! - [`cluster`]: cluster mode (`--redis`): rooms, names and ringing calls in Redis
+//!   (changed by Lua scripts), delivery to members on other instances through Redis
+//!   pub/sub; a routing layer in front of the hub, which stays the single-process default.
 //! - [`rooms`]: the room, meeting and direct-call state machine, without any I/O,
 //!   including the seats of dropped members kept for `resume` and their queues.
 //! - [`clock`]: monotonic and wall-clock time passed into it; RFC 3339 helpers.

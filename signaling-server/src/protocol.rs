@@ -94,8 +94,8 @@ pub enum ErrorCode {
     RoomEnded,
     /// A `resume` was refused (unknown room or peer, wrong token, grace over, not away).
     ResumeFailed,
-    /// The server cannot do it now: in cluster mode, Redis is unreachable, or the
-    /// feature is not clustered yet. Nothing changed; trying again later may work.
+    /// The server cannot do it now: in cluster mode, Redis is unreachable. Nothing
+    /// changed; trying again later may work.
     Unavailable,
     Internal,
 }
