@@ -50,9 +50,14 @@
 //! `resume` is refused with `resume_failed` (no seat survives a dropped connection);
 //! meetings of the HTTP API (`POST /api/rooms` answers 503 `unavailable`) and the
 //! room caps (`--max-rooms`, `--rooms-per-minute*`) are not applied. `GET
-//! /api/rooms/{id}` reads Redis, so every instance answers the same. Busy markers and
-//! room keys of a dead instance's members are only removed by the next join of that
-//! room (there is no ttl on them yet).
+//! /api/rooms/{id}` reads Redis, so every instance answers the same.
+//!
+//! # A dead instance
+//! Its liveness key expires [`INSTANCE_TTL`] after its last heartbeat. Each instance's
+//! heartbeat then finds its members' partners that were there and takes them out of
+//! their rooms (`peer_left/disconnected`); a join also removes such members. Everything
+//! else it held (room keys, names, busy markers) has a ttl of [`STATE_TTL`] that only
+//! live instances renew.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -85,6 +90,13 @@ const OP_TIMEOUT: Duration = Duration::from_secs(2);
 const HEARTBEAT: Duration = Duration::from_secs(2);
 /// Ttl of the liveness key: an instance silent this long counts as dead.
 const INSTANCE_TTL: Duration = Duration::from_secs(6);
+/// Ttl of the shared state of this instance's connections (room and name keys, busy
+/// markers), refreshed every [`STATE_REFRESH_BEATS`] heartbeats: state left behind by a
+/// dead instance goes away by itself.
+const STATE_TTL: Duration = Duration::from_secs(60);
+/// Heartbeats between refreshes of [`STATE_TTL`] (a pipeline of a few commands per
+/// connection, so not every heartbeat).
+const STATE_REFRESH_BEATS: u32 = 10;
 /// Wait before subscribing again after the subscription broke.
 const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(200);
 /// Most messages waiting to be published; beyond that they are dropped (Redis is gone).
@@ -169,7 +181,8 @@ if #others >= 2 then
 end
 if not host then host = me end
 redis.call('HSET', key, 'm:' .. me, inst .. '\n' .. name, 'host', host)
-redis.call('SET', busy .. me, ARGV[7])
+redis.call('PEXPIRE', key, STATE_TTL_MS)
+redis.call('SET', busy .. me, ARGV[7], 'PX', STATE_TTL_MS)
 return cjson.encode({status = 'joined', host = host, others = (#others > 0) and others or nil,
                      gone = (#gone > 0) and gone or nil, new_host = new_host})
 ";
@@ -249,7 +262,7 @@ if holder and holder ~= me then
     return cjson.encode({status = 'taken'})
   end
 end
-redis.call('SET', KEYS[1], me)
+redis.call('SET', KEYS[1], me, 'PX', STATE_TTL_MS)
 if KEYS[2] ~= KEYS[1] and redis.call('GET', KEYS[2]) == me then
   redis.call('DEL', KEYS[2])
 end
@@ -286,8 +299,9 @@ if redis.call('EXISTS', busy .. peer) == 1 then
   return cjson.encode({status = 'busy'})
 end
 redis.call('HSET', KEYS[2], 'm:' .. me, inst .. '\n' .. from, 'host', me, 'ringing', peer)
-redis.call('SET', busy .. me, call_id)
-redis.call('SET', busy .. peer, call_id)
+redis.call('PEXPIRE', KEYS[2], STATE_TTL_MS)
+redis.call('SET', busy .. me, call_id, 'PX', STATE_TTL_MS)
+redis.call('SET', busy .. peer, call_id, 'PX', STATE_TTL_MS)
 redis.call('SET', KEYS[3], cjson.encode({caller = me, caller_instance = inst, callee = peer,
                                           callee_instance = at}), 'PX', ring_ms)
 return cjson.encode({status = 'ringing', others = {{peer = peer, instance = at, name = ''}}})
@@ -340,7 +354,8 @@ for i = 1, #fields, 2 do
   end
 end
 redis.call('HSET', KEYS[2], 'm:' .. me, inst .. '\n' .. name)
-redis.call('SET', busy .. me, call_id)
+redis.call('PEXPIRE', KEYS[2], STATE_TTL_MS)
+redis.call('SET', busy .. me, call_id, 'PX', STATE_TTL_MS)
 return cjson.encode({status = 'joined', host = host, others = (#others > 0) and others or nil})
 ";
 
@@ -498,14 +513,14 @@ impl Cluster {
             subscribed: AtomicBool::new(false),
             stop: CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
-            join: Script::new(JOIN),
-            leave: Script::new(LEAVE),
-            end: Script::new(END),
-            register: Script::new(REGISTER),
-            release: Script::new(RELEASE),
-            call: Script::new(CALL),
-            end_call: Script::new(END_CALL),
-            accept: Script::new(ACCEPT),
+            join: script(JOIN),
+            leave: script(LEAVE),
+            end: script(END),
+            register: script(REGISTER),
+            release: script(RELEASE),
+            call: script(CALL),
+            end_call: script(END_CALL),
+            accept: script(ACCEPT),
             weak: weak.clone(),
         });
         if let Err(e) = cluster.heartbeat().await {
@@ -1443,23 +1458,121 @@ impl Cluster {
         let mut every = tokio::time::interval(HEARTBEAT);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
+        let mut beats = 0u32;
         loop {
             tokio::select! {
                 () = self.stop.cancelled() => return,
-                _ = every.tick() => match self.heartbeat().await {
-                    Ok(()) if failing => {
-                        info!("Redis reachable again");
-                        failing = false;
-                    }
-                    Ok(()) => {}
-                    Err(e) if !failing => {
-                        warn!(error = %e, "Redis unreachable; refusing joins until it is back");
-                        failing = true;
-                    }
-                    Err(_) => {}
-                },
+                _ = every.tick() => {}
+            }
+            beats = beats.wrapping_add(1);
+            let mut result = self.heartbeat().await;
+            if result.is_ok() {
+                result = self.drop_dead_partners().await;
+            }
+            if result.is_ok() && beats.is_multiple_of(STATE_REFRESH_BEATS) {
+                result = self.refresh_state().await;
+            }
+            match result {
+                Ok(()) if failing => {
+                    info!("Redis reachable again");
+                    failing = false;
+                }
+                Ok(()) => {}
+                Err(e) if !failing => {
+                    warn!(error = %e, "Redis unreachable; refusing joins until it is back");
+                    failing = true;
+                }
+                Err(_) => {}
             }
         }
+    }
+
+    /// Partners of this instance's members on instances that died (no heartbeat for
+    /// [`INSTANCE_TTL`]) leave their rooms: the member hears `peer_left/disconnected`.
+    async fn drop_dead_partners(&self) -> Result<(), Unreachable> {
+        let partners: Vec<(String, Seat)> = {
+            let local = self.lock();
+            local
+                .conns
+                .values()
+                .filter_map(|m| Some((m.room.clone()?, m.partner.clone()?)))
+                .filter(|(_, p)| p.instance != self.instance)
+                .collect()
+        };
+        let mut instances: Vec<&str> = partners.iter().map(|(_, p)| p.instance.as_str()).collect();
+        instances.sort_unstable();
+        instances.dedup();
+        if instances.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for instance in &instances {
+            pipe.cmd("EXISTS")
+                .arg(format!("{INSTANCE_PREFIX}{instance}"));
+        }
+        let mut redis = self.redis.clone();
+        let alive: Vec<bool> = tokio::time::timeout(OP_TIMEOUT, pipe.query_async(&mut redis))
+            .await
+            .map_err(|_| Unreachable::Timeout)??;
+        let dead: Vec<&str> = instances
+            .iter()
+            .zip(alive)
+            .filter(|(_, alive)| !alive)
+            .map(|(instance, _)| *instance)
+            .collect();
+        for (room, partner) in partners
+            .iter()
+            .filter(|(_, p)| dead.contains(&p.instance.as_str()))
+        {
+            info!(room = %room, peer = %partner.peer_id, instance = %partner.instance,
+                  "member of a dead instance removed");
+            let answer = self
+                .script(
+                    self.leave
+                        .key(room_key(room))
+                        .arg(&partner.peer_id)
+                        .arg(BUSY_PREFIX)
+                        .arg(room),
+                )
+                .await?;
+            self.announce_leave(room, &partner.peer_id, LeaveReason::Disconnected, &answer);
+        }
+        Ok(())
+    }
+
+    /// Renews the ttl of what this instance's connections hold in Redis.
+    async fn refresh_state(&self) -> Result<(), Unreachable> {
+        let mut pipe = redis::pipe();
+        let ttl = millis(STATE_TTL);
+        {
+            let local = self.lock();
+            for m in local.conns.values() {
+                // GT: an ended room keeps its own, longer ttl.
+                if let Some(room) = &m.room {
+                    pipe.cmd("PEXPIRE")
+                        .arg(room_key(room))
+                        .arg(ttl)
+                        .arg("GT")
+                        .ignore();
+                }
+                if m.room.is_some() || m.rung_by.is_some() {
+                    let busy = format!("{BUSY_PREFIX}{}", m.peer_id);
+                    pipe.cmd("PEXPIRE").arg(busy).arg(ttl).arg("GT").ignore();
+                }
+                if let Some(name) = &m.registered {
+                    pipe.cmd("PEXPIRE")
+                        .arg(name_key(name))
+                        .arg(ttl)
+                        .arg("GT")
+                        .ignore();
+                }
+            }
+        }
+        let mut redis = self.redis.clone();
+        tokio::time::timeout(OP_TIMEOUT, pipe.query_async::<()>(&mut redis))
+            .await
+            .map_err(|_| Unreachable::Timeout)??;
+        Ok(())
     }
 
     /// Receives this instance's channel, subscribing again whenever the connection
@@ -1529,6 +1642,11 @@ async fn publish_loop(
             return;
         }
     }
+}
+
+/// A script with its placeholders filled in.
+fn script(source: &str) -> Script {
+    Script::new(&source.replace("STATE_TTL_MS", &millis(STATE_TTL).to_string()))
 }
 
 fn name_key(name: &str) -> String {

@@ -393,3 +393,97 @@ async fn every_instance_shows_a_room_the_same_and_meetings_are_refused() {
     one.stop().await;
     two.stop().await;
 }
+
+/// A `signaling-server` process (this crate's binary), SIGKILLed when dropped.
+struct InstanceProcess {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl InstanceProcess {
+    async fn start(redis: &RedisServer) -> InstanceProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_signaling-server"))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--redis", &redis.url(), "--db", ":memory:", "--log", "warn"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let process = InstanceProcess { child, port };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !process.ready().await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "instance process not ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        process
+    }
+
+    /// Whether `/healthz` answers 200.
+    async fn ready(&self) -> bool {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let Ok(mut tcp) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else {
+            return false;
+        };
+        let request = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        if tcp.write_all(request.as_bytes()).await.is_err() {
+            return false;
+        }
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), tcp.read_to_end(&mut answer)).await;
+        answer.starts_with(b"HTTP/1.1 200")
+    }
+
+    fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/ws", self.port)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for InstanceProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test]
+async fn members_of_a_killed_instance_leave_their_partners_rooms() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let one = instance(&redis).await;
+    let mut two = InstanceProcess::start(&redis).await;
+    let mut a = Client::connect(&one).await;
+    let mut b = Client::connect_url(&two.ws_url()).await;
+    a.join("survivors").await;
+    let jb = b.join("survivors").await;
+    a.expect("peer_joined").await;
+    b.send(json!({"type":"offer","sdp":"from the doomed instance"}))
+        .await;
+    assert_eq!(a.expect("offer").await["sdp"], "from the doomed instance");
+
+    two.kill(); // SIGKILL: nobody leaves politely
+    // Noticed once its liveness key expires (6 s) at the next heartbeat (2 s).
+    let left = a.recv_within(Duration::from_secs(15)).await;
+    assert_eq!(
+        left,
+        json!({"type":"peer_left","peer_id": id(&jb),"reason":"disconnected"})
+    );
+    a.send(json!({"type":"offer","sdp":"x"})).await;
+    a.expect_error("not_in_call").await;
+    let jc = Client::connect(&one).await.join("survivors").await;
+    assert_eq!(jc["members"], 2, "the dead member's seat is free: {jc}");
+
+    one.stop().await;
+}

@@ -178,9 +178,12 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(server: &Server) -> Client {
-        let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url())
-            .await
-            .unwrap();
+        Client::connect_url(&server.ws_url()).await
+    }
+
+    /// A client of the server at `url` (`ws://HOST:PORT/ws`), e.g. one in another process.
+    pub async fn connect_url(url: &str) -> Client {
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
         let welcome = next_json(&mut ws).await.expect("welcome");
         assert_eq!(welcome["type"], "welcome", "{welcome}");
         Client { ws, welcome }
@@ -201,6 +204,14 @@ impl Client {
     /// The next JSON message; panics after [`WAIT`].
     pub async fn recv(&mut self) -> Value {
         tokio::time::timeout(WAIT, next_json(&mut self.ws))
+            .await
+            .expect("timed out waiting for a message")
+            .expect("connection closed")
+    }
+
+    /// The next JSON message; panics after `wait`.
+    pub async fn recv_within(&mut self, wait: Duration) -> Value {
+        tokio::time::timeout(wait, next_json(&mut self.ws))
             .await
             .expect("timed out waiting for a message")
             .expect("connection closed")
