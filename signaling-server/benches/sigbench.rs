@@ -8,8 +8,8 @@
 //!    takes them -> messages/s and server CPU microseconds per relayed message;
 //! 3. latency: P pairs at a fixed total rate -> relay latency p50/p99;
 //! 4. cluster (`--cluster`, instead of 1-3): a `redis-server` and two instances with
-//!    `--redis`, each pair's members on different instances: throughput and latency as in
-//!    2-3, with the CPU of both instances and of Redis per relayed message, next to the
+//!    `--redis`, each pair's members on different instances: memory, throughput and
+//!    latency as in 1-3, with the CPU of both instances and of Redis per relayed message, next to the
 //!    same phases on one instance in the same run;
 //! 5. churn (`--churn-minutes M`, a soak): W workers, each in a loop connecting a pair
 //!    into a fresh room, relaying an offer-sized message, then leaving (half politely,
@@ -267,6 +267,45 @@ async fn memory(server: &ServerProcess, n: usize) -> Value {
         "server_rss_before_bytes": base,
         "server_rss_with_connections_bytes": loaded,
         "server_rss_per_connection_bytes": per.round(),
+    })
+}
+
+/// Memory phase across a cluster: `n` connections, two by two into rooms, each pair's
+/// members on the two instances (so each holds `n / 2`); RSS growth of both instances
+/// and of Redis per connection.
+async fn memory_across(
+    one: &ServerProcess,
+    two: &ServerProcess,
+    redis_pid: u32,
+    n: usize,
+) -> Value {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss = || {
+        (
+            one.rss() + two.rss(),
+            proc::rss_bytes(&redis_pid.to_string()),
+        )
+    };
+    let (base, redis_base) = rss();
+    let mut held = Vec::with_capacity(n);
+    for i in 0..n / 2 {
+        let (a, b) = pair_across(&one.url, &two.url, &format!("mem-{i}")).await;
+        held.push(a);
+        held.push(b);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (loaded, redis_loaded) = rss();
+    let held_count = held.len();
+    drop(held);
+    let per =
+        |before: u64, after: u64| (after.saturating_sub(before) as f64 / held_count as f64).round();
+    json!({
+        "connections_held": held_count,
+        "per_instance": held_count / 2,
+        "servers_rss_before_bytes": base,
+        "servers_rss_with_connections_bytes": loaded,
+        "server_rss_per_connection_bytes": per(base, loaded),
+        "redis_rss_per_connection_bytes": per(redis_base, redis_loaded),
     })
 }
 
@@ -652,6 +691,9 @@ async fn cluster(binary: &std::path::Path, args: &Args) -> Value {
     let per_direction = args.rate / (args.pairs as f64 * 2.0);
     let single = {
         let server = ServerProcess::start(binary, args.server_threads, &[]);
+        let memory = memory(&server, args.connections).await;
+        drop(server);
+        let server = ServerProcess::start(binary, args.server_threads, &[]);
         let throughput = relay_phase(&server, args.pairs, args.throughput_seconds, None).await;
         let fixed = relay_phase(
             &server,
@@ -660,8 +702,17 @@ async fn cluster(binary: &std::path::Path, args: &Args) -> Value {
             Some(per_direction),
         )
         .await;
-        json!({"max_throughput": throughput, "fixed_rate": fixed})
+        json!({"memory": memory, "max_throughput": throughput, "fixed_rate": fixed})
     };
+    let redis = RedisProcess::start();
+    let flags = ["--redis", redis.url.as_str()];
+    let one = ServerProcess::start(binary, args.server_threads, &flags);
+    let two = ServerProcess::start(binary, args.server_threads, &flags);
+    wait_ready(&one.url);
+    wait_ready(&two.url);
+    let memory = memory_across(&one, &two, redis.child.id(), args.connections).await;
+    // Fresh instances (and an empty Redis) for the relay phases.
+    drop((one, two, redis));
     let redis = RedisProcess::start();
     let flags = ["--redis", redis.url.as_str()];
     let one = ServerProcess::start(binary, args.server_threads, &flags);
@@ -693,6 +744,6 @@ async fn cluster(binary: &std::path::Path, args: &Args) -> Value {
         "client_threads": args.client_threads,
         "target_messages_per_s": args.rate,
         "single_instance": single,
-        "two_instances_redis": {"max_throughput": throughput, "fixed_rate": fixed},
+        "two_instances_redis": {"memory": memory, "max_throughput": throughput, "fixed_rate": fixed},
     })
 }
