@@ -98,7 +98,7 @@ pub(crate) async fn run(
             Exit::Close(_, reason) | Exit::Drop(reason) => info!(reason, "disconnected"),
         }
         if let Some(cluster) = departure.cluster.take() {
-            cluster.disconnect(conn).await;
+            Box::pin(cluster.disconnect(conn)).await;
         }
         drop(departure);
     }
@@ -227,7 +227,9 @@ impl Connection {
                 Pending::StoreEnd(room) => room,
                 Pending::Cluster(msg) => {
                     if let Some(cluster) = &shared.cluster {
-                        cluster.handle(conn, msg).await;
+                        // Boxed: inline, this future would enlarge every connection's
+                        // task, also without --redis.
+                        Box::pin(cluster.handle(conn, msg)).await;
                     }
                     self.drain_outgoing();
                     continue;
