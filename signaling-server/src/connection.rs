@@ -17,7 +17,7 @@ use tracing::{Instrument as _, debug, error, info, info_span};
 
 use crate::clock::Now;
 use crate::cluster::Cluster;
-use crate::hub::{Hub, Registration};
+use crate::hub::Registration;
 use crate::protocol::{ClientMessage, ErrorCode, PROTOCOL_VERSION, RoomEndReason, ServerMessage};
 use crate::rate_limit::{RateLimiter, Verdict};
 use crate::rooms::ConnId;
@@ -40,23 +40,25 @@ enum Exit {
 /// read past the upgrade request.
 /// Takes `conn` out of the hub when dropped: at the end of its task, and also when the
 /// task panics or is cancelled, so a member is never left behind in a room.
+/// In cluster mode the member also leaves in Redis, in a task of its own (tracked, so
+/// that the server's stop waits for it): an await here would enlarge every connection's
+/// task, also without `--redis`.
 struct Departure<'a> {
-    hub: &'a Hub,
+    shared: &'a Shared,
     conn: ConnId,
-    /// Cluster mode, until the member has left there (the task's normal end does that
-    /// awaited; a cancelled or panicked task leaves it to a task of its own).
-    cluster: Option<Arc<Cluster>>,
 }
 
 impl Drop for Departure<'_> {
     fn drop(&mut self) {
-        if let Some(cluster) = self.cluster.take()
+        if let Some(cluster) = &self.shared.cluster
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
-            let conn = self.conn;
-            runtime.spawn(async move { cluster.disconnect(conn).await });
+            let (cluster, conn) = (Arc::clone(cluster), self.conn);
+            self.shared
+                .tasks
+                .spawn_on(async move { cluster.disconnect(conn).await }, &runtime);
         }
-        self.hub.disconnect(self.conn);
+        self.shared.hub.disconnect(self.conn);
     }
 }
 
@@ -64,8 +66,9 @@ impl Drop for Departure<'_> {
 enum Pending {
     /// A host's `end_room` of a meeting: store the end first.
     StoreEnd(String),
-    /// Cluster mode: a message for [`Cluster::handle`].
-    Cluster(ClientMessage),
+    /// Cluster mode: a message for [`Cluster::handle`]. Boxed: the size of this enum
+    /// counts in every connection's task.
+    Cluster(Box<ClientMessage>),
 }
 
 pub(crate) async fn run(
@@ -81,10 +84,9 @@ pub(crate) async fn run(
     let span = info_span!("ws", peer = %registration.peer_id);
     let conn = registration.conn;
     async move {
-        let mut departure = Departure {
-            hub: &shared.hub,
+        let departure = Departure {
+            shared: &shared,
             conn,
-            cluster: shared.cluster.clone(),
         };
         let remote = stream.peer_addr().ok();
         info!(?remote, "connected");
@@ -96,9 +98,6 @@ pub(crate) async fn run(
                 info!(code, reason, "closed by the server");
             }
             Exit::Close(_, reason) | Exit::Drop(reason) => info!(reason, "disconnected"),
-        }
-        if let Some(cluster) = departure.cluster.take() {
-            Box::pin(cluster.disconnect(conn)).await;
         }
         drop(departure);
     }
@@ -222,18 +221,14 @@ impl Connection {
     /// meeting is stored first (awaited, as `DELETE /api/rooms/{id}` does), so that a
     /// member who hears `room_ended` can rely on it surviving a restart.
     async fn process_all(&mut self, shared: &Shared, conn: ConnId) -> Result<(), Exit> {
+        if let Some(cluster) = &shared.cluster {
+            // Boxed: inline, its future would enlarge every connection's task, also
+            // without --redis.
+            return Box::pin(self.process_all_clustered(shared, cluster, conn)).await;
+        }
         while let Some(pending) = self.process_inbox(shared, conn)? {
-            let room = match pending {
-                Pending::StoreEnd(room) => room,
-                Pending::Cluster(msg) => {
-                    if let Some(cluster) = &shared.cluster {
-                        // Boxed: inline, this future would enlarge every connection's
-                        // task, also without --redis.
-                        Box::pin(cluster.handle(conn, msg)).await;
-                    }
-                    self.drain_outgoing();
-                    continue;
-                }
+            let Pending::StoreEnd(room) = pending else {
+                continue; // only in cluster mode
             };
             let now = Now::system();
             if let Err(e) = shared
@@ -250,6 +245,25 @@ impl Connection {
             }
             shared.hub.handle(conn, ClientMessage::EndRoom);
             self.drain_outgoing();
+        }
+        if self.inbox.is_empty() {
+            self.inbox = BytesMut::new();
+        }
+        Ok(())
+    }
+
+    /// [`Connection::process_all`] in cluster mode: every message goes to the cluster.
+    async fn process_all_clustered(
+        &mut self,
+        shared: &Shared,
+        cluster: &Cluster,
+        conn: ConnId,
+    ) -> Result<(), Exit> {
+        while let Some(pending) = self.process_inbox(shared, conn)? {
+            if let Pending::Cluster(msg) = pending {
+                cluster.handle(conn, *msg).await;
+                self.drain_outgoing();
+            }
         }
         if self.inbox.is_empty() {
             self.inbox = BytesMut::new();
@@ -295,7 +309,7 @@ impl Connection {
                         match ClientMessage::parse(&text) {
                             Ok(msg) if shared.cluster.is_some() => {
                                 debug!(kind = msg.kind(), bytes = text.len(), "message");
-                                return Ok(Some(Pending::Cluster(msg)));
+                                return Ok(Some(Pending::Cluster(Box::new(msg))));
                             }
                             Ok(ClientMessage::EndRoom)
                                 if let Some(room) = hub.hosted_meeting(conn) =>
