@@ -1143,8 +1143,23 @@ impl Cluster {
         }
     }
 
-    /// After joining another room: out of `old` in Redis, telling its other member.
+    /// After joining another room: out of `old` in Redis, telling its other member (or,
+    /// when `old` is a call it placed that still rings, cancelling that call).
     async fn leave_old_room(&self, conn: ConnId, peer_id: &str, old: &str) {
+        let calling = {
+            let mut local = self.lock();
+            local
+                .conns
+                .get_mut(&conn)
+                .and_then(|m| m.calling.take_if(|c| c == old))
+        };
+        if calling.is_some() {
+            match self.end_call(old, None, true).await {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(e) => warn!(error = %e, conn, call = old, "could not cancel the previous call"),
+            }
+        }
         match self
             .script(
                 self.leave

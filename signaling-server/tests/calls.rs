@@ -14,6 +14,7 @@ on_both_topologies!(
     offline_and_busy,
     call_requires_registration_and_a_valid_target,
     only_the_callee_can_answer_and_the_ringing_room_is_closed_to_others,
+    joining_elsewhere_while_ringing_cancels_the_call,
 );
 
 use std::time::Duration;
@@ -247,6 +248,25 @@ async fn call_requires_registration_and_a_valid_target(t: Topology) {
     alice.expect_error("unknown_call").await;
     alice.send(json!({"type":"accept"})).await;
     alice.expect_error("bad_field").await;
+    s.stop().await;
+}
+
+async fn joining_elsewhere_while_ringing_cancels_the_call(t: Topology) {
+    let Some(s) = Servers::start(t, |_| {}).await else {
+        return;
+    };
+    let mut alice = registered(&s, "alice").await;
+    let mut bob = registered(&s, "bob").await;
+    let call_id = ring(&mut alice, &mut bob).await;
+    let j = alice.join("elsewhere").await;
+    assert_eq!(j["members"], 1);
+    assert_eq!(
+        bob.expect("call_cancelled").await,
+        json!({"type":"call_cancelled","call_id":call_id})
+    );
+    bob.send(json!({"type":"accept","call_id":call_id})).await;
+    bob.expect_error("unknown_call").await;
+    alice.expect_silence(Duration::from_millis(50)).await;
     s.stop().await;
 }
 
