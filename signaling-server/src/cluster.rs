@@ -76,6 +76,7 @@ use tracing::{debug, info, warn};
 
 use crate::api::{RoomInfo, RoomState};
 use crate::clock::format_rfc3339;
+use crate::config::Secret;
 use crate::hub::Hub;
 use crate::ids;
 use crate::protocol::{
@@ -454,8 +455,8 @@ struct Local {
 /// Settings the cluster takes from the server's configuration.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
-    /// `redis://HOST:PORT/DB`.
-    pub url: String,
+    /// `redis://HOST:PORT/DB` (may hold a password: `Debug` does not show it).
+    pub url: Secret,
     /// How long an ended room keeps refusing joins.
     pub room_ttl: Duration,
     /// How long a direct call rings.
@@ -492,7 +493,7 @@ impl Cluster {
     /// Connects (lazily: Redis may come up later; `/healthz` says until it does) and
     /// starts the subscriber, publisher and heartbeat tasks.
     pub async fn start(config: ClusterConfig, hub: Arc<Hub>) -> Result<Arc<Cluster>, ClusterError> {
-        let client = Client::open(config.url.as_str()).map_err(ClusterError::BadUrl)?;
+        let client = Client::open(config.url.0.as_str()).map_err(ClusterError::BadUrl)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_number_of_retries(1)
             .set_connection_timeout(Some(Duration::from_secs(1)))

@@ -164,9 +164,15 @@ pub struct Config {
 
     /// Run as one instance of a cluster that shares its rooms through Redis, e.g.
     /// redis://127.0.0.1:6379/0 (see docs/DEPLOY.md). Without it the server holds
-    /// everything in this process.
-    #[arg(long, value_name = "URL")]
-    pub redis: Option<String>,
+    /// everything in this process. A URL with a password belongs in the environment
+    /// (DUET_REDIS_URL): command lines are visible to others.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "DUET_REDIS_URL",
+        hide_env_values = true
+    )]
+    pub redis: Option<Secret>,
 
     /// Base URL of this server as people reach it, for `join_url` (e.g.
     /// https://duet.example.org). Default: `http://` (`https://` with --tls-cert) plus

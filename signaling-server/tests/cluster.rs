@@ -11,11 +11,12 @@ use common::redis::RedisServer;
 use common::{Client, http, request, start_server, wait_health};
 use serde_json::json;
 use signaling_server::Server;
+use signaling_server::config::Secret;
 
 /// An instance of the cluster on `redis`, ready.
 async fn instance(redis: &RedisServer) -> Server {
     let url = redis.url();
-    let s = start_server(|c| c.redis = Some(url)).await;
+    let s = start_server(|c| c.redis = Some(Secret(url))).await;
     wait_health(&s, 200).await;
     s
 }

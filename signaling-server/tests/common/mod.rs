@@ -82,7 +82,7 @@ impl Servers {
                 for _ in 0..2 {
                     let server = start_server(|c| {
                         tweak(c);
-                        c.redis = Some(redis.url());
+                        c.redis = Some(signaling_server::config::Secret(redis.url()));
                     })
                     .await;
                     wait_health(&server, 200).await;
