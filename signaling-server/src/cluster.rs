@@ -108,6 +108,18 @@ const INSTANCE_PREFIX: &str = "duet:instance:";
 const NAME_PREFIX: &str = "duet:name:";
 const BUSY_PREFIX: &str = "duet:busy:";
 const CALL_PREFIX: &str = "duet:call:";
+/// Envelopes waiting for an away member (the scripts spell it out too).
+const QUEUE_PREFIX: &str = "duet:queue:";
+/// Sorted set of away seats, `"{room}\n{peer_id}"` by deadline (spelled out in the scripts).
+const AWAY_SET: &str = "duet:away";
+
+/// What turns [`LEAVE`] into the grace sweep's script: only a seat still away, and only
+/// once (the sorted set's `ZREM` decides between instances).
+const EXPIRE_CHECK: &str = r"
+if redis.call('ZREM', 'duet:away', room .. '\n' .. me) == 0 or redis.call('HEXISTS', key, 'a:' .. me) == 0 then
+  return cjson.encode({left = false})
+end
+";
 const CHANNEL_PREFIX: &str = "duet:to:";
 
 /// The cluster could not be set up.
@@ -154,11 +166,20 @@ for i = 1, #fields, 2 do
   elseif string.sub(f, 1, 2) == 'm:' then
     local sep = string.find(v, '\n', 1, true) or (#v + 1)
     local member = {peer = string.sub(f, 3), instance = string.sub(v, 1, sep - 1),
-                    name = string.sub(v, sep + 1)}
+                    name = string.sub(v, sep + 1),
+                    away = redis.call('HEXISTS', key, 'a:' .. string.sub(f, 3)) == 1}
     if member.peer ~= me then
-      if redis.call('EXISTS', prefix .. member.instance) == 0 then
-        redis.call('HDEL', key, f)
-        table.insert(gone, member)
+      if not member.away and redis.call('EXISTS', prefix .. member.instance) == 0 then
+        if ARGV[9] == '0' then
+          redis.call('HDEL', key, f)
+          table.insert(gone, member)
+        else
+          -- Its instance died: the seat waits for a resume like any dropped one.
+          redis.call('HSET', key, 'a:' .. member.peer, ARGV[10])
+          redis.call('ZADD', 'duet:away', ARGV[10], ARGV[7] .. '\n' .. member.peer)
+          member.away = true
+          table.insert(others, member)
+        end
       else
         table.insert(others, member)
       end
@@ -182,6 +203,7 @@ if #others >= 2 then
 end
 if not host then host = me end
 redis.call('HSET', key, 'm:' .. me, inst .. '\n' .. name, 'host', host)
+if ARGV[8] ~= '' then redis.call('HSET', key, 't:' .. me, ARGV[8]) end
 redis.call('PEXPIRE', key, STATE_TTL_MS)
 redis.call('SET', busy .. me, ARGV[7], 'PX', STATE_TTL_MS)
 return cjson.encode({status = 'joined', host = host, others = (#others > 0) and others or nil,
@@ -193,9 +215,13 @@ return cjson.encode({status = 'joined', host = host, others = (#others > 0) and 
 const LEAVE: &str = r"
 local key = KEYS[1]
 local me, busy, room = ARGV[1], ARGV[2], ARGV[3]
+EXPIRE_CHECK
 if redis.call('GET', busy .. me) == room then
   redis.call('DEL', busy .. me)
 end
+redis.call('HDEL', key, 't:' .. me, 'a:' .. me)
+redis.call('ZREM', 'duet:away', room .. '\n' .. me)
+redis.call('DEL', 'duet:queue:' .. me)
 if redis.call('HDEL', key, 'm:' .. me) == 0 then
   return cjson.encode({left = false})
 end
@@ -209,7 +235,8 @@ for i = 1, #fields, 2 do
   elseif string.sub(f, 1, 2) == 'm:' then
     local sep = string.find(v, '\n', 1, true) or (#v + 1)
     table.insert(rest, {peer = string.sub(f, 3), instance = string.sub(v, 1, sep - 1),
-                        name = string.sub(v, sep + 1)})
+                        name = string.sub(v, sep + 1),
+                        away = redis.call('HEXISTS', key, 'a:' .. string.sub(f, 3)) == 1})
   end
 end
 local new_host = nil
@@ -244,6 +271,8 @@ for i = 1, #fields, 2 do
     table.insert(members, {peer = string.sub(f, 3), instance = string.sub(v, 1, sep - 1),
                            name = string.sub(v, sep + 1)})
     redis.call('DEL', ARGV[4] .. string.sub(f, 3))
+    redis.call('ZREM', 'duet:away', string.sub(key, #'duet:room:' + 1) .. '\n' .. string.sub(f, 3))
+    redis.call('DEL', 'duet:queue:' .. string.sub(f, 3))
   end
 end
 redis.call('DEL', key)
@@ -300,6 +329,7 @@ if redis.call('EXISTS', busy .. peer) == 1 then
   return cjson.encode({status = 'busy'})
 end
 redis.call('HSET', KEYS[2], 'm:' .. me, inst .. '\n' .. from, 'host', me, 'ringing', peer)
+if ARGV[8] ~= '' then redis.call('HSET', KEYS[2], 't:' .. me, ARGV[8]) end
 redis.call('PEXPIRE', KEYS[2], STATE_TTL_MS)
 redis.call('SET', busy .. me, call_id, 'PX', STATE_TTL_MS)
 redis.call('SET', busy .. peer, call_id, 'PX', STATE_TTL_MS)
@@ -355,9 +385,106 @@ for i = 1, #fields, 2 do
   end
 end
 redis.call('HSET', KEYS[2], 'm:' .. me, inst .. '\n' .. name)
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[2], 't:' .. me, ARGV[6]) end
 redis.call('PEXPIRE', KEYS[2], STATE_TTL_MS)
 redis.call('SET', busy .. me, call_id, 'PX', STATE_TTL_MS)
 return cjson.encode({status = 'joined', host = host, others = (#others > 0) and others or nil})
+";
+
+/// A member's connection dropped: its seat is kept (`a:{peer}` = the deadline, Unix ms,
+/// also in the sorted set `duet:away`) unless the room ended or still rings.
+const AWAY: &str = r"
+local key = KEYS[1]
+local me, deadline, room = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('HEXISTS', key, 'm:' .. me) == 0 or redis.call('HEXISTS', key, 'ended') == 1
+   or redis.call('HEXISTS', key, 'ringing') == 1 then
+  return cjson.encode({status = 'gone'})
+end
+redis.call('HSET', key, 'a:' .. me, deadline)
+redis.call('ZADD', 'duet:away', deadline, room .. '\n' .. me)
+local fields = redis.call('HGETALL', key)
+local others = {}
+for i = 1, #fields, 2 do
+  local f, v = fields[i], fields[i + 1]
+  if string.sub(f, 1, 2) == 'm:' and string.sub(f, 3) ~= me then
+    local sep = string.find(v, '\n', 1, true) or (#v + 1)
+    table.insert(others, {peer = string.sub(f, 3), instance = string.sub(v, 1, sep - 1),
+                          name = string.sub(v, sep + 1),
+                          away = redis.call('HEXISTS', key, 'a:' .. string.sub(f, 3)) == 1})
+  end
+end
+return cjson.encode({status = 'away', others = (#others > 0) and others or nil})
+";
+
+/// A message for `peer`: queued (at most 64) while it is away, else where it is now.
+const QUEUE: &str = r"
+local peer, envelope = ARGV[1], ARGV[2]
+if redis.call('HEXISTS', KEYS[1], 'a:' .. peer) == 1 then
+  redis.call('RPUSH', KEYS[2], envelope)
+  redis.call('LTRIM', KEYS[2], -64, -1)
+  redis.call('PEXPIRE', KEYS[2], STATE_TTL_MS)
+  return cjson.encode({status = 'queued'})
+end
+local v = redis.call('HGET', KEYS[1], 'm:' .. peer)
+if not v then
+  return cjson.encode({status = 'gone'})
+end
+local sep = string.find(v, '\n', 1, true) or (#v + 1)
+return cjson.encode({status = 'here', others = {{peer = peer, instance = string.sub(v, 1, sep - 1),
+                                                 name = string.sub(v, sep + 1)}}})
+";
+
+/// A new connection (on instance `inst`) takes back the away seat of `peer` with its
+/// token: a fresh token hash, the queue handed over.
+const RESUME: &str = r"
+local key = KEYS[1]
+local peer, token, fresh, inst, now, busy, room = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+if redis.call('EXISTS', key) == 0 then
+  return cjson.encode({status = 'no_room'})
+end
+if redis.call('HEXISTS', key, 'ended') == 1 then
+  return cjson.encode({status = 'ended'})
+end
+local v = redis.call('HGET', key, 'm:' .. peer)
+if not v then
+  return cjson.encode({status = 'not_member'})
+end
+if redis.call('HGET', key, 't:' .. peer) ~= token then
+  return cjson.encode({status = 'wrong_token'})
+end
+local deadline = redis.call('HGET', key, 'a:' .. peer)
+if not deadline then
+  return cjson.encode({status = 'not_away'})
+end
+if tonumber(deadline) <= tonumber(now) then
+  return cjson.encode({status = 'expired'})
+end
+local sep = string.find(v, '\n', 1, true) or (#v + 1)
+local name = string.sub(v, sep + 1)
+redis.call('HDEL', key, 'a:' .. peer)
+redis.call('ZREM', 'duet:away', room .. '\n' .. peer)
+redis.call('HSET', key, 'm:' .. peer, inst .. '\n' .. name, 't:' .. peer, fresh)
+redis.call('PEXPIRE', key, STATE_TTL_MS)
+redis.call('SET', busy .. peer, room, 'PX', STATE_TTL_MS)
+local queue = redis.call('LRANGE', 'duet:queue:' .. peer, 0, -1)
+redis.call('DEL', 'duet:queue:' .. peer)
+local fields = redis.call('HGETALL', key)
+local host = nil
+local others = {}
+for i = 1, #fields, 2 do
+  local f, w = fields[i], fields[i + 1]
+  if f == 'host' then
+    host = w
+  elseif string.sub(f, 1, 2) == 'm:' and string.sub(f, 3) ~= peer then
+    local s = string.find(w, '\n', 1, true) or (#w + 1)
+    table.insert(others, {peer = string.sub(f, 3), instance = string.sub(w, 1, s - 1),
+                          name = string.sub(w, s + 1),
+                          away = redis.call('HEXISTS', key, 'a:' .. string.sub(f, 3)) == 1})
+  end
+end
+return cjson.encode({status = 'resumed', host = host, name = name,
+                     others = (#others > 0) and others or nil,
+                     queue = (#queue > 0) and queue or nil})
 ";
 
 /// A member as the scripts return it.
@@ -366,6 +493,9 @@ struct ScriptMember {
     peer: String,
     instance: String,
     name: String,
+    /// Its connection dropped; its seat waits for a `resume`.
+    #[serde(default)]
+    away: bool,
 }
 
 impl ScriptMember {
@@ -373,6 +503,7 @@ impl ScriptMember {
         Seat {
             peer_id: self.peer.clone(),
             instance: self.instance.clone(),
+            away: self.away,
         }
     }
 
@@ -401,13 +532,18 @@ struct ScriptAnswer {
     gone: Vec<ScriptMember>,
     #[serde(default)]
     new_host: Option<String>,
+    /// Envelopes queued for an away member, oldest first.
+    #[serde(default)]
+    queue: Vec<String>,
 }
 
-/// Where a member's WebSocket is: its peer id on instance `instance`.
+/// Where a member's WebSocket is: its peer id on instance `instance` (or, `away`, the
+/// seat of a dropped connection, whose messages are queued in Redis).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Seat {
     peer_id: String,
     instance: String,
+    away: bool,
 }
 
 /// What one instance tells another (or itself): deliver `msg` to `to` if it is still in
@@ -461,6 +597,10 @@ pub struct ClusterConfig {
     pub room_ttl: Duration,
     /// How long a direct call rings.
     pub ring_timeout: Duration,
+    /// How long a dropped member's seat waits for a `resume` (zero: resume off).
+    pub resume_grace: Duration,
+    /// How often away seats whose grace ran out are looked for.
+    pub sweep_interval: Duration,
 }
 
 /// This instance's part of the cluster.
@@ -485,6 +625,10 @@ pub struct Cluster {
     call: Script,
     end_call: Script,
     accept: Script,
+    away: Script,
+    queue: Script,
+    resume: Script,
+    expire: Script,
     /// Itself, for the ring timers' tasks.
     weak: Weak<Cluster>,
 }
@@ -515,13 +659,17 @@ impl Cluster {
             stop: CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
             join: script(JOIN),
-            leave: script(LEAVE),
+            leave: script(&LEAVE.replace("EXPIRE_CHECK", "")),
             end: script(END),
             register: script(REGISTER),
             release: script(RELEASE),
             call: script(CALL),
             end_call: script(END_CALL),
             accept: script(ACCEPT),
+            away: script(AWAY),
+            queue: script(QUEUE),
+            resume: script(RESUME),
+            expire: script(&LEAVE.replace("EXPIRE_CHECK", EXPIRE_CHECK)),
             weak: weak.clone(),
         });
         if let Err(e) = cluster.heartbeat().await {
@@ -535,6 +683,7 @@ impl Cluster {
             )),
             tokio::spawn(Arc::clone(&cluster).subscribe_loop()),
             tokio::spawn(Arc::clone(&cluster).heartbeat_loop()),
+            tokio::spawn(Arc::clone(&cluster).sweep_loop()),
         ];
         *cluster.tasks.lock().unwrap_or_else(PoisonError::into_inner) = tasks;
         info!(instance = %cluster.instance, "cluster mode: sharing rooms through Redis");
@@ -640,12 +789,15 @@ impl Cluster {
             ClientMessage::Join { room, name, .. } => self.join(conn, &room, name.as_deref()).await,
             ClientMessage::Offer { sdp } => {
                 self.relay(conn, |from| ServerMessage::Offer { from, sdp })
+                    .await
             }
             ClientMessage::Answer { sdp } => {
                 self.relay(conn, |from| ServerMessage::Answer { from, sdp })
+                    .await
             }
             ClientMessage::Candidate { candidate } => {
                 self.relay(conn, |from| ServerMessage::Candidate { from, candidate })
+                    .await
             }
             ClientMessage::Leave => match self.leave_room(conn, LeaveReason::Left).await {
                 Ok(true) => Ok(()),
@@ -657,11 +809,11 @@ impl Cluster {
             ClientMessage::Call { to } => self.place_call(conn, &to).await,
             ClientMessage::Accept { call_id } => self.accept_call(conn, &call_id).await,
             ClientMessage::Reject { call_id } => self.reject_call(conn, &call_id).await,
-            ClientMessage::Resume { .. } => Err((
-                ErrorCode::ResumeFailed,
-                "this server does not keep seats (resume is not available in cluster mode yet)"
-                    .to_owned(),
-            )),
+            ClientMessage::Resume {
+                room,
+                peer_id,
+                resume_token,
+            } => self.resume(conn, &room, &peer_id, &resume_token).await,
         };
         if let Err((code, message)) = result {
             self.hub.send(conn, ServerMessage::error(code, message));
@@ -694,6 +846,7 @@ impl Cluster {
                 .map_err(|e| unavailable(&e))?;
         }
         self.hold(conn, Some(room));
+        let token = self.new_token();
         let answer = self
             .script(
                 self.join
@@ -704,7 +857,17 @@ impl Cluster {
                     .arg(INSTANCE_PREFIX)
                     .arg(millis(INSTANCE_TTL))
                     .arg(BUSY_PREFIX)
-                    .arg(room),
+                    .arg(room)
+                    .arg(token_hash(token.as_deref()))
+                    .arg(if self.config.resume_grace.is_zero() {
+                        "0"
+                    } else {
+                        "1"
+                    })
+                    .arg(
+                        unix_millis(OffsetDateTime::now_utc() + self.config.resume_grace)
+                            .to_string(),
+                    ),
             )
             .await;
         let answer = match answer {
@@ -779,20 +942,21 @@ impl Cluster {
                             members: answer.others.len() + 1,
                             host,
                             peers: answer.others.iter().map(ScriptMember::info).collect(),
-                            resume_token: None,
+                            resume_token: token,
                         },
                     );
                     member.held.take().unwrap_or_default()
                 };
                 for other in &answer.others {
-                    self.route(
+                    self.send_to(
                         &other.seat(),
                         room,
                         ServerMessage::PeerJoined {
                             peer_id: peer_id.clone(),
                             name: display.map(str::to_owned),
                         },
-                    );
+                    )
+                    .await;
                 }
                 for envelope in held {
                     self.receive(envelope);
@@ -866,6 +1030,7 @@ impl Cluster {
         };
         let to = validate_name("to", to).map_err(|e| (e.code, e.message))?;
         let call_id = ids::call_id();
+        let token = self.new_token();
         let answer = self
             .script(
                 self.call
@@ -879,7 +1044,8 @@ impl Cluster {
                     .arg(BUSY_PREFIX)
                     .arg(&call_id)
                     // The record outlives the ring by a margin: the timer ends it.
-                    .arg(millis(self.config.ring_timeout + Duration::from_secs(60))),
+                    .arg(millis(self.config.ring_timeout + Duration::from_secs(60)))
+                    .arg(token_hash(token.as_deref())),
             )
             .await
             .map_err(|e| unavailable(&e))?;
@@ -937,7 +1103,7 @@ impl Cluster {
                     members: 1,
                     host: true,
                     peers: Vec::new(),
-                    resume_token: None,
+                    resume_token: token,
                 },
             );
         }
@@ -1040,6 +1206,7 @@ impl Cluster {
             room: current,
         } = self.rung(conn, call_id)?;
         self.hold(conn, Some(call_id));
+        let token = self.new_token();
         let answer = self
             .script(
                 self.accept
@@ -1049,7 +1216,8 @@ impl Cluster {
                     .arg(&self.instance)
                     .arg(name.as_deref().unwrap_or(""))
                     .arg(BUSY_PREFIX)
-                    .arg(call_id),
+                    .arg(call_id)
+                    .arg(token_hash(token.as_deref())),
             )
             .await;
         let answer = match answer {
@@ -1087,7 +1255,7 @@ impl Cluster {
                     members: answer.others.len() + 1,
                     host: answer.host.as_deref() == Some(peer_id.as_str()),
                     peers: answer.others.iter().map(ScriptMember::info).collect(),
-                    resume_token: None,
+                    resume_token: token,
                 },
             );
             member.held.take().unwrap_or_default()
@@ -1126,6 +1294,176 @@ impl Cluster {
         }
         info!(call = %call_id, peer = %peer_id, "call rejected");
         Ok(())
+    }
+
+    /// A fresh resume token for a `joined`, or none when resume is off.
+    fn new_token(&self) -> Option<String> {
+        (!self.config.resume_grace.is_zero()).then(ids::resume_token)
+    }
+
+    /// `resume`: `conn` (a new connection, on any instance) takes back the seat `peer_id`
+    /// left in `room` when its connection dropped; what was queued meanwhile follows
+    /// its `joined`. The partner hears nothing.
+    async fn resume(
+        &self,
+        conn: ConnId,
+        room: &str,
+        peer_id: &str,
+        token: &str,
+    ) -> Result<(), (ErrorCode, String)> {
+        let fail = |why: &str| Err((ErrorCode::ResumeFailed, why.to_owned()));
+        if self.config.resume_grace.is_zero() {
+            return fail("this server does not keep seats (resume is off)");
+        }
+        let own_peer = {
+            let local = self.lock();
+            match local.conns.get(&conn) {
+                Some(m) if m.room.is_none() && m.joining.is_none() => m.peer_id.clone(),
+                _ => {
+                    return fail(
+                        "this connection is in a room already; resume on a new connection",
+                    );
+                }
+            }
+        };
+        let room = room.trim();
+        let fresh = self.new_token();
+        let now = unix_millis(OffsetDateTime::now_utc());
+        self.hold(conn, Some(room));
+        let answer = self
+            .script(
+                self.resume
+                    .key(room_key(room))
+                    .arg(peer_id)
+                    .arg(hex(&ids::secret_hash(token)))
+                    .arg(token_hash(fresh.as_deref()))
+                    .arg(&self.instance)
+                    .arg(now.to_string())
+                    .arg(BUSY_PREFIX)
+                    .arg(room),
+            )
+            .await;
+        let answer = match answer {
+            Ok(answer) if answer.status == "resumed" => answer,
+            Ok(answer) => {
+                self.hold(conn, None);
+                return match answer.status.as_str() {
+                    "no_room" => fail("there is no such room (it may have expired)"),
+                    "ended" => fail("the room has ended"),
+                    "not_member" => fail("`peer_id` is not in that room (its grace may be over)"),
+                    "wrong_token" => {
+                        info!(room, peer = peer_id, "resume with a wrong token");
+                        fail("wrong `resume_token`")
+                    }
+                    "not_away" => fail("that seat's connection is still open"),
+                    _ => {
+                        // The grace is over but the sweep has not run yet: do what it does.
+                        self.expire_seat(room, peer_id).await;
+                        fail("the grace period is over")
+                    }
+                };
+            }
+            Err(e) => {
+                self.hold(conn, None);
+                return Err(unavailable(&e));
+            }
+        };
+        info!(
+            room,
+            peer = peer_id,
+            replayed = answer.queue.len(),
+            "resumed"
+        );
+        let held = {
+            let mut local = self.lock();
+            local.by_peer.remove(&own_peer);
+            local.by_peer.insert(peer_id.to_owned(), conn);
+            let Some(member) = local.conns.get_mut(&conn) else {
+                return Ok(());
+            };
+            member.peer_id = peer_id.to_owned();
+            member.room = Some(room.to_owned());
+            member.joining = None;
+            member.partner = answer.others.first().map(ScriptMember::seat);
+            self.hub.send(
+                conn,
+                ServerMessage::Joined {
+                    room: room.to_owned(),
+                    peer_id: peer_id.to_owned(),
+                    members: answer.others.len() + 1,
+                    host: answer.host.as_deref() == Some(peer_id),
+                    peers: answer.others.iter().map(ScriptMember::info).collect(),
+                    resume_token: fresh,
+                },
+            );
+            member.held.take().unwrap_or_default()
+        };
+        for queued in &answer.queue {
+            match serde_json::from_str::<Envelope>(queued) {
+                Ok(envelope) => self.receive(envelope),
+                Err(e) => warn!(error = %e, "unreadable queued message"),
+            }
+        }
+        for envelope in held {
+            self.receive(envelope);
+        }
+        Ok(())
+    }
+
+    /// The away seat of `peer_id` in `room` is given up (once, whichever instance gets
+    /// there first): its partner hears `peer_left/disconnected`.
+    async fn expire_seat(&self, room: &str, peer_id: &str) {
+        let answer = self
+            .script(
+                self.expire
+                    .key(room_key(room))
+                    .arg(peer_id)
+                    .arg(BUSY_PREFIX)
+                    .arg(room),
+            )
+            .await;
+        match answer {
+            Ok(answer) => {
+                if answer.left {
+                    info!(room, peer = peer_id, "resume grace over");
+                }
+                self.announce_leave(room, peer_id, LeaveReason::Disconnected, &answer)
+                    .await;
+            }
+            Err(e) => debug!(error = %e, room, peer = peer_id, "grace sweep failed"),
+        }
+    }
+
+    /// Gives up away seats whose grace ran out, every `sweep_interval`.
+    async fn sweep_loop(self: Arc<Self>) {
+        if self.config.resume_grace.is_zero() {
+            return;
+        }
+        let mut every = tokio::time::interval(self.config.sweep_interval);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            let now = unix_millis(OffsetDateTime::now_utc());
+            let due: Result<Vec<String>, _> = self
+                .command(
+                    redis::cmd("ZRANGEBYSCORE")
+                        .arg(AWAY_SET)
+                        .arg("-inf")
+                        .arg(now.to_string())
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(64),
+                )
+                .await;
+            for entry in due.unwrap_or_default() {
+                if let Some((room, peer)) = entry.split_once('\n') {
+                    self.expire_seat(room, peer).await;
+                }
+            }
+        }
     }
 
     /// Starts (joining `Some(room)`) or stops holding what arrives for `conn` while it
@@ -1171,7 +1509,10 @@ impl Cluster {
             )
             .await
         {
-            Ok(answer) => self.announce_leave(old, peer_id, LeaveReason::Left, &answer),
+            Ok(answer) => {
+                self.announce_leave(old, peer_id, LeaveReason::Left, &answer)
+                    .await;
+            }
             Err(e) => {
                 warn!(error = %e, conn, room = old, "could not leave the previous room in Redis")
             }
@@ -1198,6 +1539,12 @@ impl Cluster {
         if calling.as_deref() == Some(room.as_str()) && self.end_call(&room, None, true).await? {
             return Ok(true);
         }
+        if reason == LeaveReason::Disconnected
+            && calling.is_none()
+            && self.mark_away(&room, &peer_id).await?
+        {
+            return Ok(true);
+        }
         let answer = self
             .script(
                 self.leave
@@ -1207,11 +1554,45 @@ impl Cluster {
                     .arg(&room),
             )
             .await?;
-        self.announce_leave(&room, &peer_id, reason, &answer);
+        self.announce_leave(&room, &peer_id, reason, &answer).await;
         Ok(true)
     }
 
-    fn announce_leave(
+    /// Keeps the seat of `peer_id` (whose connection dropped, or whose instance died) for
+    /// the resume grace, telling the others `peer_reconnecting`; `false` when resume is
+    /// off or the seat cannot be kept (the room ended, or its call still rings).
+    async fn mark_away(&self, room: &str, peer_id: &str) -> Result<bool, Unreachable> {
+        if self.config.resume_grace.is_zero() {
+            return Ok(false);
+        }
+        let deadline = unix_millis(OffsetDateTime::now_utc() + self.config.resume_grace);
+        let answer = self
+            .script(
+                self.away
+                    .key(room_key(room))
+                    .arg(peer_id)
+                    .arg(deadline.to_string())
+                    .arg(room),
+            )
+            .await?;
+        if answer.status != "away" {
+            return Ok(false);
+        }
+        info!(room, peer = peer_id, grace = ?self.config.resume_grace, "away");
+        for other in &answer.others {
+            self.send_to(
+                &other.seat(),
+                room,
+                ServerMessage::PeerReconnecting {
+                    peer_id: peer_id.to_owned(),
+                },
+            )
+            .await;
+        }
+        Ok(true)
+    }
+
+    async fn announce_leave(
         &self,
         room: &str,
         peer_id: &str,
@@ -1222,22 +1603,68 @@ impl Cluster {
             return;
         }
         for other in &answer.others {
-            self.route(
+            self.send_to(
                 &other.seat(),
                 room,
                 ServerMessage::PeerLeft {
                     peer_id: peer_id.to_owned(),
                     reason,
                 },
-            );
+            )
+            .await;
             if answer.new_host.as_deref() == Some(other.peer.as_str()) {
-                self.route(
+                self.send_to(
                     &other.seat(),
                     room,
                     ServerMessage::HostChanged {
                         peer_id: other.peer.clone(),
                     },
-                );
+                )
+                .await;
+            }
+        }
+    }
+
+    /// [`Cluster::route`], or for an away member, its queue in Redis (or, if it has
+    /// come back meanwhile, where it is now). Returns where the member is now.
+    async fn send_to(&self, seat: &Seat, room: &str, msg: ServerMessage) -> Option<Seat> {
+        if !seat.away {
+            self.route(seat, room, msg);
+            return Some(seat.clone());
+        }
+        let envelope = Envelope {
+            to: seat.peer_id.clone(),
+            room: room.to_owned(),
+            from: self.instance.clone(),
+            msg,
+        };
+        let payload = match serde_json::to_string(&envelope) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "cannot serialize a message for an away member");
+                return None;
+            }
+        };
+        let answer = self
+            .script(
+                self.queue
+                    .key(room_key(room))
+                    .key(format!("{QUEUE_PREFIX}{}", seat.peer_id))
+                    .arg(&seat.peer_id)
+                    .arg(payload),
+            )
+            .await;
+        match answer {
+            Ok(a) if a.status == "queued" => Some(seat.clone()),
+            Ok(a) if a.status == "here" => {
+                let here = a.others.first()?.seat();
+                self.route(&here, room, envelope.msg);
+                Some(here)
+            }
+            Ok(_) => None,
+            Err(e) => {
+                warn!(error = %e, to = %seat.peer_id, "message for an away member lost");
+                None
             }
         }
     }
@@ -1313,8 +1740,9 @@ impl Cluster {
         Ok(())
     }
 
-    /// Forwards an offer, answer or candidate to the other member of the sender's room.
-    fn relay(
+    /// Forwards an offer, answer or candidate to the other member of the sender's room
+    /// (queued in Redis while that member is away).
+    async fn relay(
         &self,
         conn: ConnId,
         make: impl FnOnce(String) -> ServerMessage,
@@ -1334,7 +1762,20 @@ impl Cluster {
             ));
         };
         debug!(peer = %peer_id, room = %room, "relay");
-        self.route(&partner, &room, make(peer_id));
+        if !partner.away {
+            self.route(&partner, &room, make(peer_id));
+            return Ok(());
+        }
+        let now = self.send_to(&partner, &room, make(peer_id)).await;
+        if let Some(now) = now.filter(|n| !n.away) {
+            // It came back (on `now.instance`): straight there from here on.
+            let mut local = self.lock();
+            if let Some(m) = local.conns.get_mut(&conn)
+                && m.partner.as_ref().is_some_and(|p| p.peer_id == now.peer_id)
+            {
+                m.partner = Some(now);
+            }
+        }
         Ok(())
     }
 
@@ -1410,7 +1851,13 @@ impl Cluster {
                 member.partner = Some(Seat {
                     peer_id: peer_id.clone(),
                     instance: envelope.from.clone(),
+                    away: false,
                 });
+            }
+            ServerMessage::PeerReconnecting { peer_id } => {
+                if let Some(p) = member.partner.as_mut().filter(|p| &p.peer_id == peer_id) {
+                    p.away = true;
+                }
             }
             ServerMessage::PeerLeft { peer_id, .. }
                 if member
@@ -1512,7 +1959,7 @@ impl Cluster {
                 .conns
                 .values()
                 .filter_map(|m| Some((m.room.clone()?, m.partner.clone()?)))
-                .filter(|(_, p)| p.instance != self.instance)
+                .filter(|(_, p)| p.instance != self.instance && !p.away)
                 .collect()
         };
         let mut instances: Vec<&str> = partners.iter().map(|(_, p)| p.instance.as_str()).collect();
@@ -1541,7 +1988,10 @@ impl Cluster {
             .filter(|(_, p)| dead.contains(&p.instance.as_str()))
         {
             info!(room = %room, peer = %partner.peer_id, instance = %partner.instance,
-                  "member of a dead instance removed");
+                  "member of a dead instance");
+            if self.mark_away(room, &partner.peer_id).await? {
+                continue;
+            }
             let answer = self
                 .script(
                     self.leave
@@ -1551,7 +2001,8 @@ impl Cluster {
                         .arg(room),
                 )
                 .await?;
-            self.announce_leave(room, &partner.peer_id, LeaveReason::Disconnected, &answer);
+            self.announce_leave(room, &partner.peer_id, LeaveReason::Disconnected, &answer)
+                .await;
         }
         Ok(())
     }
@@ -1679,6 +2130,19 @@ fn room_key(room: &str) -> String {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Hex of the SHA-256 of a resume token, as the scripts keep it ("" for none).
+fn token_hash(token: Option<&str>) -> String {
+    token.map_or_else(String::new, |t| hex(&ids::secret_hash(t)))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
 }
 
 fn unix_millis(t: OffsetDateTime) -> i128 {

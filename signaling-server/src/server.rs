@@ -196,6 +196,8 @@ impl Server {
                         url: url.clone(),
                         room_ttl: config.room_ttl,
                         ring_timeout: config.ring_timeout,
+                        resume_grace: config.resume_grace,
+                        sweep_interval: config.sweep_interval,
                     },
                     Arc::clone(&hub),
                 )

@@ -10,13 +10,22 @@ use std::time::Duration;
 use common::redis::RedisServer;
 use common::{Client, http, request, start_server, wait_health};
 use serde_json::json;
-use signaling_server::Server;
 use signaling_server::config::Secret;
+use signaling_server::{Config, Server};
 
 /// An instance of the cluster on `redis`, ready.
 async fn instance(redis: &RedisServer) -> Server {
+    instance_with(redis, |_| {}).await
+}
+
+/// An instance of the cluster on `redis` with `tweak` applied to its configuration.
+async fn instance_with(redis: &RedisServer, tweak: impl FnOnce(&mut Config)) -> Server {
     let url = redis.url();
-    let s = start_server(|c| c.redis = Some(Secret(url))).await;
+    let s = start_server(|c| {
+        tweak(c);
+        c.redis = Some(Secret(url));
+    })
+    .await;
     wait_health(&s, 200).await;
     s
 }
@@ -135,7 +144,11 @@ async fn leaving_on_one_instance_is_seen_on_the_other() {
     let Some(redis) = RedisServer::start().await else {
         return;
     };
-    let (one, two) = (instance(&redis).await, instance(&redis).await);
+    let short = |c: &mut Config| c.resume_grace = Duration::from_millis(300);
+    let (one, two) = (
+        instance_with(&redis, short).await,
+        instance_with(&redis, short).await,
+    );
     let mut a = Client::connect(&one).await;
     let mut b = Client::connect(&two).await;
     let ja = a.join("desk").await;
@@ -160,6 +173,8 @@ async fn leaving_on_one_instance_is_seen_on_the_other() {
     assert_eq!(jc["host"], false);
     b.expect("peer_joined").await;
     c.close().await;
+    // Its seat is kept for the (short) resume grace, then given up.
+    assert_eq!(b.expect("peer_reconnecting").await["peer_id"], id(&jc));
     let dropped = b.expect("peer_left").await;
     assert_eq!(
         dropped,
@@ -210,7 +225,13 @@ async fn members_of_a_dead_instance_hold_no_seats_and_no_names() {
     let Some(redis) = RedisServer::start().await else {
         return;
     };
-    let (one, two) = (instance(&redis).await, instance(&redis).await);
+    // Resume off: a dead instance's member is removed at once (with resume on, its seat
+    // waits for the grace like any dropped one; see the killed-instance tests).
+    let off = |c: &mut Config| c.resume_grace = Duration::ZERO;
+    let (one, two) = (
+        instance_with(&redis, off).await,
+        instance_with(&redis, off).await,
+    );
     // A member whose instance is gone (no liveness key), as a SIGKILLed instance leaves.
     let client = redis::Client::open(redis.url()).unwrap();
     let mut r = client.get_multiplexed_async_connection().await.unwrap();
@@ -281,21 +302,6 @@ async fn without_redis_an_instance_is_not_ready_and_refuses_joins_then_recovers(
 
     one.stop().await;
     two.stop().await;
-}
-
-#[tokio::test]
-async fn resume_is_refused_clearly_in_cluster_mode() {
-    let Some(redis) = RedisServer::start().await else {
-        return;
-    };
-    let one = instance(&redis).await;
-    let mut a = Client::connect(&one).await;
-    a.send(json!({"type":"resume","room":"x","peer_id":"p","resume_token":"t"}))
-        .await;
-    a.expect_error("resume_failed").await;
-    let ja = a.join("x").await;
-    assert!(ja.get("resume_token").is_none(), "{ja}");
-    one.stop().await;
 }
 
 /// Registers `name` on `c`; the answer (`registered` or an error).
@@ -402,7 +408,7 @@ struct InstanceProcess {
 }
 
 impl InstanceProcess {
-    async fn start(redis: &RedisServer) -> InstanceProcess {
+    async fn start(redis: &RedisServer, extra: &[&str]) -> InstanceProcess {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -411,6 +417,7 @@ impl InstanceProcess {
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_signaling-server"))
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--redis", &redis.url(), "--db", ":memory:", "--log", "warn"])
+            .args(extra)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -459,24 +466,64 @@ impl Drop for InstanceProcess {
 }
 
 #[tokio::test]
-async fn members_of_a_killed_instance_leave_their_partners_rooms() {
+async fn a_member_of_a_killed_instance_resumes_on_another() {
     let Some(redis) = RedisServer::start().await else {
         return;
     };
     let one = instance(&redis).await;
-    let mut two = InstanceProcess::start(&redis).await;
+    let mut two = InstanceProcess::start(&redis, &[]).await;
+    let mut a = Client::connect(&one).await;
+    let mut b = Client::connect_url(&two.ws_url()).await;
+    a.join_named("survivors", "Ann").await;
+    let jb = b.join_named("survivors", "Bob").await;
+    let b_token = jb["resume_token"].as_str().unwrap().to_owned();
+    a.expect("peer_joined").await;
+
+    two.kill(); // SIGKILL: nobody leaves politely
+    // Noticed once its liveness key expires (6 s) at the next heartbeat (2 s).
+    let note = a.recv_within(Duration::from_secs(15)).await;
+    assert_eq!(note, json!({"type":"peer_reconnecting","peer_id": id(&jb)}));
+    // What a sends meanwhile waits for b.
+    a.send(json!({"type":"offer","sdp":"while b was away"}))
+        .await;
+
+    // b's client reconnects, to the surviving instance, and takes its seat back.
+    let mut b2 = Client::connect(&one).await;
+    b2.send(
+        json!({"type":"resume","room":"survivors","peer_id": id(&jb),
+                   "resume_token": b_token}),
+    )
+    .await;
+    let back = b2.expect("joined").await;
+    assert_eq!(back["peer_id"], id(&jb));
+    assert_eq!(back["members"], 2);
+    assert_eq!(back["peers"][0]["name"], "Ann");
+    assert_eq!(b2.expect("offer").await["sdp"], "while b was away");
+    b2.send(json!({"type":"answer","sdp":"back"})).await;
+    assert_eq!(a.expect("answer").await["sdp"], "back");
+    a.send(json!({"type":"offer","sdp":"again"})).await;
+    assert_eq!(b2.expect("offer").await["sdp"], "again");
+
+    one.stop().await;
+}
+
+#[tokio::test]
+async fn a_member_of_a_killed_instance_that_does_not_resume_leaves() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let one = instance_with(&redis, |c| c.resume_grace = Duration::from_secs(1)).await;
+    let mut two = InstanceProcess::start(&redis, &["--resume-grace", "1s"]).await;
     let mut a = Client::connect(&one).await;
     let mut b = Client::connect_url(&two.ws_url()).await;
     a.join("survivors").await;
     let jb = b.join("survivors").await;
     a.expect("peer_joined").await;
-    b.send(json!({"type":"offer","sdp":"from the doomed instance"}))
-        .await;
-    assert_eq!(a.expect("offer").await["sdp"], "from the doomed instance");
 
-    two.kill(); // SIGKILL: nobody leaves politely
-    // Noticed once its liveness key expires (6 s) at the next heartbeat (2 s).
-    let left = a.recv_within(Duration::from_secs(15)).await;
+    two.kill();
+    let note = a.recv_within(Duration::from_secs(15)).await;
+    assert_eq!(note["type"], "peer_reconnecting", "{note}");
+    let left = a.recv_within(Duration::from_secs(5)).await;
     assert_eq!(
         left,
         json!({"type":"peer_left","peer_id": id(&jb),"reason":"disconnected"})
