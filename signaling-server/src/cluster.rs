@@ -46,18 +46,28 @@
 //! the caller's instance), the caller leaving or dropping, the callee dropping: each
 //! deletes the record in a script, and only the one that did acts on it.
 //!
+//! # Seats kept for `resume`
+//! Every `joined` carries a token; the room hash keeps its hash (`t:{peer_id}`). A
+//! dropped connection (or a member of a dead instance) makes its seat *away*:
+//! `a:{peer_id}` = the deadline, and `"{room}\n{peer_id}"` in the sorted set
+//! `duet:away`; the partner hears `peer_reconnecting`, and what it sends meanwhile is
+//! queued in `duet:queue:{peer_id}` (last 64). A `resume` through any instance moves the
+//! seat there in one script and hands over the queue. Every instance sweeps `duet:away`
+//! for deadlines that passed; removing the entry (`ZREM`) decides which one gives the
+//! seat up.
+//!
 //! # What is not clustered yet
-//! `resume` is refused with `resume_failed` (no seat survives a dropped connection);
-//! meetings of the HTTP API (`POST /api/rooms` answers 503 `unavailable`) and the
+//! A `resume` does not take over a connection that is still open (single instance: it
+//! does); meetings of the HTTP API (`POST /api/rooms` answers 503 `unavailable`) and the
 //! room caps (`--max-rooms`, `--rooms-per-minute*`) are not applied. `GET
 //! /api/rooms/{id}` reads Redis, so every instance answers the same.
 //!
 //! # A dead instance
 //! Its liveness key expires [`INSTANCE_TTL`] after its last heartbeat. Each instance's
-//! heartbeat then finds its members' partners that were there and takes them out of
-//! their rooms (`peer_left/disconnected`); a join also removes such members. Everything
-//! else it held (room keys, names, busy markers) has a ttl of [`STATE_TTL`] that only
-//! live instances renew.
+//! heartbeat then finds its members' partners that were there and makes their seats
+//! away (or, with resume off, takes them out: `peer_left/disconnected`); a join does the
+//! same for members it finds there. Everything else it held (room keys, names, busy
+//! markers) has a ttl of [`STATE_TTL`] that only live instances renew.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -15,7 +15,7 @@
 //! - [`connection`] (private): one task per WebSocket; limits, pings, reading, writing.
 //! - [`websocket`]: RFC 6455 frame decoding/encoding that can skip oversized messages.
 //! - [`hub`]: the room state behind one mutex, and delivery to connection queues.
-//! - [`cluster`]: cluster mode (`--redis`): rooms, names and ringing calls in Redis
+//! - [`cluster`]: cluster mode (`--redis`): rooms, names, ringing calls and kept seats in Redis
 //!   (changed by Lua scripts), delivery to members on other instances through Redis
 //!   pub/sub; a routing layer in front of the hub, which stays the single-process default.
 //! - [`rooms`]: the room, meeting and direct-call state machine, without any I/O,
