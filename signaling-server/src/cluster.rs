@@ -56,9 +56,13 @@
 //! for deadlines that passed; removing the entry (`ZREM`) decides which one gives the
 //! seat up.
 //!
+//! A `resume` whose seat's connection still looks open takes it over: that connection's
+//! instance is told to let go (an envelope flagged `taken_over`), the seat is made away
+//! and resumed. Scripts that end or move a seat on behalf of a connection check that the
+//! seat is still where that connection is, so a late departure cannot undo a resume.
+//!
 //! # What is not clustered yet
-//! A `resume` does not take over a connection that is still open (single instance: it
-//! does); meetings of the HTTP API (`POST /api/rooms` answers 503 `unavailable`) and the
+//! Meetings of the HTTP API (`POST /api/rooms` answers 503 `unavailable`) and the
 //! room caps (`--max-rooms`, `--rooms-per-minute*`) are not applied. `GET
 //! /api/rooms/{id}` reads Redis, so every instance answers the same.
 //!
@@ -224,8 +228,15 @@ return cjson.encode({status = 'joined', host = host, others = (#others > 0) and 
 /// room left empty is deleted (an ended one keeps its key until it expires).
 const LEAVE: &str = r"
 local key = KEYS[1]
-local me, busy, room = ARGV[1], ARGV[2], ARGV[3]
+local me, busy, room, only_from = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 EXPIRE_CHECK
+if only_from and only_from ~= '' then
+  -- A connection leaves only a seat it still holds (a resume may have moved it).
+  local held = redis.call('HGET', key, 'm:' .. me)
+  if not held or string.sub(held, 1, #only_from + 1) ~= only_from .. '\n' then
+    return cjson.encode({left = false})
+  end
+end
 if redis.call('GET', busy .. me) == room then
   redis.call('DEL', busy .. me)
 end
@@ -405,9 +416,11 @@ return cjson.encode({status = 'joined', host = host, others = (#others > 0) and 
 /// also in the sorted set `duet:away`) unless the room ended or still rings.
 const AWAY: &str = r"
 local key = KEYS[1]
-local me, deadline, room = ARGV[1], ARGV[2], ARGV[3]
-if redis.call('HEXISTS', key, 'm:' .. me) == 0 or redis.call('HEXISTS', key, 'ended') == 1
-   or redis.call('HEXISTS', key, 'ringing') == 1 then
+local me, deadline, room, at = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local held = redis.call('HGET', key, 'm:' .. me)
+-- Only the seat as `at` knows it: a resume may have moved it meanwhile.
+if not held or string.sub(held, 1, #at + 1) ~= at .. '\n'
+   or redis.call('HEXISTS', key, 'ended') == 1 or redis.call('HEXISTS', key, 'ringing') == 1 then
   return cjson.encode({status = 'gone'})
 end
 redis.call('HSET', key, 'a:' .. me, deadline)
@@ -464,7 +477,9 @@ if redis.call('HGET', key, 't:' .. peer) ~= token then
 end
 local deadline = redis.call('HGET', key, 'a:' .. peer)
 if not deadline then
-  return cjson.encode({status = 'not_away'})
+  local at = string.find(v, '\n', 1, true) or (#v + 1)
+  return cjson.encode({status = 'not_away', others = {{peer = peer,
+                       instance = string.sub(v, 1, at - 1), name = ''}}})
 end
 if tonumber(deadline) <= tonumber(now) then
   return cjson.encode({status = 'expired'})
@@ -564,6 +579,10 @@ struct Envelope {
     room: String,
     from: String,
     msg: ServerMessage,
+    /// Not a message: `to`'s seat in `room` was resumed on another connection; this
+    /// one lets go of it (and `msg` is not delivered).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    taken_over: bool,
 }
 
 /// A callee being rung: its peer id, registered name and room.
@@ -1321,6 +1340,44 @@ impl Cluster {
         peer_id: &str,
         token: &str,
     ) -> Result<(), (ErrorCode, String)> {
+        self.resume_once(conn, room, peer_id, token, false).await
+    }
+
+    /// Tells the instance of the seat's old connection to let go of it.
+    fn take_over(&self, old: &Seat, room: &str) {
+        let envelope = Envelope {
+            to: old.peer_id.clone(),
+            room: room.to_owned(),
+            from: self.instance.clone(),
+            msg: ServerMessage::PeerReconnecting {
+                peer_id: old.peer_id.clone(),
+            },
+            taken_over: true,
+        };
+        if old.instance == self.instance {
+            self.receive(envelope);
+            return;
+        }
+        match serde_json::to_string(&envelope) {
+            Ok(payload) => {
+                let channel = format!("{CHANNEL_PREFIX}{}", old.instance);
+                if self.publish.try_send((channel, payload)).is_err() {
+                    warn!("publish queue full; a taken-over connection was not told");
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot serialize a takeover"),
+        }
+    }
+
+    /// [`Cluster::resume`]; `retried` after taking over a connection still open.
+    async fn resume_once(
+        &self,
+        conn: ConnId,
+        room: &str,
+        peer_id: &str,
+        token: &str,
+        retried: bool,
+    ) -> Result<(), (ErrorCode, String)> {
         let fail = |why: &str| Err((ErrorCode::ResumeFailed, why.to_owned()));
         if self.config.resume_grace.is_zero() {
             return fail("this server does not keep seats (resume is off)");
@@ -1365,7 +1422,30 @@ impl Cluster {
                         info!(room, peer = peer_id, "resume with a wrong token");
                         fail("wrong `resume_token`")
                     }
-                    "not_away" => fail("that seat's connection is still open"),
+                    "not_away" => {
+                        // Its old connection has not been noticed dead yet (a path that
+                        // died silently). The token proves the client: the old connection
+                        // lets go, the seat is away for a moment, and this one takes it.
+                        if retried {
+                            return fail("that seat's connection is still open");
+                        }
+                        if let Some(old) = answer.others.first() {
+                            info!(
+                                room,
+                                peer = peer_id,
+                                "resume takes over a connection not yet noticed dead"
+                            );
+                            self.take_over(&old.seat(), room);
+                            let marked = self.mark_away(room, peer_id, &old.instance).await;
+                            if marked.unwrap_or(false) {
+                                return Box::pin(
+                                    self.resume_once(conn, room, peer_id, token, true),
+                                )
+                                .await;
+                            }
+                        }
+                        fail("that seat's connection is still open")
+                    }
                     _ => {
                         // The grace is over but the sweep has not run yet: do what it does.
                         self.expire_seat(room, peer_id).await;
@@ -1515,7 +1595,8 @@ impl Cluster {
                     .key(room_key(old))
                     .arg(peer_id)
                     .arg(BUSY_PREFIX)
-                    .arg(old),
+                    .arg(old)
+                    .arg(&self.instance),
             )
             .await
         {
@@ -1551,7 +1632,7 @@ impl Cluster {
         }
         if reason == LeaveReason::Disconnected
             && calling.is_none()
-            && self.mark_away(&room, &peer_id).await?
+            && self.mark_away(&room, &peer_id, &self.instance).await?
         {
             return Ok(true);
         }
@@ -1561,7 +1642,8 @@ impl Cluster {
                     .key(room_key(&room))
                     .arg(&peer_id)
                     .arg(BUSY_PREFIX)
-                    .arg(&room),
+                    .arg(&room)
+                    .arg(&self.instance),
             )
             .await?;
         self.announce_leave(&room, &peer_id, reason, &answer).await;
@@ -1571,7 +1653,8 @@ impl Cluster {
     /// Keeps the seat of `peer_id` (whose connection dropped, or whose instance died) for
     /// the resume grace, telling the others `peer_reconnecting`; `false` when resume is
     /// off or the seat cannot be kept (the room ended, or its call still rings).
-    async fn mark_away(&self, room: &str, peer_id: &str) -> Result<bool, Unreachable> {
+    /// `at` is the instance whose connection held the seat.
+    async fn mark_away(&self, room: &str, peer_id: &str, at: &str) -> Result<bool, Unreachable> {
         if self.config.resume_grace.is_zero() {
             return Ok(false);
         }
@@ -1582,7 +1665,8 @@ impl Cluster {
                     .key(room_key(room))
                     .arg(peer_id)
                     .arg(deadline.to_string())
-                    .arg(room),
+                    .arg(room)
+                    .arg(at),
             )
             .await?;
         if answer.status != "away" {
@@ -1647,6 +1731,7 @@ impl Cluster {
             room: room.to_owned(),
             from: self.instance.clone(),
             msg,
+            taken_over: false,
         };
         let payload = match serde_json::to_string(&envelope) {
             Ok(p) => p,
@@ -1797,6 +1882,7 @@ impl Cluster {
             room: room.to_owned(),
             from: self.instance.clone(),
             msg,
+            taken_over: false,
         };
         if seat.instance == self.instance {
             self.receive(envelope);
@@ -1826,6 +1912,15 @@ impl Cluster {
         let Some(member) = local.conns.get_mut(&conn) else {
             return;
         };
+        if envelope.taken_over {
+            if member.room.as_deref() == Some(envelope.room.as_str()) {
+                info!(peer = %envelope.to, room = %envelope.room, "seat resumed elsewhere");
+                member.room = None;
+                member.partner = None;
+                local.by_peer.remove(&envelope.to);
+            }
+            return;
+        }
         if let Some(held) = &mut member.held {
             held.push(envelope);
             return;
@@ -1999,7 +2094,10 @@ impl Cluster {
         {
             info!(room = %room, peer = %partner.peer_id, instance = %partner.instance,
                   "member of a dead instance");
-            if self.mark_away(room, &partner.peer_id).await? {
+            if self
+                .mark_away(room, &partner.peer_id, &partner.instance)
+                .await?
+            {
                 continue;
             }
             let answer = self

@@ -13,6 +13,7 @@ on_both_topologies!(
     a_resume_after_the_grace_fails_and_a_fresh_join_works,
     with_no_grace_a_drop_is_peer_left_at_once_and_there_is_no_token,
     leave_and_end_room_still_act_at_once,
+    a_resume_takes_over_a_connection_not_yet_noticed_dead,
 );
 
 use std::time::Duration;
@@ -231,5 +232,36 @@ async fn leave_and_end_room_still_act_at_once(t: Topology) {
     assert!(e["message"].as_str().unwrap().contains("ended"), "{e}");
     c2.send(json!({"type":"join","room":"r"})).await;
     c2.expect_error("room_ended").await;
+    s.stop().await;
+}
+
+async fn a_resume_takes_over_a_connection_not_yet_noticed_dead(t: Topology) {
+    let Some(s) = Servers::start(t, |c| c.resume_grace = LONG_GRACE).await else {
+        return;
+    };
+    let mut a = s.client().await;
+    let mut b = s.client().await;
+    a.join_named("r", "Ann").await;
+    let jb = b.join("r").await;
+    a.expect("peer_joined").await;
+    let (b_id, b_token) = (jb["peer_id"].as_str().unwrap().to_owned(), token(&jb));
+
+    // b's client resumes on a new connection while the old one still looks open
+    // (a path that died silently): the token proves it, the new connection wins.
+    let mut b2 = s.client().await;
+    resume(&mut b2, "r", &b_id, &b_token).await;
+    let back = b2.expect("joined").await;
+    assert_eq!(back["peer_id"], b_id.as_str());
+    assert_eq!(back["peers"][0]["name"], "Ann");
+    assert_eq!(
+        a.expect("peer_reconnecting").await["peer_id"],
+        b_id.as_str()
+    );
+    a.send(json!({"type":"offer","sdp":"to the new connection"}))
+        .await;
+    assert_eq!(b2.expect("offer").await["sdp"], "to the new connection");
+    b2.send(json!({"type":"answer","sdp":"from it"})).await;
+    assert_eq!(a.expect("answer").await["sdp"], "from it");
+    b.expect_silence(Duration::from_millis(100)).await;
     s.stop().await;
 }
