@@ -1,7 +1,9 @@
 //! `callbench`: a loopback call between two separate `duet call --headless` processes
 //! (release build), both directions flowing, with the clean and the noisy test pattern,
 //! and the clean one relay-only through the signaling server's embedded TURN server
-//! (`relay`: compare with `clean` for what the relay costs).
+//! (`relay`: compare with `clean` for what the relay costs), and the clean one with the
+//! audio processing stage on (`processing`: echo cancellation, noise suppression and
+//! automatic gain, as for a real microphone; compare with `clean` for what it costs).
 //! Prints JSON: set-up time, glass-to-glass latency, encode/decode time per frame, CPU
 //! and memory per client, frame rate, frozen and lost frames, and for `relay` the CPU the
 //! server process (signaling + TURN) used.
@@ -27,7 +29,7 @@ struct Args {
     seconds: u64,
     #[arg(long, default_value_t = 2500)]
     bitrate_kbps: u32,
-    /// Only this variant: clean, relay or noisy.
+    /// Only this variant: clean, processing, relay or noisy.
     #[arg(long)]
     only: Option<String>,
     #[arg(long, hide = true)]
@@ -64,7 +66,7 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("duet-callbench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut results = serde_json::Map::new();
-    for variant in ["clean", "relay", "noisy"] {
+    for variant in ["clean", "processing", "relay", "noisy"] {
         if args.only.as_deref().is_some_and(|o| o != variant) {
             continue;
         }
@@ -95,6 +97,10 @@ fn main() {
             match variant {
                 "noisy" => cmd.args(["--video", "noisy-pattern", "--expect-noisy"]),
                 "relay" => cmd.args(["--expect-pattern", "--relay-only"]),
+                // The clean call with the audio processing stage on (echo cancellation,
+                // noise suppression, automatic gain), as for a real microphone: what
+                // it costs a whole call.
+                "processing" => cmd.args(["--expect-pattern", "--audio-processing", "on"]),
                 _ => cmd.arg("--expect-pattern"),
             };
             cmd.spawn().expect("start duet")
@@ -134,6 +140,7 @@ fn main() {
                 "psnr_db_mean": r["psnr_db_mean"],
                 "bitrate_received_kbps": r["bitrate_received_kbps"],
                 "path": r["candidate_type"],
+                "audio_processing_ms_per_frame_p50": r["audio_processing"]["ms_per_frame_p50"],
             }));
         }
         results.insert(

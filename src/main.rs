@@ -174,8 +174,8 @@ struct NetworkArgs {
     /// side, and tests the relay.
     #[arg(long)]
     relay_only: bool,
-    /// Also trust the certificate authorities in this PEM file for wss:// and https://
-    /// servers (a private CA); the system's roots are always trusted.
+    /// Also trust the certificate authorities in this PEM file for wss://, https:// and
+    /// turns: servers (a private CA); the system's roots are always trusted.
     #[arg(long, value_name = "PEM", env = "DUET_CA_FILE")]
     ca_file: Option<PathBuf>,
 }

@@ -5,7 +5,8 @@
 //! media goes over real peer connections on loopback.
 //!
 //! Each test runs one scenario of the script and asserts on the JSON it prints (and on
-//! the native client's JSON report). Without node or chromium the tests skip with a
+//! the native client's JSON report). One checks Chromium's own TURN client against the
+//! embedded TURN server over UDP, TCP and TLS. Without node or chromium the tests skip with a
 //! reason, unless `DUET_REQUIRE_BROWSER_TEST=1` (set by `make test`), where that fails.
 //! `npm ci` installs the pinned playwright-core when tests/browser/node_modules is
 //! missing. Screenshots go to `target/browser-test/` (CI keeps them as artifacts).
@@ -558,4 +559,85 @@ fn http_get(url: &str, accept: &str) -> (String, String) {
     let response = String::from_utf8_lossy(&response);
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
     (head.to_owned(), body.to_owned())
+}
+
+/// Chromium's own TURN client, which speaks `turn:...?transport=tcp` and `turns:`
+/// natively, through the embedded server's UDP listener and its TCP and TLS fronts: two
+/// relay-only peer connections in one page exchange a message, and the selected pair's
+/// relay protocol is the transport asked for. (The TLS certificate is self-signed, so
+/// Chromium is told to accept it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_relays_through_the_embedded_turn_server_over_udp_tcp_and_tls() {
+    if !ready() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let secret = "browser-turn-secret";
+    let mut config = signaling_server::Config::ephemeral();
+    let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    config.turn_secret = Some(secret.into());
+    config.tls_cert = Some(cert_path);
+    config.tls_key = Some(key_path);
+    config.turn_server.listen = Some(loopback);
+    config.turn_server.listen_tcp = Some(loopback);
+    config.turn_server.listen_tls = Some(loopback);
+    // The two peer connections' relays are each other's peers (always allowed); their
+    // host candidates on loopback are not needed.
+    let server = signaling_server::Server::start(config).await.unwrap();
+    let turn = server.turn_server().unwrap();
+    let user = signaling_server::turn::username(
+        "chromium",
+        std::time::SystemTime::now(),
+        Duration::from_secs(3600),
+    );
+    let credential = signaling_server::turn::credential(secret.as_bytes(), &user);
+    for (url, protocol) in [
+        (
+            format!("turn:127.0.0.1:{}?transport=udp", turn.local_addr().port()),
+            "udp",
+        ),
+        (
+            format!(
+                "turn:127.0.0.1:{}?transport=tcp",
+                turn.tcp_addr().unwrap().port()
+            ),
+            "tcp",
+        ),
+        (
+            format!(
+                "turns:127.0.0.1:{}?transport=tcp",
+                turn.tls_addr().unwrap().port()
+            ),
+            "tls",
+        ),
+    ] {
+        let args = json!({
+            "turn": {"url": url, "username": user, "credential": credential},
+            "chromium_flags": ["--ignore-certificate-errors"],
+        });
+        let result = tokio::task::spawn_blocking(move || scenario("turn-relay", args))
+            .await
+            .unwrap();
+        assert_eq!(result["message"], "through the relay", "{result}");
+        assert_eq!(result["candidate_type"], "relay", "{result}");
+        assert_eq!(result["relay_protocol"], protocol, "{result}");
+    }
+    // Every allocation ends with its peer connection (over TCP/TLS: with its stream).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while turn.allocations() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} allocations left",
+            turn.allocations()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.stop().await;
 }

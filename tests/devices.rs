@@ -132,3 +132,168 @@ async fn a_call_without_a_camera_falls_back_to_the_test_pattern() {
     assert!(rb.frames_decoded > 20, "{ra:?}\n{rb:?}");
     server.stop().await;
 }
+
+/// A PulseAudio null sink (a speaker) or null source (a microphone) of our own,
+/// unloaded when dropped or by [`TempDevice::unplug`]: a device that can be taken away
+/// mid-call.
+struct TempDevice {
+    module: Option<String>,
+    description: String,
+}
+
+impl TempDevice {
+    fn speaker(description: &str) -> TempDevice {
+        TempDevice::load("sink", description)
+    }
+
+    fn microphone(description: &str) -> TempDevice {
+        TempDevice::load("source", description)
+    }
+
+    fn load(kind: &str, description: &str) -> TempDevice {
+        let out = std::process::Command::new("pactl")
+            .args([
+                "load-module",
+                &format!("module-null-{kind}"),
+                &format!("{kind}_name={}", description.to_lowercase()),
+                "rate=48000",
+                // The sink takes properties; the null source has a description argument.
+                &if kind == "sink" {
+                    format!("sink_properties=device.description={description}")
+                } else {
+                    format!("description={description}")
+                },
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        TempDevice {
+            module: Some(String::from_utf8_lossy(&out.stdout).trim().to_owned()),
+            description: description.to_owned(),
+        }
+    }
+
+    fn unplug(&mut self) {
+        if let Some(module) = self.module.take() {
+            let status = std::process::Command::new("pactl")
+                .args(["unload-module", &module])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+    }
+}
+
+impl Drop for TempDevice {
+    fn drop(&mut self) {
+        self.unplug();
+    }
+}
+
+/// Whether the PulseAudio null sink `make test` sets up is here (else: why not, or a
+/// failure under `DUET_REQUIRE_AUDIO_TEST`).
+fn null_sink_here() -> bool {
+    if std::env::var("PULSE_SOURCE").as_deref() == Ok("nullsink.monitor") {
+        return true;
+    }
+    assert!(
+        std::env::var("DUET_REQUIRE_AUDIO_TEST").is_err(),
+        "the audio test needs the PulseAudio null sink (PULSE_SOURCE=nullsink.monitor)"
+    );
+    eprintln!("not run: needs the PulseAudio null sink that `make test` sets up");
+    false
+}
+
+/// Reads frames (as the call's 20 ms clock does) until `done`, at most 10 s.
+fn frames_until(mic: &mut dyn duet::media::audio::AudioSource, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut finished = done();
+    while !finished && std::time::Instant::now() < deadline {
+        let frame = mic.next_frame().unwrap();
+        assert_eq!(frame.len(), duet::media::audio::FRAME_SAMPLES);
+        std::thread::sleep(Duration::from_millis(20));
+        finished = done();
+    }
+    assert!(finished, "gave up after 10 s reading {}", mic.describe());
+}
+
+#[test]
+fn a_microphone_unplugged_mid_call_falls_back_and_another_can_be_chosen() {
+    use duet::media::live_device::{DeviceSwitch, LiveMicrophone};
+    if !null_sink_here() {
+        return;
+    }
+    let mut first = TempDevice::microphone("DuetMicOne");
+    let second = TempDevice::microphone("DuetMicTwo");
+    let switch = DeviceSwitch::default();
+    let mic = Microphone::open(Some(&first.description)).unwrap();
+    let mut live = LiveMicrophone::new(Box::new(mic), switch.clone());
+    assert!(switch.using().unwrap().contains("DuetMicOne"));
+    frames_until(&mut live, || true);
+    // Unplugged: frames keep coming (silence meanwhile), a warning says what happened,
+    // and the default microphone takes over.
+    first.unplug();
+    let warnings = std::sync::Mutex::new(Vec::new());
+    frames_until(&mut live, || {
+        let mut w = warnings.lock().unwrap();
+        w.extend(switch.take_warnings());
+        !w.is_empty()
+    });
+    let warnings = warnings.into_inner().unwrap();
+    println!("{warnings:?}");
+    assert!(warnings[0].contains("DuetMicOne"), "{warnings:?}");
+    assert!(warnings[0].contains("now using"), "{warnings:?}");
+    let using = switch.using().unwrap();
+    assert!(using.contains("Monitor of Null Output"), "{using}");
+    // Another is chosen: it takes over at the next frame.
+    switch.choose(Some(second.description.clone()));
+    frames_until(&mut live, || {
+        switch.using().is_some_and(|u| u.contains("DuetMicTwo"))
+    });
+    // A device that is not there: a warning, and the one in use stays.
+    switch.choose(Some("no such microphone 5c1d".into()));
+    let warnings = std::sync::Mutex::new(Vec::new());
+    frames_until(&mut live, || {
+        let mut w = warnings.lock().unwrap();
+        w.extend(switch.take_warnings());
+        !w.is_empty()
+    });
+    let warnings = warnings.into_inner().unwrap();
+    assert!(warnings[0].contains("5c1d"), "{warnings:?}");
+    assert!(warnings[0].contains("still using"), "{warnings:?}");
+    assert!(switch.using().unwrap().contains("DuetMicTwo"));
+}
+
+#[test]
+fn a_speaker_unplugged_mid_call_falls_back_to_the_default() {
+    use duet::media::live_device::{DeviceSwitch, LiveSpeaker};
+    if !null_sink_here() {
+        return;
+    }
+    let mut sink = TempDevice::speaker("DuetSpeakerOne");
+    let switch = DeviceSwitch::default();
+    let speaker = Speaker::open(Some(&sink.description)).unwrap();
+    let mut live = LiveSpeaker::new(Box::new(speaker), switch.clone());
+    let mut tone = Sine::new(440.0);
+    let mut play_until = |done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut finished = done();
+        while !finished && std::time::Instant::now() < deadline {
+            live.write(&tone.next_frame().unwrap()).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            finished = done();
+        }
+        assert!(finished, "gave up after 10 s");
+    };
+    play_until(&|| true);
+    sink.unplug();
+    let warnings = std::sync::Mutex::new(Vec::new());
+    play_until(&|| {
+        let mut w = warnings.lock().unwrap();
+        w.extend(switch.take_warnings());
+        !w.is_empty() && switch.using().is_some_and(|u| u.contains("Null Output"))
+    });
+    let warnings = warnings.into_inner().unwrap();
+    assert!(warnings[0].contains("DuetSpeakerOne"), "{warnings:?}");
+    assert!(warnings[0].contains("default speaker"), "{warnings:?}");
+}

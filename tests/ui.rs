@@ -130,6 +130,13 @@ fn lobby_call_and_hang_up() {
     click(&mut harness, "Mute microphone");
     let warned = step_until(&mut harness, 2, |h| shows(h, "speaking while muted"));
     assert!(warned, "speaking while muted was not shown");
+    // The device pickers open in the call (a tone, not a device, is in use here).
+    click(&mut harness, "Devices");
+    let pickers = step_until(&mut harness, 2, |h| {
+        // The meter's "Microphone" and the picker's.
+        h.query_all_by_label("Microphone").count() == 2 && shows(h, "Speaker")
+    });
+    assert!(pickers, "the device pickers did not open");
 
     click(&mut harness, "Hang up");
     assert!(!harness.state().in_call());

@@ -12,7 +12,9 @@
 //!    call-like load, and round-trip latency through the relay (two relay hops).
 //!
 //! With `--coturn` the same load runs against coturn's `turnserver` (Debian package
-//! `coturn`) configured alike, for comparison.
+//! `coturn`) configured alike, for comparison. With `--tcp` the clients talk TURN over
+//! TCP (RFC 6062 framing) to `--turn-listen-tcp` (coturn: its TCP listener); the peers
+//! stay UDP.
 //!
 //! `cargo bench -p signaling-server --bench turnbench -- --help` lists the knobs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -72,6 +74,9 @@ struct Args {
     /// Measure coturn's `turnserver` (same secret, realm, loopback peers allowed) instead.
     #[arg(long)]
     coturn: bool,
+    /// Clients reach the server over TCP (`--turn-listen-tcp`; coturn's TCP listener).
+    #[arg(long)]
+    tcp: bool,
     /// Bench's own bench-harness flag (ignored).
     #[arg(long, hide = true)]
     bench: bool,
@@ -82,6 +87,8 @@ struct ServerProcess {
     /// The signaling server's HTTP address; None for coturn.
     http: Option<SocketAddr>,
     turn: SocketAddr,
+    /// Clients use TCP.
+    tcp: bool,
 }
 
 const SECRET: &str = "bench-secret";
@@ -95,10 +102,15 @@ fn free_port() -> u16 {
 }
 
 impl ServerProcess {
-    fn start(binary: &std::path::Path, threads: usize) -> ServerProcess {
+    fn start(binary: &std::path::Path, threads: usize, tcp: bool) -> ServerProcess {
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let turn: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        if tcp {
+            // The same port number over TCP (free for TCP too, almost always).
+            command.args(["--turn-listen-tcp", &turn.to_string()]);
+        }
+        let child = command
             .args(["--listen", &http.to_string()])
             .args(["--turn-listen", &turn.to_string(), "--turn-secret", SECRET])
             .args(["--turn-allow-peer", "127.0.0.0/8"])
@@ -117,10 +129,11 @@ impl ServerProcess {
             child,
             http: Some(http),
             turn,
+            tcp,
         }
     }
 
-    fn start_coturn(threads: usize) -> ServerProcess {
+    fn start_coturn(threads: usize, tcp: bool) -> ServerProcess {
         let turn: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut command = Command::new("turnserver");
         command
@@ -140,13 +153,8 @@ impl ServerProcess {
                 "duet",
             ])
             .args(["--allow-loopback-peers", "--allowed-peer-ip", "127.0.0.1"])
-            .args([
-                "--no-tls",
-                "--no-dtls",
-                "--no-tcp",
-                "--no-cli",
-                "--no-stdout-log",
-            ])
+            .args(["--no-tls", "--no-dtls", "--no-cli", "--no-stdout-log"])
+            .args(if tcp { &[][..] } else { &["--no-tcp"][..] })
             .args(["--log-file", "/dev/null", "--simple-log"])
             .args(["--min-port", "49152", "--max-port", "65535"]);
         if threads > 0 {
@@ -162,6 +170,7 @@ impl ServerProcess {
             child,
             http: None,
             turn,
+            tcp,
         }
     }
 
@@ -199,7 +208,7 @@ impl ServerProcess {
         let body = &response[response.find("\r\n\r\n").unwrap() + 4..];
         let v: Value = serde_json::from_str(body).unwrap();
         let turn = &v["ice_servers"][1];
-        let url = turn["urls"][0].as_str().unwrap();
+        let url = turn["urls"][usize::from(self.tcp)].as_str().unwrap();
         let addr = url
             .strip_prefix("turn:")
             .and_then(|u| u.split('?').next())
@@ -219,14 +228,62 @@ impl Drop for ServerProcess {
     }
 }
 
-/// A TURN client on a connected UDP socket with one allocation and channel 0x4000 bound
-/// to its peer.
+/// A TURN client's connection: a connected UDP socket, or a TCP stream with RFC 6062
+/// framing (its reads cancel-safe: a partial message stays in the buffer).
+enum Conn {
+    Udp(UdpSocket),
+    Tcp {
+        reader: tokio::sync::Mutex<(tokio::net::tcp::OwnedReadHalf, bytes::BytesMut)>,
+        writer: tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>,
+    },
+}
+
+impl Conn {
+    async fn send(&self, message: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt as _;
+        match self {
+            Conn::Udp(socket) => socket.send(message).await.map(|_| ()),
+            Conn::Tcp { writer, .. } => {
+                let mut framed = Vec::with_capacity(message.len() + 3);
+                signaling_server::turn_server::framing::encode(message, &mut framed)
+                    .expect("a TURN message");
+                writer.lock().await.write_all(&framed).await
+            }
+        }
+    }
+
+    async fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use bytes::Buf as _;
+        use signaling_server::turn_server::framing::next_frame;
+        use tokio::io::AsyncReadExt as _;
+        match self {
+            Conn::Udp(socket) => socket.recv(buf).await,
+            Conn::Tcp { reader, .. } => {
+                let mut guard = reader.lock().await;
+                let (stream, pending) = &mut *guard;
+                loop {
+                    if let Some(f) = next_frame(pending, 65_536).expect("TURN framing") {
+                        buf[..f.len].copy_from_slice(&pending[..f.len]);
+                        pending.advance(f.consumed);
+                        return Ok(f.len);
+                    }
+                    pending.reserve(4096);
+                    if stream.read_buf(pending).await? == 0 {
+                        return Err(std::io::ErrorKind::UnexpectedEof.into());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A TURN client with one allocation and channel 0x4000 bound to its peer.
 struct Pair {
-    client: UdpSocket,
+    client: Conn,
     peer: UdpSocket,
 }
 
-async fn request(socket: &UdpSocket, setters: &[Box<dyn Setter>]) -> Message {
+async fn request(socket: &Conn, setters: &[Box<dyn Setter>]) -> Message {
     let mut m = Message::new();
     m.build(setters).unwrap();
     socket.send(&m.raw).await.unwrap();
@@ -254,9 +311,20 @@ impl Setter for PeerAttr {
 }
 
 impl Pair {
-    async fn open(server: SocketAddr, user: &str, pass: &str) -> Pair {
-        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        client.connect(server).await.unwrap();
+    async fn open(server: SocketAddr, user: &str, pass: &str, tcp: bool) -> Pair {
+        let client = if tcp {
+            let stream = tokio::net::TcpStream::connect(server).await.unwrap();
+            stream.set_nodelay(true).unwrap();
+            let (reader, writer) = stream.into_split();
+            Conn::Tcp {
+                reader: tokio::sync::Mutex::new((reader, bytes::BytesMut::new())),
+                writer: tokio::sync::Mutex::new(writer),
+            }
+        } else {
+            let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            socket.connect(server).await.unwrap();
+            Conn::Udp(socket)
+        };
         let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let transport = || -> Box<dyn Setter> {
             Box::new(RequestedTransport {
@@ -464,19 +532,19 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let report = runtime.block_on(async {
         let server = match &binary {
-            Some(binary) => ServerProcess::start(binary, args.server_threads),
-            None => ServerProcess::start_coturn(args.server_threads),
+            Some(binary) => ServerProcess::start(binary, args.server_threads, args.tcp),
+            None => ServerProcess::start_coturn(args.server_threads, args.tcp),
         };
         let (addr, user, pass) = server.turn_credentials();
         // Fresh allocations per phase, so no straggler of one phase counts in the next.
         let mut pairs = Vec::new();
         for _ in 0..args.pairs {
-            pairs.push(Arc::new(Pair::open(addr, &user, &pass).await));
+            pairs.push(Arc::new(Pair::open(addr, &user, &pass, args.tcp).await));
         }
         let max = phase(&server, &pairs, &args, None).await;
         let mut pairs = Vec::new();
         for _ in 0..args.pairs {
-            pairs.push(Arc::new(Pair::open(addr, &user, &pass).await));
+            pairs.push(Arc::new(Pair::open(addr, &user, &pass, args.tcp).await));
         }
         let fixed = phase(&server, &pairs, &args, Some(args.rate / args.pairs as f64)).await;
         json!({
@@ -484,6 +552,7 @@ fn main() {
             "server": if args.coturn { "coturn turnserver" } else { "signaling-server --turn-listen" },
             "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             "server_threads": args.server_threads,
+            "client_transport": if args.tcp { "tcp" } else { "udp" },
             "pairs": args.pairs,
             "payload_bytes": args.size,
             "max": max,

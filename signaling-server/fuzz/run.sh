@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 minutes=${1:-10}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(websocket_decoder protocol_json create_room_body turn_gate)
+[ ${#targets[@]} -eq 0 ] && targets=(websocket_decoder protocol_json create_room_body turn_gate turn_framing)
 mkdir -p logs
 for t in "${targets[@]}"; do
     mkdir -p "corpus/$t"

@@ -94,6 +94,7 @@ fn gate() -> &'static Gate {
             registry: Arc::new(Registry::new(5, 100)),
             pending: Arc::default(),
             max_lifetime: Duration::from_secs(600),
+            origins: Arc::default(),
         };
         (runtime, gate)
     });
@@ -156,6 +157,50 @@ pub fn turn_gate(data: &[u8]) {
     }
 }
 
+/// TURN over a stream (`turn_server::framing`), fed the input in chunks (the first byte
+/// is the chunk size) as a reader of the TCP/TLS front does: every message it cuts out is
+/// within the limit and within what was buffered, the buffer never holds more than one
+/// message and one chunk, and a message framed again takes the same bytes on the stream.
+pub fn turn_framing(data: &[u8]) {
+    use crate::turn_server::framing::{FrameError, encode, next_frame};
+    const MAX: usize = 1500;
+    let Some((&step, rest)) = data.split_first() else {
+        return;
+    };
+    let step = usize::from(step.max(1));
+    let mut buf = Vec::new();
+    for chunk in rest.chunks(step) {
+        buf.extend_from_slice(chunk);
+        loop {
+            match next_frame(&buf, MAX) {
+                Ok(Some(frame)) => {
+                    assert!(frame.len <= MAX && frame.len <= frame.consumed);
+                    assert!(frame.consumed <= buf.len() && frame.consumed < frame.len + 4);
+                    let mut again = Vec::new();
+                    encode(&buf[..frame.len], &mut again).expect("a framed message encodes");
+                    assert_eq!(again.len(), frame.consumed);
+                    assert_eq!(again[..frame.len], buf[..frame.len]);
+                    buf.drain(..frame.consumed);
+                }
+                Ok(None) => break,
+                // Skipped by the front; here the test of this input ends.
+                Err(FrameError::TooLarge { len, consumed, .. }) => {
+                    assert!(len > MAX && consumed >= len && consumed < len + 4);
+                    return;
+                }
+                Err(FrameError::Garbage) => return, // the stream is closed here
+            }
+        }
+        assert!(buf.len() < MAX + 4 + step, "{} bytes buffered", buf.len());
+    }
+    // Any datagram: framed whole, padded to 4, or refused.
+    let mut out = Vec::new();
+    if encode(rest, &mut out).is_ok() {
+        assert_eq!(out.len() % 4, 0);
+        assert!(out.len() >= rest.len().saturating_sub(3));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,5 +222,13 @@ mod tests {
             5, 0x00, 0x12, 8, 0x00, 0x01, 0x21, 0x12, 0x5e, 0x12, 0xa4, 0x43,
         ]);
         turn_gate(&[0, 0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42]);
+        // A Binding request (20 bytes), then ChannelData of 5 bytes with its padding, a
+        // byte at a time; garbage; an oversized ChannelData header.
+        let mut stream = vec![1, 0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+        stream.extend([7; 12]);
+        stream.extend([0x40, 0x00, 0x00, 0x05, 1, 2, 3, 4, 5, 0, 0, 0]);
+        turn_framing(&stream);
+        turn_framing(&[3, 0xff, 0xff, 0xff, 0xff]);
+        turn_framing(&[2, 0x40, 0x00, 0xff, 0xff, 0, 0]);
     }
 }

@@ -25,8 +25,10 @@
 //! - [`rate_limit`]: the token bucket (per WebSocket connection, per HTTP client address).
 //! - [`tls`]: optional HTTPS/WSS on the same port (`--tls-cert`, `--tls-key`), reloadable.
 //! - [`turn`]: TURN REST credentials and the `ice_servers` list.
-//! - [`turn_server`]: the optional embedded STUN/TURN server (UDP) that checks those
-//!   credentials, with peer-address filtering, quotas and a relay port range.
+//! - [`turn_server`]: the optional embedded STUN/TURN server (UDP, with optional TCP and
+//!   TLS fronts bridged to it) that checks those credentials, with peer-address
+//!   filtering, quotas and a relay port range; its `framing` module (STUN/ChannelData over
+//!   a stream) is shared with the client's TURN bridge.
 //! - [`ids`]: random, read-aloud-friendly identifiers; secret hashing and comparison.
 //! - `fuzzing` (hidden): the entry points of the fuzz targets in `fuzz/`.
 //!

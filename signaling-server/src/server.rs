@@ -140,6 +140,7 @@ impl Server {
             &config.turn_server,
             &mut ice,
             config.turn_credential_lifetime,
+            tls.as_ref(),
         )
         .await?;
         let db = config.db.clone();
@@ -593,7 +594,7 @@ impl PerAddress {
     }
 
     /// Counts one more from `ip`; returns it with how many `ip` holds now, this one included.
-    fn enter(self: &Arc<Self>, ip: std::net::IpAddr) -> (Present, usize) {
+    pub(crate) fn enter(self: &Arc<Self>, ip: std::net::IpAddr) -> (Present, usize) {
         let mut map = self.lock();
         let n = map.entry(ip).or_insert(0);
         *n += 1;

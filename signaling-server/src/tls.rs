@@ -2,7 +2,8 @@
 //! WSS from the same listener, with rustls (ring provider) through tokio-rustls.
 //!
 //! The certificate and key are PEM files as certbot writes them (`fullchain.pem`,
-//! `privkey.pem`; PKCS#8, PKCS#1 or SEC1 keys). [`ServerTls::reload`] reads them again
+//! `privkey.pem`; PKCS#8, PKCS#1 or SEC1 keys). The embedded TURN server's TLS front
+//! (`--turn-listen-tls`) uses the same certificate ([`ServerTls::turn_acceptor`]). [`ServerTls::reload`] reads them again
 //! and swaps them in for new connections (the binary does it on SIGHUP); a file that
 //! does not load leaves the old certificate in place. Connections already open keep the
 //! session they have.
@@ -47,7 +48,14 @@ pub enum TlsError {
 pub struct ServerTls {
     cert: PathBuf,
     key: PathBuf,
-    acceptor: RwLock<TlsAcceptor>,
+    acceptors: RwLock<Acceptors>,
+}
+
+/// One certificate, two protocol lists: HTTP/1.1 for the web port, none for TURN.
+#[derive(Clone)]
+struct Acceptors {
+    http: TlsAcceptor,
+    turn: TlsAcceptor,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -68,7 +76,7 @@ impl ServerTls {
         match (cert, key) {
             (None, None) => Ok(None),
             (Some(cert), Some(key)) => Ok(Some(ServerTls {
-                acceptor: RwLock::new(load(cert, key)?),
+                acceptors: RwLock::new(load(cert, key)?),
                 cert: cert.to_owned(),
                 key: key.to_owned(),
             })),
@@ -76,19 +84,29 @@ impl ServerTls {
         }
     }
 
-    /// The acceptor for the next connection.
-    pub fn acceptor(&self) -> TlsAcceptor {
-        match self.acceptor.read() {
+    fn current(&self) -> Acceptors {
+        match self.acceptors.read() {
             Ok(a) => a.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
+    }
+
+    /// The acceptor for the next HTTPS/WSS connection.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        self.current().http
+    }
+
+    /// The acceptor for the next TURN-over-TLS connection (`--turn-listen-tls`): the same
+    /// certificate, no ALPN (a client offering `stun.turn` or nothing is served alike).
+    pub fn turn_acceptor(&self) -> TlsAcceptor {
+        self.current().turn
     }
 
     /// Reads the certificate and key files again and uses them for new connections; on
     /// an error the old ones stay.
     pub fn reload(&self) -> Result<(), TlsError> {
         let fresh = load(&self.cert, &self.key)?;
-        match self.acceptor.write() {
+        match self.acceptors.write() {
             Ok(mut a) => *a = fresh,
             Err(poisoned) => *poisoned.into_inner() = fresh,
         }
@@ -101,7 +119,7 @@ impl ServerTls {
     }
 }
 
-fn load(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+fn load(cert: &Path, key: &Path) -> Result<Acceptors, TlsError> {
     let cert_err = |detail: String| TlsError::CertFile {
         path: cert.to_owned(),
         detail,
@@ -129,10 +147,14 @@ fn load(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
         .with_no_client_auth()
         .with_single_cert(chain, private_key)
         .map_err(|e| mismatch(e.to_string()))?;
+    let turn = TlsAcceptor::from(Arc::new(config.clone()));
     // HTTP/1.1 only: the WebSocket upgrade needs it, and the API is served by hyper's
     // HTTP/1 connection.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok(Acceptors {
+        http: TlsAcceptor::from(Arc::new(config)),
+        turn,
+    })
 }
 
 /// How much to ask for per read on a TLS connection.

@@ -23,6 +23,11 @@ pub enum Command {
     Camera(bool),
     /// The host ends the room for both.
     EndMeeting,
+    /// Use this microphone from now on (a name `media::device::list_audio_devices`
+    /// gives; None: the default). Mute stays as it is; the call is not renegotiated.
+    UseMicrophone(Option<String>),
+    /// Play received audio on this speaker from now on (None: the default).
+    UseSpeaker(Option<String>),
 }
 
 /// One line of the chat, in order.
@@ -44,6 +49,9 @@ pub struct Live {
     /// What the camera-like source is, e.g. "test pattern 640x360".
     pub video_source: Option<String>,
     pub microphone_on: bool,
+    /// The microphone and speaker in use (their descriptions), when they are devices.
+    pub microphone_device: Option<String>,
+    pub speaker_device: Option<String>,
     pub camera_on: bool,
 }
 

@@ -5,6 +5,8 @@
 //!   events for `Call` and carries out its actions.
 //! - [`handle`]: how the program sees a running call (`SessionHandle`, `Live`, commands).
 //! - [`peer`]: the WebRTC peer connection and its interceptor chain.
+//! - [`turn_bridge`]: TURN over TCP/TLS for it (webrtc-rs speaks UDP only): local UDP
+//!   bridges to `turn:...?transport=tcp` and `turns:` servers.
 //! - [`estimator`]: the congestion controller's algorithm (GCC's delay half, libwebrtc's
 //!   loss rule).
 //! - [`pacer`]: the send pacer in that chain (audio first, video at 2.5x the estimate,
@@ -30,6 +32,7 @@ pub mod report;
 pub mod runtime;
 pub mod session;
 pub mod state;
+pub mod turn_bridge;
 
 pub use config::{AudioInput, Connection, SessionConfig, Target, VideoInput};
 pub use handle::{ChatLine, Command, Live, SessionHandle};

@@ -26,10 +26,17 @@
 //!   so a round trip 100 ms above the path's minimum puts a ceiling on the target that
 //!   drains it, then lifts slowly.
 //!
+//! - a keyframe makes everything queued before it useless (a receiver decodes from a
+//!   keyframe on, and jumps to a whole one: `media::assembler`): when one enters the queue,
+//!   the older video packets and retransmissions still waiting are dropped, and later
+//!   retransmissions of packets from before it are refused. On a link that has just
+//!   narrowed, that queue is what keeps the bottleneck full; the keyframe asked for to
+//!   end a freeze would otherwise wait behind it (or be dropped at its tail).
+//!
 //! Packets leave with their release instant as `now`, so the congestion controller's send
 //! history records when they really left.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -38,6 +45,8 @@ use rtc::interceptor::{Attribute, Interceptor, Packet, StreamInfo, TaggedPacket}
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::sansio::Protocol;
 use rtc::shared::marshal::MarshalSize as _;
+
+use crate::media::assembler::starts_keyframe;
 
 /// Video leaves this many times faster than the estimate (libwebrtc's pacing factor).
 pub const PACING_FACTOR: f64 = 2.5;
@@ -297,12 +306,27 @@ pub struct MediaPacer {
     remb: Option<(f64, Instant)>,
     handle: PacerHandle,
     audio_ssrcs: HashSet<u32>,
+    /// H.264 streams by their SSRC, and the RTX SSRC of each.
+    h264: HashMap<u32, H264Stream>,
+    rtx_of: HashMap<u32, u32>,
     /// Queued video; each packet's `now` is when it was queued.
     video: VecDeque<TaggedPacket>,
     /// Ready to leave: RTCP, audio, and released video, in order.
     out: VecDeque<TaggedPacket>,
     read: VecDeque<TaggedPacket>,
     refused: u64,
+    /// Video packets dropped or refused because a keyframe made them useless.
+    superseded: u64,
+}
+
+/// What the pacer follows of an H.264 stream.
+#[derive(Debug, Default)]
+struct H264Stream {
+    rtx: Option<u32>,
+    /// The timestamp of the last frame queued.
+    last_timestamp: Option<u32>,
+    /// The sequence number the last keyframe starts at.
+    keyframe_start: Option<u16>,
 }
 
 impl MediaPacer {
@@ -321,10 +345,13 @@ impl MediaPacer {
             remb: None,
             handle: PacerHandle::default(),
             audio_ssrcs: HashSet::new(),
+            h264: HashMap::new(),
+            rtx_of: HashMap::new(),
             video: VecDeque::new(),
             out: VecDeque::new(),
             read: VecDeque::new(),
             refused: 0,
+            superseded: 0,
         }
     }
 
@@ -392,6 +419,50 @@ impl MediaPacer {
     pub fn refused(&self) -> u64 {
         self.refused
     }
+
+    /// Video packets dropped or refused because a later keyframe made them useless.
+    pub fn superseded(&self) -> u64 {
+        self.superseded
+    }
+
+    /// Whether a video packet may still be queued (see the module docs on keyframes);
+    /// a keyframe's first packet drops what waits before it.
+    fn admit(&mut self, rtp: &rtc::rtp::Packet) -> bool {
+        let ssrc = rtp.header.ssrc;
+        if let Some(&media) = self.rtx_of.get(&ssrc) {
+            // A retransmission: its payload starts with the original sequence number.
+            let start = self.h264.get(&media).and_then(|s| s.keyframe_start);
+            let original = rtp
+                .payload
+                .get(..2)
+                .map(|b| u16::from_be_bytes([b[0], b[1]]));
+            return match (start, original) {
+                (Some(k), Some(o)) => (o.wrapping_sub(k) as i16) >= 0,
+                _ => true,
+            };
+        }
+        let Some(stream) = self.h264.get_mut(&ssrc) else {
+            return true;
+        };
+        let timestamp = rtp.header.timestamp;
+        let new_frame = stream.last_timestamp != Some(timestamp);
+        stream.last_timestamp = Some(timestamp);
+        if new_frame && starts_keyframe(&rtp.payload) {
+            stream.keyframe_start = Some(rtp.header.sequence_number);
+            let rtx = stream.rtx;
+            let before = self.video.len();
+            self.video.retain(|p| match &p.message.packet {
+                Packet::Rtp(q) => q.header.ssrc != ssrc && Some(q.header.ssrc) != rtx,
+                _ => true,
+            });
+            let dropped = before - self.video.len();
+            if dropped > 0 {
+                tracing::debug!(dropped, "queued video dropped for a keyframe");
+                self.superseded += dropped as u64;
+            }
+        }
+        true
+    }
 }
 
 impl Protocol<TaggedPacket, TaggedPacket, ()> for MediaPacer {
@@ -439,6 +510,12 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for MediaPacer {
         if audio {
             self.sent.record(msg.now, Self::bits_of(&msg));
             self.out.push_back(msg);
+            return Ok(());
+        }
+        if let Packet::Rtp(rtp) = &msg.message.packet
+            && !self.admit(rtp)
+        {
+            self.superseded += 1;
             return Ok(());
         }
         if self.video.len() >= MAX_QUEUED_PACKETS {
@@ -498,13 +575,30 @@ impl MediaPacer {
 
 impl Interceptor for MediaPacer {
     fn bind_local_stream(&mut self, info: &StreamInfo) {
-        if info.mime_type.to_ascii_lowercase().starts_with("audio/") {
+        let mime = info.mime_type.to_ascii_lowercase();
+        if mime.starts_with("audio/") {
             self.audio_ssrcs.insert(info.ssrc);
+        } else if mime == "video/h264" {
+            self.h264.insert(
+                info.ssrc,
+                H264Stream {
+                    rtx: info.ssrc_rtx,
+                    ..H264Stream::default()
+                },
+            );
+            if let Some(rtx) = info.ssrc_rtx {
+                self.rtx_of.insert(rtx, info.ssrc);
+            }
         }
     }
 
     fn unbind_local_stream(&mut self, info: &StreamInfo) {
         self.audio_ssrcs.remove(&info.ssrc);
+        if let Some(stream) = self.h264.remove(&info.ssrc)
+            && let Some(rtx) = stream.rtx
+        {
+            self.rtx_of.remove(&rtx);
+        }
     }
 
     fn bind_remote_stream(&mut self, _: &StreamInfo) {}
@@ -745,6 +839,66 @@ mod tests {
         p.update_target(t + REMB_HOLD);
         assert_eq!(p.target_bps(), 2_000_000.0);
         assert_eq!(handle.remb_bps(), None);
+    }
+
+    /// An H.264 packet of `ssrc`: `payload` after the RTP header, at `timestamp`.
+    fn h264(ssrc: u32, seq: u16, timestamp: u32, payload: &[u8], now: Instant) -> TaggedPacket {
+        let mut packet = rtp(ssrc, seq, 0, now);
+        if let Packet::Rtp(r) = &mut packet.message.packet {
+            r.header.timestamp = timestamp;
+            r.payload = bytes::Bytes::from([payload, &[0u8; 1000]].concat());
+        }
+        packet
+    }
+
+    #[test]
+    fn a_keyframe_drops_the_video_queued_before_it_and_later_repairs_of_it() {
+        const P_FRAME: &[u8] = &[0x41, 0x9a];
+        const SPS: &[u8] = &[0x67, 0x42];
+        let t = Instant::now();
+        let mut p = MediaPacer::new(300_000.0);
+        bind(&mut p, 1, "audio/opus");
+        p.bind_local_stream(&StreamInfo {
+            ssrc: 2,
+            ssrc_rtx: Some(3),
+            mime_type: "video/H264".into(),
+            ..Default::default()
+        });
+        // A narrow link's backlog: P-frames and retransmissions of them.
+        for i in 0..40u16 {
+            p.handle_write(h264(2, 100 + i, 3000 * u32::from(i / 4), P_FRAME, t))
+                .ok();
+        }
+        for i in 0..5u16 {
+            let osn = (100 + i).to_be_bytes();
+            p.handle_write(h264(3, i, 0, &[osn[0], osn[1], 0x41], t))
+                .ok();
+        }
+        drain(&mut p);
+        let backlog = p.queued();
+        assert!(backlog > 20, "{backlog} queued");
+        // A keyframe arrives: what waits before it goes, the keyframe is next in line.
+        for i in 0..3u16 {
+            let nal = if i == 0 { SPS } else { P_FRAME };
+            p.handle_write(h264(2, 140 + i, 30_000, nal, t)).ok();
+        }
+        assert_eq!(p.superseded(), backlog as u64);
+        assert_eq!(p.queued() + drain(&mut p).len(), 3);
+        // A repair of a packet from before it is refused; of the keyframe's own, queued.
+        let before = 139u16.to_be_bytes();
+        p.handle_write(h264(3, 5, 0, &[before[0], before[1], 0x41], t))
+            .ok();
+        assert_eq!(p.superseded(), backlog as u64 + 1);
+        let own = 141u16.to_be_bytes();
+        p.handle_write(h264(3, 6, 0, &[own[0], own[1], 0x41], t))
+            .ok();
+        assert_eq!(p.superseded(), backlog as u64 + 1);
+        // The keyframe's later packets do not drop the earlier ones (one frame), and
+        // audio is never touched.
+        p.handle_write(h264(2, 143, 30_000, SPS, t)).ok();
+        p.handle_write(rtp(1, 0, 100, t)).ok();
+        assert_eq!(p.superseded(), backlog as u64 + 1);
+        assert!(drain(&mut p).contains(&1));
     }
 
     #[test]

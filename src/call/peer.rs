@@ -1,6 +1,6 @@
 //! The WebRTC peer connection (webrtc-rs 0.21) set up for a Duet call: H.264 (with RTX
 //! and FlexFEC) + Opus tracks, the `chat` data channel, trickle ICE with queued remote
-//! candidates, the interceptor chain (NACK, RTCP reports, GCC congestion control with
+//! candidates, TURN over TCP/TLS through local bridges ([`super::turn_bridge`]), the interceptor chain (NACK, RTCP reports, GCC congestion control with
 //! TWCC, FEC, our pacer, and PLI/FIR delivered to the sender so it can answer with a
 //! keyframe), and the connection's statistics.
 //!
@@ -52,6 +52,7 @@ use super::repair::{
 };
 use super::runtime::PromptRuntime;
 use super::state::Role;
+use super::turn_bridge::{BridgedRelays, TurnBridge, bridge_ice_servers, deprioritize};
 use crate::signaling::protocol::{IceCandidate, IceServer};
 
 /// The peer connection could not do what was asked.
@@ -96,6 +97,8 @@ pub struct PeerConfig {
 /// Callbacks run on webrtc-rs's driver task: forward, never block.
 struct Handler {
     events: mpsc::UnboundedSender<PeerEvent>,
+    /// Relays reached over TCP/TLS bridges: signaled with a lower priority.
+    bridged: BridgedRelays,
 }
 
 #[async_trait::async_trait]
@@ -103,7 +106,7 @@ impl PeerConnectionEventHandler for Handler {
     async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
         if let Ok(init) = event.candidate.to_json() {
             let candidate = IceCandidate {
-                candidate: init.candidate,
+                candidate: deprioritize(&init.candidate, &self.bridged),
                 // webrtc-rs reports mid ""; with BUNDLE every candidate belongs to mid "0".
                 sdp_mid: Some("0".into()),
                 sdp_mline_index: Some(0),
@@ -385,6 +388,8 @@ pub struct Peer {
     /// peer-reflexive end learned from the checks before its candidate arrived can be
     /// named by its real type once it has.
     signaled: Vec<CandidateEnd>,
+    /// Local bridges to TURN servers reached over TCP or TLS; they end with the peer.
+    bridges: Vec<TurnBridge>,
 }
 
 /// At most this many remote candidates are queued (before the remote description) or
@@ -448,8 +453,10 @@ impl Peer {
             .map_err(err)?;
         let (registry, chain) = interceptors(&mut media)?;
 
+        // TURN over TCP/TLS: webrtc-rs is given local UDP bridges to those servers.
+        let (servers, bridges) = bridge_ice_servers(&config.ice_servers).await;
         let configuration = RTCConfigurationBuilder::new()
-            .with_ice_servers(ice_servers(&config.ice_servers))
+            .with_ice_servers(ice_servers(&servers))
             .with_ice_transport_policy(if config.relay_only {
                 RTCIceTransportPolicy::Relay
             } else {
@@ -501,7 +508,10 @@ impl Peer {
             .with_media_engine(media)
             .with_interceptor_registry(registry)
             .with_setting_engine(settings)
-            .with_handler(Arc::new(Handler { events }))
+            .with_handler(Arc::new(Handler {
+                events,
+                bridged: BridgedRelays::of(&bridges),
+            }))
             .with_udp_addrs(addrs)
             .build()
             .await
@@ -527,6 +537,7 @@ impl Peer {
             remote_description_set: false,
             pending_candidates: Vec::new(),
             signaled: Vec::new(),
+            bridges,
         })
     }
 
@@ -683,6 +694,12 @@ impl Peer {
                 if remote.as_ref().is_none_or(|r| r.kind == "prflx") {
                     tracing::debug!(?remote, ?known, "peer-reflexive remote end");
                 }
+                // A relay reached through one of our TCP/TLS bridges.
+                let bridged = local.as_ref().and_then(|end| {
+                    let ip = end.address.parse::<std::net::IpAddr>().ok()?;
+                    let addr = std::net::SocketAddr::new(ip, end.port);
+                    self.bridges.iter().find(|b| b.relays(addr))
+                });
                 stats.local_candidate_type = local.map(|end| end.resolve(&known, own));
                 // A remote end that is not in the report at all was learned from the
                 // checks themselves and never signaled: peer-reflexive.
@@ -695,6 +712,12 @@ impl Peer {
                     stats.local_candidate_type.as_deref(),
                     stats.remote_candidate_type.as_deref(),
                 );
+                if let Some(bridge) = bridged
+                    && stats.local_candidate_type.as_deref() == Some("relay")
+                {
+                    stats.candidate_type =
+                        Some(format!("relay ({})", bridge.server().transport.name()));
+                }
             }
         }
         for s in report.inbound_rtp_streams() {
@@ -929,9 +952,10 @@ pub struct PeerStats {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub rtt_ms: Option<f64>,
-    /// The path of the selected candidate pair: `relay` when either end is a TURN relay,
-    /// else `srflx` when either end is server- or peer-reflexive (through a NAT), else
-    /// `host`.
+    /// The path of the selected candidate pair: `relay` when either end is a TURN relay
+    /// (`relay (tcp)` / `relay (tls)` when ours is reached over TCP/TLS through a
+    /// [`TurnBridge`]), else `srflx` when either end is server- or peer-reflexive (through
+    /// a NAT), else `host`.
     pub candidate_type: Option<String>,
     /// Our end of the selected pair: host, srflx, prflx or relay.
     pub local_candidate_type: Option<String>,

@@ -36,6 +36,7 @@ use super::sleep_until;
 use crate::media::arrival::ArrivalMonitor;
 use crate::media::assembler::{AccessUnit, Assembled, FrameAssembler};
 use crate::media::audio::{AudioSink, AudioSource, OpusDecoder, OpusEncoder, SAMPLE_RATE};
+use crate::media::capture::CapturedFrame;
 use crate::media::h264::{EncoderSettings, H264Decoder, H264Encoder};
 use crate::media::jitter::{JitterBuffer, JitterStats, Playout};
 use crate::media::ladder::{Ladder, scaled_size};
@@ -362,7 +363,7 @@ impl Pipelines {
     /// the other side sees "no picture" instead of a frozen one.
     pub fn start_video_sender(
         &mut self,
-        frames: std::sync::mpsc::Receiver<VideoFrame>,
+        frames: std::sync::mpsc::Receiver<CapturedFrame>,
         settings: EncoderSettings,
         track: LocalTrack,
         stats: StatsHandle,
@@ -393,7 +394,9 @@ impl Pipelines {
                 };
                 // Frames captured before the call connected are stale: skip them.
                 while frames.try_recv().is_ok() {}
-                let mut last_sample = Instant::now();
+                // The capture instant of the last frame sent: a sample's duration is the
+                // time between two captures, so RTP timestamps follow the capture clock.
+                let mut last_capture = Instant::now();
                 let mut keyframes = KeyframePacer::default();
                 let mut size = (640, 360);
                 // The resolution ladder starts with the first frame (the source's size).
@@ -401,12 +404,13 @@ impl Pipelines {
                 let mut scaler = Scaler::new();
                 let mut next_due = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
-                    let frame = match frames.recv_timeout(Duration::from_millis(250)) {
+                    let (frame, captured_at) = match frames.recv_timeout(Duration::from_millis(250))
+                    {
                         Ok(f) => {
-                            size = (f.width, f.height);
-                            f
+                            size = (f.frame.width, f.frame.height);
+                            (f.frame, f.captured_at)
                         }
-                        Err(_) => VideoFrame::black(size.0, size.1),
+                        Err(_) => (VideoFrame::black(size.0, size.1), Instant::now()),
                     };
                     let now = Instant::now();
                     let ladder = ladder.get_or_insert_with(|| {
@@ -415,6 +419,11 @@ impl Pipelines {
                     for c in control.try_iter() {
                         match c {
                             EncoderControl::Keyframe => keyframes.request(now, *rtt.borrow()),
+                            EncoderControl::Ceiling(bps) => {
+                                if bps < encoder.settings().bitrate_bps {
+                                    encoder.set_bitrate(bps);
+                                }
+                            }
                             // The configured bitrate is the ceiling.
                             EncoderControl::Bitrate { target, estimate } => {
                                 let bps = target.min(settings.bitrate_bps);
@@ -473,9 +482,8 @@ impl Pipelines {
                             s.encoder_bitrate_bps = encoder.settings().bitrate_bps;
                             drop(s);
                             // A skipped frame's duration is carried into the next sample.
-                            let now = Instant::now();
-                            let duration = now - last_sample;
-                            last_sample = now;
+                            let duration = captured_at.saturating_duration_since(last_capture);
+                            last_capture = last_capture.max(captured_at);
                             if tx.blocking_send((Bytes::from(au.data), duration)).is_err() {
                                 return;
                             }
@@ -510,9 +518,22 @@ impl Pipelines {
         // PLI/FIR from the receiver: a keyframe, when the pacer allows.
         self.tasks.push(tokio::spawn(async move {
             while let Some(event) = track.track.poll().await {
-                if let TrackLocalEvent::OnRtcpPacket(packets) = event
-                    && packets.iter().any(|p| is_keyframe_request(p.as_ref()))
-                {
+                let TrackLocalEvent::OnRtcpPacket(packets) = event else {
+                    continue;
+                };
+                // A REMB first: a keyframe asked for with it is made at the lower rate.
+                let remb = packets.iter().find_map(|p| {
+                    p.as_any()
+                        .downcast_ref::<ReceiverEstimatedMaximumBitrate>()
+                        .map(|r| r.bitrate)
+                });
+                if let Some(bps) = remb.filter(|b| b.is_finite() && *b > 0.0) {
+                    let video = video_bitrate_for(bps as u64);
+                    if control_tx.send(EncoderControl::Ceiling(video)).is_err() {
+                        return;
+                    }
+                }
+                if packets.iter().any(|p| is_keyframe_request(p.as_ref())) {
                     stats.lock().keyframe_requests_received += 1;
                     if control_tx.send(EncoderControl::Keyframe).is_err() {
                         return;
@@ -673,6 +694,8 @@ impl Pipelines {
             let media_ssrc = track.ssrcs().await.first().copied().unwrap_or(0);
             let mut assembler = FrameAssembler::new();
             let mut arrival = ArrivalMonitor::new();
+            // A burst's "send less", sent with the keyframe request that follows it.
+            let mut burst_remb: Option<u64> = None;
             loop {
                 let wake = assembler.poll_timeout();
                 tokio::select! {
@@ -735,12 +758,24 @@ impl Pipelines {
                             let sent = track.write_rtcp(vec![Box::new(nack)]).await;
                             tracing::trace!(?sent, ?seqs, loss = assembler.loss(), "NACK sent");
                         }
+                        Assembled::BurstLost => burst_remb = Some(arrival.burst_request(now)),
                         Assembled::RequestKeyframe => {
                             let pli = PictureLossIndication {
                                 sender_ssrc: 0,
                                 media_ssrc,
                             };
-                            let sent = track.write_rtcp(vec![Box::new(pli)]).await;
+                            let mut packets: Vec<Box<dyn rtc::rtcp::Packet>> = Vec::new();
+                            if let Some(bps) = burst_remb.take() {
+                                packets.push(Box::new(ReceiverEstimatedMaximumBitrate {
+                                    sender_ssrc: 0,
+                                    bitrate: bps as f32,
+                                    ssrcs: vec![media_ssrc],
+                                }));
+                                stats.lock().rate_requests_sent += 1;
+                                tracing::debug!(bps, "REMB sent with the burst's keyframe request");
+                            }
+                            packets.push(Box::new(pli));
+                            let sent = track.write_rtcp(packets).await;
                             tracing::debug!(?sent, "keyframe request (PLI) sent");
                         }
                     }
@@ -864,6 +899,10 @@ pub enum EncoderControl {
     /// Encode at `target` bits per second from now on; choose the resolution for
     /// `estimate` (both the video's share).
     Bitrate { target: u32, estimate: u32 },
+    /// The receiver asked for at most this (REMB, the video's share): encode at no more
+    /// until the next `Bitrate`. It can come with a keyframe request (a burst was lost),
+    /// and the keyframe must not be made at the rate from before.
+    Ceiling(u32),
 }
 
 /// At most this many per-frame timings are kept for the report (an hour of 20 ms frames).

@@ -24,12 +24,13 @@ use super::report::Report;
 use super::sleep_until;
 use super::state::{Action, Call, CallState, Event, PeerState, Role};
 use crate::media::audio::{AudioSink, NullSink, WavSink};
-use crate::media::capture::Capture;
+use crate::media::capture::{Capture, CapturedFrame};
 use crate::media::device::Speaker;
+use crate::media::live_device::{DeviceSwitch, LiveMicrophone, LiveSpeaker};
 use crate::media::picture::PictureSlot;
 use crate::media::processing::AudioProcessor;
 use crate::media::sources::{Tee, open_audio, open_video};
-use crate::media::video::{VideoFrame, Y4mWriter};
+use crate::media::video::Y4mWriter;
 use crate::signaling::protocol::ClientMessage;
 use crate::signaling::{Client, Incoming};
 
@@ -63,6 +64,8 @@ pub fn start_on(config: SessionConfig, connection: Option<Connection>) -> Sessio
         frames_tx,
         frames_rx: Some(frames_rx),
         mic_muted: Arc::new(AtomicBool::new(false)),
+        microphone: DeviceSwitch::default(),
+        speaker: DeviceSwitch::default(),
         client: None,
         peer: None,
         pipelines: Pipelines::new(),
@@ -125,9 +128,13 @@ struct Session {
     /// The running video source; None while the camera is off (or still opening).
     capture: Option<Capture>,
     /// Captures feed the encoder through this channel (it outlives camera off/on).
-    frames_tx: std::sync::mpsc::SyncSender<VideoFrame>,
-    frames_rx: Option<std::sync::mpsc::Receiver<VideoFrame>>,
+    frames_tx: std::sync::mpsc::SyncSender<CapturedFrame>,
+    frames_rx: Option<std::sync::mpsc::Receiver<CapturedFrame>>,
     mic_muted: Arc<AtomicBool>,
+    /// Choosing another microphone or speaker while the call runs, and what happened to
+    /// the devices ([`crate::media::live_device`]).
+    microphone: DeviceSwitch,
+    speaker: DeviceSwitch,
     client: Option<Client>,
     peer: Option<Peer>,
     pipelines: Pipelines,
@@ -321,6 +328,19 @@ impl Session {
                 }
             }
             Input::StatsTick => {
+                // Devices lost or changed since the last tick.
+                let device_news: Vec<String> = [&self.microphone, &self.speaker]
+                    .iter()
+                    .flat_map(|d| d.take_warnings())
+                    .collect();
+                for warning in device_news {
+                    self.warn(warning);
+                }
+                {
+                    let mut live = lock_live(&self.live);
+                    live.microphone_device = self.microphone.using();
+                    live.speaker_device = self.speaker.using();
+                }
                 // A lost address (a laptop changing networks) is acted on at once.
                 let addresses = super::peer::usable_addresses();
                 let lost = self.addresses.difference(&addresses).next().is_some();
@@ -369,6 +389,8 @@ impl Session {
             Input::Command(Command::Camera(on)) => {
                 self.apply(Event::Camera(on), peer_tx, chat_tx).await;
             }
+            Input::Command(Command::UseMicrophone(name)) => self.microphone.choose(name),
+            Input::Command(Command::UseSpeaker(name)) => self.speaker.choose(name),
             Input::Command(Command::EndMeeting) => {
                 self.apply(Event::EndRoom, peer_tx, chat_tx).await;
             }
@@ -700,7 +722,10 @@ impl Session {
         }
         if self.config.play_audio {
             match Speaker::open(self.config.speaker.as_deref()) {
-                Ok(speaker) => outputs.push(Box::new(speaker)),
+                Ok(speaker) => outputs.push(Box::new(LiveSpeaker::new(
+                    Box::new(speaker),
+                    self.speaker.clone(),
+                ))),
                 Err(e) => self.warn(format!("{e}; received audio is not played")),
             }
         }
@@ -758,7 +783,12 @@ impl Session {
             );
         }
         let mut warnings = Vec::new();
-        let source = open_audio(&self.config.audio, &mut warnings);
+        let mut source = open_audio(&self.config.audio, &mut warnings);
+        if matches!(self.config.audio, AudioInput::Microphone(_)) {
+            // A lost microphone is replaced, another can be chosen (even when the
+            // configured one did not open and a tone stands in for it).
+            source = Box::new(LiveMicrophone::new(source, self.microphone.clone()));
+        }
         for w in warnings {
             self.warn(w);
         }

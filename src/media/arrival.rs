@@ -42,6 +42,9 @@ const AUDIO_BPS: f64 = 56_000.0;
 const BASELINE: Duration = Duration::from_secs(10);
 /// The arriving rate is measured over this long.
 const RATE_WINDOW: Duration = Duration::from_millis(1000);
+/// ... and over this long after a burst of losses: the link narrowed a moment ago, and
+/// the last second still holds what it carried before.
+const BURST_WINDOW: Duration = Duration::from_millis(400);
 const RTP_CLOCK: f64 = 90_000.0;
 
 /// See the module docs.
@@ -84,6 +87,27 @@ impl ArrivalMonitor {
     /// The queueing delay seen last.
     pub fn queue(&self) -> Duration {
         self.queue
+    }
+
+    /// A burst of packets was lost (`media::assembler`): the path has likely just
+    /// narrowed, before any queue shows. The rate to ask the sender for at once: a share
+    /// of what arrived lately ([`BURST_WINDOW`]), the bottleneck's rate if it is one.
+    /// Counts as a request (the ceiling is lifted again once no queue stands).
+    pub fn burst_request(&mut self, now: Instant) -> u64 {
+        let recent =
+            |&&(t, _): &&(Instant, usize)| now.saturating_duration_since(t) <= BURST_WINDOW;
+        let bytes: usize = self.arrived.iter().filter(recent).map(|&(_, b)| b).sum();
+        let window = self
+            .arrived
+            .iter()
+            .find(recent)
+            .map_or(BURST_WINDOW, |&(t, _)| {
+                now.saturating_duration_since(t).max(BURST_WINDOW / 2)
+            });
+        self.last_report = Some(now);
+        self.lifts_due = LIFTS;
+        let rate = bytes as f64 * 8.0 / window.as_secs_f64();
+        ((rate + AUDIO_BPS) * REMB_SHARE).round() as u64
     }
 
     /// One packet arrived at `now`; returns the rate (bits per second, all media) to ask
@@ -224,6 +248,26 @@ mod tests {
         for bps in &asked {
             assert!((450_000..=700_000).contains(bps), "{bps}");
         }
+    }
+
+    #[test]
+    fn a_burst_asks_for_a_share_of_what_arrived_lately() {
+        let t = Instant::now();
+        let mut m = ArrivalMonitor::new();
+        // 10 packets a frame (2.4 Mbit/s) for two seconds, then 2 (480 kbit/s): the
+        // burst's request follows the narrow link, not the last second's average.
+        feed(&mut m, t, 0..60, 10, |_| Duration::ZERO);
+        feed(&mut m, t, 60..75, 2, |_| Duration::ZERO);
+        let at = t + Duration::from_micros(75 * 33_333);
+        let asked = m.burst_request(at);
+        let expected = (480_000.0 + AUDIO_BPS) * REMB_SHARE;
+        assert!(
+            (asked as f64 - expected).abs() < expected * 0.15,
+            "{asked} for {expected}"
+        );
+        // The ceiling is lifted once no queue stands.
+        let lifted = feed(&mut m, t, 75..120, 2, |_| Duration::ZERO);
+        assert_eq!(lifted, [LIFT_BPS; 3]);
     }
 
     #[test]

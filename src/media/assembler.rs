@@ -17,6 +17,9 @@
 //!   (NACK) for about two and a half round trips, room for one lost retransmission
 //!   ([`FrameAssembler::repair_wait`]); frames behind it wait too (a P-frame needs the
 //!   one before it).
+//! - A burst of losses ([`BURST_PACKETS`] missing at once) asks for a keyframe at once as
+//!   well, and a complete keyframe behind incomplete frames is decoded without waiting
+//!   for them.
 //! - Only when the wait runs out is the frame given up. From then on the decoder needs a
 //!   keyframe: frames are dropped until one starts, and a keyframe request goes out, at
 //!   most one per round trip (+ margin), repeated while none arrives, and none while a
@@ -52,6 +55,12 @@ pub const ECHO_RTT: Duration = Duration::from_millis(60);
 /// No echo while this stream sits in a queue this long: that loss is congestion (a full
 /// bottleneck drops its tail), and a second copy of each repair only adds to it.
 pub const ECHO_MAX_QUEUE: Duration = Duration::from_millis(40);
+/// With this many packets missing at once (a link that has just narrowed drops a burst),
+/// a keyframe is asked for at once, while the repairs go on: about what a keyframe of a
+/// small picture costs, and repairs of a burst that size wait in the same full queue.
+/// Whichever completes first is decoded (a whole keyframe is jumped to, and the sender
+/// drops what waits before it).
+pub const BURST_PACKETS: usize = 20;
 /// A hole of more packets than this is not repaired packet by packet.
 const MAX_NACK_HOLE: u64 = 300;
 /// Nor is one across which the RTP clock (90 kHz) jumps more than half a second: that was
@@ -75,6 +84,10 @@ pub enum Assembled {
     Frame(AccessUnit),
     /// Ask the sender for a keyframe (RTCP PLI).
     RequestKeyframe,
+    /// A burst of packets was lost at once: the path has likely just narrowed. Comes
+    /// right before the [`Assembled::RequestKeyframe`] it causes; the sender should hear
+    /// "send less" with it, so the keyframe is not made at the old rate.
+    BurstLost,
     /// Ask the sender to send these packets again (RTCP NACK).
     Nack(Vec<u16>),
 }
@@ -157,6 +170,8 @@ pub struct FrameAssembler {
     /// Where the next frame to hand out starts; None: not known (at the start, or after
     /// giving up), then the next keyframe's first packet decides.
     next: Option<u64>,
+    /// A burst was reported ([`Assembled::BurstLost`]); its keyframe request is next.
+    burst_lost: bool,
     /// Packets below this number are done with (handed out, given up or dropped).
     floor: Option<u64>,
     /// Since when the frame at `next` has been incomplete while later packets wait.
@@ -189,6 +204,7 @@ impl FrameAssembler {
             floor: None,
             incomplete_since: None,
             awaiting_keyframe: None,
+            burst_lost: false,
             last_request: None,
             missing: BTreeMap::new(),
             rtt: Duration::from_millis(100),
@@ -415,6 +431,24 @@ impl FrameAssembler {
                 return Some(Assembled::Nack(nacks));
             }
         }
+        if std::mem::take(&mut self.burst_lost) {
+            return Some(Assembled::RequestKeyframe);
+        }
+        let burst = self.awaiting_keyframe.is_none()
+            && self.missing.len() >= BURST_PACKETS
+            && self
+                .last_request
+                .is_none_or(|t| now >= t + self.request_interval());
+        if burst {
+            tracing::debug!(
+                missing = self.missing.len(),
+                "a burst lost: keyframe asked for"
+            );
+            self.last_request = Some(now);
+            self.stats.keyframe_requests += 1;
+            self.burst_lost = true;
+            return Some(Assembled::BurstLost);
+        }
         if self.keyframe_request_due().is_some_and(|due| now >= due) {
             self.last_request = Some(now);
             self.stats.keyframe_requests += 1;
@@ -442,6 +476,12 @@ impl FrameAssembler {
                         // Nothing behind the hole yet: the frame may just be in flight.
                         self.incomplete_since = None;
                         return None;
+                    }
+                    if let Some(key) = self.complete_keyframe_after(start) {
+                        // A keyframe behind the hole is already whole: nothing before it
+                        // is needed any more (libwebrtc's frame buffer jumps the same way).
+                        self.skip_to(key);
+                        continue;
                     }
                     let since = *self.incomplete_since.get_or_insert(now);
                     if now < since + self.repair_wait() && self.held.len() < MAX_HELD_PACKETS {
@@ -548,6 +588,40 @@ impl FrameAssembler {
         })
     }
 
+    /// The first packet of a complete keyframe held after `start`, if any. A keyframe
+    /// begins with its SPS; a packet that begins with an IDR slice only begins one if the
+    /// packet before it is here and belongs to an earlier frame (a keyframe's later
+    /// slices begin with an IDR NAL too).
+    fn complete_keyframe_after(&self, start: u64) -> Option<u64> {
+        self.held
+            .range(start + 1..)
+            .filter(|(seq, p)| {
+                starts_with_sps(&p.payload)
+                    || starts_keyframe(&p.payload)
+                        && self
+                            .held
+                            .get(&(*seq - 1))
+                            .is_some_and(|before| before.timestamp != p.timestamp)
+            })
+            .map(|(&seq, _)| seq)
+            .find(|&seq| self.complete_frame(seq).is_some())
+    }
+
+    /// Drops everything before the keyframe starting at `key` (frames that wait for a
+    /// repair, and the repairs they wait for).
+    fn skip_to(&mut self, key: u64) {
+        tracing::debug!(
+            skipped = self.held.range(..key).count(),
+            "frames skipped for a complete keyframe"
+        );
+        self.stats.frames_dropped += 1;
+        self.held.retain(|&k, _| k >= key);
+        self.missing.retain(|&k, _| k >= key);
+        self.floor = Some(key);
+        self.next = Some(key);
+        self.incomplete_since = None;
+    }
+
     /// The frame at `next` will not be completed: drop it and wait for a keyframe.
     fn give_up(&mut self, now: Instant) {
         tracing::debug!(held = self.held.len(), "frame lost; waiting for a keyframe");
@@ -580,6 +654,18 @@ impl FrameAssembler {
             .map(|b| b + u64::from(seq))
             .min_by_key(|&c| c.abs_diff(h))
             .unwrap_or(h)
+    }
+}
+
+/// Whether an RTP payload begins with a sequence parameter set (alone or first in a
+/// STAP-A): only a keyframe's first packet does.
+fn starts_with_sps(payload: &[u8]) -> bool {
+    const SPS: u8 = 7;
+    const STAP_A: u8 = 24;
+    match payload.first().map(|h| h & 0x1f) {
+        Some(SPS) => true,
+        Some(STAP_A) => payload.get(3).is_some_and(|&h| h & 0x1f == SPS),
+        _ => false,
     }
 }
 
@@ -896,6 +982,82 @@ mod tests {
         assert_eq!(timestamps(&out), [12000, 15000]);
         assert_eq!(a.poll_timeout(), None);
         assert_eq!(a.stats().keyframe_requests, 2);
+    }
+
+    #[test]
+    fn a_complete_keyframe_behind_a_hole_is_decoded_at_once() {
+        let t = Instant::now();
+        let mut a = FrameAssembler::new();
+        a.set_rtt(Duration::from_millis(80));
+        let s = stream(3);
+        push_all(&mut a, &s[..2], t);
+        drain(&mut a, t);
+        // 12 is lost; the frame behind it waits, NACKed.
+        push_all(&mut a, &s[3..], t);
+        assert_eq!(drain(&mut a, t), [Assembled::Nack(vec![12])]);
+        // A keyframe (a new resolution, or one asked for) arrives whole: the frames
+        // before it are skipped without waiting for the repair, and no keyframe is asked
+        // for; the hole is not asked for again.
+        let soon = t + Duration::from_millis(30);
+        let mut k = frame(15, 12000, &[SPS, IDR, IDR]);
+        k.extend(frame(18, 15000, &[P]));
+        push_all(&mut a, &k, soon);
+        let out = drain(&mut a, soon);
+        assert_eq!(timestamps(&out), [12000, 15000]);
+        assert!(
+            !out.contains(&Assembled::RequestKeyframe),
+            "no request: {out:?}"
+        );
+        assert!(drain(&mut a, t + Duration::from_secs(2)).is_empty());
+        assert_eq!(a.poll_timeout(), None);
+        // A keyframe whose own packet is missing is not jumped to.
+        let mut a = FrameAssembler::new();
+        push_all(&mut a, &s[..2], t);
+        drain(&mut a, t);
+        push_all(&mut a, &s[3..], t);
+        drain(&mut a, t);
+        let k = frame(15, 12000, &[SPS, IDR, IDR]);
+        push_all(&mut a, &[k[0].clone(), k[2].clone()], soon);
+        assert!(timestamps(&drain(&mut a, soon)).is_empty());
+    }
+
+    #[test]
+    fn a_burst_of_losses_asks_for_a_keyframe_at_once_and_keeps_repairing() {
+        let t = Instant::now();
+        let mut a = FrameAssembler::new();
+        a.set_rtt(Duration::from_millis(80));
+        // A keyframe, then frames of five packets each.
+        let mut s = frame(10, 0, &[SPS, IDR]);
+        for f in 0..8u16 {
+            s.extend(frame(12 + 5 * f, 3000 * u32::from(f + 1), &[P, P, P, P, P]));
+        }
+        push_all(&mut a, &s[..2], t);
+        drain(&mut a, t);
+        // A few lost: repaired, no keyframe.
+        push_all(&mut a, &s[5..6], t);
+        let out = drain(&mut a, t);
+        assert_eq!(nacked(&out), [12, 13, 14]);
+        assert_eq!(requests(&out), 0);
+        // A burst: the keyframe is asked for now, the NACKs still go out.
+        let t1 = t + Duration::from_millis(10);
+        push_all(&mut a, &s[30..31], t1);
+        let out = drain(&mut a, t1);
+        assert_eq!(requests(&out), 1, "{out:?}");
+        let burst = out.iter().position(|o| *o == Assembled::BurstLost);
+        let request = out.iter().position(|o| *o == Assembled::RequestKeyframe);
+        assert_eq!(burst.map(|b| b + 1), request, "the burst, then its request");
+        assert_eq!(nacked(&out).len(), 24);
+        assert_eq!(timestamps(&out), Vec::<u32>::new());
+        // Not again within the request interval.
+        push_all(&mut a, &s[32..33], t1);
+        assert_eq!(requests(&drain(&mut a, t1)), 0);
+        // The keyframe comes whole before the repairs: decoded at once.
+        let t2 = t1 + Duration::from_millis(200);
+        let k = frame(60, 200_000, &[SPS, IDR]);
+        push_all(&mut a, &k, t2);
+        let out = drain(&mut a, t2);
+        assert_eq!(timestamps(&out), [200_000]);
+        assert_eq!(a.stats().keyframe_requests, 1);
     }
 
     #[test]

@@ -14,10 +14,19 @@ use std::time::{Duration, Instant};
 use super::picture::{Notify, Picture, PictureSlot};
 use super::video::{VideoFrame, VideoSource};
 
+/// A frame for the encoder, with the instant it was captured: the sender's RTP
+/// timestamps are derived from these instants, so when the encoder thread gets to a frame
+/// (scheduling, a slow encode before it) does not show in them.
+#[derive(Debug, Clone)]
+pub struct CapturedFrame {
+    pub frame: VideoFrame,
+    pub captured_at: Instant,
+}
+
 /// Where a capture sends its frames.
 #[derive(Clone, Default)]
 struct Outputs {
-    encoder: Option<SyncSender<VideoFrame>>,
+    encoder: Option<SyncSender<CapturedFrame>>,
     preview: Option<(PictureSlot, Option<Notify>)>,
 }
 
@@ -43,7 +52,10 @@ impl Capture {
                 let mut next = Instant::now();
                 while !thread_stop.load(Ordering::Relaxed) {
                     let frame = match source.next_frame() {
-                        Ok(f) => f,
+                        Ok(f) => CapturedFrame {
+                            frame: f,
+                            captured_at: Instant::now(),
+                        },
                         Err(e) => {
                             tracing::error!(error = %e, "video source failed");
                             return;
@@ -54,7 +66,7 @@ impl Capture {
                         .unwrap_or_else(PoisonError::into_inner)
                         .clone();
                     if let Some((slot, notify)) = out.preview {
-                        slot.put(Picture::from_frame(&frame));
+                        slot.put(Picture::from_frame(&frame.frame));
                         if let Some(n) = notify {
                             n.notify();
                         }
@@ -89,7 +101,7 @@ impl Capture {
     }
 
     /// Sends every frame from now on to the encoder's channel too.
-    pub fn feed_encoder(&self, tx: SyncSender<VideoFrame>) {
+    pub fn feed_encoder(&self, tx: SyncSender<CapturedFrame>) {
         self.outputs
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -131,8 +143,13 @@ mod tests {
         let slot = PictureSlot::default();
         capture.feed_encoder(tx);
         capture.preview_into(slot.clone(), None);
-        let frame = rx.recv_timeout(Duration::from_secs(2)).unwrap();
-        assert_eq!((frame.width, frame.height), (64, 48));
+        let first = rx.recv_timeout(Duration::from_secs(2)).unwrap();
+        let second = rx.recv_timeout(Duration::from_secs(2)).unwrap();
+        assert_eq!((first.frame.width, first.frame.height), (64, 48));
+        // Each frame carries when it was captured: 10 ms apart at 100 fps.
+        assert!(second.captured_at <= Instant::now());
+        let gap = second.captured_at - first.captured_at;
+        assert!(gap >= Duration::from_millis(5), "{gap:?}");
         std::thread::sleep(Duration::from_millis(50));
         let picture = slot.take().unwrap();
         assert_eq!(picture.rgba.len(), 64 * 48 * 4);

@@ -14,12 +14,16 @@
 //! and each sound card, never one of ALSA's plugins (rate converters, JACK, upmix...).
 //! The default comes first; `PULSE_SOURCE` / `PULSE_SINK` choose it as for any
 //! PulseAudio client.
+//!
+//! A device that goes away mid-call (unplugged, its sound server gone) is an error from
+//! the next `next_frame` / `write`, never a hang: cpal reports it, or the device simply
+//! stops calling back ([`STALLED_AFTER`]). The call then falls back (`call::pipelines`).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cpal::traits::{DeviceTrait as _, HostTrait as _, StreamTrait as _};
 use cpal::{FromSample, SizedSample};
@@ -31,14 +35,79 @@ use super::audio::{AudioSink, AudioSource, FRAME_SAMPLES, SAMPLE_RATE, resample}
 /// device clock and ours drift apart).
 const MAX_BUFFERED: usize = SAMPLE_RATE as usize / 5; // 200 ms
 
-/// Samples shared between a device thread and the call.
-#[derive(Default)]
+/// A device that has not called back for this long is gone (a stream whose device was
+/// removed may just stop, without an error).
+pub const STALLED_AFTER: Duration = Duration::from_secs(2);
+
+/// Samples shared between a device thread and the call, and the device's health.
 struct Shared {
     samples: Mutex<VecDeque<i16>>,
     ready: Condvar,
+    /// When the device last called back.
+    alive: Mutex<Instant>,
+    /// What the stream reported when its device went away.
+    failed: Mutex<Option<String>>,
 }
 
 impl Shared {
+    fn new() -> Shared {
+        Shared {
+            samples: Mutex::new(VecDeque::new()),
+            ready: Condvar::new(),
+            alive: Mutex::new(Instant::now()),
+            failed: Mutex::new(None),
+        }
+    }
+
+    /// The device called back.
+    fn touch(&self) {
+        *self.alive.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+    }
+
+    /// The stream's error callback: errors that mean the device is gone are kept.
+    fn stream_error(&self, what: &str, e: &cpal::Error) {
+        use cpal::ErrorKind as K;
+        tracing::warn!(error = %e, "{what} stream");
+        if matches!(
+            e.kind(),
+            K::DeviceNotAvailable | K::HostUnavailable | K::StreamInvalidated
+        ) {
+            self.lose(&e.to_string());
+        }
+    }
+
+    /// The device is gone (`why`).
+    fn lose(&self, why: &str) {
+        let mut failed = self.failed.lock().unwrap_or_else(PoisonError::into_inner);
+        if failed.is_none() {
+            *failed = Some(why.to_owned());
+        }
+    }
+
+    /// Err when the device is gone (`description` names it in the message).
+    fn check(&self, description: &str) -> Result<(), MediaError> {
+        if let Some(e) = self
+            .failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        {
+            return Err(MediaError::Device(format!("{description} was lost: {e}")));
+        }
+        let quiet = self
+            .alive
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .elapsed();
+        if quiet >= STALLED_AFTER {
+            return Err(MediaError::Device(format!(
+                "{description} stopped ({} s without sound)",
+                quiet.as_secs()
+            )));
+        }
+        Ok(())
+    }
+
     fn push(&self, pcm: impl IntoIterator<Item = i16>) {
         let mut q = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
         q.extend(pcm);
@@ -63,11 +132,27 @@ impl Drop for DeviceThread {
     }
 }
 
-/// Starts `open` on a new thread, keeps the stream it returns alive there until stopped,
-/// and reports whether opening worked.
+/// How often a sound server's device is checked for still being there: a sound server
+/// moves the stream of a removed device to the default one without telling cpal, so the
+/// stream goes on and only the device list shows the loss.
+const PRESENCE_EVERY: Duration = Duration::from_secs(2);
+
+/// A device opened by [`spawn_device`]'s `open`: its stream, its description, and the
+/// host's id for it.
+struct Opened {
+    stream: cpal::Stream,
+    description: String,
+    id: String,
+}
+
+/// Starts `open` on a new thread, keeps the stream it returns alive there until stopped
+/// (checking a sound server's device is still there, see [`PRESENCE_EVERY`]; a lost one
+/// is reported through `shared`), and reports whether opening worked.
 fn spawn_device(
     name: &str,
-    open: impl FnOnce() -> Result<(cpal::Stream, String), MediaError> + Send + 'static,
+    direction: Direction,
+    shared: Arc<Shared>,
+    open: impl FnOnce() -> Result<Opened, MediaError> + Send + 'static,
 ) -> Result<(DeviceThread, String), MediaError> {
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = std::sync::mpsc::channel();
@@ -75,20 +160,33 @@ fn spawn_device(
     let thread = std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
-            let stream = match open() {
-                Ok((stream, description)) => {
-                    let _ = tx.send(Ok(description));
-                    stream
+            let opened = match open() {
+                Ok(opened) => {
+                    let _ = tx.send(Ok(opened.description.clone()));
+                    opened
                 }
                 Err(e) => {
                     let _ = tx.send(Err(e));
                     return;
                 }
             };
+            let server = cpal::default_host().id();
+            let watch = is_sound_server(server) && !opened.id.is_empty();
+            let mut checked = Instant::now();
             while !thread_stop.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(50));
+                if watch && checked.elapsed() >= PRESENCE_EVERY {
+                    checked = Instant::now();
+                    let host = cpal::default_host();
+                    let present = all_devices(&host, direction)
+                        .iter()
+                        .any(|d| device_id(d) == opened.id);
+                    if !present {
+                        shared.lose("the device was removed");
+                    }
+                }
             }
-            drop(stream);
+            drop(opened.stream);
         })
         .map_err(|e| MediaError::Device(format!("cannot start the audio thread: {e}")))?;
     let mut handle = DeviceThread {
@@ -257,37 +355,39 @@ impl Microphone {
     /// Opens the input device called `name` (as [`list_audio_devices`] lists it), or the
     /// default one.
     pub fn open(name: Option<&str>) -> Result<Microphone, MediaError> {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared::new());
         let cb_shared = shared.clone();
         let wanted = name.map(str::to_owned);
-        let (thread, description) = spawn_device("duet-mic", move || {
-            let device = find_device(Direction::Input, wanted.as_deref())?;
-            let supported = device
-                .default_input_config()
-                .map_err(|e| MediaError::Device(format!("microphone: {e}")))?;
-            let config = stream_config(&device, &supported);
-            let stream = match supported.sample_format() {
-                cpal::SampleFormat::F32 => input_stream::<f32>(&device, &config, cb_shared),
-                cpal::SampleFormat::I16 => input_stream::<i16>(&device, &config, cb_shared),
-                cpal::SampleFormat::I32 => input_stream::<i32>(&device, &config, cb_shared),
-                cpal::SampleFormat::U16 => input_stream::<u16>(&device, &config, cb_shared),
-                other => Err(MediaError::Device(format!(
-                    "microphone sample format {other} is not supported"
-                ))),
-            }?;
-            stream
-                .play()
-                .map_err(|e| MediaError::Device(format!("microphone: {e}")))?;
-            Ok((
-                stream,
-                format!(
-                    "microphone {} ({} Hz, {} ch)",
-                    device_name(&device),
-                    config.sample_rate,
-                    config.channels
-                ),
-            ))
-        })?;
+        let (thread, description) =
+            spawn_device("duet-mic", Direction::Input, shared.clone(), move || {
+                let device = find_device(Direction::Input, wanted.as_deref())?;
+                let supported = device
+                    .default_input_config()
+                    .map_err(|e| MediaError::Device(format!("microphone: {e}")))?;
+                let config = stream_config(&device, &supported);
+                let stream = match supported.sample_format() {
+                    cpal::SampleFormat::F32 => input_stream::<f32>(&device, &config, cb_shared),
+                    cpal::SampleFormat::I16 => input_stream::<i16>(&device, &config, cb_shared),
+                    cpal::SampleFormat::I32 => input_stream::<i32>(&device, &config, cb_shared),
+                    cpal::SampleFormat::U16 => input_stream::<u16>(&device, &config, cb_shared),
+                    other => Err(MediaError::Device(format!(
+                        "microphone sample format {other} is not supported"
+                    ))),
+                }?;
+                stream
+                    .play()
+                    .map_err(|e| MediaError::Device(format!("microphone: {e}")))?;
+                Ok(Opened {
+                    stream,
+                    description: format!(
+                        "microphone {} ({} Hz, {} ch)",
+                        device_name(&device),
+                        config.sample_rate,
+                        config.channels
+                    ),
+                    id: device_id(&device),
+                })
+            })?;
         Ok(Microphone {
             shared,
             description,
@@ -307,6 +407,7 @@ where
 {
     let channels = usize::from(config.channels.max(1));
     let rate = config.sample_rate;
+    let errors = shared.clone();
     device
         .build_input_stream(
             *config,
@@ -319,8 +420,9 @@ where
                     .into_iter()
                     .map(|v| (v.clamp(-1.0, 1.0) * f32::from(i16::MAX)) as i16);
                 shared.push(pcm);
+                shared.touch();
             },
-            |e| tracing::warn!(error = %e, "microphone stream"),
+            move |e| errors.stream_error("microphone", &e),
             None,
         )
         .map_err(|e| MediaError::Device(format!("microphone: {e}")))
@@ -330,6 +432,7 @@ impl AudioSource for Microphone {
     /// Waits for 20 ms of audio; if the device stalls, returns what there is padded
     /// with silence so the call keeps its pace.
     fn next_frame(&mut self) -> Result<Vec<i16>, MediaError> {
+        self.shared.check(&self.description)?;
         let q = self
             .shared
             .samples
@@ -366,37 +469,43 @@ impl Speaker {
     /// Opens the output device called `name` (as [`list_audio_devices`] lists it), or
     /// the default one.
     pub fn open(name: Option<&str>) -> Result<Speaker, MediaError> {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared::new());
         let cb_shared = shared.clone();
         let wanted = name.map(str::to_owned);
-        let (thread, description) = spawn_device("duet-speaker", move || {
-            let device = find_device(Direction::Output, wanted.as_deref())?;
-            let supported = device
-                .default_output_config()
-                .map_err(|e| MediaError::Device(format!("speaker: {e}")))?;
-            let config = stream_config(&device, &supported);
-            let stream = match supported.sample_format() {
-                cpal::SampleFormat::F32 => output_stream::<f32>(&device, &config, cb_shared),
-                cpal::SampleFormat::I16 => output_stream::<i16>(&device, &config, cb_shared),
-                cpal::SampleFormat::I32 => output_stream::<i32>(&device, &config, cb_shared),
-                cpal::SampleFormat::U16 => output_stream::<u16>(&device, &config, cb_shared),
-                other => Err(MediaError::Device(format!(
-                    "speaker sample format {other} is not supported"
-                ))),
-            }?;
-            stream
-                .play()
-                .map_err(|e| MediaError::Device(format!("speaker: {e}")))?;
-            Ok((
-                stream,
-                format!(
-                    "speaker {} ({} Hz, {} ch)",
-                    device_name(&device),
-                    config.sample_rate,
-                    config.channels
-                ),
-            ))
-        })?;
+        let (thread, description) = spawn_device(
+            "duet-speaker",
+            Direction::Output,
+            shared.clone(),
+            move || {
+                let device = find_device(Direction::Output, wanted.as_deref())?;
+                let supported = device
+                    .default_output_config()
+                    .map_err(|e| MediaError::Device(format!("speaker: {e}")))?;
+                let config = stream_config(&device, &supported);
+                let stream = match supported.sample_format() {
+                    cpal::SampleFormat::F32 => output_stream::<f32>(&device, &config, cb_shared),
+                    cpal::SampleFormat::I16 => output_stream::<i16>(&device, &config, cb_shared),
+                    cpal::SampleFormat::I32 => output_stream::<i32>(&device, &config, cb_shared),
+                    cpal::SampleFormat::U16 => output_stream::<u16>(&device, &config, cb_shared),
+                    other => Err(MediaError::Device(format!(
+                        "speaker sample format {other} is not supported"
+                    ))),
+                }?;
+                stream
+                    .play()
+                    .map_err(|e| MediaError::Device(format!("speaker: {e}")))?;
+                Ok(Opened {
+                    stream,
+                    description: format!(
+                        "speaker {} ({} Hz, {} ch)",
+                        device_name(&device),
+                        config.sample_rate,
+                        config.channels
+                    ),
+                    id: device_id(&device),
+                })
+            },
+        )?;
         Ok(Speaker {
             shared,
             description,
@@ -415,6 +524,7 @@ where
 {
     let channels = usize::from(config.channels.max(1));
     let rate = config.sample_rate;
+    let errors = shared.clone();
     device
         .build_output_stream(
             *config,
@@ -423,6 +533,7 @@ where
                 // How many 48 kHz samples make `frames` device samples.
                 let needed = (frames as u64 * u64::from(SAMPLE_RATE))
                     .div_ceil(u64::from(rate.max(1))) as usize;
+                shared.touch();
                 let pcm: Vec<f32> = {
                     let mut q = shared
                         .samples
@@ -439,7 +550,7 @@ where
                     frame.fill(T::from_sample(v));
                 }
             },
-            |e| tracing::warn!(error = %e, "speaker stream"),
+            move |e| errors.stream_error("speaker", &e),
             None,
         )
         .map_err(|e| MediaError::Device(format!("speaker: {e}")))
@@ -447,6 +558,7 @@ where
 
 impl AudioSink for Speaker {
     fn write(&mut self, pcm: &[i16]) -> Result<(), MediaError> {
+        self.shared.check(&self.description)?;
         self.shared.push(pcm.iter().copied());
         Ok(())
     }

@@ -1,9 +1,16 @@
 //! `Ladder`: which resolution and frame rate to send at a given bitrate, libwebrtc's
 //! "balanced" degradation as a pure type. Bitrates in, (height, fps) decisions out.
 //!
-//! - Down at once: when the bitrate falls below what the current rung needs, the sender
-//!   steps to the highest rung the bitrate can hold (720p -> 540p -> 360p -> 270p -> 180p);
-//!   below the lowest rung's floor the frame rate goes down instead (30 -> 20 -> 15 fps).
+//! - Down after [`Ladder::DOWN_AFTER`]: when the bitrate has stayed below what the current
+//!   rung needs that long, the sender steps to the highest rung the bitrate can hold then
+//!   (720p -> 540p -> 360p -> 270p -> 180p), in one step; below the lowest rung's floor the
+//!   frame rate goes down instead (30 -> 20 -> 15 fps). Meanwhile the encoder already
+//!   sends at the lower bitrate (smaller frames at a lower quality). Why wait: a new
+//!   resolution starts with a keyframe, and a bitrate that has just fallen is a link that
+//!   has just narrowed, its queue full. A keyframe sent into that queue is dropped and
+//!   asked for again, and two quick steps (480p -> 360p -> 270p as the estimate comes
+//!   down) are two of them. libwebrtc too scales down only after its quality scaler has
+//!   seen a high quantizer for a while.
 //! - Up slowly: one step at a time, and only after the bitrate has stayed above the next
 //!   rung's (higher) threshold for [`Ladder::UP_AFTER`]; the gap between the two
 //!   thresholds and the wait are the hysteresis that keeps it from flapping.
@@ -74,12 +81,16 @@ pub struct Ladder {
     rate: usize,
     /// Since when the bitrate has allowed a step up.
     up_since: Option<Instant>,
+    /// Since when it has been below what the current step needs.
+    down_since: Option<Instant>,
     source_fps: f32,
 }
 
 impl Ladder {
     /// How long the bitrate must allow a step up before it is taken.
     pub const UP_AFTER: Duration = Duration::from_secs(3);
+    /// How long the bitrate must stay below the current step's floor before stepping down.
+    pub const DOWN_AFTER: Duration = Duration::from_millis(1500);
 
     /// A ladder for a source of this height and frame rate, starting at the top: the
     /// source's own height (at most 720p), with the thresholds of the smallest rung that
@@ -95,6 +106,7 @@ impl Ladder {
             rung: top,
             rate: 0,
             up_since: None,
+            down_since: None,
             source_fps,
         }
     }
@@ -127,8 +139,22 @@ impl Ladder {
     /// The video bitrate changed (or is the same, later): the new step if it changes.
     pub fn update(&mut self, bps: u32, now: Instant) -> Option<Step> {
         let before = self.step();
-        // Down at once, as far as needed: first the frame rate back to full (it only
-        // goes down at the bottom rung), then the rungs.
+        let below = if self.rung + 1 < RUNGS.len() {
+            self.rate == 0 && bps < RUNGS[self.rung].stay_above
+        } else {
+            self.rate + 1 < FRAME_RATES.len() && bps < FRAME_RATES[self.rate].1
+        };
+        if !below {
+            self.down_since = None;
+        } else if now.saturating_duration_since(*self.down_since.get_or_insert(now))
+            < Ladder::DOWN_AFTER
+        {
+            self.up_since = None;
+            return None;
+        }
+        // Down as far as needed now: the rungs (the frame rate is only lowered at the
+        // bottom rung), then the frame rate.
+        self.down_since = None;
         while self.rate == 0 && self.rung + 1 < RUNGS.len() && bps < RUNGS[self.rung].stay_above {
             self.rung += 1;
             self.up_since = None;
@@ -203,8 +229,10 @@ mod tests {
     }
 
     #[test]
-    fn steps_down_at_once_as_far_as_needed() {
+    fn steps_down_after_a_while_as_far_as_needed_then() {
         let t = Instant::now();
+        let later = |secs: f64| t + Duration::from_secs_f64(secs);
+        let wait = Ladder::DOWN_AFTER.as_secs_f64();
         let mut l = Ladder::new(720, 30.0);
         assert_eq!(
             l.step(),
@@ -214,31 +242,52 @@ mod tests {
             }
         );
         assert_eq!(l.update(2_000_000, t), None);
+        // A dip shorter than the wait changes nothing.
+        assert_eq!(l.update(700_000, t), None);
+        assert_eq!(l.update(2_000_000, later(wait / 2.0)), None);
+        assert_eq!(l.update(700_000, later(wait)), None);
         assert_eq!(
-            l.update(700_000, t),
+            l.update(700_000, later(2.0 * wait)),
             Some(Step {
                 height: 540,
                 fps: 30.0
             })
         );
+        // The estimate coming down in steps (a link that narrowed): one step down, to
+        // where the bitrate is when the wait has run out.
+        assert_eq!(l.update(500_000, later(3.0 * wait)), None);
+        assert_eq!(l.update(350_000, later(3.5 * wait)), None);
         assert_eq!(
-            l.update(200_000, t),
+            l.update(200_000, later(4.0 * wait)),
             Some(Step {
                 height: 270,
                 fps: 30.0
             })
         );
         // Below the bottom rung's floor, the frame rate gives.
-        assert_eq!(l.update(90_000, t).map(|s| s.height), Some(180));
-        assert_eq!(l.step().fps, 20.0);
-        assert_eq!(l.update(50_000, t).map(|s| s.fps), Some(15.0));
+        assert_eq!(l.update(90_000, later(5.0 * wait)), None);
+        assert_eq!(
+            l.update(90_000, later(6.0 * wait)),
+            Some(Step {
+                height: 180,
+                fps: 20.0
+            })
+        );
+        assert_eq!(l.update(90_000, later(7.0 * wait)), None);
+        assert_eq!(l.update(50_000, later(9.0 * wait)), None);
+        assert_eq!(
+            l.update(50_000, later(10.0 * wait)).map(|s| s.fps),
+            Some(15.0)
+        );
     }
 
     #[test]
     fn steps_up_one_at_a_time_after_the_bitrate_has_held() {
         let t = Instant::now();
         let mut l = Ladder::new(720, 30.0);
-        l.update(50_000, t);
+        for i in 0..10 {
+            l.update(50_000, t + Ladder::DOWN_AFTER * i);
+        }
         assert_eq!(
             l.step(),
             Step {
@@ -276,15 +325,19 @@ mod tests {
     fn a_bitrate_between_the_thresholds_does_not_flap() {
         let t = Instant::now();
         let mut l = Ladder::new(720, 30.0);
-        l.update(800_000, t); // 540p
+        l.update(800_000, t);
+        l.update(800_000, t + Ladder::DOWN_AFTER); // 540p
         assert_eq!(l.step().height, 540);
         // Between 540p's floor and 720p's entry: stays, however long.
         for i in 1..20 {
             assert_eq!(l.update(1_200_000, t + Duration::from_secs(i)), None);
         }
         // A dip resets the wait for going up.
+        let (t0, t) = (t, t + Ladder::DOWN_AFTER);
         let mut l = Ladder::new(720, 30.0);
+        l.update(800_000, t0);
         l.update(800_000, t);
+        assert_eq!(l.step().height, 540);
         l.update(1_600_000, t);
         l.update(800_000, t + Duration::from_secs(2));
         assert_eq!(l.update(1_600_000, t + Duration::from_secs(4)), None);
@@ -307,7 +360,11 @@ mod tests {
             }
         );
         // It holds like 540p, then steps to the rungs below, and back to 480.
-        assert_eq!(l.update(500_000, t).map(|s| s.height), Some(360));
+        assert_eq!(l.update(500_000, t), None);
+        assert_eq!(
+            l.update(500_000, t + Ladder::DOWN_AFTER).map(|s| s.height),
+            Some(360)
+        );
         let back = (1..10).find_map(|i| l.update(1_000_000, t + Duration::from_secs(i)));
         assert_eq!(back.map(|s| s.height), Some(480));
         // Above 720p, 720p is the top.

@@ -20,6 +20,8 @@
 //! - [`processing`]: echo cancellation, noise suppression and automatic gain for the
 //!   microphone (sonora, a pure-Rust port of WebRTC's audio processing).
 //! - [`device`]: the real microphone and speaker (cpal) behind the same traits.
+//! - [`live_device`]: the call's microphone and speaker: changed while the call runs,
+//!   and replaced (default device, else silence) when one is lost.
 //! - [`camera`]: the real camera (nokhwa) as a `VideoSource`, and pixel format conversion.
 //! - [`capture`]: a video source on its own thread, feeding the encoder and a self-view.
 //! - [`picture`]: RGBA pictures for a display and the slot the newest one waits in.
@@ -34,6 +36,7 @@ pub mod h264;
 pub mod jitter;
 pub mod ladder;
 pub mod level;
+pub mod live_device;
 pub mod openh264_rate;
 pub mod picture;
 pub mod processing;

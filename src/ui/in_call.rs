@@ -19,6 +19,9 @@ pub struct InCall {
     camera_on: bool,
     show_chat: bool,
     show_stats: bool,
+    /// The microphone and speaker pickers are open, with the devices to offer.
+    show_devices: bool,
+    devices: crate::media::Devices,
     chat_input: String,
     chat_seen: usize,
     rates: Rates,
@@ -67,10 +70,61 @@ impl InCall {
             camera_on: true,
             show_chat: false,
             show_stats,
+            show_devices: false,
+            devices: crate::media::Devices::default(),
             chat_input: String::new(),
             chat_seen: 0,
             rates: Rates::default(),
             live: Live::default(),
+        }
+    }
+
+    /// The devices a person can switch to during the call (the lobby's lists).
+    pub fn set_devices(&mut self, devices: crate::media::Devices) {
+        self.devices = devices;
+    }
+
+    /// Microphone and speaker pickers: a choice takes over at once (the call goes on).
+    fn device_pickers(&mut self, ui: &mut egui::Ui) {
+        let rows = [
+            (
+                "Microphone",
+                "default microphone",
+                self.live.microphone_device.clone(),
+                self.devices.microphones.clone(),
+            ),
+            (
+                "Speaker",
+                "default speaker",
+                self.live.speaker_device.clone(),
+                self.devices.speakers.clone(),
+            ),
+        ];
+        for (label, default, using, names) in rows {
+            ui.horizontal(|ui| {
+                ui.label(label);
+                let shown = using.unwrap_or_else(|| "none".into());
+                let mut chosen: Option<Option<String>> = None;
+                egui::ComboBox::from_id_salt(label)
+                    .selected_text(shown)
+                    .show_ui(ui, |ui| {
+                        if ui.selectable_label(false, default).clicked() {
+                            chosen = Some(None);
+                        }
+                        for name in &names {
+                            if ui.selectable_label(false, name).clicked() {
+                                chosen = Some(Some(name.clone()));
+                            }
+                        }
+                    });
+                if let Some(name) = chosen {
+                    self.session.command(if label == "Microphone" {
+                        Command::UseMicrophone(name)
+                    } else {
+                        Command::UseSpeaker(name)
+                    });
+                }
+            });
         }
     }
 
@@ -169,6 +223,8 @@ impl App {
                     }
                     ui.toggle_value(&mut c.show_chat, "Chat");
                     ui.toggle_value(&mut c.show_stats, "Stats");
+                    ui.toggle_value(&mut c.show_devices, "Devices")
+                        .on_hover_text("Choose another microphone or speaker.");
                     if c.live.is_host && !state.is_ended() {
                         let end = ui
                             .button("End meeting for both")
@@ -178,6 +234,9 @@ impl App {
                         }
                     }
                 });
+                if c.show_devices {
+                    c.device_pickers(ui);
+                }
                 for w in c.live.warnings.iter().rev() {
                     ui.colored_label(ui.visuals().warn_fg_color, w);
                 }

@@ -603,7 +603,9 @@ impl App {
     fn poll(&mut self) {
         if let Some(call) = take_finished(&mut self.pending) {
             match call {
-                Ok(Ok((call, embedded))) => {
+                Ok(Ok((mut call, embedded))) => {
+                    // The lobby's device lists, for choosing another one mid-call.
+                    call.set_devices(self.devices.clone().unwrap_or_default());
                     self.call = Some(call);
                     self.keep_server(embedded);
                 }

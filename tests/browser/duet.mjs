@@ -332,7 +332,59 @@ async function netPeer(browser) {
   return { seconds, ended, totals, samples };
 }
 
-const scenarios = { netpeer: netPeer, native: nativeCall, 'native-direct': nativeDirect, pair, meeting, 'direct-pair': directPair };
+/**
+ * Two peer connections in one page, relay only, through the one TURN URL `args.turn`
+ * (`{url, username, credential}`), exchanging a data channel message; what the selected
+ * pair's local end says about the relay (`relayProtocol`: udp, tcp or tls).
+ */
+async function turnRelay(browser) {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  page.on('console', (m) => console.error(`  page console.${m.type()}: ${m.text()}`));
+  await page.goto('about:blank');
+  return page.evaluate(async ({ turn, ms }) => {
+    const config = {
+      iceServers: [{ urls: turn.url, username: turn.username, credential: turn.credential }],
+      iceTransportPolicy: 'relay',
+    };
+    const a = new RTCPeerConnection(config);
+    const b = new RTCPeerConnection(config);
+    a.onicecandidate = (e) => e.candidate && b.addIceCandidate(e.candidate);
+    b.onicecandidate = (e) => e.candidate && a.addIceCandidate(e.candidate);
+    const channel = a.createDataChannel('relay');
+    const received = new Promise((r) => (b.ondatachannel = (e) => (e.channel.onmessage = (m) => r(m.data))));
+    const opened = new Promise((r) => (channel.onopen = r));
+    const t0 = performance.now();
+    await a.setLocalDescription(await a.createOffer());
+    await b.setRemoteDescription(a.localDescription);
+    await b.setLocalDescription(await b.createAnswer());
+    await a.setRemoteDescription(b.localDescription);
+    const deadline = new Promise((_, fail) =>
+      setTimeout(() => fail(new Error(`not connected in ${ms} ms: ${a.iceConnectionState}`)), ms));
+    await Promise.race([opened, deadline]);
+    const connected_ms = Math.round(performance.now() - t0);
+    channel.send('through the relay');
+    const message = await Promise.race([received, deadline]);
+    const report = await a.getStats();
+    let local = null;
+    report.forEach((s) => {
+      if (s.type === 'transport' && s.selectedCandidatePairId) {
+        local = report.get(report.get(s.selectedCandidatePairId).localCandidateId);
+      }
+    });
+    a.close();
+    b.close();
+    return {
+      message,
+      connected_ms,
+      candidate_type: local?.candidateType ?? null,
+      relay_protocol: local?.relayProtocol ?? null,
+      url: local?.url ?? null,
+    };
+  }, { turn: args.turn, ms: args.connect_ms ?? 20000 });
+}
+
+const scenarios = { netpeer: netPeer, native: nativeCall, 'native-direct': nativeDirect, pair, meeting, 'direct-pair': directPair, 'turn-relay': turnRelay };
 
 async function main() {
   const run = scenarios[scenario];

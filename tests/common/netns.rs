@@ -55,6 +55,12 @@ pub struct Topology {
     tag: String,
     /// Added to every client's `duet call` (e.g. a resolution for a benchmark).
     pub client_args: Vec<String>,
+    /// Added to the server's command line (e.g. `--turn-listen-tcp`).
+    pub server_args: Vec<String>,
+    /// What the clients' `--server` says (default `198.51.100.1:8787`).
+    pub server_url: Option<String>,
+    /// Whether the server runs its embedded STUN/TURN server (default true).
+    pub embedded_turn: bool,
     /// Running uplink delayers by side; stopped before the namespaces are deleted.
     delayers: Mutex<Vec<(String, delay::Delayer)>>,
 }
@@ -88,6 +94,9 @@ impl Topology {
             names: Vec::new(),
             tag: tag.to_owned(),
             client_args: Vec::new(),
+            server_args: Vec::new(),
+            server_url: None,
+            embedded_turn: true,
             delayers: Mutex::new(Vec::new()),
         };
         for role in ["pub", "ra", "rb", "a", "b"] {
@@ -199,7 +208,7 @@ impl Topology {
     pub fn spawn(&self, role: &str, args: &[&str], log: &Path) -> Child {
         let log = std::fs::File::create(log).unwrap();
         let extra: &[String] = if role == "pub" {
-            &[]
+            &self.server_args
         } else {
             &self.client_args
         };
@@ -324,25 +333,26 @@ impl Topology {
     /// Gives the client of `side` a new address on its LAN (10.0.x.3 instead of .2), as a
     /// laptop that changes networks: its NAT mapping, and so its public port, change too.
     /// The signaling connection (TCP from the old address) is cut by it as well.
-    /// Starts the signaling server with its STUN/TURN relay on the "public" segment
-    /// (198.51.100.1, ports 8787 and 3478), logging to `dir/server.log`; returns once it
+    /// Starts the signaling server with its STUN/TURN relay (unless `embedded_turn` is
+    /// off) on the "public" segment (198.51.100.1, ports 8787 and 3478), logging to `dir/server.log`; returns once it
     /// accepts connections.
     pub fn start_server(&self, dir: &Path) -> Child {
-        let server = self.spawn(
-            "pub",
-            &[
-                "server",
-                "--listen",
-                "198.51.100.1:8787",
+        let mut args = vec![
+            "server",
+            "--listen",
+            "198.51.100.1:8787",
+            "--db",
+            ":memory:",
+        ];
+        if self.embedded_turn {
+            args.extend([
                 "--turn-listen",
                 "198.51.100.1:3478",
                 "--turn-public-ip",
                 "198.51.100.1",
-                "--db",
-                ":memory:",
-            ],
-            &dir.join("server.log"),
-        );
+            ]);
+        }
+        let server = self.spawn("pub", &args, &dir.join("server.log"));
         wait_for_port(&self.ns("pub"), "198.51.100.1", 8787);
         server
     }
@@ -412,6 +422,55 @@ impl Topology {
         ]);
     }
 
+    /// Lets only TCP to `ports` through the router of `side` (outbound; answers come back
+    /// through conntrack): all UDP and every other TCP port are dropped, as on a network
+    /// that allows only web traffic.
+    pub fn allow_only_tcp_ports(&self, side: &str, ports: &[u16]) {
+        let list = ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        self.router(
+            side,
+            &["iptables", "-I", "FORWARD", "-i", "lan", "-j", "DROP"],
+        );
+        self.router(
+            side,
+            &[
+                "iptables",
+                "-I",
+                "FORWARD",
+                "-i",
+                "lan",
+                "-p",
+                "tcp",
+                "-m",
+                "multiport",
+                "--dports",
+                &list,
+                "-j",
+                "ACCEPT",
+            ],
+        );
+    }
+
+    /// Gives the "public" segment a default route to a gateway that does not exist (an
+    /// address with a fixed MAC address nobody has): a relay's send to an address nobody
+    /// routes (a partner's private host candidate) is then lost on the way, as on the
+    /// internet, instead of failing at once with "network unreachable".
+    pub fn public_default_route(&self) {
+        let public = self.ns("pub");
+        for cmd in [
+            "ip neigh add 198.51.100.254 lladdr 02:00:00:00:00:fe dev br0 nud permanent",
+            "ip route add default via 198.51.100.254 dev br0",
+        ] {
+            let mut args = vec!["ip", "netns", "exec", &public];
+            args.extend(cmd.split(' '));
+            run(&args);
+        }
+    }
+
     /// Cuts (or restores) all UDP through the router of `side`: media and TURN, not the
     /// signaling WebSocket.
     pub fn set_outage(&self, side: &str, down: bool) {
@@ -458,6 +517,10 @@ pub fn call_with(
 ) -> (Value, Value) {
     let dir = out_dir(name);
     let mut server = topology.start_server(&dir);
+    let server_url = topology
+        .server_url
+        .clone()
+        .unwrap_or_else(|| "198.51.100.1:8787".to_owned());
     let client = |side: &str| {
         let report = dir.join(format!("{side}.json"));
         let child = topology.spawn(
@@ -466,7 +529,7 @@ pub fn call_with(
                 "call",
                 "--headless",
                 "--server",
-                "198.51.100.1:8787",
+                &server_url,
                 "--room",
                 "nat",
                 "--name",

@@ -15,7 +15,8 @@
 //! the crate remembers every nonce it hands out and forgets one only when a client
 //! presents it again, so a flood of them from spoofed sources would grow the server's
 //! memory without end (verified: turn 0.17.2 `Request::respond_with_nonce`). The limit
-//! bounds that growth by time; a client with valid credentials is never limited.
+//! bounds that growth by time; a client with valid credentials is never limited. Clients
+//! of the TCP/TLS fronts are counted by their own IP ([`Origins`]), not the bridge's.
 //!
 //! Everything else (ChannelData, Binding) passes untouched. ChannelData, the bulk of the
 //! traffic, is recognised by its first byte and costs nothing here.
@@ -51,6 +52,7 @@ use webrtc_util::Conn;
 use super::auth::{RestAuth, user_of};
 use super::peers::PeerPolicy;
 use super::relay::{PendingUser, QuotaError, Registry};
+use super::stream::Origins;
 
 /// The crate grants a requested LIFETIME only below this; otherwise its default (10 min).
 pub const CRATE_MAX_LIFETIME: Duration = Duration::from_secs(3600);
@@ -158,6 +160,8 @@ pub struct Gate {
     pub registry: Arc<Registry>,
     pub pending: PendingUser,
     pub max_lifetime: Duration,
+    /// The real clients behind the TCP/TLS fronts' bridge sockets.
+    pub origins: Arc<Origins>,
 }
 
 impl Gate {
@@ -207,7 +211,9 @@ impl Gate {
         let Some((username, key)) = self.authenticated(&m) else {
             // The crate answers: 401 with a nonce (which it keeps), or 400 for bad
             // credentials; within the limit.
-            if !self.unauthenticated.admit(src.ip(), Instant::now()) {
+            // A stream client is counted as itself, not as the bridge's loopback address.
+            let source = self.origins.client_of(src).unwrap_or(src.ip());
+            if !self.unauthenticated.admit(source, Instant::now()) {
                 debug!(%src, "unauthenticated request over the limit dropped");
                 return Verdict::Drop;
             }

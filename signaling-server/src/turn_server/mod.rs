@@ -1,4 +1,5 @@
-//! The optional embedded STUN/TURN server (UDP), built on the `turn` 0.17 crate.
+//! The optional embedded STUN/TURN server (UDP, with optional TCP and TLS fronts), built
+//! on the `turn` 0.17 crate.
 //!
 //! One public host can then offer signaling and relaying with no other software. The
 //! credentials are the TURN REST ones `welcome` already hands out, so coturn with
@@ -10,14 +11,16 @@
 //! - [`relay`]: relay sockets from a port range at the public IP; the peer filter on every
 //!   datagram; allocation counting.
 //! - [`peers`]: the denied peer ranges and `--turn-allow-peer` exceptions.
-//!
-//! TCP/TLS transports to the server are not offered: `turn` 0.17's server handles UDP
-//! 5-tuples only. Clients that can only use TCP need coturn (see `docs/DEPLOY.md`).
+//! - [`stream`]: TURN over TCP (`--turn-listen-tcp`) and TLS (`--turn-listen-tls`), each
+//!   stream bridged to the UDP listener on this host (the crate handles UDP 5-tuples only).
+//! - [`framing`]: STUN/ChannelData messages over a byte stream (also used by the client).
 
 pub mod auth;
+pub mod framing;
 pub mod gate;
 pub mod peers;
 pub mod relay;
+pub mod stream;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -27,15 +30,17 @@ use clap::Args;
 use tokio::net::UdpSocket;
 use tracing::{info, warn};
 
+use crate::tls::ServerTls;
 use crate::turn::{IceConfig, TurnCredentials};
 use auth::RestAuth;
 use gate::{CRATE_MAX_LIFETIME, Gate};
 use peers::{PeerPolicy, PeerRange};
 use relay::{Registry, RelayGenerator};
+use stream::{Fronts, Origins, StreamLimits, Transport};
 
 /// The embedded TURN server's flags (one group of `signaling-server --help`).
 #[derive(Debug, Clone, Args)]
-#[command(next_help_heading = "Embedded STUN/TURN server (UDP)")]
+#[command(next_help_heading = "Embedded STUN/TURN server (UDP, TCP, TLS)")]
 pub struct TurnServerConfig {
     /// Runs a STUN/TURN server on this UDP address (e.g. 0.0.0.0:3478); off by default.
     /// `welcome` and /api/ice-servers then list stun: and turn: URLs for it, with
@@ -108,6 +113,50 @@ pub struct TurnServerConfig {
     /// multicast or reserved (repeatable), e.g. 127.0.0.0/8 for tests or 10.0.0.0/8 on a LAN.
     #[arg(id = "turn_allow_peer", long = "turn-allow-peer", value_name = "CIDR")]
     pub allow_peers: Vec<PeerRange>,
+
+    /// Also offers TURN over TCP on this address (e.g. 0.0.0.0:3478), for networks that
+    /// block UDP: `turn:HOST:PORT?transport=tcp`. Needs --turn-listen.
+    #[arg(id = "turn_listen_tcp", long = "turn-listen-tcp", value_name = "ADDR")]
+    pub listen_tcp: Option<SocketAddr>,
+
+    /// Also offers TURN over TLS on this address (e.g. 0.0.0.0:5349, or :443 on an IP of
+    /// its own), with --tls-cert/--tls-key: `turns:HOST:PORT?transport=tcp`. Needs
+    /// --turn-listen.
+    #[arg(id = "turn_listen_tls", long = "turn-listen-tls", value_name = "ADDR")]
+    pub listen_tls: Option<SocketAddr>,
+
+    /// Host name in the turns: URL: a name the TLS certificate is valid for. Default: the
+    /// public IP (which the certificate then must name).
+    #[arg(id = "turn_tls_host", long = "turn-tls-host", value_name = "NAME")]
+    pub tls_host: Option<String>,
+
+    /// Most TCP/TLS streams open at once (both fronts together); 0 = no limit.
+    #[arg(
+        id = "turn_max_streams",
+        long = "turn-max-streams",
+        value_name = "N",
+        default_value_t = 1000
+    )]
+    pub max_streams: usize,
+
+    /// Most TCP/TLS streams open at once from one IP address; 0 = no limit.
+    #[arg(
+        id = "turn_max_streams_per_ip",
+        long = "turn-max-streams-per-ip",
+        value_name = "N",
+        default_value_t = 20
+    )]
+    pub max_streams_per_ip: usize,
+
+    /// How long a new TCP/TLS stream has for its TLS handshake and first whole message.
+    #[arg(
+        id = "turn_stream_setup_timeout",
+        long = "turn-stream-setup-timeout",
+        value_name = "DURATION",
+        default_value = "10s",
+        value_parser = humantime::parse_duration
+    )]
+    pub stream_setup_timeout: Duration,
 }
 
 impl Default for TurnServerConfig {
@@ -150,6 +199,14 @@ pub enum TurnError {
     },
     #[error("cannot start the TURN server: {0}")]
     Turn(#[from] turn::Error),
+    #[error(
+        "--turn-listen-tcp and --turn-listen-tls need --turn-listen (the UDP server they front)"
+    )]
+    StreamWithoutUdp,
+    #[error("--turn-listen-tls needs --tls-cert and --tls-key")]
+    TlsWithoutCertificate,
+    #[error("--turn-stream-setup-timeout must be between 100ms and 5m")]
+    SetupTimeout,
 }
 
 impl TurnServerConfig {
@@ -174,7 +231,24 @@ impl TurnServerConfig {
         if self.realm.is_empty() {
             return Err(TurnError::EmptyRealm);
         }
+        if !(Duration::from_millis(100)..=Duration::from_secs(300))
+            .contains(&self.stream_setup_timeout)
+        {
+            return Err(TurnError::SetupTimeout);
+        }
         Ok(public)
+    }
+
+    /// The limits of the TCP/TLS fronts. Idle: a client holding an allocation refreshes
+    /// it within the lifetime ceiling, so a minute more than that.
+    pub fn stream_limits(&self) -> StreamLimits {
+        StreamLimits {
+            max_streams: self.max_streams,
+            max_streams_per_ip: self.max_streams_per_ip,
+            setup_timeout: self.stream_setup_timeout,
+            idle_timeout: self.allocation_lifetime + Duration::from_secs(60),
+            write_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -185,6 +259,9 @@ pub struct TurnServer {
     public_addr: SocketAddr,
     registry: Arc<Registry>,
     gate: std::sync::Weak<Gate>,
+    fronts: Fronts,
+    tcp_addr: Option<SocketAddr>,
+    tls_addr: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for TurnServer {
@@ -199,13 +276,19 @@ impl std::fmt::Debug for TurnServer {
 
 impl TurnServer {
     /// Starts the server if `settings.listen` is set, and adds its `stun:`/`turn:` URLs to
-    /// `ice` (taking the secret from it, or putting a random one there if it has none).
+    /// `ice` (taking the secret from it, or putting a random one there if it has none):
+    /// UDP first, then TCP and TLS when their fronts are on. `tls`: the server's
+    /// certificate, for `--turn-listen-tls`.
     pub async fn start_for(
         settings: &TurnServerConfig,
         ice: &mut IceConfig,
         credential_lifetime: Duration,
+        tls: Option<&Arc<ServerTls>>,
     ) -> Result<Option<TurnServer>, TurnError> {
         let Some(listen) = settings.listen else {
+            if settings.listen_tcp.is_some() || settings.listen_tls.is_some() {
+                return Err(TurnError::StreamWithoutUdp);
+            }
             return Ok(None);
         };
         let secret = match &ice.credentials {
@@ -221,23 +304,56 @@ impl TurnServer {
                 secret
             }
         };
-        let server = TurnServer::start(settings, listen, secret).await?;
-        let host = match server.public_addr {
-            SocketAddr::V4(a) => format!("{}:{}", a.ip(), a.port()),
-            SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+        let server = TurnServer::start(settings, listen, secret, tls).await?;
+        let ip = match server.public_addr.ip() {
+            IpAddr::V4(ip) => ip.to_string(),
+            IpAddr::V6(ip) => format!("[{ip}]"),
         };
+        let host = format!("{ip}:{}", server.public_addr.port());
         ice.stun_urls.push(format!("stun:{host}"));
         ice.turn_urls.push(format!("turn:{host}?transport=udp"));
+        if let Some(tcp) = server.tcp_addr {
+            ice.turn_urls
+                .push(format!("turn:{ip}:{}?transport=tcp", tcp.port()));
+        }
+        if let Some(tls) = server.tls_addr {
+            let name = settings.tls_host.as_deref().unwrap_or(&ip);
+            ice.turn_urls
+                .push(format!("turns:{name}:{}?transport=tcp", tls.port()));
+        }
         Ok(Some(server))
     }
 
-    /// Binds `listen` and starts relaying with credentials minted from `secret`.
+    /// Binds `listen` (and the TCP/TLS fronts' addresses) and starts relaying with
+    /// credentials minted from `secret`.
     pub async fn start(
         settings: &TurnServerConfig,
         listen: SocketAddr,
         secret: Vec<u8>,
+        tls: Option<&Arc<ServerTls>>,
     ) -> Result<TurnServer, TurnError> {
         let public_ip = settings.public_ip(listen)?;
+        let tls = match (settings.listen_tls, tls) {
+            (Some(_), None) => return Err(TurnError::TlsWithoutCertificate),
+            (_, tls) => tls.cloned(),
+        };
+        let bind_tcp = |addr: SocketAddr| async move {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| TurnError::Bind { addr, source })?;
+            let local = listener
+                .local_addr()
+                .map_err(|source| TurnError::Bind { addr, source })?;
+            Ok::<_, TurnError>((listener, local))
+        };
+        let tcp = match settings.listen_tcp {
+            Some(addr) => Some(bind_tcp(addr).await?),
+            None => None,
+        };
+        let tls_listener = match settings.listen_tls {
+            Some(addr) => Some(bind_tcp(addr).await?),
+            None => None,
+        };
         let socket = UdpSocket::bind(listen)
             .await
             .map_err(|source| TurnError::Bind {
@@ -255,6 +371,8 @@ impl TurnServer {
         let registry = Arc::new(Registry::new(settings.user_quota, settings.total_quota));
         let pending = Arc::new(Mutex::new(None));
         let auth = RestAuth::new(secret);
+        let auth_for_fronts = auth.clone();
+        let origins = Arc::new(Origins::default());
         let gate = Arc::new(Gate {
             socket,
             unauthenticated: Default::default(),
@@ -264,6 +382,7 @@ impl TurnServer {
             registry: Arc::clone(&registry),
             pending: Arc::clone(&pending),
             max_lifetime: settings.allocation_lifetime,
+            origins: Arc::clone(&origins),
         });
         let generator = RelayGenerator {
             bind_ip: local_addr.ip(),
@@ -295,13 +414,48 @@ impl TurnServer {
             allowed_peers = ?settings.allow_peers.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
             "embedded TURN server listening (UDP)"
         );
+        let fronts = Fronts::new(
+            local_addr,
+            settings.stream_limits(),
+            origins,
+            auth_for_fronts,
+        );
+        let tcp_addr = tcp.map(|(listener, addr)| {
+            fronts.serve(listener, Transport::Tcp);
+            addr
+        });
+        let tls_addr = match (tls_listener, tls) {
+            (Some((listener, addr)), Some(tls)) => {
+                fronts.serve(listener, Transport::Tls(tls));
+                Some(addr)
+            }
+            _ => None,
+        };
         Ok(TurnServer {
             server,
             local_addr,
             public_addr,
             registry,
             gate: weak_gate,
+            fronts,
+            tcp_addr,
+            tls_addr,
         })
+    }
+
+    /// The TCP front's address, when it runs (`--turn-listen-tcp`).
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
+    }
+
+    /// The TLS front's address, when it runs (`--turn-listen-tls`).
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
+    }
+
+    /// TCP/TLS streams open now.
+    pub fn open_streams(&self) -> usize {
+        self.fronts.open_streams()
     }
 
     /// The UDP address actually bound.
@@ -329,6 +483,7 @@ impl TurnServer {
     /// Closes every allocation and the listener; returns once their sockets are closed
     /// (or after 2 s at most).
     pub async fn stop(self) {
+        self.fronts.stop(Duration::from_secs(1)).await;
         if let Err(e) = self.server.close().await {
             warn!(error = %e, "closing the TURN server");
         }
