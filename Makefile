@@ -6,11 +6,12 @@
 # iproute2 and iptables: the NAT namespace test (tests/nat.rs); coturn: its
 # turnutils_uclient, an independent TURN client for signaling-server/tests/turn.rs;
 # chromium and nodejs: the web client's browser tests (tests/browser.rs, which runs
-# `npm ci` in tests/browser for the pinned playwright-core; never a browser download).
+# `npm ci` in tests/browser for the pinned playwright-core; never a browser download);
+# redis-server: the cluster-mode tests (signaling-server/tests/cluster.rs start their own).
 DEBIAN_PACKAGES := pkg-config cmake nasm libclang-dev libasound2-dev libwayland-dev \
 	pulseaudio pulseaudio-utils libasound2-plugins \
 	xvfb x11-apps libegl1 libgl1 libgl1-mesa-dri libxkbcommon-x11-0 libxcursor1 libxrandr2 libxi6 \
-	iproute2 iptables coturn chromium nodejs
+	iproute2 iptables coturn chromium nodejs redis-server
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
@@ -52,7 +53,7 @@ test: deps audio
 	cargo clippy --workspace --all-targets -- -D warnings
 	PULSE_SINK=nullsink PULSE_SOURCE=nullsink.monitor DUET_REQUIRE_WINDOW_TEST=1 \
 		DUET_REQUIRE_NAT_TEST=1 DUET_REQUIRE_AUDIO_TEST=1 DUET_REQUIRE_COTURN_TEST=1 \
-		DUET_REQUIRE_BROWSER_TEST=1 \
+		DUET_REQUIRE_BROWSER_TEST=1 DUET_REQUIRE_REDIS_TEST=1 \
 		cargo test --workspace
 
 # The benchmarks (print JSON); see docs/PERFORMANCE.md.

@@ -7,7 +7,11 @@
 //! 2. throughput: P pairs relay ~200-byte `candidate` messages as fast as the server
 //!    takes them -> messages/s and server CPU microseconds per relayed message;
 //! 3. latency: P pairs at a fixed total rate -> relay latency p50/p99;
-//! 4. churn (`--churn-minutes M`, a soak): W workers, each in a loop connecting a pair
+//! 4. cluster (`--cluster`, instead of 1-3): a `redis-server` and two instances with
+//!    `--redis`, each pair's members on different instances: memory, throughput and
+//!    latency as in 1-3, with the CPU of both instances and of Redis per relayed message, next to the
+//!    same phases on one instance in the same run;
+//! 5. churn (`--churn-minutes M`, a soak): W workers, each in a loop connecting a pair
 //!    into a fresh room, relaying an offer-sized message, then leaving (half politely,
 //!    half by dropping the TCP connection) -> server RSS and open fds every 30 s, and
 //!    the RSS slope (a leak shows as steady growth). `--only-churn` skips 1-3.
@@ -69,6 +73,9 @@ struct Args {
     /// Run only the churn phase.
     #[arg(long)]
     only_churn: bool,
+    /// Run the cluster comparison (needs `redis-server` on PATH) instead of 1-3.
+    #[arg(long)]
+    cluster: bool,
     /// Bench's own bench-harness flag (ignored).
     #[arg(long, hide = true)]
     bench: bool,
@@ -125,10 +132,6 @@ impl ServerProcess {
         }
     }
 
-    fn proc_file(&self, name: &str) -> String {
-        std::fs::read_to_string(format!("/proc/{}/{name}", self.child.id())).unwrap()
-    }
-
     /// Resident set size in bytes.
     fn rss(&self) -> u64 {
         proc::rss_bytes(&self.child.id().to_string())
@@ -141,14 +144,19 @@ impl ServerProcess {
 
     /// User + system CPU time in microseconds.
     fn cpu_us(&self) -> f64 {
-        let stat = self.proc_file("stat");
-        // Fields after the parenthesised command name; utime and stime are 14 and 15.
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-        let hz = 100.0; // USER_HZ on Linux
-        ticks / hz * 1e6
+        cpu_us_of(self.child.id())
     }
+}
+
+/// User + system CPU time of process `pid` in microseconds.
+fn cpu_us_of(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    let hz = 100.0; // USER_HZ on Linux
+    ticks / hz * 1e6
 }
 
 impl Drop for ServerProcess {
@@ -198,8 +206,14 @@ async fn join(ws: &mut Ws, room: &str) {
 
 /// Two connected clients in one room, after the `peer_joined` notice.
 async fn pair(url: &str, room: &str) -> (Ws, Ws) {
-    let mut a = connect(url).await;
-    let mut b = connect(url).await;
+    pair_across(url, url, room).await
+}
+
+/// Two connected clients in one room, the first through `url_a`, the second through
+/// `url_b`, after the `peer_joined` notice.
+async fn pair_across(url_a: &str, url_b: &str, room: &str) -> (Ws, Ws) {
+    let mut a = connect(url_a).await;
+    let mut b = connect(url_b).await;
     join(&mut a, room).await;
     join(&mut b, room).await;
     let pj = next_json(&mut a).await;
@@ -256,6 +270,45 @@ async fn memory(server: &ServerProcess, n: usize) -> Value {
     })
 }
 
+/// Memory phase across a cluster: `n` connections, two by two into rooms, each pair's
+/// members on the two instances (so each holds `n / 2`); RSS growth of both instances
+/// and of Redis per connection.
+async fn memory_across(
+    one: &ServerProcess,
+    two: &ServerProcess,
+    redis_pid: u32,
+    n: usize,
+) -> Value {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss = || {
+        (
+            one.rss() + two.rss(),
+            proc::rss_bytes(&redis_pid.to_string()),
+        )
+    };
+    let (base, redis_base) = rss();
+    let mut held = Vec::with_capacity(n);
+    for i in 0..n / 2 {
+        let (a, b) = pair_across(&one.url, &two.url, &format!("mem-{i}")).await;
+        held.push(a);
+        held.push(b);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (loaded, redis_loaded) = rss();
+    let held_count = held.len();
+    drop(held);
+    let per =
+        |before: u64, after: u64| (after.saturating_sub(before) as f64 / held_count as f64).round();
+    json!({
+        "connections_held": held_count,
+        "per_instance": held_count / 2,
+        "servers_rss_before_bytes": base,
+        "servers_rss_with_connections_bytes": loaded,
+        "server_rss_per_connection_bytes": per(base, loaded),
+        "redis_rss_per_connection_bytes": per(redis_base, redis_loaded),
+    })
+}
+
 /// One direction of a pair: sends `count` messages (or until `stop`) keeping at most
 /// `window` in flight; the receiver returns the permits.
 async fn relay_phase(
@@ -264,12 +317,26 @@ async fn relay_phase(
     seconds: f64,
     per_pair_direction_rate: Option<f64>,
 ) -> Value {
+    relay_across(&[server], None, pairs, seconds, per_pair_direction_rate).await
+}
+
+/// [`relay_phase`] with each pair's first member on `servers[0]` and second on the last
+/// of `servers`; CPU is the sum over `servers`, and Redis's (pid `redis`) apart.
+async fn relay_across(
+    servers: &[&ServerProcess],
+    redis: Option<u32>,
+    pairs: usize,
+    seconds: f64,
+    per_pair_direction_rate: Option<f64>,
+) -> Value {
     let epoch = Instant::now();
+    let (first, last) = (servers[0], servers[servers.len() - 1]);
     let mut conns = Vec::new();
     for i in 0..pairs {
         conns.push(
-            pair(
-                &server.url,
+            pair_across(
+                &first.url,
+                &last.url,
                 &format!("relay-{i}-{}", epoch.elapsed().as_nanos()),
             )
             .await,
@@ -277,7 +344,10 @@ async fn relay_phase(
     }
     let relayed = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
-    let cpu_before = server.cpu_us();
+    let servers_cpu = || servers.iter().map(|s| s.cpu_us()).sum::<f64>();
+    let redis_cpu = || redis.map_or(0.0, cpu_us_of);
+    let cpu_before = servers_cpu();
+    let redis_before = redis_cpu();
     let started = Instant::now();
     let stop_at = started + Duration::from_secs_f64(seconds);
     let mut receivers = Vec::new();
@@ -341,11 +411,20 @@ async fn relay_phase(
         t.await.unwrap();
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = server.cpu_us() - cpu_before;
+    let cpu = servers_cpu() - cpu_before;
+    let redis_used = redis_cpu() - redis_before;
     let n = relayed.load(Ordering::Relaxed);
     let mut lat = std::mem::take(&mut *latencies.lock().unwrap());
     lat.sort_unstable();
+    let redis = redis.map(|_| {
+        json!({
+            "redis_cpu_us_per_message": ((redis_used / n.max(1) as f64) * 100.0).round() / 100.0,
+            "redis_cpu_cores": ((redis_used / 1e6 / elapsed) * 100.0).round() / 100.0,
+        })
+    });
     json!({
+        "instances": servers.len(),
+        "redis": redis,
         "pairs": pairs,
         "seconds": (elapsed * 100.0).round() / 100.0,
         "messages_relayed": n,
@@ -506,6 +585,9 @@ fn main() {
                 "churn": churn(&server, args.churn_minutes, args.churn_workers).await,
             });
         }
+        if args.cluster {
+            return cluster(&binary, &args).await;
+        }
         let server = ServerProcess::start(&binary, args.server_threads, &[]);
         let memory = memory(&server, args.connections).await;
         drop(server);
@@ -537,4 +619,131 @@ fn main() {
         })
     });
     println!("{}", serde_json::to_string_pretty(&report).unwrap());
+}
+
+/// A `redis-server` for the cluster phase: free loopback port, no persistence.
+struct RedisProcess {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisProcess {
+    fn start() -> RedisProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start redis-server (apt-get install redis-server)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        RedisProcess {
+            child,
+            url: format!("redis://127.0.0.1:{port}/0"),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until the instance at `ws_url` answers `/healthz` with 200 (cluster: subscribed).
+fn wait_ready(ws_url: &str) {
+    use std::io::{Read as _, Write as _};
+    let addr = ws_url.trim_start_matches("ws://").trim_end_matches("/ws");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut answer = String::new();
+        if let Ok(mut tcp) = std::net::TcpStream::connect(addr) {
+            let _ = write!(
+                tcp,
+                "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            );
+            let _ = tcp.read_to_string(&mut answer);
+        }
+        if answer.starts_with("HTTP/1.1 200") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{ws_url} not ready: {answer}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The cluster phase (see the module docs).
+async fn cluster(binary: &std::path::Path, args: &Args) -> Value {
+    let per_direction = args.rate / (args.pairs as f64 * 2.0);
+    let single = {
+        let server = ServerProcess::start(binary, args.server_threads, &[]);
+        let memory = memory(&server, args.connections).await;
+        drop(server);
+        let server = ServerProcess::start(binary, args.server_threads, &[]);
+        let throughput = relay_phase(&server, args.pairs, args.throughput_seconds, None).await;
+        let fixed = relay_phase(
+            &server,
+            args.pairs,
+            args.latency_seconds,
+            Some(per_direction),
+        )
+        .await;
+        json!({"memory": memory, "max_throughput": throughput, "fixed_rate": fixed})
+    };
+    let redis = RedisProcess::start();
+    let flags = ["--redis", redis.url.as_str()];
+    let one = ServerProcess::start(binary, args.server_threads, &flags);
+    let two = ServerProcess::start(binary, args.server_threads, &flags);
+    wait_ready(&one.url);
+    wait_ready(&two.url);
+    let memory = memory_across(&one, &two, redis.child.id(), args.connections).await;
+    // Fresh instances (and an empty Redis) for the relay phases.
+    drop((one, two, redis));
+    let redis = RedisProcess::start();
+    let flags = ["--redis", redis.url.as_str()];
+    let one = ServerProcess::start(binary, args.server_threads, &flags);
+    let two = ServerProcess::start(binary, args.server_threads, &flags);
+    wait_ready(&one.url);
+    wait_ready(&two.url);
+    let servers = [&one, &two];
+    let redis_pid = Some(redis.child.id());
+    let throughput = relay_across(
+        &servers,
+        redis_pid,
+        args.pairs,
+        args.throughput_seconds,
+        None,
+    )
+    .await;
+    let fixed = relay_across(
+        &servers,
+        redis_pid,
+        args.pairs,
+        args.latency_seconds,
+        Some(per_direction),
+    )
+    .await;
+    json!({
+        "benchmark": "sigbench --cluster",
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "server_threads": args.server_threads,
+        "client_threads": args.client_threads,
+        "target_messages_per_s": args.rate,
+        "single_instance": single,
+        "two_instances_redis": {"memory": memory, "max_throughput": throughput, "fixed_rate": fixed},
+    })
 }

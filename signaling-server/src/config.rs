@@ -162,6 +162,18 @@ pub struct Config {
     #[arg(long, value_name = "PATH", default_value_os_t = default_db_path())]
     pub db: PathBuf,
 
+    /// Run as one instance of a cluster that shares its rooms through Redis, e.g.
+    /// redis://127.0.0.1:6379/0 (see docs/DEPLOY.md). Without it the server holds
+    /// everything in this process. A URL with a password belongs in the environment
+    /// (DUET_REDIS_URL): command lines are visible to others.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "DUET_REDIS_URL",
+        hide_env_values = true
+    )]
+    pub redis: Option<Secret>,
+
     /// Base URL of this server as people reach it, for `join_url` (e.g.
     /// https://duet.example.org). Default: `http://` (`https://` with --tls-cert) plus
     /// the request's Host header.

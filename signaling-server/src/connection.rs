@@ -16,7 +16,8 @@ use tokio::time::{Duration, sleep_until, timeout};
 use tracing::{Instrument as _, debug, error, info, info_span};
 
 use crate::clock::Now;
-use crate::hub::{Hub, Registration};
+use crate::cluster::Cluster;
+use crate::hub::Registration;
 use crate::protocol::{ClientMessage, ErrorCode, PROTOCOL_VERSION, RoomEndReason, ServerMessage};
 use crate::rate_limit::{RateLimiter, Verdict};
 use crate::rooms::ConnId;
@@ -39,15 +40,35 @@ enum Exit {
 /// read past the upgrade request.
 /// Takes `conn` out of the hub when dropped: at the end of its task, and also when the
 /// task panics or is cancelled, so a member is never left behind in a room.
+/// In cluster mode the member also leaves in Redis, in a task of its own (tracked, so
+/// that the server's stop waits for it): an await here would enlarge every connection's
+/// task, also without `--redis`.
 struct Departure<'a> {
-    hub: &'a Hub,
+    shared: &'a Shared,
     conn: ConnId,
 }
 
 impl Drop for Departure<'_> {
     fn drop(&mut self) {
-        self.hub.disconnect(self.conn);
+        if let Some(cluster) = &self.shared.cluster
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let (cluster, conn) = (Arc::clone(cluster), self.conn);
+            self.shared
+                .tasks
+                .spawn_on(async move { cluster.disconnect(conn).await }, &runtime);
+        }
+        self.shared.hub.disconnect(self.conn);
     }
+}
+
+/// What `process_inbox` leaves to its async caller.
+enum Pending {
+    /// A host's `end_room` of a meeting: store the end first.
+    StoreEnd(String),
+    /// Cluster mode: a message for [`Cluster::handle`]. Boxed: the size of this enum
+    /// counts in every connection's task.
+    Cluster(Box<ClientMessage>),
 }
 
 pub(crate) async fn run(
@@ -57,11 +78,14 @@ pub(crate) async fn run(
     client: std::net::IpAddr,
 ) {
     let registration = shared.hub.connect(Some(client));
+    if let Some(cluster) = &shared.cluster {
+        cluster.connect(registration.conn, &registration.peer_id);
+    }
     let span = info_span!("ws", peer = %registration.peer_id);
     let conn = registration.conn;
     async move {
         let departure = Departure {
-            hub: &shared.hub,
+            shared: &shared,
             conn,
         };
         let remote = stream.peer_addr().ok();
@@ -197,7 +221,15 @@ impl Connection {
     /// meeting is stored first (awaited, as `DELETE /api/rooms/{id}` does), so that a
     /// member who hears `room_ended` can rely on it surviving a restart.
     async fn process_all(&mut self, shared: &Shared, conn: ConnId) -> Result<(), Exit> {
-        while let Some(room) = self.process_inbox(&shared.hub, conn)? {
+        if let Some(cluster) = &shared.cluster {
+            // Boxed: inline, its future would enlarge every connection's task, also
+            // without --redis.
+            return Box::pin(self.process_all_clustered(shared, cluster, conn)).await;
+        }
+        while let Some(pending) = self.process_inbox(shared, conn)? {
+            let Pending::StoreEnd(room) = pending else {
+                continue; // only in cluster mode
+            };
             let now = Now::system();
             if let Err(e) = shared
                 .store
@@ -220,10 +252,31 @@ impl Connection {
         Ok(())
     }
 
+    /// [`Connection::process_all`] in cluster mode: every message goes to the cluster.
+    async fn process_all_clustered(
+        &mut self,
+        shared: &Shared,
+        cluster: &Cluster,
+        conn: ConnId,
+    ) -> Result<(), Exit> {
+        while let Some(pending) = self.process_inbox(shared, conn)? {
+            if let Pending::Cluster(msg) = pending {
+                cluster.handle(conn, *msg).await;
+                self.drain_outgoing();
+            }
+        }
+        if self.inbox.is_empty() {
+            self.inbox = BytesMut::new();
+        }
+        Ok(())
+    }
+
     /// Handles messages until the inbox has no complete one (`Ok(None)`), or until a
-    /// host's `end_room` of a meeting (`Ok(Some(room))`: the caller stores the end, then
-    /// applies it and calls again for the rest).
-    fn process_inbox(&mut self, hub: &Hub, conn: ConnId) -> Result<Option<String>, Exit> {
+    /// host's `end_room` of a meeting (`Ok(Some(Pending::StoreEnd(room)))`: the caller
+    /// stores the end, then applies it and calls again for the rest).
+    /// In cluster mode every message is left to the caller (`Ok(Some(Pending::Cluster))`).
+    fn process_inbox(&mut self, shared: &Shared, conn: ConnId) -> Result<Option<Pending>, Exit> {
+        let hub = &shared.hub;
         loop {
             let event = match self.decoder.decode(&mut self.inbox) {
                 Ok(Some(event)) => event,
@@ -254,11 +307,15 @@ impl Connection {
                 Event::Text(text) => {
                     if self.admit()? {
                         match ClientMessage::parse(&text) {
+                            Ok(msg) if shared.cluster.is_some() => {
+                                debug!(kind = msg.kind(), bytes = text.len(), "message");
+                                return Ok(Some(Pending::Cluster(Box::new(msg))));
+                            }
                             Ok(ClientMessage::EndRoom)
                                 if let Some(room) = hub.hosted_meeting(conn) =>
                             {
                                 debug!(kind = "end_room", %room, "message; storing the end first");
-                                return Ok(Some(room));
+                                return Ok(Some(Pending::StoreEnd(room)));
                             }
                             Ok(msg) => {
                                 debug!(kind = msg.kind(), bytes = text.len(), "message");

@@ -260,6 +260,16 @@ impl Failure {
         Failure::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
     }
 
+    /// 503: cluster mode cannot reach Redis.
+    fn unavailable(e: &crate::cluster::Unreachable) -> Self {
+        warn!(error = %e, "Redis operation for the HTTP API failed");
+        Failure::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the service's shared state (Redis) is unreachable; try again shortly",
+        )
+    }
+
     fn unknown_room(room: &str) -> Self {
         Failure::new(
             StatusCode::NOT_FOUND,
@@ -497,6 +507,13 @@ async fn create_room(
     shared.api.admit(addr.ip())?;
     let headers = request.headers().clone();
     require_api_key(&shared, &headers)?;
+    if shared.cluster.is_some() {
+        return Err(Failure::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "meetings are not available on a clustered server (--redis) yet",
+        ));
+    }
     // A client announcing a body and never sending it must not hold the connection
     // (and with it the server's shutdown) for ever.
     let limit = shared.config.http_body_timeout;
@@ -616,10 +633,14 @@ async fn get_room(
 ) -> Result<Json<RoomInfo>, Failure> {
     shared.api.admit(addr.ip())?;
     let room_id = room_id_from(path)?;
-    shared
-        .hub
-        .room_info(&room_id)
-        .map(Json)
+    let info = match &shared.cluster {
+        None => shared.hub.room_info(&room_id),
+        Some(cluster) => cluster
+            .room_info(&room_id)
+            .await
+            .map_err(|e| Failure::unavailable(&e))?,
+    };
+    info.map(Json)
         .ok_or_else(|| Failure::unknown_room(&room_id))
 }
 
@@ -714,6 +735,16 @@ async fn delete_room(
 ) -> Result<Json<RoomInfo>, Failure> {
     shared.api.admit(addr.ip())?;
     let room_id = room_id_from(path)?;
+    if let Some(cluster) = &shared.cluster {
+        // Every room of a cluster is ad hoc: none has a host token.
+        return match cluster.room_info(&room_id).await {
+            Ok(None) => Err(Failure::unknown_room(&room_id)),
+            Ok(Some(_)) => Err(Failure::unauthorized(
+                "this room has no host token: only its host can end it (end_room)",
+            )),
+            Err(e) => Err(Failure::unavailable(&e)),
+        };
+    }
     match shared.hub.check_host(&room_id, bearer(&headers)) {
         Ok(()) => {}
         Err(HostCheck::UnknownRoom) => return Err(Failure::unknown_room(&room_id)),

@@ -147,6 +147,14 @@ impl Hub {
         self.finish(&mut inner, out, now);
     }
 
+    /// Queues `msg` for `conn` (cluster mode delivers through here); a connection that
+    /// is gone is skipped, one too slow to keep up is disconnected as for any message.
+    pub fn send(&self, conn: ConnId, msg: ServerMessage) {
+        let now = Now::system();
+        let mut inner = self.lock();
+        self.finish(&mut inner, vec![(conn, msg)], now);
+    }
+
     /// The live meeting `conn` hosts, if any ([`Rooms::hosted_meeting`]).
     pub fn hosted_meeting(&self, conn: ConnId) -> Option<String> {
         self.lock().rooms.hosted_meeting(conn)

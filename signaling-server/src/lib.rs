@@ -15,6 +15,9 @@
 //! - [`connection`] (private): one task per WebSocket; limits, pings, reading, writing.
 //! - [`websocket`]: RFC 6455 frame decoding/encoding that can skip oversized messages.
 //! - [`hub`]: the room state behind one mutex, and delivery to connection queues.
+//! - [`cluster`]: cluster mode (`--redis`): rooms, names, ringing calls and kept seats in Redis
+//!   (changed by Lua scripts), delivery to members on other instances through Redis
+//!   pub/sub; a routing layer in front of the hub, which stays the single-process default.
 //! - [`rooms`]: the room, meeting and direct-call state machine, without any I/O,
 //!   including the seats of dropped members kept for `resume` and their queues.
 //! - [`clock`]: monotonic and wall-clock time passed into it; RFC 3339 helpers.
@@ -46,6 +49,7 @@ mod web;
 
 pub mod api;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod hub;
 pub mod ids;

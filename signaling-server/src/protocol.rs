@@ -94,6 +94,9 @@ pub enum ErrorCode {
     RoomEnded,
     /// A `resume` was refused (unknown room or peer, wrong token, grace over, not away).
     ResumeFailed,
+    /// The server cannot do it now: in cluster mode, Redis is unreachable. Nothing
+    /// changed; trying again later may work.
+    Unavailable,
     Internal,
 }
 
@@ -113,6 +116,7 @@ impl ErrorCode {
             ErrorCode::NotStarted => "not_started",
             ErrorCode::RoomEnded => "room_ended",
             ErrorCode::ResumeFailed => "resume_failed",
+            ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }
     }

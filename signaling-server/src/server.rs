@@ -41,6 +41,7 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 use tracing::{debug, info, warn};
 
+use crate::cluster::{Cluster, ClusterConfig, ClusterError};
 use crate::config::{Config, ConfigError};
 use crate::http_api::{self, ApiState, ClientAddr};
 use crate::hub::Hub;
@@ -57,7 +58,9 @@ use crate::{connection, websocket};
 pub(crate) struct Shared {
     pub config: Config,
     pub ice: IceConfig,
-    pub hub: Hub,
+    pub hub: Arc<Hub>,
+    /// Set in cluster mode (`--redis`): rooms live in Redis, and client messages go here.
+    pub cluster: Option<Arc<Cluster>>,
     /// Stop accepting; connections finish what they are doing and close.
     pub shutdown: CancellationToken,
     /// The shutdown grace is over: connection tasks end at once, dropping their sockets.
@@ -98,6 +101,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
 }
 
 /// A running server. Dropping it does not stop it; call [`Server::stop`].
@@ -142,7 +147,7 @@ impl Server {
         let (store, store_thread, meetings) = tokio::task::spawn_blocking(move || Store::open(&db))
             .await
             .map_err(|_| StoreError::Closed)??;
-        let hub = Hub::new(
+        let hub = Arc::new(Hub::new(
             RoomsConfig {
                 room_ttl: config.room_ttl,
                 ring_timeout: config.ring_timeout,
@@ -159,7 +164,7 @@ impl Server {
                 .send_queue_bytes
                 .max(2 * config.max_message_bytes + 1024),
             Some(store.clone()),
-        );
+        ));
         for stored in meetings {
             hub.add_meeting(&stored.room_id, stored.meeting);
         }
@@ -185,8 +190,25 @@ impl Server {
                 max_dropped: u32::MAX,
             },
         );
+        let cluster = match &config.redis {
+            Some(url) => Some(
+                Cluster::start(
+                    ClusterConfig {
+                        url: url.clone(),
+                        room_ttl: config.room_ttl,
+                        ring_timeout: config.ring_timeout,
+                        resume_grace: config.resume_grace,
+                        sweep_interval: config.sweep_interval,
+                    },
+                    Arc::clone(&hub),
+                )
+                .await?,
+            ),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             hub,
+            cluster,
             store,
             api,
             local_addr,
@@ -305,6 +327,9 @@ impl Server {
             }
         };
         tokio::join!(drain, turn);
+        if let Some(cluster) = &shared.cluster {
+            cluster.stop().await;
+        }
         let _ = self.serve.await;
         let store_thread = self.store_thread;
         let _ = tokio::task::spawn_blocking(move || store_thread.stop()).await;
@@ -531,13 +556,28 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/ws", get(upgrade))
         .merge(http_api::routes())
         .merge(crate::web::routes())
         .fallback(http_api::not_found)
         .method_not_allowed_fallback(http_api::method_not_allowed)
         .with_state(shared)
+}
+
+/// `ok`, or 503 when this instance cannot serve (cluster mode: Redis unreachable).
+async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
+    let Some(cluster) = &shared.cluster else {
+        return "ok".into_response();
+    };
+    match cluster.ready().await {
+        Ok(()) => "ok".into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
+            .into_response(),
+    }
 }
 
 /// How many connections each address holds; [`Present`] counts one while it lives.

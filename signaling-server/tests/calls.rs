@@ -1,15 +1,29 @@
-//! Direct calls by name: every row of the protocol's Direct calls tables.
+//! Direct calls by name: every row of the protocol's Direct calls tables, each on one
+//! server and with the clients on two instances sharing a `redis-server` (cluster mode).
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
+on_both_topologies!(
+    register_claims_a_name_until_the_connection_closes,
+    call_accept_and_talk,
+    reject_tells_the_caller_and_removes_the_room,
+    unanswered_call_times_out,
+    caller_giving_up_cancels_the_ringing,
+    callee_dropping_while_rung_is_offline,
+    offline_and_busy,
+    call_requires_registration_and_a_valid_target,
+    only_the_callee_can_answer_and_the_ringing_room_is_closed_to_others,
+    joining_elsewhere_while_ringing_cancels_the_call,
+);
+
 use std::time::Duration;
 
-use common::{Client, server, start_server};
+use common::{Client, Servers, Target, Topology};
 use serde_json::{Value, json};
 
-async fn registered(s: &signaling_server::Server, name: &str) -> Client {
-    let mut c = Client::connect(s).await;
+async fn registered(s: &impl Target, name: &str) -> Client {
+    let mut c = Client::connect(s.next_server()).await;
     c.send(json!({"type":"register","name":name})).await;
     assert_eq!(
         c.expect("registered").await,
@@ -40,11 +54,12 @@ fn is_unguessable(id: &Value) -> bool {
     id.as_str().is_some_and(|s| s.len() >= 26)
 }
 
-#[tokio::test]
-async fn register_claims_a_name_until_the_connection_closes() {
-    let s = server().await;
+async fn register_claims_a_name_until_the_connection_closes(t: Topology) {
+    let Some(s) = Servers::start(t, |_| {}).await else {
+        return;
+    };
     let alice = registered(&s, "alice").await;
-    let mut other = Client::connect(&s).await;
+    let mut other = s.client().await;
     other.send(json!({"type":"register","name":"alice"})).await;
     other.expect_error("name_taken").await;
     other.send(json!({"type":"register","name":""})).await;
@@ -67,9 +82,10 @@ async fn register_claims_a_name_until_the_connection_closes() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn call_accept_and_talk() {
-    let s = server().await;
+async fn call_accept_and_talk(t: Topology) {
+    let Some(s) = Servers::start(t, |_| {}).await else {
+        return;
+    };
     let mut alice = registered(&s, "alice").await;
     let mut bob = registered(&s, "bob").await;
     let call_id = ring(&mut alice, &mut bob).await;
@@ -93,9 +109,10 @@ async fn call_accept_and_talk() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn reject_tells_the_caller_and_removes_the_room() {
-    let s = server().await;
+async fn reject_tells_the_caller_and_removes_the_room(t: Topology) {
+    let Some(s) = Servers::start(t, |_| {}).await else {
+        return;
+    };
     let mut alice = registered(&s, "alice").await;
     let mut bob = registered(&s, "bob").await;
     let call_id = ring(&mut alice, &mut bob).await;
@@ -104,7 +121,7 @@ async fn reject_tells_the_caller_and_removes_the_room() {
         alice.expect("call_rejected").await,
         json!({"type":"call_rejected","call_id":call_id,"reason":"rejected"})
     );
-    assert_eq!(s.room_members(&call_id), None);
+    assert_eq!(s.members(&call_id).await, None);
     alice.send(json!({"type":"offer","sdp":"x"})).await;
     alice.expect_error("not_in_call").await;
     // The call is over: accepting it now is an unknown call.
@@ -113,9 +130,10 @@ async fn reject_tells_the_caller_and_removes_the_room() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn unanswered_call_times_out() {
-    let s = start_server(|c| c.ring_timeout = Duration::from_millis(300)).await;
+async fn unanswered_call_times_out(t: Topology) {
+    let Some(s) = Servers::start(t, |c| c.ring_timeout = Duration::from_millis(300)).await else {
+        return;
+    };
     let mut alice = registered(&s, "alice").await;
     let mut bob = registered(&s, "bob").await;
     let call_id = ring(&mut alice, &mut bob).await;
@@ -127,13 +145,14 @@ async fn unanswered_call_times_out() {
         bob.expect("call_cancelled").await,
         json!({"type":"call_cancelled","call_id":call_id})
     );
-    assert_eq!(s.room_members(&call_id), None);
+    assert_eq!(s.members(&call_id).await, None);
     s.stop().await;
 }
 
-#[tokio::test]
-async fn caller_giving_up_cancels_the_ringing() {
-    let s = server().await;
+async fn caller_giving_up_cancels_the_ringing(t: Topology) {
+    let Some(s) = Servers::start(t, |_| {}).await else {
+        return;
+    };
     let mut alice = registered(&s, "alice").await;
     let mut bob = registered(&s, "bob").await;
     let call_id = ring(&mut alice, &mut bob).await;
@@ -155,9 +174,10 @@ async fn caller_giving_up_cancels_the_ringing() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn callee_dropping_while_rung_is_offline() {
-    let s = server().await;
+async fn callee_dropping_while_rung_is_offline(t: Topology) {
+    let Some(s) = Servers::start(t, |_| {}).await else {
+        return;
+    };
     let mut alice = registered(&s, "alice").await;
     let mut bob = registered(&s, "bob").await;
     let call_id = ring(&mut alice, &mut bob).await;
@@ -168,9 +188,10 @@ async fn callee_dropping_while_rung_is_offline() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn offline_and_busy() {
-    let s = server().await;
+async fn offline_and_busy(t: Topology) {
+    let Some(s) = Servers::start(t, |_| {}).await else {
+        return;
+    };
     let mut alice = registered(&s, "alice").await;
     alice.send(json!({"type":"call","to":"nobody"})).await;
     let r = alice.expect("call_rejected").await;
@@ -184,6 +205,13 @@ async fn offline_and_busy() {
     alice.send(json!({"type":"call","to":"bob"})).await;
     assert_eq!(alice.expect("call_rejected").await["reason"], "busy");
     bob.send(json!({"type":"leave"})).await;
+    // `leave` has no answer: wait until it has taken effect (on a cluster it is a Redis
+    // round trip, which carol's calling could otherwise overtake).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while s.members("elsewhere").await == Some(1) {
+        assert!(tokio::time::Instant::now() < deadline, "bob never left");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 
     // bob being rung by carol is busy for alice.
     let mut carol = registered(&s, "carol").await;
@@ -198,10 +226,11 @@ async fn offline_and_busy() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn call_requires_registration_and_a_valid_target() {
-    let s = server().await;
-    let mut anon = Client::connect(&s).await;
+async fn call_requires_registration_and_a_valid_target(t: Topology) {
+    let Some(s) = Servers::start(t, |_| {}).await else {
+        return;
+    };
+    let mut anon = s.client().await;
     anon.send(json!({"type":"call","to":"bob"})).await;
     anon.expect_error("bad_field").await;
     let mut alice = registered(&s, "alice").await;
@@ -222,9 +251,29 @@ async fn call_requires_registration_and_a_valid_target() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn only_the_callee_can_answer_and_the_ringing_room_is_closed_to_others() {
-    let s = server().await;
+async fn joining_elsewhere_while_ringing_cancels_the_call(t: Topology) {
+    let Some(s) = Servers::start(t, |_| {}).await else {
+        return;
+    };
+    let mut alice = registered(&s, "alice").await;
+    let mut bob = registered(&s, "bob").await;
+    let call_id = ring(&mut alice, &mut bob).await;
+    let j = alice.join("elsewhere").await;
+    assert_eq!(j["members"], 1);
+    assert_eq!(
+        bob.expect("call_cancelled").await,
+        json!({"type":"call_cancelled","call_id":call_id})
+    );
+    bob.send(json!({"type":"accept","call_id":call_id})).await;
+    bob.expect_error("unknown_call").await;
+    alice.expect_silence(Duration::from_millis(50)).await;
+    s.stop().await;
+}
+
+async fn only_the_callee_can_answer_and_the_ringing_room_is_closed_to_others(t: Topology) {
+    let Some(s) = Servers::start(t, |_| {}).await else {
+        return;
+    };
     let mut alice = registered(&s, "alice").await;
     let mut bob = registered(&s, "bob").await;
     let mut eve = registered(&s, "eve").await;

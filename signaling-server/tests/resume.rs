@@ -1,12 +1,24 @@
 //! Seats that survive a dropped WebSocket: `peer_reconnecting`, `resume` with the token
-//! from `joined`, the queue of what was sent meanwhile, and the grace running out.
+//! from `joined`, the queue of what was sent meanwhile, and the grace running out; each
+//! on one server and with the clients on two instances sharing a `redis-server` (a seat
+//! is then resumed on the other instance).
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
+on_both_topologies!(
+    a_dropped_member_resumes_its_seat_and_gets_what_was_sent_meanwhile,
+    a_wrong_token_is_refused_and_the_seat_stays_taken,
+    when_the_grace_runs_out_the_member_is_gone_as_disconnected,
+    a_resume_after_the_grace_fails_and_a_fresh_join_works,
+    with_no_grace_a_drop_is_peer_left_at_once_and_there_is_no_token,
+    leave_and_end_room_still_act_at_once,
+    a_resume_takes_over_a_connection_not_yet_noticed_dead,
+);
+
 use std::time::Duration;
 
-use common::{Client, pair, start_server};
+use common::{Client, Servers, Topology, pair};
 use serde_json::{Value, json};
 
 /// Long enough that a resume in a test never races the sweep.
@@ -25,11 +37,12 @@ async fn resume(c: &mut Client, room: &str, peer_id: &str, token: &str) {
         .await;
 }
 
-#[tokio::test]
-async fn a_dropped_member_resumes_its_seat_and_gets_what_was_sent_meanwhile() {
-    let s = start_server(|c| c.resume_grace = LONG_GRACE).await;
-    let mut a = Client::connect(&s).await;
-    let mut b = Client::connect(&s).await;
+async fn a_dropped_member_resumes_its_seat_and_gets_what_was_sent_meanwhile(t: Topology) {
+    let Some(s) = Servers::start(t, |c| c.resume_grace = LONG_GRACE).await else {
+        return;
+    };
+    let mut a = s.client().await;
+    let mut b = s.client().await;
     let ja = a.join_named("r", "Ann").await;
     let jb = b.join_named("r", "Bob").await;
     a.expect("peer_joined").await;
@@ -48,7 +61,7 @@ async fn a_dropped_member_resumes_its_seat_and_gets_what_was_sent_meanwhile() {
     a.send(json!({"type":"offer","sdp":"v=0 while away"})).await;
     a.send(json!({"type":"candidate","candidate":null})).await;
 
-    let mut b2 = Client::connect(&s).await;
+    let mut b2 = s.client().await;
     resume(&mut b2, "r", &b_id, &b_token).await;
     let back = b2.expect("joined").await;
     assert_eq!(back["room"], "r");
@@ -74,12 +87,12 @@ async fn a_dropped_member_resumes_its_seat_and_gets_what_was_sent_meanwhile() {
     assert_eq!(answer["from"], b_id.as_str());
     a.send(json!({"type":"offer","sdp":"again"})).await;
     assert_eq!(b2.expect("offer").await["sdp"], "again");
-    assert_eq!(s.room_members("r"), Some(2));
+    assert_eq!(s.members("r").await, Some(2));
 
     // The spent token no longer works; the fresh one does, once more.
     drop(b2);
     a.expect("peer_reconnecting").await;
-    let mut b3 = Client::connect(&s).await;
+    let mut b3 = s.client().await;
     resume(&mut b3, "r", &b_id, &b_token).await;
     b3.expect_error("resume_failed").await;
     resume(&mut b3, "r", &b_id, &fresh).await;
@@ -87,20 +100,21 @@ async fn a_dropped_member_resumes_its_seat_and_gets_what_was_sent_meanwhile() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn a_wrong_token_is_refused_and_the_seat_stays_taken() {
-    let s = start_server(|c| c.resume_grace = LONG_GRACE).await;
-    let mut a = Client::connect(&s).await;
+async fn a_wrong_token_is_refused_and_the_seat_stays_taken(t: Topology) {
+    let Some(s) = Servers::start(t, |c| c.resume_grace = LONG_GRACE).await else {
+        return;
+    };
+    let mut a = s.client().await;
     let ja = a.join("r").await;
     let (a_id, a_token) = (ja["peer_id"].as_str().unwrap().to_owned(), token(&ja));
-    let mut b = Client::connect(&s).await;
+    let mut b = s.client().await;
     b.join("r").await;
     a.expect("peer_joined").await;
     a.close().await; // a clean close without `leave` also keeps the seat
 
     let note = b.expect("peer_reconnecting").await;
     assert_eq!(note["peer_id"], a_id.as_str());
-    let mut thief = Client::connect(&s).await;
+    let mut thief = s.client().await;
     resume(&mut thief, "r", &a_id, &"x".repeat(32)).await;
     let e = thief.expect_error("resume_failed").await;
     assert!(e["message"].as_str().unwrap().contains("token"), "{e}");
@@ -113,10 +127,10 @@ async fn a_wrong_token_is_refused_and_the_seat_stays_taken() {
     thief.send(json!({"type":"join","room":"r"})).await;
     assert_eq!(thief.expect("room_full").await["members"], 2);
     thief.join("elsewhere").await;
-    assert_eq!(s.room_members("r"), Some(2));
+    assert_eq!(s.members("r").await, Some(2));
 
     // The owner still gets its seat back, host role included.
-    let mut a2 = Client::connect(&s).await;
+    let mut a2 = s.client().await;
     resume(&mut a2, "r", &a_id, &a_token).await;
     let back = a2.expect("joined").await;
     assert_eq!(back["host"], true);
@@ -125,9 +139,10 @@ async fn a_wrong_token_is_refused_and_the_seat_stays_taken() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn when_the_grace_runs_out_the_member_is_gone_as_disconnected() {
-    let s = start_server(|c| c.resume_grace = SHORT_GRACE).await;
+async fn when_the_grace_runs_out_the_member_is_gone_as_disconnected(t: Topology) {
+    let Some(s) = Servers::start(t, |c| c.resume_grace = SHORT_GRACE).await else {
+        return;
+    };
     let (a, mut b, a_id, b_id) = pair(&s, "r").await;
     drop(a); // the host drops
     assert_eq!(
@@ -141,18 +156,19 @@ async fn when_the_grace_runs_out_the_member_is_gone_as_disconnected() {
         json!({"type":"peer_left","peer_id":a_id.as_str(),"reason":"disconnected"})
     );
     assert_eq!(b.expect("host_changed").await["peer_id"], b_id.as_str());
-    assert_eq!(s.room_members("r"), Some(1));
+    assert_eq!(s.members("r").await, Some(1));
     // The seat is free again for anybody.
-    let mut c = Client::connect(&s).await;
+    let mut c = s.client().await;
     assert_eq!(c.join("r").await["members"], 2);
     s.stop().await;
 }
 
-#[tokio::test]
-async fn a_resume_after_the_grace_fails_and_a_fresh_join_works() {
-    let s = start_server(|c| c.resume_grace = SHORT_GRACE).await;
-    let mut a = Client::connect(&s).await;
-    let mut b = Client::connect(&s).await;
+async fn a_resume_after_the_grace_fails_and_a_fresh_join_works(t: Topology) {
+    let Some(s) = Servers::start(t, |c| c.resume_grace = SHORT_GRACE).await else {
+        return;
+    };
+    let mut a = s.client().await;
+    let mut b = s.client().await;
     a.join("r").await;
     let jb = b.join("r").await;
     a.expect("peer_joined").await;
@@ -160,7 +176,7 @@ async fn a_resume_after_the_grace_fails_and_a_fresh_join_works() {
     drop(b);
     a.expect("peer_reconnecting").await;
     a.expect("peer_left").await;
-    let mut b2 = Client::connect(&s).await;
+    let mut b2 = s.client().await;
     resume(&mut b2, "r", &b_id, &b_token).await;
     b2.expect_error("resume_failed").await;
     let rejoined = b2.join("r").await;
@@ -170,11 +186,12 @@ async fn a_resume_after_the_grace_fails_and_a_fresh_join_works() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn with_no_grace_a_drop_is_peer_left_at_once_and_there_is_no_token() {
-    let s = start_server(|c| c.resume_grace = Duration::ZERO).await;
-    let mut a = Client::connect(&s).await;
-    let mut b = Client::connect(&s).await;
+async fn with_no_grace_a_drop_is_peer_left_at_once_and_there_is_no_token(t: Topology) {
+    let Some(s) = Servers::start(t, |c| c.resume_grace = Duration::ZERO).await else {
+        return;
+    };
+    let mut a = s.client().await;
+    let mut b = s.client().await;
     let ja = a.join("r").await;
     let jb = b.join("r").await;
     a.expect("peer_joined").await;
@@ -184,15 +201,16 @@ async fn with_no_grace_a_drop_is_peer_left_at_once_and_there_is_no_token() {
     drop(b);
     let left = a.expect("peer_left").await;
     assert_eq!(left["reason"], "disconnected");
-    let mut b2 = Client::connect(&s).await;
+    let mut b2 = s.client().await;
     resume(&mut b2, "r", &b_id, &"x".repeat(32)).await;
     b2.expect_error("resume_failed").await;
     s.stop().await;
 }
 
-#[tokio::test]
-async fn leave_and_end_room_still_act_at_once() {
-    let s = start_server(|c| c.resume_grace = LONG_GRACE).await;
+async fn leave_and_end_room_still_act_at_once(t: Topology) {
+    let Some(s) = Servers::start(t, |c| c.resume_grace = LONG_GRACE).await else {
+        return;
+    };
     let (mut a, mut b, _, b_id) = pair(&s, "r").await;
     b.send(json!({"type":"leave"})).await;
     assert_eq!(
@@ -200,7 +218,7 @@ async fn leave_and_end_room_still_act_at_once() {
         json!({"type":"peer_left","peer_id":b_id.as_str(),"reason":"left"})
     );
     // The host ends the room while the partner is away: the seat ends with it.
-    let mut c = Client::connect(&s).await;
+    let mut c = s.client().await;
     let jc = c.join("r").await;
     a.expect("peer_joined").await;
     let (c_id, c_token) = (jc["peer_id"].as_str().unwrap().to_owned(), token(&jc));
@@ -208,11 +226,42 @@ async fn leave_and_end_room_still_act_at_once() {
     a.expect("peer_reconnecting").await;
     a.send(json!({"type":"end_room"})).await;
     a.expect("room_ended").await;
-    let mut c2 = Client::connect(&s).await;
+    let mut c2 = s.client().await;
     resume(&mut c2, "r", &c_id, &c_token).await;
     let e = c2.expect_error("resume_failed").await;
     assert!(e["message"].as_str().unwrap().contains("ended"), "{e}");
     c2.send(json!({"type":"join","room":"r"})).await;
     c2.expect_error("room_ended").await;
+    s.stop().await;
+}
+
+async fn a_resume_takes_over_a_connection_not_yet_noticed_dead(t: Topology) {
+    let Some(s) = Servers::start(t, |c| c.resume_grace = LONG_GRACE).await else {
+        return;
+    };
+    let mut a = s.client().await;
+    let mut b = s.client().await;
+    a.join_named("r", "Ann").await;
+    let jb = b.join("r").await;
+    a.expect("peer_joined").await;
+    let (b_id, b_token) = (jb["peer_id"].as_str().unwrap().to_owned(), token(&jb));
+
+    // b's client resumes on a new connection while the old one still looks open
+    // (a path that died silently): the token proves it, the new connection wins.
+    let mut b2 = s.client().await;
+    resume(&mut b2, "r", &b_id, &b_token).await;
+    let back = b2.expect("joined").await;
+    assert_eq!(back["peer_id"], b_id.as_str());
+    assert_eq!(back["peers"][0]["name"], "Ann");
+    assert_eq!(
+        a.expect("peer_reconnecting").await["peer_id"],
+        b_id.as_str()
+    );
+    a.send(json!({"type":"offer","sdp":"to the new connection"}))
+        .await;
+    assert_eq!(b2.expect("offer").await["sdp"], "to the new connection");
+    b2.send(json!({"type":"answer","sdp":"from it"})).await;
+    assert_eq!(a.expect("answer").await["sdp"], "from it");
+    b.expect_silence(Duration::from_millis(100)).await;
     s.stop().await;
 }

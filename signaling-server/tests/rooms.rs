@@ -1,18 +1,33 @@
 //! Rooms: every row of the protocol's Rooms tables, against a real server on loopback.
+//! Most tests run twice (`on_both_topologies!`): on one server, and with the members on
+//! two instances sharing a `redis-server` (cluster mode).
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
+on_both_topologies!(
+    first_member_is_host_and_second_sees_the_first,
+    third_member_gets_room_full_and_changes_nothing,
+    offer_answer_candidates_are_relayed_in_order_with_from,
+    relay_refused_when_alone_or_outside_a_room,
+    host_leaving_hands_over_and_only_host_ends_the_room,
+    join_while_in_a_room_leaves_the_old_one,
+    nothing_crosses_rooms,
+    ten_simultaneous_joins_give_two_joined_and_eight_room_full,
+    bad_join_fields_are_refused,
+);
+
 use std::time::Duration;
 
-use common::{Client, pair, server, start_server};
+use common::{Client, Servers, Topology, pair, start_server};
 use serde_json::json;
 
-#[tokio::test]
-async fn first_member_is_host_and_second_sees_the_first() {
-    let s = server().await;
-    let mut a = Client::connect(&s).await;
-    let mut b = Client::connect(&s).await;
+async fn first_member_is_host_and_second_sees_the_first(t: Topology) {
+    let Some(s) = Servers::start(t, |_| {}).await else {
+        return;
+    };
+    let mut a = s.client().await;
+    let mut b = s.client().await;
     assert_eq!(a.welcome["protocol"], 1);
     assert!(a.welcome["ice_servers"].is_array());
     assert!(
@@ -37,15 +52,16 @@ async fn first_member_is_host_and_second_sees_the_first() {
     assert_eq!(pj["peer_id"], jb["peer_id"]);
     assert_eq!(pj["name"], "Bob");
     assert_ne!(a_id, jb["peer_id"].as_str().unwrap());
-    assert_eq!(s.room_members("standup"), Some(2));
+    assert_eq!(s.members("standup").await, Some(2));
     s.stop().await;
 }
 
-#[tokio::test]
-async fn third_member_gets_room_full_and_changes_nothing() {
-    let s = server().await;
+async fn third_member_gets_room_full_and_changes_nothing(t: Topology) {
+    let Some(s) = Servers::start(t, |_| {}).await else {
+        return;
+    };
     let (mut a, mut b, _, _) = pair(&s, "r").await;
-    let mut c = Client::connect(&s).await;
+    let mut c = s.client().await;
     c.send(json!({"type":"join","room":"r"})).await;
     let full = c.expect("room_full").await;
     assert_eq!(full, json!({"type":"room_full","room":"r","members":2}));
@@ -57,9 +73,10 @@ async fn third_member_gets_room_full_and_changes_nothing() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn offer_answer_candidates_are_relayed_in_order_with_from() {
-    let s = server().await;
+async fn offer_answer_candidates_are_relayed_in_order_with_from(t: Topology) {
+    let Some(s) = Servers::start(t, |_| {}).await else {
+        return;
+    };
     let (mut a, mut b, a_id, b_id) = pair(&s, "relay").await;
     a.send(json!({"type":"offer","sdp":"v=0 offer"})).await;
     let offer = b.expect("offer").await;
@@ -100,10 +117,11 @@ async fn offer_answer_candidates_are_relayed_in_order_with_from() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn relay_refused_when_alone_or_outside_a_room() {
-    let s = server().await;
-    let mut a = Client::connect(&s).await;
+async fn relay_refused_when_alone_or_outside_a_room(t: Topology) {
+    let Some(s) = Servers::start(t, |_| {}).await else {
+        return;
+    };
+    let mut a = s.client().await;
     for msg in [
         json!({"type":"offer","sdp":"x"}),
         json!({"type":"answer","sdp":"x"}),
@@ -160,9 +178,10 @@ async fn leave_says_left_and_disconnect_says_disconnected() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn host_leaving_hands_over_and_only_host_ends_the_room() {
-    let s = server().await;
+async fn host_leaving_hands_over_and_only_host_ends_the_room(t: Topology) {
+    let Some(s) = Servers::start(t, |_| {}).await else {
+        return;
+    };
     let (mut a, mut b, _, b_id) = pair(&s, "hosted").await;
     b.send(json!({"type":"end_room"})).await;
     b.expect_error("not_host").await;
@@ -174,7 +193,7 @@ async fn host_leaving_hands_over_and_only_host_ends_the_room() {
     assert_eq!(hc, json!({"type":"host_changed","peer_id":b_id}));
 
     // The newcomer is not host; b (now host) ends the room for both.
-    let mut c = Client::connect(&s).await;
+    let mut c = s.client().await;
     assert_eq!(c.join("hosted").await["host"], false);
     b.expect("peer_joined").await;
     b.send(json!({"type":"end_room"})).await;
@@ -189,9 +208,10 @@ async fn host_leaving_hands_over_and_only_host_ends_the_room() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn join_while_in_a_room_leaves_the_old_one() {
-    let s = server().await;
+async fn join_while_in_a_room_leaves_the_old_one(t: Topology) {
+    let Some(s) = Servers::start(t, |_| {}).await else {
+        return;
+    };
     let (mut a, mut b, a_id, _) = pair(&s, "one").await;
     let j = a.join("two").await;
     assert_eq!(j["members"], 1);
@@ -201,19 +221,20 @@ async fn join_while_in_a_room_leaves_the_old_one() {
         json!({"type":"peer_left","peer_id":a_id,"reason":"left"})
     );
     assert_eq!(b.expect("host_changed").await["type"], "host_changed");
-    assert_eq!(s.room_members("one"), Some(1));
-    assert_eq!(s.room_members("two"), Some(1));
+    assert_eq!(s.members("one").await, Some(1));
+    assert_eq!(s.members("two").await, Some(1));
     // A refused join (full room) keeps the old membership.
     let (_c, _d, _, _) = pair(&s, "full").await;
     a.send(json!({"type":"join","room":"full"})).await;
     a.expect("room_full").await;
-    assert_eq!(s.room_members("two"), Some(1));
+    assert_eq!(s.members("two").await, Some(1));
     s.stop().await;
 }
 
-#[tokio::test]
-async fn nothing_crosses_rooms() {
-    let s = server().await;
+async fn nothing_crosses_rooms(t: Topology) {
+    let Some(s) = Servers::start(t, |_| {}).await else {
+        return;
+    };
     let (mut a, mut b, _, _) = pair(&s, "room-a").await;
     let (mut c, mut d, _, _) = pair(&s, "room-b").await;
     for i in 0..20 {
@@ -232,14 +253,15 @@ async fn nothing_crosses_rooms() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn ten_simultaneous_joins_give_two_joined_and_eight_room_full() {
-    let s = server().await;
+async fn ten_simultaneous_joins_give_two_joined_and_eight_room_full(t: Topology) {
+    let Some(s) = Servers::start(t, |_| {}).await else {
+        return;
+    };
     for round in 0..10 {
         let room = format!("race-{round}");
         let mut clients = Vec::new();
         for _ in 0..10 {
-            clients.push(Client::connect(&s).await);
+            clients.push(s.client().await);
         }
         // All ten joins go out together, from ten tasks.
         let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(10));
@@ -256,23 +278,28 @@ async fn ten_simultaneous_joins_give_two_joined_and_eight_room_full() {
         }
         let mut joined = 0;
         let mut full = 0;
+        // Held until the count is checked: a dropped member would leave.
+        let mut held = Vec::new();
         for t in tasks {
-            match t.await.unwrap().0.as_str() {
+            let (reply, client) = t.await.unwrap();
+            match reply.as_str() {
                 "joined" => joined += 1,
                 "room_full" => full += 1,
                 other => panic!("unexpected {other}"),
             }
+            held.push(client);
         }
         assert_eq!((joined, full), (2, 8), "round {round}");
-        assert_eq!(s.room_members(&room), Some(2));
+        assert_eq!(s.members(&room).await, Some(2));
     }
     s.stop().await;
 }
 
-#[tokio::test]
-async fn bad_join_fields_are_refused() {
-    let s = server().await;
-    let mut a = Client::connect(&s).await;
+async fn bad_join_fields_are_refused(t: Topology) {
+    let Some(s) = Servers::start(t, |_| {}).await else {
+        return;
+    };
+    let mut a = s.client().await;
     for bad in [
         json!({"type":"join"}),
         json!({"type":"join","room":""}),
@@ -290,7 +317,7 @@ async fn bad_join_fields_are_refused() {
     // 64 characters (not bytes) is fine.
     let j = a.join(&"é".repeat(64)).await;
     assert_eq!(j["members"], 1);
-    assert_eq!(s.room_members("ok"), None, "refused joins created nothing");
+    assert_eq!(s.members("ok").await, None, "refused joins created nothing");
     s.stop().await;
 }
 

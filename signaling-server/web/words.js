@@ -41,6 +41,8 @@ export function errorSentence(msg, context = {}) {
       return 'That call is not ringing any more.';
     case 'resume_failed':
       return 'The connection to the server dropped and the call could not be taken back.';
+    case 'unavailable':
+      return `The server cannot do that right now (${msg.message}). Try again in a moment.`;
     case 'internal':
       return `The server had a problem (${msg.message}). Try again.`;
     default:

@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod proc;
+pub mod redis;
 
 use std::time::Duration;
 
@@ -31,6 +32,138 @@ pub async fn server() -> Server {
     start_server(|_| {}).await
 }
 
+/// Where a suite runs: one server, or two instances sharing a `redis-server`
+/// (cluster mode, `--redis`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    One,
+    TwoWithRedis,
+}
+
+/// Where test clients connect: each call names the server for the next client.
+pub trait Target {
+    fn next_server(&self) -> &Server;
+}
+
+impl Target for Server {
+    fn next_server(&self) -> &Server {
+        self
+    }
+}
+
+/// The servers of a [`Topology`]; clients connect to them in turn, so that the two
+/// members of a room sit on different instances of a cluster.
+pub struct Servers {
+    pub all: Vec<Server>,
+    turn: std::sync::atomic::AtomicUsize,
+    _redis: Option<redis::RedisServer>,
+}
+
+impl Target for Servers {
+    fn next_server(&self) -> &Server {
+        let i = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &self.all[i % self.all.len()]
+    }
+}
+
+impl Servers {
+    /// Starts `topology` with `tweak` applied to every server's configuration; `None`
+    /// (after a skip line) for a cluster when `redis-server` is not installed.
+    pub async fn start(topology: Topology, tweak: impl Fn(&mut Config)) -> Option<Servers> {
+        match topology {
+            Topology::One => Some(Servers {
+                all: vec![start_server(tweak).await],
+                turn: Default::default(),
+                _redis: None,
+            }),
+            Topology::TwoWithRedis => {
+                let redis = redis::RedisServer::start().await?;
+                let mut all = Vec::new();
+                for _ in 0..2 {
+                    let server = start_server(|c| {
+                        tweak(c);
+                        c.redis = Some(signaling_server::config::Secret(redis.url()));
+                    })
+                    .await;
+                    wait_health(&server, 200).await;
+                    all.push(server);
+                }
+                Some(Servers {
+                    all,
+                    turn: Default::default(),
+                    _redis: Some(redis),
+                })
+            }
+        }
+    }
+
+    /// A client on the next server.
+    pub async fn client(&self) -> Client {
+        Client::connect(self.next_server()).await
+    }
+
+    /// Members of `room` if it exists (through the HTTP API on a cluster, where an
+    /// empty room does not exist).
+    pub async fn members(&self, room: &str) -> Option<usize> {
+        if self.all.len() == 1 {
+            return self.all[0].room_members(room);
+        }
+        let path = format!("/api/rooms/{}", room.replace(' ', "%20"));
+        let (status, body) = http(&self.all[0], "GET", &path).await;
+        match status {
+            200 => serde_json::from_str::<Value>(&body).unwrap()["members"]
+                .as_u64()
+                .map(|n| n as usize),
+            404 => None,
+            _ => panic!("GET {path}: {status} {body}"),
+        }
+    }
+
+    pub async fn stop(self) {
+        for s in self.all {
+            s.stop().await;
+        }
+    }
+}
+
+/// How long a cluster instance may take to become ready (Redis answering, subscribed).
+pub const READY_WITHIN: Duration = Duration::from_secs(10);
+
+/// Waits until `/healthz` answers `status`.
+pub async fn wait_health(s: &Server, status: u16) {
+    let deadline = tokio::time::Instant::now() + READY_WITHIN;
+    loop {
+        let (got, body) = http(s, "GET", "/healthz").await;
+        if got == status {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/healthz still {got} ({body}) after {READY_WITHIN:?}; waiting for {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs each named `async fn NAME(topology: Topology)` as two tests, `NAME::one_instance`
+/// and `NAME::two_instances` (members on different instances sharing Redis).
+#[macro_export]
+macro_rules! on_both_topologies {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn one_instance() {
+                super::$name(super::common::Topology::One).await;
+            }
+
+            #[tokio::test]
+            async fn two_instances() {
+                super::$name(super::common::Topology::TwoWithRedis).await;
+            }
+        }
+    )*};
+}
+
 /// What ended a connection, as seen by the client.
 #[derive(Debug, PartialEq)]
 pub enum Closed {
@@ -45,9 +178,12 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(server: &Server) -> Client {
-        let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url())
-            .await
-            .unwrap();
+        Client::connect_url(&server.ws_url()).await
+    }
+
+    /// A client of the server at `url` (`ws://HOST:PORT/ws`), e.g. one in another process.
+    pub async fn connect_url(url: &str) -> Client {
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
         let welcome = next_json(&mut ws).await.expect("welcome");
         assert_eq!(welcome["type"], "welcome", "{welcome}");
         Client { ws, welcome }
@@ -68,6 +204,14 @@ impl Client {
     /// The next JSON message; panics after [`WAIT`].
     pub async fn recv(&mut self) -> Value {
         tokio::time::timeout(WAIT, next_json(&mut self.ws))
+            .await
+            .expect("timed out waiting for a message")
+            .expect("connection closed")
+    }
+
+    /// The next JSON message; panics after `wait`.
+    pub async fn recv_within(&mut self, wait: Duration) -> Value {
+        tokio::time::timeout(wait, next_json(&mut self.ws))
             .await
             .expect("timed out waiting for a message")
             .expect("connection closed")
@@ -335,9 +479,10 @@ pub async fn http(server: &Server, method: &str, path: &str) -> (u16, String) {
 }
 
 /// Two clients in `room`; returns (first, second, first's peer id, second's peer id).
-pub async fn pair(server: &Server, room: &str) -> (Client, Client, String, String) {
-    let mut a = Client::connect(server).await;
-    let mut b = Client::connect(server).await;
+/// On a cluster ([`Servers`]) the two connect to different instances.
+pub async fn pair(target: &impl Target, room: &str) -> (Client, Client, String, String) {
+    let mut a = Client::connect(target.next_server()).await;
+    let mut b = Client::connect(target.next_server()).await;
     let ja = a.join(room).await;
     let jb = b.join(room).await;
     let pj = a.expect("peer_joined").await;
