@@ -94,6 +94,14 @@ fn main() {
             .arg(dir.join(format!("{variant}-{who}.json")))
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+            // DUET_BENCH_LOG=FILTER: each client's log in target/release/callbench-VARIANT-WHO.log.
+            if let Ok(filter) = std::env::var("DUET_BENCH_LOG") {
+                let log = std::fs::File::create(
+                    binary.with_file_name(format!("callbench-{variant}-{who}.log")),
+                )
+                .unwrap();
+                cmd.env("RUST_LOG", filter).stderr(log);
+            }
             match variant {
                 "noisy" => cmd.args(["--video", "noisy-pattern", "--expect-noisy"]),
                 "relay" => cmd.args(["--expect-pattern", "--relay-only"]),
