@@ -9,6 +9,16 @@ use std::time::Duration;
 use duet::media::audio::{AudioSink as _, AudioSource as _, Sine, dominant_frequency};
 use duet::media::device::{Microphone, Speaker, list_audio_devices};
 
+/// Tests that play into the default null sink take turns: its monitor is the default
+/// microphone, and one test's sound would be another's unexpected input.
+static DEFAULT_SINK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn default_sink() -> std::sync::MutexGuard<'static, ()> {
+    DEFAULT_SINK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[test]
 fn speaker_to_microphone_through_a_null_sink() {
     if std::env::var("PULSE_SOURCE").as_deref() != Ok("nullsink.monitor") {
@@ -19,6 +29,7 @@ fn speaker_to_microphone_through_a_null_sink() {
         eprintln!("not run: needs the PulseAudio null sink that `make test` sets up");
         return;
     }
+    let _turn = default_sink();
     // The sound server's own devices, by their descriptions, the default first (here
     // the ones PULSE_SINK / PULSE_SOURCE name); none of ALSA's plugins.
     let (inputs, outputs) = list_audio_devices();
@@ -270,6 +281,8 @@ fn a_speaker_unplugged_mid_call_falls_back_to_the_default() {
     if !null_sink_here() {
         return;
     }
+    // It falls back to the default speaker, the null sink.
+    let _turn = default_sink();
     let mut sink = TempDevice::speaker("DuetSpeakerOne");
     let switch = DeviceSwitch::default();
     let speaker = Speaker::open(Some(&sink.description)).unwrap();
@@ -296,4 +309,67 @@ fn a_speaker_unplugged_mid_call_falls_back_to_the_default() {
     let warnings = warnings.into_inner().unwrap();
     assert!(warnings[0].contains("DuetSpeakerOne"), "{warnings:?}");
     assert!(warnings[0].contains("default speaker"), "{warnings:?}");
+}
+
+/// The echo canceller on a real device loop: what the speaker plays comes back into the
+/// microphone (the null sink's monitor: the sound server's own buffering and delay, as
+/// between a laptop's speaker and its microphone, minus the room). After it has adapted,
+/// what is left of the echo must be at least 30 dB below it.
+#[test]
+fn the_echo_canceller_removes_the_speaker_from_a_real_microphone_loop() {
+    use duet::media::processing::{AudioProcessor, ProcessingSettings};
+    if !null_sink_here() {
+        return;
+    }
+    let _turn = default_sink();
+    let mut speaker = Speaker::open_default().unwrap();
+    let mut mic = Microphone::open_default().unwrap();
+    let mut processor = AudioProcessor::new(ProcessingSettings {
+        echo_cancellation: true,
+        noise_suppression: false,
+        auto_gain: false,
+    });
+    // The far end: noise bursts with a speech-like rhythm (broadband, as a voice is), a
+    // fixed seed so every run is the same.
+    let mut seed: u32 = 0x1234_5678;
+    let mut far_end = |frame: usize| -> Vec<i16> {
+        let on = (frame / 15) % 3 != 2; // 300 ms talk, 300 ms talk, 300 ms pause
+        (0..duet::media::audio::FRAME_SAMPLES)
+            .map(|_| {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                let white = f32::from((seed >> 16) as u16 as i16) / 32768.0;
+                if on { (white * 6000.0) as i16 } else { 0 }
+            })
+            .collect()
+    };
+    let energy = |pcm: &[i16]| pcm.iter().map(|&s| f64::from(s).powi(2)).sum::<f64>();
+    let (mut echo, mut left) = (0.0, 0.0);
+    // 20 s at the call's 20 ms pace; the last 4 s are measured.
+    let frames = 1000;
+    for i in 0..frames {
+        let far = far_end(i);
+        processor.process_render(&far).unwrap();
+        speaker.write(&far).unwrap();
+        let mut near = mic.next_frame().unwrap();
+        let heard = energy(&near);
+        processor.process_capture(&mut near).unwrap();
+        if i >= frames - 200 {
+            echo += heard;
+            left += energy(&near);
+        }
+        std::thread::sleep(Duration::from_millis(15));
+    }
+    // The loop really carries the far end: its echo is loud at the microphone.
+    let samples = 200.0 * duet::media::audio::FRAME_SAMPLES as f64;
+    let echo_dbfs = 10.0 * (echo / samples / 32768.0f64.powi(2)).max(1e-12).log10();
+    assert!(
+        echo_dbfs > -40.0,
+        "the microphone heard too little: {echo_dbfs:.1} dBFS"
+    );
+    let suppressed_db = 10.0 * (echo / left.max(1.0)).log10();
+    println!(
+        "echo at {echo_dbfs:.1} dBFS, suppressed by {suppressed_db:.1} dB (ERLE reported {:?})",
+        processor.echo_return_loss_enhancement_db()
+    );
+    assert!(suppressed_db >= 30.0, "only {suppressed_db:.1} dB");
 }

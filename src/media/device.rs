@@ -173,15 +173,19 @@ fn spawn_device(
             let server = cpal::default_host().id();
             let watch = is_sound_server(server) && !opened.id.is_empty();
             let mut checked = Instant::now();
+            // Missing from two lists in a row (a list taken while another device comes
+            // or goes can fail or miss one).
+            let mut missing = 0;
             while !thread_stop.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(50));
                 if watch && checked.elapsed() >= PRESENCE_EVERY {
                     checked = Instant::now();
-                    let host = cpal::default_host();
-                    let present = all_devices(&host, direction)
-                        .iter()
-                        .any(|d| device_id(d) == opened.id);
-                    if !present {
+                    match device_present(direction, &opened.id) {
+                        Some(false) => missing += 1,
+                        Some(true) => missing = 0,
+                        None => {}
+                    }
+                    if missing >= 2 {
                         shared.lose("the device was removed");
                     }
                 }
@@ -286,6 +290,20 @@ fn all_devices(host: &cpal::Host, direction: Direction) -> Vec<cpal::Device> {
         tracing::warn!(error = %e, "listing audio devices");
         Vec::new()
     })
+}
+
+/// Whether the device with the host's id `id` is still listed; None when the list could
+/// not be taken.
+fn device_present(direction: Direction, id: &str) -> Option<bool> {
+    let host = cpal::default_host();
+    let devices: Vec<cpal::Device> = match direction {
+        Direction::Input => host.input_devices().ok()?.collect(),
+        Direction::Output => host.output_devices().ok()?.collect(),
+    };
+    if devices.is_empty() {
+        return None;
+    }
+    Some(devices.iter().any(|d| device_id(d) == id))
 }
 
 /// The devices a person can pick, each with its name in the pickers, the default
