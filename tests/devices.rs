@@ -9,8 +9,9 @@ use std::time::Duration;
 use duet::media::audio::{AudioSink as _, AudioSource as _, Sine, dominant_frequency};
 use duet::media::device::{Microphone, Speaker, list_audio_devices};
 
-/// Tests that play into the default null sink take turns: its monitor is the default
-/// microphone, and one test's sound would be another's unexpected input.
+/// Tests that play into the default null sink, or load and unload devices, take turns:
+/// the sink's monitor is the default microphone (one test's sound would be another's
+/// unexpected input), and a device coming or going mid-stream is what these tests provoke.
 static DEFAULT_SINK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn default_sink() -> std::sync::MutexGuard<'static, ()> {
@@ -228,12 +229,28 @@ fn frames_until(mic: &mut dyn duet::media::audio::AudioSource, done: impl Fn() -
     assert!(finished, "gave up after 10 s reading {}", mic.describe());
 }
 
+/// Reads frames until `switch` has warnings; returns them.
+fn frames_until_warned(
+    mic: &mut dyn duet::media::audio::AudioSource,
+    switch: &duet::media::live_device::DeviceSwitch,
+) -> Vec<String> {
+    let warnings = std::sync::Mutex::new(Vec::new());
+    frames_until(mic, || {
+        let mut w = warnings.lock().unwrap();
+        w.extend(switch.take_warnings());
+        !w.is_empty()
+    });
+    warnings.into_inner().unwrap()
+}
+
 #[test]
 fn a_microphone_unplugged_mid_call_falls_back_and_another_can_be_chosen() {
     use duet::media::live_device::{DeviceSwitch, LiveMicrophone};
     if !null_sink_here() {
         return;
     }
+    // Loading and unloading devices is not done while another test streams.
+    let _turn = default_sink();
     let mut first = TempDevice::microphone("DuetMicOne");
     let second = TempDevice::microphone("DuetMicTwo");
     let switch = DeviceSwitch::default();
@@ -244,13 +261,7 @@ fn a_microphone_unplugged_mid_call_falls_back_and_another_can_be_chosen() {
     // Unplugged: frames keep coming (silence meanwhile), a warning says what happened,
     // and the default microphone takes over.
     first.unplug();
-    let warnings = std::sync::Mutex::new(Vec::new());
-    frames_until(&mut live, || {
-        let mut w = warnings.lock().unwrap();
-        w.extend(switch.take_warnings());
-        !w.is_empty()
-    });
-    let warnings = warnings.into_inner().unwrap();
+    let warnings = frames_until_warned(&mut live, &switch);
     println!("{warnings:?}");
     assert!(warnings[0].contains("DuetMicOne"), "{warnings:?}");
     assert!(warnings[0].contains("now using"), "{warnings:?}");
@@ -263,13 +274,7 @@ fn a_microphone_unplugged_mid_call_falls_back_and_another_can_be_chosen() {
     });
     // A device that is not there: a warning, and the one in use stays.
     switch.choose(Some("no such microphone 5c1d".into()));
-    let warnings = std::sync::Mutex::new(Vec::new());
-    frames_until(&mut live, || {
-        let mut w = warnings.lock().unwrap();
-        w.extend(switch.take_warnings());
-        !w.is_empty()
-    });
-    let warnings = warnings.into_inner().unwrap();
+    let warnings = frames_until_warned(&mut live, &switch);
     assert!(warnings[0].contains("5c1d"), "{warnings:?}");
     assert!(warnings[0].contains("still using"), "{warnings:?}");
     assert!(switch.using().unwrap().contains("DuetMicTwo"));

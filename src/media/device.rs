@@ -17,7 +17,7 @@
 //!
 //! A device that goes away mid-call (unplugged, its sound server gone) is an error from
 //! the next `next_frame` / `write`, never a hang: cpal reports it, or the device simply
-//! stops calling back ([`STALLED_AFTER`]). The call then falls back (`call::pipelines`).
+//! stops calling back ([`STALLED_AFTER`]). The call then falls back (`media::live_device`).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,16 +35,17 @@ use super::audio::{AudioSink, AudioSource, FRAME_SAMPLES, SAMPLE_RATE, resample}
 /// device clock and ours drift apart).
 const MAX_BUFFERED: usize = SAMPLE_RATE as usize / 5; // 200 ms
 
-/// A device that has not called back for this long is gone (a stream whose device was
-/// removed may just stop, without an error).
-pub const STALLED_AFTER: Duration = Duration::from_secs(2);
+/// A device that has called back, then not for this long, is gone (a stream whose device
+/// was removed may just stop, without an error). A stream that has not started yet is
+/// not judged: a busy sound server can take seconds to ask for the first samples.
+pub const STALLED_AFTER: Duration = Duration::from_secs(4);
 
 /// Samples shared between a device thread and the call, and the device's health.
 struct Shared {
     samples: Mutex<VecDeque<i16>>,
     ready: Condvar,
-    /// When the device last called back.
-    alive: Mutex<Instant>,
+    /// When the device last called back (None: not yet).
+    alive: Mutex<Option<Instant>>,
     /// What the stream reported when its device went away.
     failed: Mutex<Option<String>>,
 }
@@ -54,14 +55,14 @@ impl Shared {
         Shared {
             samples: Mutex::new(VecDeque::new()),
             ready: Condvar::new(),
-            alive: Mutex::new(Instant::now()),
+            alive: Mutex::new(None),
             failed: Mutex::new(None),
         }
     }
 
     /// The device called back.
     fn touch(&self) {
-        *self.alive.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        *self.alive.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
     }
 
     /// The stream's error callback: errors that mean the device is gone are kept.
@@ -98,8 +99,8 @@ impl Shared {
             .alive
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .elapsed();
-        if quiet >= STALLED_AFTER {
+            .map(|t| t.elapsed());
+        if let Some(quiet) = quiet.filter(|&q| q >= STALLED_AFTER) {
             return Err(MediaError::Device(format!(
                 "{description} stopped ({} s without sound)",
                 quiet.as_secs()
@@ -282,24 +283,24 @@ fn default_device(host: &cpal::Host, direction: Direction) -> Option<cpal::Devic
 }
 
 fn all_devices(host: &cpal::Host, direction: Direction) -> Vec<cpal::Device> {
-    let all = match direction {
-        Direction::Input => host.input_devices().map(|d| d.collect()),
-        Direction::Output => host.output_devices().map(|d| d.collect()),
-    };
-    all.unwrap_or_else(|e| {
+    list_devices(host, direction).unwrap_or_else(|e| {
         tracing::warn!(error = %e, "listing audio devices");
         Vec::new()
     })
 }
 
+/// The host's devices one way, or why they could not be listed.
+fn list_devices(host: &cpal::Host, direction: Direction) -> Result<Vec<cpal::Device>, cpal::Error> {
+    match direction {
+        Direction::Input => host.input_devices().map(|d| d.collect()),
+        Direction::Output => host.output_devices().map(|d| d.collect()),
+    }
+}
+
 /// Whether the device with the host's id `id` is still listed; None when the list could
 /// not be taken.
 fn device_present(direction: Direction, id: &str) -> Option<bool> {
-    let host = cpal::default_host();
-    let devices: Vec<cpal::Device> = match direction {
-        Direction::Input => host.input_devices().ok()?.collect(),
-        Direction::Output => host.output_devices().ok()?.collect(),
-    };
+    let devices = list_devices(&cpal::default_host(), direction).ok()?;
     if devices.is_empty() {
         return None;
     }

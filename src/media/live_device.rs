@@ -64,8 +64,8 @@ impl DeviceSwitch {
         self.state().warnings.push(warning);
     }
 
-    fn set_using(&self, description: String) {
-        self.state().using = Some(description);
+    fn set_using(&self, description: Option<String>) {
+        self.state().using = description;
     }
 }
 
@@ -79,7 +79,7 @@ pub struct LiveMicrophone {
 
 impl LiveMicrophone {
     pub fn new(microphone: Box<dyn AudioSource>, switch: DeviceSwitch) -> LiveMicrophone {
-        switch.set_using(microphone.describe());
+        switch.set_using(Some(microphone.describe()));
         LiveMicrophone {
             current: microphone,
             switch,
@@ -88,7 +88,7 @@ impl LiveMicrophone {
     }
 
     fn replace(&mut self, next: Box<dyn AudioSource>) {
-        self.switch.set_using(next.describe());
+        self.switch.set_using(Some(next.describe()));
         self.current = next;
     }
 
@@ -155,7 +155,7 @@ pub struct LiveSpeaker {
 
 impl LiveSpeaker {
     pub fn new(speaker: Box<dyn AudioSink>, switch: DeviceSwitch) -> LiveSpeaker {
-        switch.set_using(speaker.describe());
+        switch.set_using(Some(speaker.describe()));
         LiveSpeaker {
             current: Some(speaker),
             opened: Arc::default(),
@@ -200,7 +200,7 @@ impl AudioSink for LiveSpeaker {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         if let Some((next, chosen)) = opened {
-            self.switch.set_using(next.describe());
+            self.switch.set_using(Some(next.describe()));
             // A device chosen by hand: a later loss may fall back to the default again.
             self.on_fallback &= !chosen;
             self.current = Some(next);
@@ -210,7 +210,7 @@ impl AudioSink for LiveSpeaker {
         };
         if let Err(e) = speaker.write(pcm) {
             self.current = None;
-            self.switch.state().using = None;
+            self.switch.set_using(None);
             if self.on_fallback {
                 self.switch
                     .warn(format!("{e}; no speaker: received audio is not played"));
