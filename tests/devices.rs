@@ -378,3 +378,204 @@ fn the_echo_canceller_removes_the_speaker_from_a_real_microphone_loop() {
     );
     assert!(suppressed_db >= 30.0, "only {suppressed_db:.1} dB");
 }
+
+/// Issue 13's proof as a whole call over a real device loop. Bob's speaker is a null
+/// sink whose monitor is his microphone, so everything he plays comes back into what he
+/// sends: without audio processing Ann hears herself; with it (on by default for a
+/// microphone), what comes back of Ann's own signal must be at least 30 dB below what she
+/// sent, while a voice played into Bob's microphone (the near end) still reaches her.
+#[test]
+fn in_a_call_over_a_device_loop_the_far_end_does_not_hear_itself_but_hears_the_near_end() {
+    if !null_sink_here() {
+        return;
+    }
+    let _turn = default_sink();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let server = runtime
+        .block_on(signaling_server::Server::start(
+            signaling_server::Config::ephemeral(),
+        ))
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("duet-device-loop-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bobs_room = TempDevice::speaker("DuetLoopBob");
+    let sink = bobs_room.description.to_lowercase();
+    // Ann's voice: noise bursts with a speech-like rhythm (broadband, as a voice is).
+    let far = far_end_bursts(40 * 48_000);
+    write_wav(&dir.join("far.wav"), &far);
+    // The near end: a voiced sound (150 Hz and its harmonics) in syllables, 8 s.
+    let near = voiced_syllables(8 * 48_000);
+    write_wav(&dir.join("near.wav"), &near);
+
+    let call = |tag: &str, processing: &str, seconds: u64, near_at: Option<u64>| {
+        let room = format!("loop-{tag}");
+        let spawn = |name: &str, args: &[&str]| {
+            let log = std::fs::File::create(dir.join(format!("{tag}-{name}.log"))).unwrap();
+            let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_duet"));
+            command
+                .args(["call", "--headless", "--server", &server.ws_url()])
+                .args(["--room", &room, "--name", name])
+                .args(["--width", "320", "--height", "240"])
+                .args(["--duration", &format!("{seconds}s"), "--wait", "20s"])
+                .arg("--report")
+                .arg(dir.join(format!("{tag}-{name}.json")))
+                .args(args)
+                .stderr(log);
+            if name == "bob" {
+                command
+                    .env("PULSE_SINK", &sink)
+                    .env("PULSE_SOURCE", format!("{sink}.monitor"));
+            }
+            command.spawn().unwrap()
+        };
+        let mut bob = spawn(
+            "bob",
+            &[
+                "--audio",
+                "mic",
+                "--speaker",
+                "--audio-processing",
+                processing,
+            ],
+        );
+        let far_path = dir.join("far.wav");
+        let heard = dir.join(format!("{tag}-ann.wav"));
+        let mut ann = spawn(
+            "ann",
+            &[
+                "--audio",
+                far_path.to_str().unwrap(),
+                "--audio-processing",
+                "off",
+                "--record-audio",
+                heard.to_str().unwrap(),
+            ],
+        );
+        if let Some(at) = near_at {
+            let bob_log = dir.join(format!("{tag}-bob.log"));
+            assert!(
+                wait_for_text(&bob_log, "connected; staying", Duration::from_secs(20)),
+                "{}",
+                std::fs::read_to_string(&bob_log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_secs(at));
+            let played = std::process::Command::new("paplay")
+                .arg(format!("--device={sink}"))
+                .arg(dir.join("near.wav"))
+                .status()
+                .unwrap();
+            assert!(played.success());
+        }
+        let (a, b) = (ann.wait().unwrap(), bob.wait().unwrap());
+        assert!(a.success() && b.success(), "{a:?} {b:?}");
+        let report = |name: &str| -> serde_json::Value {
+            let path = dir.join(format!("{tag}-{name}.json"));
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+        };
+        let wav = hound::WavReader::open(&heard).unwrap();
+        assert_eq!(wav.spec().sample_rate, 48_000);
+        let pcm: Vec<i16> = wav.into_samples::<i16>().map(Result::unwrap).collect();
+        (pcm, report("bob"))
+    };
+    let sent_db = level_db(&far);
+
+    // Without processing the loop is real: Ann hears herself nearly as loud as she spoke.
+    let (pcm, _) = call("off", "off", 6, None);
+    let echo_db = level_db(window(&pcm, 3.0, 5.5));
+    println!("processing off: Ann sent {sent_db:.1} dBFS and heard herself at {echo_db:.1} dBFS");
+    assert!(echo_db > sent_db - 15.0, "the loop carried too little");
+
+    // With processing: after it has adapted, her echo is gone; the near end is not.
+    let (pcm, bob) = call("on", "on", 22, Some(12));
+    let residual_db = level_db(window(&pcm, 7.5, 11.5));
+    let near_db = level_db(window(&pcm, 14.0, 19.0));
+    let played_db = level_db(&near);
+    println!(
+        "processing on: residual {residual_db:.1} dBFS ({:.1} dB below what Ann sent); near end \
+         played at {played_db:.1} dBFS, heard at {near_db:.1} dBFS; Bob's processing: {}",
+        sent_db - residual_db,
+        bob["audio_processing"]
+    );
+    assert!(
+        sent_db - residual_db >= 30.0,
+        "Ann's own voice came back only {:.1} dB lower",
+        sent_db - residual_db
+    );
+    assert!(
+        near_db >= residual_db + 20.0 && near_db >= played_db - 12.0,
+        "the near end did not come through: {near_db:.1} dBFS"
+    );
+    drop(bobs_room);
+    runtime.block_on(server.stop());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `samples` of noise bursts: 300 ms on, 300 ms on, 300 ms off, about -20 dBFS when on.
+fn far_end_bursts(samples: usize) -> Vec<i16> {
+    let mut seed: u32 = 0x1234_5678;
+    (0..samples)
+        .map(|i| {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            let white = f32::from((seed >> 16) as u16 as i16) / 32768.0;
+            let on = (i / 14_400) % 3 != 2;
+            if on { (white * 6000.0) as i16 } else { 0 }
+        })
+        .collect()
+}
+
+/// `samples` of a voiced sound: 150 Hz with decaying harmonics up to 3 kHz, in 250 ms
+/// syllables with 150 ms gaps.
+fn voiced_syllables(samples: usize) -> Vec<i16> {
+    (0..samples)
+        .map(|i| {
+            let t = i as f64 / 48_000.0;
+            let in_syllable = (i % 19_200) as f64 / 12_000.0;
+            if in_syllable >= 1.0 {
+                return 0;
+            }
+            let envelope = (std::f64::consts::PI * in_syllable).sin();
+            let voice: f64 = (1..=20)
+                .map(|k| (2.0 * std::f64::consts::PI * 150.0 * k as f64 * t).sin() / k as f64)
+                .sum();
+            (voice * envelope * 3000.0) as i16
+        })
+        .collect()
+}
+
+fn write_wav(path: &std::path::Path, pcm: &[i16]) {
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 48_000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut writer = hound::WavWriter::create(path, spec).unwrap();
+    for &s in pcm {
+        writer.write_sample(s).unwrap();
+    }
+    writer.finalize().unwrap();
+}
+
+/// The samples from `from` to `to` seconds (mono, 48 kHz).
+fn window(pcm: &[i16], from: f64, to: f64) -> &[i16] {
+    let at = |s: f64| ((s * 48_000.0) as usize).min(pcm.len());
+    &pcm[at(from)..at(to)]
+}
+
+/// RMS level in dBFS.
+fn level_db(pcm: &[i16]) -> f64 {
+    let energy = pcm.iter().map(|&s| f64::from(s).powi(2)).sum::<f64>() / pcm.len().max(1) as f64;
+    10.0 * (energy / 32768.0f64.powi(2)).max(1e-12).log10()
+}
+
+/// Whether `needle` appears in the file at `path` within `timeout`.
+fn wait_for_text(path: &std::path::Path, needle: &str, timeout: Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if std::fs::read_to_string(path).is_ok_and(|t| t.contains(needle)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}

@@ -947,6 +947,8 @@ pub struct KeyframePacer {
     /// How long the last keyframe takes to send at the target rate.
     sending: Duration,
     answered: u64,
+    /// Whether the stream's first keyframe has gone out.
+    started: bool,
 }
 
 impl KeyframePacer {
@@ -986,7 +988,14 @@ impl KeyframePacer {
     }
 
     /// A keyframe of `bytes` went out (requested or not) while the target was `bps`.
+    /// The stream's first keyframe holds no request off: its first packets can cross
+    /// before the receiver listens (webrtc-rs drops RTP that arrives before it has made
+    /// the remote track, seen on relayed set-ups), and a receiver that asks right after
+    /// it has the rest of it and cannot decode it.
     pub fn sent(&mut self, now: Instant, bytes: usize, bps: u64) {
+        if !std::mem::replace(&mut self.started, true) {
+            return;
+        }
         self.last = Some(now);
         self.sending =
             Duration::from_secs_f64(bytes as f64 * 8.0 / bps.max(1) as f64).min(Self::MAX_SENDING);
@@ -1157,9 +1166,11 @@ mod tests {
 
     #[test]
     fn keyframe_requests_are_spaced_and_those_a_keyframe_in_flight_answers_are_dropped() {
-        let t = Instant::now();
+        let start = Instant::now();
+        let t = start + Duration::from_secs(10);
         let rtt = Duration::from_millis(100);
         let mut k = KeyframePacer::default();
+        k.sent(start, 1000, 8_000_000); // the stream's first
         assert!(!k.take_due(t), "no request, no keyframe");
         k.request(t, rtt);
         assert!(k.take_due(t));
@@ -1191,6 +1202,24 @@ mod tests {
         assert_eq!(k.answered_in_flight(), 3);
         k.request(big + Duration::from_millis(950), rtt);
         assert!(k.take_due(big + Duration::from_millis(950)));
+    }
+
+    #[test]
+    fn a_request_right_after_the_streams_first_keyframe_is_answered_at_once() {
+        // The first keyframe's first packets can cross before the receiver listens; a
+        // receiver that asks at once has seen the rest of it and cannot decode it.
+        let t = Instant::now();
+        let rtt = Duration::from_millis(100);
+        let mut k = KeyframePacer::default();
+        k.sent(t, 60_000, 800_000);
+        let soon = t + Duration::from_millis(50);
+        k.request(soon, rtt);
+        assert!(k.take_due(soon));
+        assert_eq!(k.answered_in_flight(), 0);
+        // The second keyframe counts as usual.
+        k.sent(soon, 60_000, 800_000);
+        k.request(soon + Duration::from_millis(50), rtt);
+        assert_eq!(k.answered_in_flight(), 1);
     }
 
     #[test]

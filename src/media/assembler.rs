@@ -55,6 +55,9 @@ pub const ECHO_RTT: Duration = Duration::from_millis(60);
 /// No echo while this stream sits in a queue this long: that loss is congestion (a full
 /// bottleneck drops its tail), and a second copy of each repair only adds to it.
 pub const ECHO_MAX_QUEUE: Duration = Duration::from_millis(40);
+/// A stream whose first packet does not begin a keyframe asks for one this long after
+/// it (the packets before it may only be reordered, rarely by more than a few ms).
+pub const FIRST_PACKET_REORDER: Duration = Duration::from_millis(20);
 /// With this many packets missing at once (a link that has just narrowed drops a burst),
 /// a keyframe is asked for at once, while the repairs go on: about what a keyframe of a
 /// small picture costs, and repairs of a burst that size wait in the same full queue.
@@ -288,9 +291,17 @@ impl FrameAssembler {
         }
         self.highest = Some(self.highest.map_or(seq, |h| h.max(seq)));
         if first_ever {
-            // The stream must begin with a keyframe; if its first packets are late, a
-            // request goes out after the usual wait.
-            self.awaiting_keyframe = Some(now + self.repair_wait());
+            // The stream must begin with a keyframe. A first packet that begins one (with
+            // its SPS): its other packets may still be late, a request goes out after the usual wait. A
+            // first packet from the middle of a frame: the keyframe's start came before
+            // this receiver listened (the sender's first packets cross while DTLS is
+            // still finishing here), so ask at once, allowing only for reordering.
+            let wait = if starts_with_sps(&payload) {
+                self.repair_wait()
+            } else {
+                FIRST_PACKET_REORDER
+            };
+            self.awaiting_keyframe = Some(now + wait);
         }
         if self.floor.is_some_and(|f| seq < f) {
             self.stats.late_packets += 1;
@@ -778,6 +789,32 @@ mod tests {
         assert!(key.keyframe && !key.repaired);
         assert_eq!(&key.data[..4], &[0, 0, 0, 1]);
         assert_eq!(a.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_stream_joined_mid_frame_asks_for_a_keyframe_at_once() {
+        let t = Instant::now();
+        // The keyframe never came: P-frames arrive.
+        let mut a = FrameAssembler::new();
+        let s = stream(3);
+        push_all(&mut a, &s[2..], t);
+        assert!(
+            decisions(drain(&mut a, t)).is_empty(),
+            "reordering allowed for"
+        );
+        assert_eq!(a.poll_timeout(), Some(t + FIRST_PACKET_REORDER));
+        let out = drain(&mut a, t + FIRST_PACKET_REORDER);
+        assert_eq!(requests(&out), 1, "{out:?}");
+        assert!(timestamps(&out).is_empty(), "no frame before a keyframe");
+        // A stream whose first packet begins a keyframe, with its second packet late:
+        // that is waited for like any repair.
+        let mut b = FrameAssembler::new();
+        push_all(&mut b, &s[..1], t);
+        assert_eq!(requests(&drain(&mut b, t + FIRST_PACKET_REORDER)), 0);
+        push_all(&mut b, &s[1..], t + Duration::from_millis(30));
+        let out = drain(&mut b, t + Duration::from_millis(30));
+        assert_eq!(timestamps(&out), [0, 3000, 6000, 9000]);
+        assert_eq!(requests(&out), 0);
     }
 
     #[test]
