@@ -444,21 +444,26 @@ async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
         hold_description: None,
     };
     let session = call::start_on(config, connection);
-    let mut state = session.watch_state();
+    let mut snapshots = session.watch();
     let mut cpu_start = None;
-    eprintln!("duet: {}", session.state().describe());
+    let mut said = session.state().describe();
+    eprintln!("duet: {said}");
 
     // Wait for the call (printing state changes), then stay for --duration.
     let connected = tokio::time::timeout(args.wait, async {
         loop {
-            let current = state.borrow_and_update().clone();
+            let current = snapshots.borrow_and_update().state.clone();
             if matches!(current, CallState::InCall { .. }) || current.is_ended() {
                 return;
             }
-            if state.changed().await.is_err() {
+            if snapshots.changed().await.is_err() {
                 return;
             }
-            eprintln!("duet: {}", state.borrow().describe());
+            let now = snapshots.borrow().state.describe();
+            if now != said {
+                eprintln!("duet: {now}");
+                said = now;
+            }
         }
     })
     .await;
@@ -469,8 +474,8 @@ async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
         eprintln!("duet: connected; staying {:?}", args.duration);
         cpu_start = Some((std::time::Instant::now(), duet::process::cpu_seconds()));
         let _ = tokio::time::timeout(args.duration, async {
-            while state.changed().await.is_ok() {
-                if state.borrow().is_ended() {
+            while snapshots.changed().await.is_ok() {
+                if snapshots.borrow().state.is_ended() {
                     return;
                 }
             }

@@ -1,7 +1,8 @@
 //! How the rest of the program sees a running call: [`SessionHandle`] (commands in;
-//! state, live information, pictures and the final report out).
+//! [`Snapshot`]s of state, live information and media figures, pictures and the final
+//! report out).
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -10,6 +11,7 @@ use super::peer::PeerStats;
 use super::pipelines::StatsHandle;
 use super::report::Report;
 use super::state::CallState;
+use crate::media::level::VoiceLevel;
 use crate::media::picture::PictureSlot;
 
 /// What the user can ask of a running session.
@@ -55,18 +57,38 @@ pub struct Live {
     pub camera_on: bool,
 }
 
-pub(super) type LiveHandle = Arc<Mutex<Live>>;
+/// What the window shows of the media pipelines, copied from their statistics when a
+/// snapshot is taken.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MediaView {
+    pub video_frames_decoded: u64,
+    /// The other person's picture as decoded (0 x 0 before the first frame).
+    pub decoded: (usize, usize),
+    /// What we send: the picture size and the encoder's bitrate.
+    pub sent_resolution: (usize, usize),
+    pub encoder_bitrate_bps: u32,
+    pub microphone_level: VoiceLevel,
+    pub remote_voice: VoiceLevel,
+    pub audio_jitter: Duration,
+    pub audio_jitter_target: Duration,
+}
 
-pub(super) fn lock_live(live: &LiveHandle) -> std::sync::MutexGuard<'_, Live> {
-    live.lock().unwrap_or_else(PoisonError::into_inner)
+/// A call at one moment, as a UI shows it: the state, the live information and the
+/// media figures. The session publishes a new one whenever something changes and ten
+/// times a second while media flows; a reader takes it with one borrow of a `watch`,
+/// never a lock the session or a media thread holds.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub state: CallState,
+    pub live: Live,
+    pub media: MediaView,
 }
 
 /// A running session.
 pub struct SessionHandle {
     pub(super) commands: mpsc::UnboundedSender<Command>,
-    pub(super) state: watch::Receiver<CallState>,
+    pub(super) snapshot: watch::Receiver<Arc<Snapshot>>,
     pub(super) stats: StatsHandle,
-    pub(super) live: LiveHandle,
     pub(super) local: PictureSlot,
     pub(super) remote: PictureSlot,
     pub(super) task: tokio::task::JoinHandle<Report>,
@@ -85,9 +107,9 @@ impl SessionHandle {
         let _ = self.commands.send(command);
     }
 
-    /// A copy of the live information (host, peer stats, chat, warnings).
-    pub fn live(&self) -> Live {
-        lock_live(&self.live).clone()
+    /// The call as it is now (state, live information, media figures).
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
     }
 
     /// Our own video, for the self-view (when `show_video`).
@@ -102,28 +124,29 @@ impl SessionHandle {
 
     /// The current state.
     pub fn state(&self) -> CallState {
-        self.state.borrow().clone()
+        self.snapshot.borrow().state.clone()
     }
 
-    /// A receiver that changes with the state.
-    pub fn watch_state(&self) -> watch::Receiver<CallState> {
-        self.state.clone()
+    /// A receiver that changes with every new snapshot.
+    pub fn watch(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.clone()
     }
 
+    /// Everything measured so far (for reports and tests; a UI reads [`Self::snapshot`]).
     pub fn stats(&self) -> &StatsHandle {
         &self.stats
     }
 
     /// Waits until the state satisfies `f` (or the session ends); false on timeout.
     pub async fn wait_for(&self, timeout: Duration, f: impl Fn(&CallState) -> bool) -> bool {
-        let mut rx = self.state.clone();
+        let mut rx = self.snapshot.clone();
         tokio::time::timeout(timeout, async {
             loop {
-                if f(&rx.borrow_and_update()) {
+                if f(&rx.borrow_and_update().state) {
                     return true;
                 }
                 if rx.changed().await.is_err() {
-                    return f(&rx.borrow());
+                    return f(&rx.borrow().state);
                 }
             }
         })

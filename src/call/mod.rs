@@ -3,7 +3,8 @@
 //! - [`config`]: what a session is asked to do (target, sources, settings).
 //! - [`session`]: the executor: one task that turns signaling, peer and user input into
 //!   events for `Call` and carries out its actions.
-//! - [`handle`]: how the program sees a running call (`SessionHandle`, `Live`, commands).
+//! - [`handle`]: how the program sees a running call (`SessionHandle`: commands in, `Snapshot`s
+//!   of state, `Live` information and media figures out, through one `watch`).
 //! - [`peer`]: the WebRTC peer connection and its interceptor chain.
 //! - [`turn_bridge`]: TURN over TCP/TLS for it (webrtc-rs speaks UDP only): local UDP
 //!   bridges to `turn:...?transport=tcp` and `turns:` servers.
@@ -35,7 +36,7 @@ pub mod state;
 pub mod turn_bridge;
 
 pub use config::{AudioInput, Connection, SessionConfig, Target, VideoInput};
-pub use handle::{ChatLine, Command, Live, SessionHandle};
+pub use handle::{ChatLine, Command, Live, MediaView, SessionHandle, Snapshot};
 pub use presence::{Presence, PresenceEvent};
 pub use report::Report;
 pub use session::{start, start_on};

@@ -181,6 +181,20 @@ impl MediaStats {
 }
 
 impl MediaStats {
+    /// What the window shows of these figures.
+    pub fn view(&self) -> super::handle::MediaView {
+        super::handle::MediaView {
+            video_frames_decoded: self.video_frames_decoded,
+            decoded: (self.decoded_width, self.decoded_height),
+            sent_resolution: self.sent_resolution,
+            encoder_bitrate_bps: self.encoder_bitrate_bps,
+            microphone_level: self.microphone_level,
+            remote_voice: self.remote_voice,
+            audio_jitter: self.audio_jitter,
+            audio_jitter_target: self.audio_jitter_target,
+        }
+    }
+
     /// Adds a sample to the timeline, at most one a second.
     pub fn record_second(&mut self, peer: &PeerStats) {
         let t = self.started.elapsed();

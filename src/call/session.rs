@@ -15,14 +15,14 @@ use webrtc::data_channel::{DataChannel, DataChannelEvent};
 use webrtc::peer_connection::RTCPeerConnectionState;
 
 use super::config::{AudioInput, Connection, SessionConfig, Target};
-use super::handle::{ChatLine, Command, Live, LiveHandle, SessionHandle, lock_live};
+use super::handle::{ChatLine, Command, Live, SessionHandle, Snapshot};
 use super::pacer::QueueGuard;
 use super::peer::{Peer, PeerConfig, PeerEvent, PeerStats};
 use super::pipelines::{Pipelines, ReceiveSinks, StatsHandle};
 use super::repair::FecPolicy;
 use super::report::Report;
 use super::sleep_until;
-use super::state::{Action, Call, CallState, Event, PeerState, Role};
+use super::state::{Action, Call, Event, PeerState, Role};
 use crate::media::audio::{AudioSink, NullSink, WavSink};
 use crate::media::capture::{Capture, CapturedFrame};
 use crate::media::device::Speaker;
@@ -42,22 +42,26 @@ pub fn start(config: SessionConfig) -> SessionHandle {
 /// Starts a session; with `connection`, on that open signaling connection.
 pub fn start_on(config: SessionConfig, connection: Option<Connection>) -> SessionHandle {
     let (commands, command_rx) = mpsc::unbounded_channel();
-    let (state_tx, state) = watch::channel(CallState::Idle);
     let stats = StatsHandle::default();
     let call = Call::new();
-    let live = Arc::new(Mutex::new(Live {
+    let live = Live {
         microphone_on: call.microphone_on(),
         camera_on: call.camera_on(),
         ..Live::default()
+    };
+    let (snapshot_tx, snapshot) = watch::channel(Arc::new(Snapshot {
+        state: call.state().clone(),
+        live: live.clone(),
+        media: stats.lock().view(),
     }));
     let (local, remote) = (PictureSlot::default(), PictureSlot::default());
     let (frames_tx, frames_rx) = std::sync::mpsc::sync_channel(2);
     let session = Session {
         config,
         call,
-        state_tx,
+        snapshot_tx,
         stats: stats.clone(),
-        live: live.clone(),
+        live,
         local: local.clone(),
         remote: remote.clone(),
         capture: None,
@@ -90,9 +94,8 @@ pub fn start_on(config: SessionConfig, connection: Option<Connection>) -> Sessio
     ));
     SessionHandle {
         commands,
-        state,
+        snapshot,
         stats,
-        live,
         local,
         remote,
         task,
@@ -109,6 +112,8 @@ enum Input {
     CaptureReady(Capture, Option<String>),
     /// Time to refresh the peer statistics.
     StatsTick,
+    /// Time for a new snapshot of the media figures (published after every input).
+    SnapshotTick,
     /// The call's deadline ([`Call::poll_timeout`]) has come.
     Timeout,
     /// A held-back description may go now.
@@ -120,9 +125,10 @@ enum Input {
 struct Session {
     config: SessionConfig,
     call: Call,
-    state_tx: watch::Sender<CallState>,
+    /// What a UI sees of the call, published by [`Session::publish`].
+    snapshot_tx: watch::Sender<Arc<Snapshot>>,
     stats: StatsHandle,
-    live: LiveHandle,
+    live: Live,
     local: PictureSlot,
     remote: PictureSlot,
     /// The running video source; None while the camera is off (or still opening).
@@ -177,6 +183,9 @@ impl Session {
         // quarter second of the sample (the ICE keepalive measures it five times a second).
         let mut stats_tick = tokio::time::interval(Duration::from_millis(250));
         stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The media figures a UI shows (meters, rates) move ten times a second.
+        let mut snapshot_tick = tokio::time::interval(Duration::from_millis(100));
+        snapshot_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         // Everything the server says arrives on one channel, whichever connection (the
         // first, or one that resumes the seat after a drop) it came on.
@@ -239,10 +248,12 @@ impl Session {
                 Some(i) = chat_rx.recv() => i,
                 c = commands.recv() => Input::Command(c.unwrap_or(Command::HangUp)),
                 _ = stats_tick.tick(), if self.peer.is_some() => Input::StatsTick,
+                _ = snapshot_tick.tick(), if self.peer.is_some() => Input::SnapshotTick,
                 _ = sleep_until(deadline), if deadline.is_some() => Input::Timeout,
                 _ = sleep_until(release), if release.is_some() => Input::ReleaseHeld,
             };
             self.input(input, &peer_tx, &chat_tx).await;
+            self.publish();
         }
         self.shut_down().await;
         self.report()
@@ -315,7 +326,7 @@ impl Session {
                 if let Some(w) = warning {
                     self.warn(w);
                 }
-                lock_live(&self.live).video_source = Some(capture.describe().to_owned());
+                self.live.video_source = Some(capture.describe().to_owned());
                 if self.config.show_video {
                     capture.preview_into(self.local.clone(), self.config.notify.clone());
                 }
@@ -327,6 +338,7 @@ impl Session {
                     tokio::task::spawn_blocking(move || drop(capture));
                 }
             }
+            Input::SnapshotTick => {}
             Input::StatsTick => {
                 // Devices lost or changed since the last tick.
                 let device_news: Vec<String> = [&self.microphone, &self.speaker]
@@ -336,11 +348,8 @@ impl Session {
                 for warning in device_news {
                     self.warn(warning);
                 }
-                {
-                    let mut live = lock_live(&self.live);
-                    live.microphone_device = self.microphone.using();
-                    live.speaker_device = self.speaker.using();
-                }
+                self.live.microphone_device = self.microphone.using();
+                self.live.speaker_device = self.speaker.using();
                 // A lost address (a laptop changing networks) is acted on at once.
                 let addresses = super::peer::usable_addresses();
                 let lost = self.addresses.difference(&addresses).next().is_some();
@@ -379,8 +388,7 @@ impl Session {
                     if let Some(loss) = stats.remote_loss {
                         self.pipelines.set_remote_loss(loss);
                     }
-                    lock_live(&self.live).peer = stats;
-                    self.notify();
+                    self.live.peer = stats;
                 }
             }
             Input::Command(Command::Microphone(on)) => {
@@ -425,13 +433,10 @@ impl Session {
                     pending.push_back(next);
                 }
             }
-            {
-                let mut live = lock_live(&self.live);
-                live.is_host = self.call.is_host();
-                live.peer_name = self.call.peer_name().map(str::to_owned);
-                live.microphone_on = self.call.microphone_on();
-                live.camera_on = self.call.camera_on();
-            }
+            self.live.is_host = self.call.is_host();
+            self.live.peer_name = self.call.peer_name().map(str::to_owned);
+            self.live.microphone_on = self.call.microphone_on();
+            self.live.camera_on = self.call.camera_on();
             if joined_both {
                 self.stats
                     .lock()
@@ -442,16 +447,16 @@ impl Session {
         }
     }
 
+    /// A new snapshot for the UI; the UI is woken when the state changed (it repaints
+    /// on its own ten times a second while in a call).
     fn publish(&self) {
-        let state = self.call.state().clone();
-        let changed = self.state_tx.send_if_modified(|current| {
-            if *current == state {
-                false
-            } else {
-                *current = state;
-                true
-            }
-        });
+        let snapshot = Snapshot {
+            state: self.call.state().clone(),
+            live: self.live.clone(),
+            media: self.stats.lock().view(),
+        };
+        let changed = self.snapshot_tx.borrow().state != snapshot.state;
+        self.snapshot_tx.send_replace(Arc::new(snapshot));
         if changed {
             self.notify();
         }
@@ -465,8 +470,9 @@ impl Session {
 
     fn warn(&mut self, warning: String) {
         tracing::warn!("{warning}");
-        lock_live(&self.live).warnings.push(warning.clone());
+        self.live.warnings.push(warning.clone());
         self.warnings.push(warning);
+        self.publish();
         self.notify();
     }
 
@@ -612,10 +618,9 @@ impl Session {
             }
             Action::ShowChat(text) => {
                 self.stats.lock().chat_received.push(text.clone());
-                let mut live = lock_live(&self.live);
-                live.chat.push(ChatLine { mine: false, text });
-                trim_scrollback(&mut live.chat);
-                drop(live);
+                self.live.chat.push(ChatLine { mine: false, text });
+                trim_scrollback(&mut self.live.chat);
+                self.publish();
                 self.notify();
                 None
             }
@@ -694,10 +699,9 @@ impl Session {
         match chat.send_text(&text).await {
             Ok(()) => {
                 self.stats.lock().chat_sent.push(text.clone());
-                let mut live = lock_live(&self.live);
-                live.chat.push(ChatLine { mine: true, text });
-                trim_scrollback(&mut live.chat);
-                drop(live);
+                self.live.chat.push(ChatLine { mine: true, text });
+                trim_scrollback(&mut self.live.chat);
+                self.publish();
                 self.notify();
             }
             Err(e) => tracing::warn!(error = %e, "sending a chat message"),

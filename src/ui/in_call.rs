@@ -6,7 +6,9 @@ use eframe::egui;
 
 use super::App;
 use super::video::VideoTexture;
-use crate::call::{CallState, Command, Live, SessionHandle};
+use std::sync::Arc;
+
+use crate::call::{CallState, Command, SessionHandle, Snapshot};
 
 /// A call on screen.
 pub struct InCall {
@@ -25,7 +27,8 @@ pub struct InCall {
     chat_input: String,
     chat_seen: usize,
     rates: Rates,
-    live: Live,
+    /// The call as this frame shows it (taken once per frame).
+    now: Arc<Snapshot>,
 }
 
 /// Per-second rates for the stats overlay, from counters sampled once a second.
@@ -60,6 +63,7 @@ impl Rates {
 
 impl InCall {
     pub fn new(session: SessionHandle, title: String, show_stats: bool) -> InCall {
+        let now = session.snapshot();
         InCall {
             session,
             title,
@@ -75,7 +79,7 @@ impl InCall {
             chat_input: String::new(),
             chat_seen: 0,
             rates: Rates::default(),
-            live: Live::default(),
+            now,
         }
     }
 
@@ -90,13 +94,13 @@ impl InCall {
             (
                 "Microphone",
                 "default microphone",
-                self.live.microphone_device.clone(),
+                self.now.live.microphone_device.clone(),
                 self.devices.microphones.clone(),
             ),
             (
                 "Speaker",
                 "default speaker",
-                self.live.speaker_device.clone(),
+                self.now.live.speaker_device.clone(),
                 self.devices.speakers.clone(),
             ),
         ];
@@ -172,17 +176,14 @@ impl App {
         };
         c.remote.update(&ctx, c.session.remote_picture());
         c.local.update(&ctx, c.session.local_picture());
-        c.live = c.session.live();
-        let state = c.session.state();
-        let (microphone, remote_voice) = {
-            let s = c.session.stats().lock();
-            let frames = s.video_frames_decoded;
-            let voices = (s.microphone_level, s.remote_voice);
-            drop(s);
-            c.rates
-                .sample(frames, c.live.peer.bytes_received, c.live.peer.bytes_sent);
-            voices
-        };
+        c.now = c.session.snapshot();
+        let state = c.now.state.clone();
+        let (microphone, remote_voice) = (c.now.media.microphone_level, c.now.media.remote_voice);
+        c.rates.sample(
+            c.now.media.video_frames_decoded,
+            c.now.live.peer.bytes_received,
+            c.now.live.peer.bytes_sent,
+        );
         // The microphone meter moves ten times a second (video repaints on its own).
         ctx.request_repaint_after(Duration::from_millis(100));
 
@@ -225,7 +226,7 @@ impl App {
                     ui.toggle_value(&mut c.show_stats, "Stats");
                     ui.toggle_value(&mut c.show_devices, "Devices")
                         .on_hover_text("Choose another microphone or speaker.");
-                    if c.live.is_host && !state.is_ended() {
+                    if c.now.live.is_host && !state.is_ended() {
                         let end = ui
                             .button("End meeting for both")
                             .on_hover_text("You are the host: this ends the room for both of you.");
@@ -237,7 +238,7 @@ impl App {
                 if c.show_devices {
                     c.device_pickers(ui);
                 }
-                for w in c.live.warnings.iter().rev() {
+                for w in c.now.live.warnings.iter().rev() {
                     ui.colored_label(ui.visuals().warn_fg_color, w);
                 }
                 ui.horizontal(|ui| {
@@ -257,12 +258,18 @@ impl App {
                         ui.label("· you are speaking");
                     }
                     if remote_voice.speaking {
-                        let who = c.live.peer_name.as_deref().unwrap_or("the other person");
+                        let who = c
+                            .now
+                            .live
+                            .peer_name
+                            .as_deref()
+                            .unwrap_or("the other person");
                         ui.label(format!("· {who} is speaking"));
                     }
                 });
                 ui.horizontal(|ui| {
                     let with = c
+                        .now
                         .live
                         .peer_name
                         .as_ref()
@@ -286,7 +293,7 @@ impl App {
             egui::Panel::right("chat")
                 .min_size(240.0)
                 .show(root, |ui| chat_panel(ui, c));
-        } else if c.live.chat.len() > c.chat_seen {
+        } else if c.now.live.chat.len() > c.chat_seen {
             // A message arrived while the chat was closed: open it.
             c.show_chat = true;
         }
@@ -340,20 +347,24 @@ impl App {
 
 fn chat_panel(ui: &mut egui::Ui, c: &mut InCall) {
     ui.heading("Chat");
-    c.chat_seen = c.live.chat.len();
+    c.chat_seen = c.now.live.chat.len();
     let input_height = 36.0;
     egui::ScrollArea::vertical()
         .max_height(ui.available_height() - input_height)
         .stick_to_bottom(true)
         .show(ui, |ui| {
-            if c.live.chat.is_empty() {
+            if c.now.live.chat.is_empty() {
                 ui.weak("No messages yet.");
             }
-            for line in &c.live.chat {
+            for line in &c.now.live.chat {
                 let who = if line.mine {
                     "you".to_owned()
                 } else {
-                    c.live.peer_name.clone().unwrap_or_else(|| "them".into())
+                    c.now
+                        .live
+                        .peer_name
+                        .clone()
+                        .unwrap_or_else(|| "them".into())
                 };
                 ui.label(format!("{who}: {}", line.text));
             }
@@ -375,9 +386,9 @@ fn chat_panel(ui: &mut egui::Ui, c: &mut InCall) {
 }
 
 fn stats_overlay(ui: &egui::Ui, area: egui::Rect, c: &InCall) {
-    let s = c.session.stats().lock();
-    let resolution = if s.decoded_width > 0 {
-        format!("{}x{}", s.decoded_width, s.decoded_height)
+    let s = &c.now.media;
+    let resolution = if s.decoded.0 > 0 {
+        format!("{}x{}", s.decoded.0, s.decoded.1)
     } else {
         "-".into()
     };
@@ -388,8 +399,7 @@ fn stats_overlay(ui: &egui::Ui, area: egui::Rect, c: &InCall) {
         s.audio_jitter.as_millis(),
         s.audio_jitter_target.as_millis()
     );
-    drop(s);
-    let p = &c.live.peer;
+    let p = &c.now.live.peer;
     let total = p.packets_received + p.packets_lost;
     let loss_fraction = if total > 0 {
         p.packets_lost as f64 / total as f64
