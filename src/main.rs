@@ -38,7 +38,8 @@ struct WindowArgs {
     /// Your display name.
     #[arg(long)]
     name: Option<String>,
-    /// Video to send: camera, camera:NAME (see `duet devices`) or test-pattern.
+    /// Video to send: camera, camera:NAME (see `duet devices`), test-pattern or
+    /// test-pattern:WIDTHxHEIGHT (default 640x360).
     #[arg(long)]
     video: Option<String>,
     /// Audio to send: mic, mic:NAME (see `duet devices`) or sine.
@@ -50,6 +51,10 @@ struct WindowArgs {
     /// Show the stats overlay (resolution, fps, bitrate, RTT, loss, path) in calls.
     #[arg(long)]
     stats: bool,
+    /// Convert video to RGB on the CPU instead of in an OpenGL shader (for a driver
+    /// that draws the video wrongly; it costs a few ms per picture).
+    #[arg(long)]
+    video_on_cpu: bool,
     /// The API key "New meeting" sends, for servers that require one to create meetings
     /// (remembered like the other lobby fields).
     #[arg(long, value_name = "KEY", env = "DUET_API_KEY", hide_env_values = true)]
@@ -276,6 +281,7 @@ fn run_window(args: WindowArgs) -> ExitCode {
         "Duet",
         options,
         Box::new(move |cc| {
+            let mut pattern_size = None;
             let mut lobby: duet::ui::Lobby = cc
                 .storage
                 .and_then(|s| eframe::get_value(s, duet::ui::STORAGE_KEY))
@@ -294,6 +300,27 @@ fn run_window(args: WindowArgs) -> ExitCode {
             }
             match args.video.as_deref() {
                 Some("test-pattern") => lobby.video = duet::ui::VideoChoice::TestPattern,
+                Some(other) if other.starts_with("test-pattern:") => {
+                    let size = other
+                        .trim_start_matches("test-pattern:")
+                        .split_once('x')
+                        .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
+                        .filter(|&(w, h): &(usize, usize)| {
+                            (16..=3840).contains(&w)
+                                && (16..=2160).contains(&h)
+                                && w % 2 == 0
+                                && h % 2 == 0
+                        });
+                    match size {
+                        Some(size) => {
+                            lobby.video = duet::ui::VideoChoice::TestPattern;
+                            pattern_size = Some(size);
+                        }
+                        None => eprintln!(
+                            "duet: --video {other}: use test-pattern:WIDTHxHEIGHT, even sizes up to 3840x2160"
+                        ),
+                    }
+                }
                 Some("camera") => lobby.video = duet::ui::VideoChoice::Camera(None),
                 Some(other) => match other.strip_prefix("camera:") {
                     Some(n) => lobby.video = duet::ui::VideoChoice::Camera(Some(n.into())),
@@ -314,6 +341,10 @@ fn run_window(args: WindowArgs) -> ExitCode {
             }
             let mut app = duet::ui::App::new(handle, lobby);
             app.show_stats = args.stats;
+            app.pattern_size = pattern_size;
+            if cc.gl.is_some() && !args.video_on_cpu {
+                app.draw_video_with_opengl();
+            }
             app.extra_ice_servers = args.network.extra_ice_servers();
             app.relay_only = args.network.relay_only;
             if args.auto_call {

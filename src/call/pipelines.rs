@@ -42,7 +42,7 @@ use crate::media::jitter::{JitterBuffer, JitterStats, Playout};
 use crate::media::ladder::{Ladder, scaled_size};
 use crate::media::level::{SpeechMean, VoiceLevel, VoiceMeter};
 use crate::media::pace;
-use crate::media::picture::{Notify, Picture, PictureSlot};
+use crate::media::picture::{Notify, PictureSlot};
 use crate::media::processing::AudioProcessor;
 use crate::media::scale::Scaler;
 use crate::media::video::{
@@ -1138,7 +1138,7 @@ fn video_decode_loop(
         }
         decoded += 1;
         if let Some((slot, notify)) = sinks.display.as_ref() {
-            slot.put(Picture::from_frame(&frame));
+            slot.put(frame.clone());
             if let Some(n) = notify {
                 n.notify();
             }

@@ -2,7 +2,7 @@
 //!
 //! One capture feeds two consumers that must not slow each other down: the encoder
 //! (through a small channel; frames are dropped, not queued, when it falls behind) and
-//! the self-view (RGBA pictures left in a [`PictureSlot`]). The source is opened and
+//! the self-view (I420 pictures left in a [`PictureSlot`]). The source is opened and
 //! released with the capture, so "camera off" really lets the camera go.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::picture::{Notify, Picture, PictureSlot};
+use super::picture::{Notify, PictureSlot};
 use super::video::{VideoFrame, VideoSource};
 
 /// A frame for the encoder, with the instant it was captured: the sender's RTP
@@ -66,7 +66,7 @@ impl Capture {
                         .unwrap_or_else(PoisonError::into_inner)
                         .clone();
                     if let Some((slot, notify)) = out.preview {
-                        slot.put(Picture::from_frame(&frame.frame));
+                        slot.put(frame.frame.clone());
                         if let Some(n) = notify {
                             n.notify();
                         }
@@ -152,7 +152,7 @@ mod tests {
         assert!(gap >= Duration::from_millis(5), "{gap:?}");
         std::thread::sleep(Duration::from_millis(50));
         let picture = slot.take().unwrap();
-        assert_eq!(picture.rgba.len(), 64 * 48 * 4);
+        assert_eq!(picture.data.len(), 64 * 48 * 3 / 2);
         drop(capture);
         // The thread is gone, so the channel's sender is dropped: it drains then ends.
         while rx.recv_timeout(Duration::from_millis(500)).is_ok() {}

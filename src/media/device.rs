@@ -172,7 +172,12 @@ fn spawn_device(
                 }
             };
             let server = cpal::default_host().id();
-            let watch = is_sound_server(server) && !opened.id.is_empty();
+            // Only a device the server lists can be missed: its "default" device (what
+            // cpal opens when no device is named and PULSE_SINK/PULSE_SOURCE name none)
+            // is not listed, and the server moves it to another device by itself.
+            let watch = is_sound_server(server)
+                && !opened.id.is_empty()
+                && device_present(direction, &opened.id) == Some(true);
             let mut checked = Instant::now();
             // Missing from two lists in a row (a list taken while another device comes
             // or goes can fail or miss one).

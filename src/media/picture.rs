@@ -1,31 +1,17 @@
-//! RGBA pictures on their way to a display, and the slot where the newest one waits.
+//! Pictures on their way to a display, and the slot where the newest one waits.
 //!
-//! The thread that produced a frame (the decoder, the camera capture) converts it to
-//! RGBA once and leaves it in a [`PictureSlot`]; the UI takes it out (a move, not a copy)
-//! only when it is newer than the one on screen, and uploads it to its texture. So the
-//! UI thread never converts pixels and never waits on media.
+//! The thread that produced a frame (the decoder, the camera capture) leaves it, as the
+//! I420 picture it is, in a [`PictureSlot`]; the UI takes it out (a move, not a copy)
+//! only when it is newer than the one on screen, and uploads its planes to textures
+//! that a shader converts to RGB while drawing (`ui::video`). So no thread converts
+//! pixels for the screen, and the UI thread never waits on media.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::video::VideoFrame;
 
-/// An RGBA picture, 4 bytes per pixel, rows top to bottom.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Picture {
-    pub width: usize,
-    pub height: usize,
-    pub rgba: Vec<u8>,
-}
-
-impl Picture {
-    pub fn from_frame(frame: &VideoFrame) -> Picture {
-        Picture {
-            width: frame.width,
-            height: frame.height,
-            rgba: frame.to_rgba(),
-        }
-    }
-}
+/// A picture for the screen: a decoded or captured I420 frame.
+pub type Picture = VideoFrame;
 
 /// Something to call when a new picture (or any other news) is ready, e.g. a UI's
 /// "repaint now", so the UI sleeps until there is something to draw.
@@ -88,16 +74,12 @@ mod tests {
     #[test]
     fn take_moves_the_newest_picture_out_once() {
         let slot = PictureSlot::default();
-        assert_eq!(slot.take(), None);
-        let p = |w| Picture {
-            width: w,
-            height: 1,
-            rgba: vec![0; w * 4],
-        };
-        slot.put(p(1));
+        assert!(slot.take().is_none());
+        let p = |w| VideoFrame::black(w, 2);
         slot.put(p(2));
+        slot.put(p(4));
         assert_eq!(slot.serial(), 2);
-        assert_eq!(slot.take().map(|p| p.width), Some(2));
-        assert_eq!(slot.take(), None);
+        assert_eq!(slot.take().map(|p| p.width), Some(4));
+        assert!(slot.take().is_none());
     }
 }

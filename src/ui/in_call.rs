@@ -62,14 +62,14 @@ impl Rates {
 }
 
 impl InCall {
-    pub fn new(session: SessionHandle, title: String, show_stats: bool) -> InCall {
+    pub fn new(session: SessionHandle, title: String, show_stats: bool, gpu: bool) -> InCall {
         let now = session.snapshot();
         InCall {
             session,
             title,
             started: Instant::now(),
-            remote: VideoTexture::new("remote"),
-            local: VideoTexture::new("self"),
+            remote: VideoTexture::new("remote", gpu),
+            local: VideoTexture::new("self", gpu),
             microphone_on: true,
             camera_on: true,
             show_chat: false,

@@ -16,6 +16,7 @@
 mod in_call;
 mod lobby;
 pub mod video;
+mod yuv_gl;
 
 use std::time::Duration;
 
@@ -283,6 +284,10 @@ pub struct App {
     pub extra_ice_servers: Vec<crate::signaling::protocol::IceServer>,
     /// Relay-only calls (`--relay-only`).
     pub relay_only: bool,
+    /// Video is drawn by OpenGL (the window runs on glow), not converted on the CPU.
+    gpu_video: bool,
+    /// The test pattern's size when it is sent (`--video test-pattern:WxH`).
+    pub pattern_size: Option<(usize, usize)>,
     /// The signaling server this app started (nothing answered on the default port); it
     /// runs until the app closes, since the other person is connected to it too.
     embedded_server: Option<signaling_server::Server>,
@@ -302,7 +307,7 @@ impl App {
             preview: Preview {
                 camera: Opened::new(),
                 slot: PictureSlot::default(),
-                texture: VideoTexture::new("preview"),
+                texture: VideoTexture::new("preview", false),
                 mic: Opened::new(),
             },
             meetings: Meetings {
@@ -321,11 +326,20 @@ impl App {
             show_stats: false,
             extra_ice_servers: Vec::new(),
             relay_only: false,
+            gpu_video: false,
+            pattern_size: None,
             embedded_server: None,
         }
     }
 
     /// Calls the lobby's room as soon as the window shows (`--auto-call`).
+    /// Draws video with OpenGL from now on (the window runs on glow): the decoded
+    /// planes go to the GPU as they are and a shader makes them RGB.
+    pub fn draw_video_with_opengl(&mut self) {
+        self.gpu_video = true;
+        self.preview.texture = VideoTexture::new("preview", true);
+    }
+
     pub fn call_on_start(&mut self) {
         self.auto_call = true;
     }
@@ -535,6 +549,8 @@ impl App {
         let lobby = self.lobby.clone();
         let notify = self.notify.clone();
         let show_stats = self.show_stats;
+        let gpu_video = self.gpu_video;
+        let pattern_size = self.pattern_size;
         let (extra_ice_servers, relay_only) = (self.extra_ice_servers.clone(), self.relay_only);
         self.pending = Some(self.runtime.spawn(async move {
             camera.await;
@@ -550,6 +566,11 @@ impl App {
             config.target = target;
             config.name = Some(lobby.name.trim().to_owned()).filter(|n| !n.is_empty());
             config.video = lobby.video.input();
+            if let (VideoInput::TestPattern { width, height, .. }, Some((w, h))) =
+                (&mut config.video, pattern_size)
+            {
+                (*width, *height) = (w, h);
+            }
             config.audio = lobby.audio.input();
             config.processing = lobby.processing;
             config.play_audio = true;
@@ -562,7 +583,7 @@ impl App {
             if let Some(n) = notify {
                 n.notify();
             }
-            Ok((InCall::new(session, title, show_stats), embedded))
+            Ok((InCall::new(session, title, show_stats, gpu_video), embedded))
         }));
     }
 

@@ -1,41 +1,80 @@
-//! Pictures from the media threads into textures.
+//! Pictures from the media threads onto the screen.
 //!
-//! A [`PictureSlot`] holds the newest RGBA picture, converted on the thread that made it.
-//! Here it is moved (not copied) into an `egui::ColorImage` and uploaded to the GPU: one
-//! upload per new picture, nothing when none arrived.
+//! A [`PictureSlot`] holds the newest picture as the decoder or the camera made it
+//! (I420). In the desktop window (OpenGL through glow) its three planes are uploaded as
+//! textures and a shader turns them into RGB while drawing ([`yuv_gl`](super::yuv_gl)):
+//! the CPU never converts a pixel for the screen. Without OpenGL (tests with no GPU, or
+//! a driver that cannot compile the shader) the picture is converted to RGBA here and
+//! drawn as an ordinary egui texture. Either way: one upload per new picture, nothing
+//! when none arrived.
+
+use std::sync::{Arc, Mutex, PoisonError};
 
 use eframe::egui;
 
+use super::yuv_gl::GlPicture;
 use crate::media::picture::{Picture, PictureSlot};
 
-/// One video stream's texture.
+/// One video stream on screen.
 pub struct VideoTexture {
     name: &'static str,
-    texture: Option<egui::TextureHandle>,
+    draw: Draw,
+    /// The picture's size in pixels, once one arrived.
+    size: Option<[usize; 2]>,
     /// Pictures uploaded so far.
     pub uploads: u64,
 }
 
+/// How the pictures are drawn.
+enum Draw {
+    /// Converted to RGBA on the CPU, an egui texture.
+    Cpu(Option<egui::TextureHandle>),
+    /// Planes uploaded to OpenGL textures, converted by a shader (shared with the paint
+    /// callbacks, which run when egui renders).
+    Gpu(Arc<Mutex<GlPicture>>),
+}
+
 impl VideoTexture {
-    pub fn new(name: &'static str) -> VideoTexture {
+    /// A stream drawn with OpenGL when `gpu` (the window runs on glow), else on the CPU.
+    pub fn new(name: &'static str, gpu: bool) -> VideoTexture {
         VideoTexture {
             name,
-            texture: None,
+            draw: if gpu {
+                Draw::Gpu(Arc::default())
+            } else {
+                Draw::Cpu(None)
+            },
+            size: None,
             uploads: 0,
         }
     }
 
-    /// Uploads the slot's picture if a new one is waiting.
+    /// Takes the slot's picture if a new one is waiting.
     pub fn update(&mut self, ctx: &egui::Context, slot: &PictureSlot) {
+        if let Draw::Gpu(gl) = &self.draw
+            && lock(gl).failed()
+        {
+            tracing::warn!(
+                name = self.name,
+                "OpenGL cannot draw video here; converting on the CPU"
+            );
+            self.draw = Draw::Cpu(None);
+        }
         let Some(picture) = slot.take() else {
             return;
         };
-        let image = color_image(picture);
-        match &mut self.texture {
-            Some(t) => t.set(image, egui::TextureOptions::LINEAR),
-            None => {
-                self.texture =
-                    Some(ctx.load_texture(self.name, image, egui::TextureOptions::LINEAR));
+        self.size = Some([picture.width, picture.height]);
+        match &mut self.draw {
+            Draw::Gpu(gl) => lock(gl).show(picture),
+            Draw::Cpu(texture) => {
+                let image = color_image(&picture);
+                match texture {
+                    Some(t) => t.set(image, egui::TextureOptions::LINEAR),
+                    None => {
+                        *texture =
+                            Some(ctx.load_texture(self.name, image, egui::TextureOptions::LINEAR));
+                    }
+                }
             }
         }
         self.uploads += 1;
@@ -43,34 +82,53 @@ impl VideoTexture {
 
     /// Forgets the picture (e.g. camera off), so nothing stale is shown.
     pub fn clear(&mut self) {
-        self.texture = None;
-    }
-
-    pub fn texture(&self) -> Option<&egui::TextureHandle> {
-        self.texture.as_ref()
+        self.size = None;
+        match &mut self.draw {
+            Draw::Cpu(texture) => *texture = None,
+            Draw::Gpu(gl) => lock(gl).clear(),
+        }
     }
 
     /// The picture scaled to fit `area`, aspect kept, centred: the rect it covers.
     pub fn fit(&self, area: egui::Rect) -> Option<egui::Rect> {
-        let size = self.texture.as_ref()?.size_vec2();
+        let [w, h] = self.size?;
+        let size = egui::vec2(w as f32, h as f32);
         let scale = (area.width() / size.x).min(area.height() / size.y);
         Some(egui::Rect::from_center_size(area.center(), size * scale))
     }
 
     /// Paints the picture into `rect` (stretched: call [`VideoTexture::fit`] first).
     pub fn paint(&self, ui: &egui::Ui, rect: egui::Rect) {
-        if let Some(t) = &self.texture {
-            let uv = egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0));
-            ui.painter().image(t.id(), rect, uv, egui::Color32::WHITE);
+        match &self.draw {
+            Draw::Cpu(Some(t)) => {
+                let uv = egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0));
+                ui.painter().image(t.id(), rect, uv, egui::Color32::WHITE);
+            }
+            Draw::Cpu(None) => {}
+            Draw::Gpu(gl) => {
+                let gl = gl.clone();
+                let callback = eframe::egui_glow::CallbackFn::new(move |_info, painter| {
+                    lock(&gl).paint(painter.gl());
+                });
+                ui.painter().add(egui::PaintCallback {
+                    rect,
+                    callback: Arc::new(callback),
+                });
+            }
         }
     }
 }
 
-/// RGBA bytes -> `ColorImage` without copying the pixels (all pixels are opaque, so
+fn lock(gl: &Mutex<GlPicture>) -> std::sync::MutexGuard<'_, GlPicture> {
+    gl.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// I420 -> RGBA `ColorImage` on the CPU (the fallback; all pixels are opaque, so
 /// unmultiplied and premultiplied RGBA are the same bytes).
-fn color_image(picture: Picture) -> egui::ColorImage {
+fn color_image(picture: &Picture) -> egui::ColorImage {
     let size = [picture.width, picture.height];
-    match bytemuck::allocation::try_cast_vec::<u8, egui::Color32>(picture.rgba) {
+    let rgba = picture.to_rgba();
+    match bytemuck::allocation::try_cast_vec::<u8, egui::Color32>(rgba) {
         Ok(pixels) if pixels.len() == size[0] * size[1] => egui::ColorImage::new(size, pixels),
         Ok(pixels) => {
             tracing::warn!(len = pixels.len(), ?size, "picture of the wrong size");
@@ -85,16 +143,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pixels_are_moved_not_converted() {
-        let picture = Picture {
-            width: 2,
-            height: 1,
-            rgba: vec![255, 0, 0, 255, 0, 0, 255, 255],
-        };
-        let image = color_image(picture);
+    fn the_cpu_fallback_converts_i420_to_rgba() {
+        let mut picture = Picture::black(2, 2);
+        picture.y_mut().copy_from_slice(&[235, 235, 16, 16]);
+        let image = color_image(&picture);
         assert_eq!(
             image.pixels,
-            vec![egui::Color32::RED, egui::Color32::from_rgb(0, 0, 255)]
+            vec![
+                egui::Color32::WHITE,
+                egui::Color32::WHITE,
+                egui::Color32::BLACK,
+                egui::Color32::BLACK
+            ]
         );
     }
 }
