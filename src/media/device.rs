@@ -29,7 +29,7 @@ use cpal::traits::{DeviceTrait as _, HostTrait as _, StreamTrait as _};
 use cpal::{FromSample, SizedSample};
 
 use super::MediaError;
-use super::audio::{AudioSink, AudioSource, FRAME_SAMPLES, SAMPLE_RATE, resample};
+use super::audio::{AudioSink, AudioSource, FRAME_SAMPLES, Resampler, SAMPLE_RATE};
 
 /// Most audio buffered between the device and the call (keeps latency bounded when the
 /// device clock and ours drift apart).
@@ -144,6 +144,8 @@ struct Opened {
     stream: cpal::Stream,
     description: String,
     id: String,
+    /// Whether it is a sound server's device (cpal's PulseAudio host).
+    on_server: bool,
 }
 
 /// Starts `open` on a new thread, keeps the stream it returns alive there until stopped
@@ -171,13 +173,9 @@ fn spawn_device(
                     return;
                 }
             };
-            let server = cpal::default_host().id();
-            // Only a device the server lists can be missed: its "default" device (what
-            // cpal opens when no device is named and PULSE_SINK/PULSE_SOURCE name none)
-            // is not listed, and the server moves it to another device by itself.
-            let watch = is_sound_server(server)
-                && !opened.id.is_empty()
-                && device_present(direction, &opened.id) == Some(true);
+            // Only a sound server's device can be looked for in its list (cpal may have
+            // opened ALSA's "default" instead, when the server would not take a client).
+            let watch = opened.on_server && !opened.id.is_empty();
             let mut checked = Instant::now();
             // Missing from two lists in a row (a list taken while another device comes
             // or goes can fail or miss one).
@@ -226,6 +224,18 @@ fn device_name(device: &cpal::Device) -> String {
 /// The host's own name for a device (PulseAudio: the source or sink name; ALSA: the PCM).
 fn device_id(device: &cpal::Device) -> String {
     device.id().map(|id| id.id().to_owned()).unwrap_or_default()
+}
+
+/// The sound server's host (cpal's PulseAudio host), if it takes a client now.
+fn sound_server_host() -> Option<cpal::Host> {
+    #[cfg(target_os = "linux")]
+    {
+        cpal::host_from_id(cpal::HostId::PulseAudio).ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
 }
 
 /// Whether a host is the sound server's (cpal's PulseAudio host).
@@ -305,7 +315,8 @@ fn list_devices(host: &cpal::Host, direction: Direction) -> Result<Vec<cpal::Dev
 /// Whether the device with the host's id `id` is still listed; None when the list could
 /// not be taken.
 fn device_present(direction: Direction, id: &str) -> Option<bool> {
-    let devices = list_devices(&cpal::default_host(), direction).ok()?;
+    let host = sound_server_host()?;
+    let devices = list_devices(&host, direction).ok()?;
     if devices.is_empty() {
         return None;
     }
@@ -410,6 +421,7 @@ impl Microphone {
                         config.channels
                     ),
                     id: device_id(&device),
+                    on_server: device.id().is_ok_and(|id| is_sound_server(id.host())),
                 })
             })?;
         Ok(Microphone {
@@ -430,7 +442,8 @@ where
     f32: FromSample<T>,
 {
     let channels = usize::from(config.channels.max(1));
-    let rate = config.sample_rate;
+    let mut resampler = Resampler::new(config.sample_rate, SAMPLE_RATE)?;
+    let mut resampled = Vec::new();
     let errors = shared.clone();
     device
         .build_input_stream(
@@ -440,8 +453,10 @@ where
                     .chunks(channels)
                     .map(|c| c.iter().map(|&s| s.to_sample::<f32>()).sum::<f32>() / c.len() as f32)
                     .collect();
-                let pcm = resample(&mono, rate, SAMPLE_RATE)
-                    .into_iter()
+                resampled.clear();
+                resampler.push(&mono, &mut resampled);
+                let pcm = resampled
+                    .iter()
                     .map(|v| (v.clamp(-1.0, 1.0) * f32::from(i16::MAX)) as i16);
                 shared.push(pcm);
                 shared.touch();
@@ -527,6 +542,7 @@ impl Speaker {
                         config.channels
                     ),
                     id: device_id(&device),
+                    on_server: device.id().is_ok_and(|id| is_sound_server(id.host())),
                 })
             },
         )?;
@@ -548,29 +564,43 @@ where
 {
     let channels = usize::from(config.channels.max(1));
     let rate = config.sample_rate;
+    let mut resampler = Resampler::new(SAMPLE_RATE, rate)?;
+    let mut device_rate: Vec<f32> = Vec::new();
     let errors = shared.clone();
     device
         .build_output_stream(
             *config,
             move |out: &mut [T], _| {
                 let frames = out.len() / channels;
-                // How many 48 kHz samples make `frames` device samples.
-                let needed = (frames as u64 * u64::from(SAMPLE_RATE))
-                    .div_ceil(u64::from(rate.max(1))) as usize;
                 shared.touch();
-                let pcm: Vec<f32> = {
-                    let mut q = shared
-                        .samples
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner);
-                    let take = q.len().min(needed);
-                    q.drain(..take)
-                        .map(|s| f32::from(s) / f32::from(i16::MAX))
-                        .collect()
-                };
-                let mut device_rate = resample(&pcm, SAMPLE_RATE, rate);
-                device_rate.resize(frames, 0.0); // underrun: silence
-                for (frame, &v) in out.chunks_mut(channels).zip(&device_rate) {
+                // Device-rate samples from the queue, through the resampler, until there
+                // are enough (or the queue runs dry: the rest is silence).
+                while device_rate.len() < frames {
+                    let pcm: Vec<f32> = {
+                        let mut q = shared
+                            .samples
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner);
+                        // What the missing device samples are made from (at equal
+                        // rates exactly that many; else the resampler keeps the rest).
+                        let want = ((frames - device_rate.len()) as u64 * u64::from(SAMPLE_RATE))
+                            .div_ceil(u64::from(rate.max(1)))
+                            as usize;
+                        let take = q.len().min(want);
+                        q.drain(..take)
+                            .map(|s| f32::from(s) / f32::from(i16::MAX))
+                            .collect()
+                    };
+                    if pcm.is_empty() {
+                        break;
+                    }
+                    resampler.push(&pcm, &mut device_rate);
+                }
+                let ready = device_rate.len().min(frames);
+                for (frame, v) in out
+                    .chunks_mut(channels)
+                    .zip(device_rate.drain(..ready).chain(std::iter::repeat(0.0)))
+                {
                     frame.fill(T::from_sample(v));
                 }
             },
