@@ -277,6 +277,7 @@ fn video_codecs() -> Vec<RTCRtpCodecParameters> {
 /// video section lists it, else VP8 when that does; None when neither (no video).
 pub fn choose_video_codec(remote_sdp: &str) -> Option<VideoCodec> {
     let mut in_video = false;
+    let (mut port_zero, mut bundle_only) = (false, false);
     let mut offered = Vec::new();
     for line in remote_sdp.lines() {
         let line = line.trim_end();
@@ -284,14 +285,15 @@ pub fn choose_video_codec(remote_sdp: &str) -> Option<VideoCodec> {
             if in_video {
                 break; // only the first video section carries our track
             }
-            // A port of 0 is a rejected section.
             let mut fields = media.split_whitespace();
-            in_video = fields.next() == Some("video") && fields.next() != Some("0");
+            in_video = fields.next() == Some("video");
+            port_zero = fields.next() == Some("0");
             continue;
         }
         if !in_video {
             continue;
         }
+        bundle_only |= line == "a=bundle-only";
         // a=rtpmap:<pt> <name>/<clock>[/<channels>]
         if let Some(map) = line.strip_prefix("a=rtpmap:")
             && let Some(name) = map.split_whitespace().nth(1)
@@ -299,6 +301,11 @@ pub fn choose_video_codec(remote_sdp: &str) -> Option<VideoCodec> {
         {
             offered.push(codec);
         }
+    }
+    // Port 0 is a rejected section, unless it is bundled with the first one (Firefox
+    // offers every section after the first so: `a=bundle-only`).
+    if port_zero && !bundle_only {
+        return None;
     }
     [VideoCodec::H264, VideoCodec::Vp8]
         .into_iter()
@@ -719,7 +726,14 @@ impl Peer {
         }
         self.video_codec_chosen = true;
         let Some(codec) = choose_video_codec(remote_sdp) else {
-            tracing::warn!("the other side offers neither H.264 nor VP8: no video");
+            let media: Vec<&str> = remote_sdp
+                .lines()
+                .filter(|l| l.starts_with("m=") || l.starts_with("a=rtpmap:"))
+                .collect();
+            tracing::warn!(
+                ?media,
+                "the other side offers neither H.264 nor VP8: no video"
+            );
             return Ok(());
         };
         tracing::info!(%codec, "video codec");
@@ -1241,6 +1255,9 @@ mod tests {
         // Firefox without OpenH264.
         let firefox = section(&[(120, "VP8"), (124, "rtx"), (121, "VP9"), (99, "AV1")]);
         assert_eq!(choose_video_codec(&firefox), Some(VideoCodec::Vp8));
+        // ... which offers its later sections with port 0, bundled with the first.
+        let bundled = firefox.replace("m=video 9", "m=video 0") + "a=bundle-only\r\n";
+        assert_eq!(choose_video_codec(&bundled), Some(VideoCodec::Vp8));
         assert_eq!(choose_video_codec(&section(&[(98, "VP9")])), None);
         // A rejected video section offers nothing.
         let rejected = section(&[(102, "H264")]).replace("m=video 9", "m=video 0");
