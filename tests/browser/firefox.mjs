@@ -35,6 +35,11 @@ async function launchFirefox() {
       'media.navigator.permission.disabled': true,
       // Real host addresses, not mDNS names (the native client resolves none).
       'media.peerconnection.ice.obfuscate_host_addresses': false,
+      // Loopback pairs allowed, as Chromium's --allow-loopback-in-peer-connection: the
+      // native client also gathers 127.0.0.1, and when the pair it nominates (it
+      // controls ICE when it offers) is a loopback one, Firefox otherwise never takes
+      // the nomination and stays connecting.
+      'media.peerconnection.ice.loopback': true,
       'media.autoplay.default': 0,
       'media.autoplay.blocking_policy': 0,
     },
@@ -122,7 +127,14 @@ const stats = (page) => page.evaluate(() => window.duet.stats());
 
 async function waitPhase(page, wanted, ms = CONNECT_MS) {
   const phases = Array.isArray(wanted) ? wanted : [wanted];
-  await until(`${page.who}: phase ${phases.join('/')}`, async () => phases.includes(await phase(page)), ms);
+  try {
+    await until(`${page.who}: phase ${phases.join('/')}`, async () => phases.includes(await phase(page)), ms);
+  } catch (e) {
+    // What the page shows and its connection's statistics, for the failure message.
+    const line = await stateLine(page).catch(() => '?');
+    const s = await stats(page).catch(() => null);
+    throw new Error(`${e.message} (state line: ${line}; stats: ${JSON.stringify(s)})`);
+  }
   return stateLine(page);
 }
 
