@@ -293,6 +293,7 @@ async fn firefox_and_the_native_client_call_on_vp8_each_offering() {
     let args = json!({
         "base": base(&server), "room": room, "chat_out": "hello from Firefox",
         "chat_in": "hello from native", "hang_up": "browser", "window_ms": 10_000,
+        "loopback": true,
     });
     let web = tokio::task::spawn_blocking(move || scenario("native", args))
         .await

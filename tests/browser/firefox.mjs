@@ -35,11 +35,12 @@ async function launchFirefox() {
       'media.navigator.permission.disabled': true,
       // Real host addresses, not mDNS names (the native client resolves none).
       'media.peerconnection.ice.obfuscate_host_addresses': false,
-      // Loopback pairs allowed, as Chromium's --allow-loopback-in-peer-connection: the
-      // native client also gathers 127.0.0.1, and when the pair it nominates (it
-      // controls ICE when it offers) is a loopback one, Firefox otherwise never takes
-      // the nomination and stays connecting.
-      'media.peerconnection.ice.loopback': true,
+      // Loopback pairs allowed (as Chromium's --allow-loopback-in-peer-connection) when
+      // the native client offers: it gathers 127.0.0.1 too and, controlling ICE, can
+      // nominate a loopback pair, which Firefox otherwise never takes (it stayed
+      // connecting in 4 of 5 runs). Only then: with it on while Firefox offers, Firefox
+      // may move the call to another pair mid-call, and the sender's estimate restarts.
+      'media.peerconnection.ice.loopback': Boolean(args.loopback),
       'media.autoplay.default': 0,
       'media.autoplay.blocking_policy': 0,
     },
