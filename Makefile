@@ -7,16 +7,24 @@
 # turnutils_uclient, an independent TURN client for signaling-server/tests/turn.rs;
 # chromium and nodejs: the web client's browser tests (tests/browser.rs, which runs
 # `npm ci` in tests/browser for the pinned playwright-core; never a browser download);
-# redis-server: the cluster-mode tests (signaling-server/tests/cluster.rs start their own).
+# redis-server: the cluster-mode tests (signaling-server/tests/cluster.rs start their own);
+# libvpx-dev: VP8 in the native client (env-libvpx-sys links Debian's libvpx 1.12);
+# firefox-esr: the Firefox tests (tests/firefox.rs, puppeteer-core over WebDriver BiDi),
+# whose calls run on VP8 (no H.264 in Firefox without its downloaded OpenH264 plugin).
 DEBIAN_PACKAGES := pkg-config cmake nasm libclang-dev libasound2-dev libwayland-dev \
 	pulseaudio pulseaudio-utils libasound2-plugins \
 	xvfb x11-apps libegl1 libgl1 libgl1-mesa-dri libxkbcommon-x11-0 libxcursor1 libxrandr2 libxi6 \
-	iproute2 iptables coturn chromium nodejs redis-server
+	iproute2 iptables coturn chromium nodejs redis-server \
+	libvpx-dev firefox-esr
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 # PulseAudio needs a runtime directory; tests talk to a null sink (no sound card needed).
 export XDG_RUNTIME_DIR ?= /tmp/duet-runtime-$(shell id -u)
+# npm ci in tests/browser: puppeteer-core and playwright-core never download a browser
+# (the tests drive Debian's chromium and firefox-esr); these make sure of it.
+export PUPPETEER_SKIP_DOWNLOAD := 1
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
 .PHONY: deps audio run server test bench
 

@@ -9,9 +9,10 @@
 //!   (congestion control, our pacer, local bridges for TURN over TCP/TLS) and media
 //!   pipelines, the report, and presence (being reachable by name for direct calls).
 //!   `call`'s own doc lists its files.
-//! - [`media`]: frames, sources, codecs (openh264 with run-time rate changes, Opus), the
-//!   receive-side frame assembler (loss repair decisions), and sinks; each stage a trait
-//!   with real and synthetic implementations.
+//! - [`media`]: frames, sources, codecs (H.264 with openh264 and VP8 with libvpx, both
+//!   with run-time rate changes, behind `VideoEncoder`/`VideoDecoder`; Opus), the
+//!   receive-side frame assembler (H.264 and VP8; loss repair decisions), and sinks; each
+//!   stage a trait with real and synthetic implementations.
 //! - [`process`]: CPU time and peak memory of this process, for reports and benchmarks.
 //! - [`meetings`]: creating meetings (now or scheduled) through the server's HTTP API.
 //! - [`tls`]: rustls for `wss://`, `https://` and `turns:` (system roots plus

@@ -46,7 +46,8 @@ use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEs
 use rtc::sansio::Protocol;
 use rtc::shared::marshal::MarshalSize as _;
 
-use crate::media::assembler::starts_keyframe;
+use crate::media::assembler::starts_keyframe_of;
+use crate::media::codec::VideoCodec;
 
 /// Video leaves this many times faster than the estimate (libwebrtc's pacing factor).
 pub const PACING_FACTOR: f64 = 2.5;
@@ -306,7 +307,7 @@ pub struct MediaPacer {
     remb: Option<(f64, Instant)>,
     handle: PacerHandle,
     audio_ssrcs: HashSet<u32>,
-    /// H.264 streams by their SSRC, and the RTX SSRC of each.
+    /// Video streams (H.264, VP8) by their SSRC, and the RTX SSRC of each.
     h264: HashMap<u32, H264Stream>,
     rtx_of: HashMap<u32, u32>,
     /// Queued video; each packet's `now` is when it was queued.
@@ -322,6 +323,8 @@ pub struct MediaPacer {
 /// What the pacer follows of an H.264 stream.
 #[derive(Debug, Default)]
 struct H264Stream {
+    /// H.264 or VP8 (the name is history: keyframes are found in both).
+    codec: VideoCodec,
     rtx: Option<u32>,
     /// The timestamp of the last frame queued.
     last_timestamp: Option<u32>,
@@ -447,7 +450,7 @@ impl MediaPacer {
         let timestamp = rtp.header.timestamp;
         let new_frame = stream.last_timestamp != Some(timestamp);
         stream.last_timestamp = Some(timestamp);
-        if new_frame && starts_keyframe(&rtp.payload) {
+        if new_frame && starts_keyframe_of(stream.codec, &rtp.payload) {
             stream.keyframe_start = Some(rtp.header.sequence_number);
             let rtx = stream.rtx;
             let before = self.video.len();
@@ -578,10 +581,11 @@ impl Interceptor for MediaPacer {
         let mime = info.mime_type.to_ascii_lowercase();
         if mime.starts_with("audio/") {
             self.audio_ssrcs.insert(info.ssrc);
-        } else if mime == "video/h264" {
+        } else if let Some(codec) = VideoCodec::from_mime(&mime) {
             self.h264.insert(
                 info.ssrc,
                 H264Stream {
+                    codec,
                     rtx: info.ssrc_rtx,
                     ..H264Stream::default()
                 },

@@ -22,7 +22,7 @@ use rtc::peer_connection::configuration::interceptor_registry::{
     Slot, configure_rtcp_reports, configure_simulcast_extension_headers,
 };
 use rtc::peer_connection::configuration::media_engine::{
-    MIME_TYPE_FLEX_FEC03, MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_RTX,
+    MIME_TYPE_FLEX_FEC03, MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_RTX, MIME_TYPE_VP8,
 };
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
@@ -53,6 +53,7 @@ use super::repair::{
 use super::runtime::PromptRuntime;
 use super::state::Role;
 use super::turn_bridge::{BridgedRelays, TurnBridge, bridge_ice_servers, deprioritize};
+use crate::media::codec::VideoCodec;
 use crate::signaling::protocol::{IceCandidate, IceServer};
 
 /// The peer connection could not do what was asked.
@@ -201,35 +202,114 @@ pub const MAX_BITRATE_BPS: u32 = 4_000_000;
 
 const H264_PT: u8 = 102;
 const H264_RTX_PT: u8 = 103;
+const VP8_PT: u8 = 96;
+const VP8_RTX_PT: u8 = 97;
 const FLEXFEC_PT: u8 = 118;
 const OPUS_PT: u8 = 111;
 
-fn h264_codec() -> RTCRtpCodec {
+fn video_feedback() -> Vec<RTCPFeedback> {
     let fb = |typ: &str, parameter: &str| RTCPFeedback {
         typ: typ.into(),
         parameter: parameter.into(),
     };
+    vec![fb("nack", ""), fb("nack", "pli"), fb("ccm", "fir")]
+}
+
+fn h264_codec() -> RTCRtpCodec {
     RTCRtpCodec {
         mime_type: MIME_TYPE_H264.to_owned(),
         clock_rate: 90_000,
         channels: 0,
         sdp_fmtp_line: "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f"
             .to_owned(),
-        rtcp_feedback: vec![fb("nack", ""), fb("nack", "pli"), fb("ccm", "fir")],
+        rtcp_feedback: video_feedback(),
     }
 }
 
-/// Retransmissions of H.264 packets on their own SSRC (RFC 4588). With it negotiated the
-/// NACK responder sends repairs as RTX, and the endpoint unwraps the other side's RTX
-/// packets back into the video stream: libwebrtc (Chromium) retransmits only this way.
-fn h264_rtx_codec() -> RTCRtpCodec {
+/// VP8, WebRTC's other mandatory video codec: what Firefox sends when it has no H.264.
+fn vp8_codec() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_VP8.to_owned(),
+        clock_rate: 90_000,
+        channels: 0,
+        sdp_fmtp_line: String::new(),
+        rtcp_feedback: video_feedback(),
+    }
+}
+
+fn video_codec(codec: VideoCodec) -> RTCRtpCodec {
+    match codec {
+        VideoCodec::H264 => h264_codec(),
+        VideoCodec::Vp8 => vp8_codec(),
+    }
+}
+
+/// Retransmissions of video packets on their own SSRC (RFC 4588), one RTX format per
+/// video codec (`apt`). With it negotiated the NACK responder sends repairs as RTX, and
+/// the endpoint unwraps the other side's RTX packets back into the video stream:
+/// libwebrtc (Chromium) retransmits only this way.
+fn rtx_codec(apt: u8) -> RTCRtpCodec {
     RTCRtpCodec {
         mime_type: MIME_TYPE_RTX.to_owned(),
         clock_rate: 90_000,
         channels: 0,
-        sdp_fmtp_line: format!("apt={H264_PT}"),
+        sdp_fmtp_line: format!("apt={apt}"),
         rtcp_feedback: Vec::new(),
     }
+}
+
+/// The video codecs in our order of preference, with their payload types: H.264 first
+/// (hardware decoders everywhere, Safari), VP8 for peers without H.264.
+fn video_codecs() -> Vec<RTCRtpCodecParameters> {
+    vec![
+        RTCRtpCodecParameters {
+            rtp_codec: h264_codec(),
+            payload_type: H264_PT,
+        },
+        RTCRtpCodecParameters {
+            rtp_codec: vp8_codec(),
+            payload_type: VP8_PT,
+        },
+    ]
+}
+
+/// The video codec to send to a peer, from its offer or answer: H.264 when its first
+/// video section lists it, else VP8 when that does; None when neither (no video).
+pub fn choose_video_codec(remote_sdp: &str) -> Option<VideoCodec> {
+    let mut in_video = false;
+    let (mut port_zero, mut bundle_only) = (false, false);
+    let mut offered = Vec::new();
+    for line in remote_sdp.lines() {
+        let line = line.trim_end();
+        if let Some(media) = line.strip_prefix("m=") {
+            if in_video {
+                break; // only the first video section carries our track
+            }
+            let mut fields = media.split_whitespace();
+            in_video = fields.next() == Some("video");
+            port_zero = fields.next() == Some("0");
+            continue;
+        }
+        if !in_video {
+            continue;
+        }
+        bundle_only |= line == "a=bundle-only";
+        // a=rtpmap:<pt> <name>/<clock>[/<channels>]
+        if let Some(map) = line.strip_prefix("a=rtpmap:")
+            && let Some(name) = map.split_whitespace().nth(1)
+            && let Some(codec) = VideoCodec::from_mime(name.split('/').next().unwrap_or(name))
+        {
+            offered.push(codec);
+        }
+    }
+    // Port 0 is a rejected section, unless it is bundled with the first one (Firefox
+    // offers every section after the first so: `a=bundle-only`).
+    if port_zero && !bundle_only {
+        return None;
+    }
+    [VideoCodec::H264, VideoCodec::Vp8]
+        .into_iter()
+        .find(|c| offered.contains(c))
 }
 
 /// FlexFEC (draft 03) repair packets for the video ([`FecSender`] sends them as the
@@ -358,18 +438,32 @@ pub struct LocalTrack {
     pub sender: Arc<dyn RtpSender>,
     pub ssrc: SSRC,
     mime: &'static str,
+    /// Video: the codec chosen from the other side's description (H.264 until then).
+    /// The track's own packetizer is H.264's; VP8 is packetized by the pipeline.
+    video_codec: Option<Arc<std::sync::Mutex<VideoCodec>>>,
 }
 
 impl LocalTrack {
     /// The payload type the other side accepted (known once negotiated).
     pub async fn payload_type(&self) -> Option<PayloadType> {
+        let mime = match self.video_codec() {
+            Some(VideoCodec::H264) | None => self.mime,
+            Some(VideoCodec::Vp8) => MIME_TYPE_VP8,
+        };
         let params = self.sender.get_parameters().await.ok()?;
         params
             .rtp_parameters
             .codecs
             .iter()
-            .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(self.mime))
+            .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(mime))
             .map(|c| c.payload_type)
+    }
+
+    /// The video codec this track sends (None for audio).
+    pub fn video_codec(&self) -> Option<VideoCodec> {
+        self.video_codec
+            .as_ref()
+            .map(|c| *c.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 }
 
@@ -390,6 +484,10 @@ pub struct Peer {
     signaled: Vec<CandidateEnd>,
     /// Local bridges to TURN servers reached over TCP or TLS; they end with the peer.
     bridges: Vec<TurnBridge>,
+    /// Our tracks' ids are made from it.
+    tag: String,
+    /// The video codec was chosen (from the first remote description; it stays).
+    video_codec_chosen: bool,
 }
 
 /// At most this many remote candidates are queued (before the remote description) or
@@ -427,8 +525,26 @@ impl Peer {
         media
             .register_codec(
                 RTCRtpCodecParameters {
-                    rtp_codec: h264_rtx_codec(),
+                    rtp_codec: rtx_codec(H264_PT),
                     payload_type: H264_RTX_PT,
+                },
+                RtpCodecKind::Video,
+            )
+            .map_err(err)?;
+        media
+            .register_codec(
+                RTCRtpCodecParameters {
+                    rtp_codec: vp8_codec(),
+                    payload_type: VP8_PT,
+                },
+                RtpCodecKind::Video,
+            )
+            .map_err(err)?;
+        media
+            .register_codec(
+                RTCRtpCodecParameters {
+                    rtp_codec: rtx_codec(VP8_PT),
+                    payload_type: VP8_RTX_PT,
                 },
                 RtpCodecKind::Video,
             )
@@ -522,6 +638,20 @@ impl Peer {
         // to their track; a random tag per connection guarantees it.
         let tag = signaling_server::ids::random_chars(8);
         let video = add_track(&pc, &tag, RtpCodecKind::Video, h264_codec(), MIME_TYPE_H264).await?;
+        // A track's codec is all webrtc-rs offers or accepts for it: the video
+        // transceiver is told both, H.264 first (their RTX and FlexFEC come along).
+        for transceiver in pc.get_transceivers().await {
+            let ours = match transceiver.sender().await {
+                Ok(Some(sender)) => sender.id() == video.sender.id(),
+                _ => false,
+            };
+            if ours {
+                transceiver
+                    .set_codec_preferences(video_codecs())
+                    .await
+                    .map_err(err)?;
+            }
+        }
         let audio = add_track(&pc, &tag, RtpCodecKind::Audio, opus_codec(), MIME_TYPE_OPUS).await?;
         let chat = match role {
             Role::Offerer => Some(pc.create_data_channel("chat", None).await.map_err(err)?),
@@ -538,6 +668,8 @@ impl Peer {
             pending_candidates: Vec::new(),
             signaled: Vec::new(),
             bridges,
+            tag,
+            video_codec_chosen: false,
         })
     }
 
@@ -578,8 +710,61 @@ impl Peer {
         self.pc.set_local_description(rollback).await.map_err(err)
     }
 
+    /// The negotiated video codec (H.264 before the other side's description is known).
+    pub fn video_codec(&self) -> VideoCodec {
+        self.video.video_codec().unwrap_or_default()
+    }
+
+    /// Picks the video codec we send from the other side's first description: H.264 when
+    /// it has it, else VP8. webrtc-rs binds a sent stream (NACK, TWCC, FEC, our pacer) to
+    /// the codec of its track, so for VP8 the sender's track is replaced before the
+    /// description is applied; ids and SSRC stay, and so does the bound track object we
+    /// write to and read RTCP from (the pipeline packetizes VP8 itself).
+    async fn choose_video_codec(&mut self, remote_sdp: &str) -> Result<(), PeerError> {
+        if self.video_codec_chosen {
+            return Ok(());
+        }
+        self.video_codec_chosen = true;
+        let Some(codec) = choose_video_codec(remote_sdp) else {
+            let media: Vec<&str> = remote_sdp
+                .lines()
+                .filter(|l| l.starts_with("m=") || l.starts_with("a=rtpmap:"))
+                .collect();
+            tracing::warn!(
+                ?media,
+                "the other side offers neither H.264 nor VP8: no video"
+            );
+            return Ok(());
+        };
+        tracing::info!(%codec, "video codec");
+        if codec != self.video_codec() {
+            let replacement = TrackLocalStaticSample::new(
+                Instant::now(),
+                media_stream_track(
+                    &self.tag,
+                    RtpCodecKind::Video,
+                    video_codec(codec),
+                    self.video.ssrc,
+                ),
+            )
+            .map_err(err)?;
+            self.video
+                .sender
+                .replace_track(Arc::new(replacement))
+                .await
+                .map_err(err)?;
+        }
+        if let Some(cell) = &self.video.video_codec {
+            *cell
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = codec;
+        }
+        Ok(())
+    }
+
     /// Answerer: applies the remote offer and returns the answer's SDP.
     pub async fn accept_offer(&mut self, sdp: String) -> Result<String, PeerError> {
+        self.choose_video_codec(&sdp).await?;
         let offer = RTCSessionDescription::offer(sdp).map_err(err)?;
         self.pc.set_remote_description(offer).await.map_err(err)?;
         self.remote_description_set = true;
@@ -592,6 +777,7 @@ impl Peer {
 
     /// Offerer: applies the remote answer.
     pub async fn accept_answer(&mut self, sdp: String) -> Result<(), PeerError> {
+        self.choose_video_codec(&sdp).await?;
         let answer = RTCSessionDescription::answer(sdp).map_err(err)?;
         self.pc.set_remote_description(answer).await.map_err(err)?;
         self.remote_description_set = true;
@@ -795,26 +981,9 @@ async fn add_track(
     mime: &'static str,
 ) -> Result<LocalTrack, PeerError> {
     let ssrc: SSRC = rand::random();
-    let id = format!("duet-{tag}-{kind}");
     let track = Arc::new(
-        TrackLocalStaticSample::new(
-            Instant::now(),
-            MediaStreamTrack::new(
-                format!("duet-{tag}"),
-                id.clone(),
-                id,
-                kind,
-                vec![RTCRtpEncodingParameters {
-                    rtp_coding_parameters: RTCRtpCodingParameters {
-                        ssrc: Some(ssrc),
-                        ..Default::default()
-                    },
-                    codec,
-                    ..Default::default()
-                }],
-            ),
-        )
-        .map_err(err)?,
+        TrackLocalStaticSample::new(Instant::now(), media_stream_track(tag, kind, codec, ssrc))
+            .map_err(err)?,
     );
     let sender = pc
         .add_track(track.clone() as Arc<dyn TrackLocal>)
@@ -825,7 +994,33 @@ async fn add_track(
         sender,
         ssrc,
         mime,
+        video_codec: (kind == RtpCodecKind::Video)
+            .then(|| Arc::new(std::sync::Mutex::new(VideoCodec::H264))),
     })
+}
+
+/// The stream and track of ours: ids and SSRC fixed, the codec as given.
+fn media_stream_track(
+    tag: &str,
+    kind: RtpCodecKind,
+    codec: RTCRtpCodec,
+    ssrc: SSRC,
+) -> MediaStreamTrack {
+    let id = format!("duet-{tag}-{kind}");
+    MediaStreamTrack::new(
+        format!("duet-{tag}"),
+        id.clone(),
+        id,
+        kind,
+        vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                ssrc: Some(ssrc),
+                ..Default::default()
+            },
+            codec,
+            ..Default::default()
+        }],
+    )
 }
 
 /// One end of a candidate pair: where it is and what kind it is.
@@ -986,6 +1181,146 @@ pub struct PeerStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The video section's codec names, in order (repair formats left out).
+    fn video_codecs_in(sdp: &str) -> Vec<String> {
+        let mut in_video = false;
+        let mut names = Vec::new();
+        for line in sdp.lines() {
+            if let Some(m) = line.strip_prefix("m=") {
+                in_video = m.starts_with("video");
+            } else if in_video && let Some(map) = line.strip_prefix("a=rtpmap:") {
+                let name = map.split_whitespace().nth(1).unwrap_or("");
+                let name = name.split('/').next().unwrap_or("");
+                if !["rtx", "flexfec-03", "red", "ulpfec"].contains(&name) {
+                    names.push(name.to_owned());
+                }
+            }
+        }
+        names
+    }
+
+    /// An SDP without the H.264 formats (and their RTX) in its video section: what a
+    /// browser without H.264 (Firefox without OpenH264) offers or answers.
+    fn without_h264(sdp: &str) -> String {
+        let h264: Vec<String> = sdp
+            .lines()
+            .filter_map(|l| l.strip_prefix("a=rtpmap:"))
+            .filter(|m| m.contains(" H264/"))
+            .filter_map(|m| m.split_whitespace().next().map(str::to_owned))
+            .collect();
+        let rtx: Vec<String> = sdp
+            .lines()
+            .filter_map(|l| l.strip_prefix("a=fmtp:"))
+            .filter(|f| h264.iter().any(|pt| f.ends_with(&format!("apt={pt}"))))
+            .filter_map(|f| f.split_whitespace().next().map(str::to_owned))
+            .collect();
+        let gone: Vec<&String> = h264.iter().chain(&rtx).collect();
+        let mentions = |l: &str, pt: &str| {
+            ["a=rtpmap:", "a=fmtp:", "a=rtcp-fb:"]
+                .iter()
+                .any(|p| l.starts_with(&format!("{p}{pt} ")))
+        };
+        sdp.lines()
+            .filter(|l| !gone.iter().any(|pt| mentions(l, pt)))
+            .map(|l| match l.strip_prefix("m=video ") {
+                Some(rest) => {
+                    let mut f: Vec<&str> = rest.split(' ').collect();
+                    f.retain(|x| !gone.iter().any(|pt| pt.as_str() == *x));
+                    format!("m=video {}", f.join(" "))
+                }
+                None => l.to_owned(),
+            })
+            .map(|l| l + "\r\n")
+            .collect()
+    }
+
+    #[test]
+    fn the_video_codec_is_h264_when_offered_else_vp8() {
+        let section = |codecs: &[(u8, &str)]| {
+            let pts: Vec<String> = codecs.iter().map(|(pt, _)| pt.to_string()).collect();
+            let mut sdp = format!(
+                "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n\
+                 m=video 9 UDP/TLS/RTP/SAVPF {}\r\n",
+                pts.join(" ")
+            );
+            for (pt, name) in codecs {
+                sdp += &format!("a=rtpmap:{pt} {name}/90000\r\n");
+            }
+            sdp
+        };
+        // Chromium offers VP8 first; H.264 is still what we pick.
+        let chromium = section(&[(96, "VP8"), (97, "rtx"), (102, "H264"), (45, "AV1")]);
+        assert_eq!(choose_video_codec(&chromium), Some(VideoCodec::H264));
+        // Firefox without OpenH264.
+        let firefox = section(&[(120, "VP8"), (124, "rtx"), (121, "VP9"), (99, "AV1")]);
+        assert_eq!(choose_video_codec(&firefox), Some(VideoCodec::Vp8));
+        // ... which offers its later sections with port 0, bundled with the first.
+        let bundled = firefox.replace("m=video 9", "m=video 0") + "a=bundle-only\r\n";
+        assert_eq!(choose_video_codec(&bundled), Some(VideoCodec::Vp8));
+        assert_eq!(choose_video_codec(&section(&[(98, "VP9")])), None);
+        // A rejected video section offers nothing.
+        let rejected = section(&[(102, "H264")]).replace("m=video 9", "m=video 0");
+        assert_eq!(choose_video_codec(&rejected), None);
+    }
+
+    /// Two real peer connections negotiate: H.264 when both have it; VP8 when one side
+    /// offers only VP8, and when one side answers only VP8 (the track sent is then VP8,
+    /// with VP8's payload type).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn negotiation_prefers_h264_and_falls_back_to_vp8() {
+        let config = PeerConfig {
+            loopback: true,
+            ..PeerConfig::default()
+        };
+        let peer = |role| {
+            let config = config.clone();
+            async move {
+                let (tx, _rx) = mpsc::unbounded_channel();
+                Peer::new(role, &config, tx).await.unwrap()
+            }
+        };
+
+        // Both have H.264: it is chosen, first in the offer and in the answer.
+        let mut offerer = peer(Role::Offerer).await;
+        let mut answerer = peer(Role::Answerer).await;
+        let offer = offerer.create_offer().await.unwrap();
+        assert_eq!(video_codecs_in(&offer), ["H264", "VP8"], "{offer}");
+        let answer = answerer.accept_offer(offer).await.unwrap();
+        assert_eq!(video_codecs_in(&answer)[0], "H264", "{answer}");
+        offerer.accept_answer(answer).await.unwrap();
+        assert_eq!(offerer.video_codec(), VideoCodec::H264);
+        assert_eq!(answerer.video_codec(), VideoCodec::H264);
+        assert_eq!(offerer.video.payload_type().await, Some(H264_PT));
+        assert_eq!(answerer.video.payload_type().await, Some(H264_PT));
+        offerer.close().await;
+        answerer.close().await;
+
+        // The offer has VP8 only: the answerer sends VP8, and answers VP8 only.
+        let mut offerer = peer(Role::Offerer).await;
+        let mut answerer = peer(Role::Answerer).await;
+        let offer = without_h264(&offerer.create_offer().await.unwrap());
+        assert_eq!(video_codecs_in(&offer), ["VP8"], "{offer}");
+        let answer = answerer.accept_offer(offer).await.unwrap();
+        assert_eq!(video_codecs_in(&answer), ["VP8"], "{answer}");
+        assert_eq!(answerer.video_codec(), VideoCodec::Vp8);
+        assert_eq!(answerer.video.payload_type().await, Some(VP8_PT));
+        answerer.close().await;
+
+        offerer.close().await;
+
+        // The answer has VP8 only: the offerer sends VP8.
+        let mut offerer = peer(Role::Offerer).await;
+        let mut answerer = peer(Role::Answerer).await;
+        let offer = offerer.create_offer().await.unwrap();
+        let answer = without_h264(&answerer.accept_offer(offer).await.unwrap());
+        assert_eq!(video_codecs_in(&answer), ["VP8"], "{answer}");
+        offerer.accept_answer(answer).await.unwrap();
+        assert_eq!(offerer.video_codec(), VideoCodec::Vp8);
+        assert_eq!(offerer.video.payload_type().await, Some(VP8_PT));
+        offerer.close().await;
+        answerer.close().await;
+    }
 
     fn end(address: &str, port: u16, kind: &str) -> CandidateEnd {
         CandidateEnd {

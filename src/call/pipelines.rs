@@ -26,6 +26,9 @@ use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEs
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::{
     TransportLayerNack, nack_pairs_from_sequence_numbers,
 };
+use rtc::rtp::codec::vp8::Vp8Payloader;
+use rtc::rtp::packetizer::{Packetizer as _, new_packetizer};
+use rtc::rtp::sequence::new_random_sequencer;
 use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use tokio::sync::mpsc;
 use webrtc::media_stream::track_local::{TrackLocal as _, TrackLocalEvent};
@@ -37,7 +40,8 @@ use crate::media::arrival::ArrivalMonitor;
 use crate::media::assembler::{AccessUnit, Assembled, FrameAssembler};
 use crate::media::audio::{AudioSink, AudioSource, OpusDecoder, OpusEncoder, SAMPLE_RATE};
 use crate::media::capture::CapturedFrame;
-use crate::media::h264::{EncoderSettings, H264Decoder, H264Encoder};
+use crate::media::codec::{VideoCodec, VideoDecoder};
+use crate::media::h264::EncoderSettings;
 use crate::media::jitter::{JitterBuffer, JitterStats, Playout};
 use crate::media::ladder::{Ladder, scaled_size};
 use crate::media::level::{SpeechMean, VoiceLevel, VoiceMeter};
@@ -61,6 +65,9 @@ pub struct MediaStats {
     pub connected_after: Option<Duration>,
     pub both_in_room_at: Option<Instant>,
     pub first_frame_after: Option<Duration>,
+    /// The video codec sent and received (known once each pipeline started).
+    pub video_codec_sent: Option<VideoCodec>,
+    pub video_codec_received: Option<VideoCodec>,
     pub video_frames_sent: u64,
     pub video_frames_skipped: u64,
     pub video_bytes_sent: u64,
@@ -133,6 +140,8 @@ impl MediaStats {
             connected_after: None,
             both_in_room_at: None,
             first_frame_after: None,
+            video_codec_sent: None,
+            video_codec_received: None,
             video_frames_sent: 0,
             video_frames_skipped: 0,
             video_bytes_sent: 0,
@@ -388,6 +397,9 @@ impl Pipelines {
         let stop = self.stop.clone();
         let thread_stats = stats.clone();
         let rtt = self.rtt.subscribe();
+        // Chosen from the other side's description, which is applied before media starts.
+        let codec = track.video_codec().unwrap_or_default();
+        stats.lock().video_codec_sent = Some(codec);
         let spawned = std::thread::Builder::new()
             .name("duet-video-send".into())
             .spawn(move || {
@@ -399,7 +411,7 @@ impl Pipelines {
                     ))),
                     ..settings
                 };
-                let mut encoder = match H264Encoder::new(start) {
+                let mut encoder = match codec.new_encoder(start) {
                     Ok(e) => e,
                     Err(e) => {
                         tracing::error!(error = %e, "video encoder");
@@ -514,10 +526,41 @@ impl Pipelines {
         let writer_track = track.clone();
         self.tasks.push(tokio::spawn(async move {
             let Some(pt) = wait_payload_type(&writer_track).await else {
-                tracing::error!("no negotiated H.264 payload type");
+                tracing::error!(%codec, "no negotiated payload type for the video codec");
                 return;
             };
+            // The track's own packetizer is H.264's (see `Peer::choose_video_codec`); VP8
+            // frames are packetized here (RFC 7741, with picture ids) and written as RTP.
+            let mut vp8 = (codec == VideoCodec::Vp8).then(|| {
+                let mut payloader = Vp8Payloader::default();
+                payloader.enable_picture_id = true;
+                new_packetizer(
+                    Instant::now(),
+                    VIDEO_MTU,
+                    pt,
+                    writer_track.ssrc,
+                    Box::new(payloader),
+                    Box::new(new_random_sequencer()),
+                    90_000,
+                )
+            });
             while let Some((data, duration)) = rx.recv().await {
+                if let Some(packetizer) = vp8.as_mut() {
+                    let ticks = (duration.as_secs_f64() * 90_000.0) as u32;
+                    let packets = match packetizer.packetize(Instant::now(), &data, ticks) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "packetizing a VP8 frame");
+                            continue;
+                        }
+                    };
+                    for packet in packets {
+                        if let Err(e) = writer_track.track.write_rtp(packet).await {
+                            tracing::debug!(error = %e, "writing a VP8 packet");
+                        }
+                    }
+                    continue;
+                }
                 let sample = Sample {
                     data,
                     duration,
@@ -706,7 +749,16 @@ impl Pipelines {
         let mut rtt = self.rtt.subscribe();
         self.tasks.push(tokio::spawn(async move {
             let media_ssrc = track.ssrcs().await.first().copied().unwrap_or(0);
-            let mut assembler = FrameAssembler::new();
+            let codec = match track.codec(media_ssrc).await {
+                Some(c) => VideoCodec::from_mime(&c.mime_type).unwrap_or_else(|| {
+                    tracing::warn!(mime = %c.mime_type, "unexpected video codec; trying H.264");
+                    VideoCodec::H264
+                }),
+                None => VideoCodec::H264,
+            };
+            tracing::info!(%codec, "receiving video");
+            stats.lock().video_codec_received = Some(codec);
+            let mut assembler = FrameAssembler::for_codec(codec);
             let mut arrival = ArrivalMonitor::new();
             // A burst's "send less", sent with the keyframe request that follows it.
             let mut burst_remb: Option<u64> = None;
@@ -919,6 +971,10 @@ pub enum EncoderControl {
     Ceiling(u32),
 }
 
+/// RTP packets of VP8 frames are at most this large (webrtc-rs's own packetizer's size,
+/// which H.264 samples get).
+const VIDEO_MTU: usize = 1200;
+
 /// At most this many per-frame timings are kept for the report (an hour of 20 ms frames).
 const MAX_TIMINGS: usize = 180_000;
 
@@ -1055,13 +1111,8 @@ fn video_decode_loop(
     stop: Arc<AtomicBool>,
     decoder_failed: mpsc::UnboundedSender<()>,
 ) {
-    let mut decoder = match H264Decoder::new() {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::error!(error = %e, "video decoder");
-            return;
-        }
-    };
+    // Made for the codec of the first frame (the receive task learns it from the track).
+    let mut decoder: Option<(VideoCodec, Box<dyn VideoDecoder>)> = None;
     let mut reference: Option<TestPattern> = None;
     let mut decoded = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -1069,6 +1120,18 @@ fn video_decode_loop(
             Ok(au) => au,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        if decoder.as_ref().is_none_or(|(c, _)| *c != au.codec) {
+            match au.codec.new_decoder() {
+                Ok(d) => decoder = Some((au.codec, d)),
+                Err(e) => {
+                    tracing::error!(error = %e, codec = %au.codec, "video decoder");
+                    return;
+                }
+            }
+        }
+        let Some((_, decoder)) = decoder.as_mut() else {
+            continue;
         };
         let t0 = Instant::now();
         let frame = match decoder.decode(&au.data) {

@@ -17,6 +17,9 @@ pub struct Report {
     pub time_to_first_frame_ms: Option<f64>,
     /// From both members being in the room to the first decoded frame.
     pub setup_to_first_frame_ms: Option<f64>,
+    /// The video codec sent and the one received (H264 or VP8), once known.
+    pub video_codec_sent: Option<crate::media::codec::VideoCodec>,
+    pub video_codec_received: Option<crate::media::codec::VideoCodec>,
     pub frames_sent: u64,
     pub frames_skipped_by_encoder: u64,
     pub keyframes_sent: u64,
@@ -165,6 +168,8 @@ impl Report {
                 (Some(a), Some(b)) => Some(ms(b.saturating_duration_since(a))),
                 _ => None,
             },
+            video_codec_sent: s.video_codec_sent,
+            video_codec_received: s.video_codec_received,
             frames_sent: s.video_frames_sent,
             frames_skipped_by_encoder: s.video_frames_skipped,
             keyframes_sent: s.keyframes_sent,

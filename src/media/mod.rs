@@ -4,11 +4,14 @@
 //!
 //! - [`video`]: I420 frames, the `VideoSource` trait, test pattern + strip, Y4M files.
 //! - [`h264`]: H.264 encoding/decoding with openh264.
+//! - [`vp8`]: VP8 encoding/decoding with libvpx (its own small `unsafe` island: the C API).
+//! - [`codec`]: the `VideoEncoder`/`VideoDecoder` traits over both, and `VideoCodec`,
+//!   the codec a call negotiated (H.264 preferred, VP8 when the other side has no H.264).
 //! - [`ladder`]: which resolution and frame rate to send at a bitrate (pure).
 //! - [`scale`]: I420 frames to a smaller size (fast_image_resize), strip kept.
-//! - [`openh264_rate`]: bitrate and frame rate changes while encoding (the crate's only
-//!   `unsafe`: two openh264 `SetOption` calls).
-//! - [`assembler`]: received H.264 RTP packets -> complete access units, waiting for
+//! - [`openh264_rate`]: bitrate and frame rate changes while encoding (one of the crate's
+//!   two `unsafe` islands: two openh264 `SetOption` calls; the other is [`vp8`]).
+//! - [`assembler`]: received H.264 or VP8 RTP packets -> complete access units, waiting for
 //!   retransmissions and deciding when to ask for a keyframe (pure, unit-tested).
 //! - [`arrival`]: a received stream's one-way queueing delay and rate, and when to ask
 //!   its sender to slow down (REMB) (pure, unit-tested).
@@ -31,6 +34,7 @@ pub mod assembler;
 pub mod audio;
 pub mod camera;
 pub mod capture;
+pub mod codec;
 pub mod device;
 pub mod h264;
 pub mod jitter;
@@ -43,6 +47,7 @@ pub mod processing;
 pub mod scale;
 pub mod sources;
 pub mod video;
+pub mod vp8;
 
 /// The real devices present, by name (for pickers and `duet devices`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -1,6 +1,7 @@
 //! Changing openh264's bitrate and frame rate while it runs, which its safe API cannot
 //! do (rebuilding the encoder costs a keyframe; a congestion controller changes the
-//! rate every second). The only `unsafe` in the crate: two `SetOption` calls with
+//! rate every second). One of the crate's two `unsafe` islands (the other is libvpx in
+//! [`super::vp8`]): two `SetOption` calls with
 //! plain-old-data arguments, on an encoder we own exclusively.
 
 #![allow(unsafe_code)]
