@@ -303,12 +303,13 @@ impl FrameAssembler {
         }
         self.highest = Some(self.highest.map_or(seq, |h| h.max(seq)));
         if first_ever {
-            // The stream must begin with a keyframe. A first packet that begins one (with
-            // its SPS): its other packets may still be late, a request goes out after the usual wait. A
-            // first packet from the middle of a frame: the keyframe's start came before
-            // this receiver listened (the sender's first packets cross while DTLS is
-            // still finishing here), so ask at once, allowing only for reordering.
-            let wait = if starts_with_sps(&payload) {
+            // The stream must begin with a keyframe. A first packet that begins one
+            // (H.264: with its SPS): its other packets may still be late, a request goes
+            // out after the usual wait. A first packet from the middle of a frame: the
+            // keyframe's start came before this receiver listened (the sender's first
+            // packets cross while DTLS is still finishing here), so ask at once, allowing
+            // only for reordering.
+            let wait = if self.unambiguous_keyframe_start(&payload) {
                 self.repair_wait()
             } else {
                 FIRST_PACKET_REORDER
