@@ -79,7 +79,7 @@ pub(crate) async fn run(
 ) {
     let registration = shared.hub.connect(Some(client));
     if let Some(cluster) = &shared.cluster {
-        cluster.connect(registration.conn, &registration.peer_id);
+        cluster.connect(registration.conn, &registration.peer_id, client);
     }
     let span = info_span!("ws", peer = %registration.peer_id);
     let conn = registration.conn;

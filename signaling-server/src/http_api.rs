@@ -35,6 +35,7 @@ use crate::api::{
     MAX_TTL_S, RoomInfo, RoomList, RoomState, join_url,
 };
 use crate::clock::{Now, format_rfc3339, parse_rfc3339};
+use crate::cluster::EndRefused;
 use crate::ids;
 use crate::protocol::{IceServer, RoomEndReason};
 use crate::rate_limit::{RateLimit, RateLimiter, Verdict};
@@ -507,13 +508,6 @@ async fn create_room(
     shared.api.admit(addr.ip())?;
     let headers = request.headers().clone();
     require_api_key(&shared, &headers)?;
-    if shared.cluster.is_some() {
-        return Err(Failure::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "meetings are not available on a clustered server (--redis) yet",
-        ));
-    }
     // A client announcing a body and never sending it must not hold the connection
     // (and with it the server's shutdown) for ever.
     let limit = shared.config.http_body_timeout;
@@ -547,9 +541,6 @@ async fn store_new_room(
     // 65 random bits make a collision practically impossible; retry anyway.
     for _ in 0..8 {
         let room_id = ids::room_id();
-        if shared.hub.room_info(&room_id).is_some() {
-            continue;
-        }
         let token = ids::host_token();
         let meeting = Meeting {
             token_hash: ids::secret_hash(&token),
@@ -559,28 +550,48 @@ async fn store_new_room(
             created_at: now.wall,
             ended: None,
         };
-        let stored = StoredMeeting {
-            room_id: room_id.clone(),
-            meeting: meeting.clone(),
-        };
-        match shared.store.insert(stored).await {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) => {
-                error!(error = %e, "cannot store a new room");
-                return Err(Failure::internal());
+        let info = match &shared.cluster {
+            // In Redis: one script checks the id is free and stores it.
+            Some(cluster) => {
+                match cluster.create_meeting(&room_id, &meeting).await {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => return Err(Failure::unavailable(&e)),
+                }
+                cluster
+                    .room_info(&room_id)
+                    .await
+                    .map_err(|e| Failure::unavailable(&e))?
             }
-        }
-        if !shared.hub.add_meeting(&room_id, meeting) {
-            // An ad-hoc room took the name in between: give the stored one up.
-            shared
-                .store
-                .record(vec![crate::rooms::MeetingEvent::Forgotten {
-                    room: room_id,
-                }]);
-            continue;
-        }
-        let Some(info) = shared.hub.room_info(&room_id) else {
+            None => {
+                if shared.hub.room_info(&room_id).is_some() {
+                    continue;
+                }
+                let stored = StoredMeeting {
+                    room_id: room_id.clone(),
+                    meeting: meeting.clone(),
+                };
+                match shared.store.insert(stored).await {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => {
+                        error!(error = %e, "cannot store a new room");
+                        return Err(Failure::internal());
+                    }
+                }
+                if !shared.hub.add_meeting(&room_id, meeting) {
+                    // An ad-hoc room took the name in between: give the stored one up.
+                    shared
+                        .store
+                        .record(vec![crate::rooms::MeetingEvent::Forgotten {
+                            room: room_id,
+                        }]);
+                    continue;
+                }
+                shared.hub.room_info(&room_id)
+            }
+        };
+        let Some(info) = info else {
             return Err(Failure::internal());
         };
         info!(
@@ -707,9 +718,14 @@ async fn list_rooms(
     {
         return Err(Failure::bad_field("`from` is after `to`"));
     }
-    Ok(Json(RoomList {
-        rooms: shared.hub.list_meetings(from, to),
-    }))
+    let rooms = match &shared.cluster {
+        None => shared.hub.list_meetings(from, to),
+        Some(cluster) => cluster
+            .list_meetings(from, to)
+            .await
+            .map_err(|e| Failure::unavailable(&e))?,
+    };
+    Ok(Json(RoomList { rooms }))
 }
 
 /// End a room: its members get `room_ended/host_ended`, later joins `error/room_ended`.
@@ -735,34 +751,36 @@ async fn delete_room(
 ) -> Result<Json<RoomInfo>, Failure> {
     shared.api.admit(addr.ip())?;
     let room_id = room_id_from(path)?;
+    let wrong_token = || {
+        let message = if bearer(&headers).is_some() {
+            "wrong host token for this room"
+        } else {
+            "ending a room needs its host token: Authorization: Bearer <host_token>"
+        };
+        Failure::unauthorized(message)
+    };
+    let ended = || {
+        Failure::new(
+            StatusCode::CONFLICT,
+            "room_ended",
+            format!("room `{room_id}` has ended already"),
+        )
+    };
     if let Some(cluster) = &shared.cluster {
-        // Every room of a cluster is ad hoc: none has a host token.
-        return match cluster.room_info(&room_id).await {
-            Ok(None) => Err(Failure::unknown_room(&room_id)),
-            Ok(Some(_)) => Err(Failure::unauthorized(
-                "this room has no host token: only its host can end it (end_room)",
-            )),
+        // One script ends it in Redis; members on any instance hear `room_ended`.
+        return match cluster.end_meeting(&room_id, bearer(&headers)).await {
+            Ok(Ok(info)) => Ok(Json(info)),
+            Ok(Err(EndRefused::UnknownRoom)) => Err(Failure::unknown_room(&room_id)),
+            Ok(Err(EndRefused::WrongToken)) => Err(wrong_token()),
+            Ok(Err(EndRefused::Ended)) => Err(ended()),
             Err(e) => Err(Failure::unavailable(&e)),
         };
     }
     match shared.hub.check_host(&room_id, bearer(&headers)) {
         Ok(()) => {}
         Err(HostCheck::UnknownRoom) => return Err(Failure::unknown_room(&room_id)),
-        Err(HostCheck::WrongToken) => {
-            let message = if bearer(&headers).is_some() {
-                "wrong host token for this room"
-            } else {
-                "ending a room needs its host token: Authorization: Bearer <host_token>"
-            };
-            return Err(Failure::unauthorized(message));
-        }
-        Err(HostCheck::Ended) => {
-            return Err(Failure::new(
-                StatusCode::CONFLICT,
-                "room_ended",
-                format!("room `{room_id}` has ended already"),
-            ));
-        }
+        Err(HostCheck::WrongToken) => return Err(wrong_token()),
+        Err(HostCheck::Ended) => return Err(ended()),
     }
     // In a task of its own, like creating: stored and ended in memory, or neither.
     let tasks = shared.tasks.clone();
@@ -887,7 +905,17 @@ async fn join_page(
     let Ok(Path(room_id)) = path else {
         return (StatusCode::BAD_REQUEST, "bad room id\n").into_response();
     };
-    match shared.hub.room_info(&room_id) {
+    let info = match &shared.cluster {
+        None => shared.hub.room_info(&room_id),
+        Some(cluster) => match cluster.room_info(&room_id).await {
+            Ok(info) => info,
+            Err(e) => {
+                warn!(error = %e, "Redis unreachable for a join page");
+                return (StatusCode::SERVICE_UNAVAILABLE, "try again shortly\n").into_response();
+            }
+        },
+    };
+    match info {
         Some(info) => {
             let title = info.title.map(|t| format!(" ({t})")).unwrap_or_default();
             let when = match (info.state, info.starts_at) {

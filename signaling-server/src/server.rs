@@ -199,6 +199,11 @@ impl Server {
                         ring_timeout: config.ring_timeout,
                         resume_grace: config.resume_grace,
                         sweep_interval: config.sweep_interval,
+                        early_join: config.early_join,
+                        ended_retention: ENDED_RETENTION,
+                        max_rooms: config.max_rooms,
+                        rooms_per_minute: config.rooms_per_minute,
+                        rooms_per_minute_per_address: config.rooms_per_minute_per_address,
                     },
                     Arc::clone(&hub),
                 )
