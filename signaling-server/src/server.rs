@@ -1,8 +1,8 @@
 //! Starting and stopping a server: the database, the HTTP routes (axum; the API
-//! handlers are in `http_api.rs`), the WebSocket upgrade, and the background sweeper.
+//! handlers are in `http/api.rs`), the WebSocket upgrade, and the background sweeper.
 //!
 //! axum routes HTTP because the meetings API grows here; its `ws` extractor is not used
-//! because the server does its own framing (see `websocket.rs`). Connections are accepted
+//! because the server does its own framing (see `ws/framing.rs`). Connections are accepted
 //! by our own loop over hyper's HTTP/1 server (not `axum::serve`, whose protocol-sniffing
 //! wrapper hides the socket): after the RFC 6455 handshake the raw stream (TCP, or TLS over
 //! TCP) is taken back from hyper, so an idle plain-TCP connection can wait on readiness
@@ -11,7 +11,7 @@
 //! Every phase of an HTTP connection has a deadline, so that no client can hold a
 //! connection (and with it the server's shutdown) for ever: the request line and
 //! headers (hyper's header timer, which also runs while a kept-alive connection waits
-//! for its next request), the body (`http_api`, answered `408`), and no bytes moving
+//! for its next request), the body (`http::api`, answered `408`), and no bytes moving
 //! either way (a watchdog here; catches a client that never reads its answer). Shutdown
 //! lets connections finish for `shutdown_grace`, then drops the rest.
 //!
@@ -41,17 +41,17 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 use tracing::{debug, info, warn};
 
-use crate::cluster::{Cluster, ClusterConfig, ClusterError};
 use crate::config::{Config, ConfigError};
-use crate::http_api::{self, ApiState, ClientAddr};
-use crate::hub::Hub;
-use crate::rate_limit::RateLimit;
-use crate::rooms::{ENDED_RETENTION, RoomsConfig};
-use crate::store::{Store, StoreError, StoreThread};
+use crate::core::rate_limit::RateLimit;
+use crate::core::rooms::{ENDED_RETENTION, RoomsConfig};
+use crate::http::api::{self as http_api, ApiState, ClientAddr};
+use crate::state::cluster::{Cluster, ClusterConfig, ClusterError};
+use crate::state::hub::Hub;
+use crate::state::store::{Store, StoreError, StoreThread};
 use crate::tls::{ServerTls, Stream, TlsError};
 use crate::turn::IceConfig;
-use crate::turn_server::{TurnError, TurnServer};
-use crate::{connection, websocket};
+use crate::turn::server::{TurnError, TurnServer};
+use crate::ws::{connection, framing};
 
 /// What every request handler and connection task shares.
 #[derive(Debug)]
@@ -564,7 +564,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(healthz))
         .route("/ws", get(upgrade))
         .merge(http_api::routes())
-        .merge(crate::web::routes())
+        .merge(crate::http::web::routes())
         .fallback(http_api::not_found)
         .method_not_allowed_fallback(http_api::method_not_allowed)
         .with_state(shared)
@@ -733,7 +733,7 @@ async fn upgrade(State(shared): State<Arc<Shared>>, request: Request) -> Respons
     else {
         return plain(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
     };
-    let Ok(accept) = HeaderValue::from_str(&websocket::accept_key(key)) else {
+    let Ok(accept) = HeaderValue::from_str(&framing::accept_key(key)) else {
         return plain(StatusCode::BAD_REQUEST, "bad Sec-WebSocket-Key\n");
     };
     if !origin_allowed(headers, &shared.config.allowed_origins) {

@@ -9,7 +9,7 @@
 //! its slow-client rule), which this module delivers into with [`Hub::send`].
 //!
 //! This is a routing layer rather than a second implementation of the hub behind a
-//! trait: [`crate::rooms::Rooms`] is a synchronous state machine applied under one
+//! trait: [`crate::core::rooms::Rooms`] is a synchronous state machine applied under one
 //! mutex, and putting Redis round trips behind the same interface would either make
 //! the single-process path async (slower, for nothing) or hide network I/O inside a
 //! lock. Instead the state that must be shared lives in Redis and is changed only by
@@ -96,15 +96,15 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::clock::format_rfc3339;
 use crate::config::Secret;
-use crate::hub::Hub;
+use crate::core::clock::format_rfc3339;
+use crate::core::rooms::ConnId;
 use crate::ids;
 use crate::protocol::{
     CallRejectReason, ClientMessage, ErrorCode, LeaveReason, PeerInfo, RoomEndReason,
     ServerMessage, validate_name,
 };
-use crate::rooms::ConnId;
+use crate::state::hub::Hub;
 
 mod meetings;
 

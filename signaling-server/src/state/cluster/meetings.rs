@@ -26,11 +26,11 @@ use super::{
     BUSY_PREFIX, Cluster, ScriptAnswer, Unreachable, from_unix_millis, hex, meeting_key, millis,
     room_key, unix_millis,
 };
-use crate::api::{RoomInfo, RoomState};
-use crate::clock::format_rfc3339;
+use crate::core::clock::format_rfc3339;
+use crate::core::rooms::Meeting;
 use crate::ids;
+use crate::protocol::api::{RoomInfo, RoomState};
 use crate::protocol::{RoomEndReason, ServerMessage};
-use crate::rooms::Meeting;
 
 /// Key prefix of a meeting's hash.
 pub(super) const MEETING_PREFIX: &str = "duet:meeting:";

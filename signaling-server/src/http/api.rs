@@ -30,18 +30,18 @@ use tracing::{error, info, warn};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 
-use crate::api::{
+use crate::core::clock::{Now, format_rfc3339, parse_rfc3339};
+use crate::core::rate_limit::{RateLimit, RateLimiter, Verdict};
+use crate::core::rooms::{HostCheck, Meeting};
+use crate::ids;
+use crate::protocol::api::{
     ApiError, CreateRoomRequest, CreatedRoom, DEFAULT_TTL_S, IceServers, MAX_TITLE_CHARS,
     MAX_TTL_S, RoomInfo, RoomList, RoomState, join_url,
 };
-use crate::clock::{Now, format_rfc3339, parse_rfc3339};
-use crate::cluster::EndRefused;
-use crate::ids;
 use crate::protocol::{IceServer, RoomEndReason};
-use crate::rate_limit::{RateLimit, RateLimiter, Verdict};
-use crate::rooms::{HostCheck, Meeting};
 use crate::server::Shared;
-use crate::store::StoredMeeting;
+use crate::state::cluster::EndRefused;
+use crate::state::store::StoredMeeting;
 
 /// Largest request body; more is `413`.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -262,7 +262,7 @@ impl Failure {
     }
 
     /// 503: cluster mode cannot reach Redis.
-    fn unavailable(e: &crate::cluster::Unreachable) -> Self {
+    fn unavailable(e: &crate::state::cluster::Unreachable) -> Self {
         warn!(error = %e, "Redis operation for the HTTP API failed");
         Failure::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -583,7 +583,7 @@ async fn store_new_room(
                     // An ad-hoc room took the name in between: give the stored one up.
                     shared
                         .store
-                        .record(vec![crate::rooms::MeetingEvent::Forgotten {
+                        .record(vec![crate::core::rooms::MeetingEvent::Forgotten {
                             room: room_id,
                         }]);
                     continue;
@@ -899,8 +899,8 @@ async fn join_page(
     headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Response {
-    if crate::web::wants_html(&headers) {
-        return crate::web::index_page(&headers);
+    if crate::http::web::wants_html(&headers) {
+        return crate::http::web::index_page(&headers);
     }
     let Ok(Path(room_id)) = path else {
         return (StatusCode::BAD_REQUEST, "bad room id\n").into_response();

@@ -15,15 +15,15 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::time::{Duration, sleep_until, timeout};
 use tracing::{Instrument as _, debug, error, info, info_span};
 
-use crate::clock::Now;
-use crate::cluster::Cluster;
-use crate::hub::Registration;
+use crate::core::clock::Now;
+use crate::core::rate_limit::{RateLimiter, Verdict};
+use crate::core::rooms::ConnId;
 use crate::protocol::{ClientMessage, ErrorCode, PROTOCOL_VERSION, RoomEndReason, ServerMessage};
-use crate::rate_limit::{RateLimiter, Verdict};
-use crate::rooms::ConnId;
 use crate::server::Shared;
+use crate::state::cluster::Cluster;
+use crate::state::hub::Registration;
 use crate::tls::Stream;
-use crate::websocket::{Decoder, Event, Opcode, close_code, encode_close, encode_frame};
+use crate::ws::framing::{Decoder, Event, Opcode, close_code, encode_close, encode_frame};
 
 /// How much to ask the kernel for per read.
 const READ_CHUNK: usize = 4096;
@@ -112,7 +112,7 @@ struct Connection {
     /// Frames to write (empty and unallocated when idle).
     outbox: Vec<u8>,
     /// What the hub queued for this connection.
-    outgoing: crate::hub::Outgoing,
+    outgoing: crate::state::hub::Outgoing,
     decoder: Decoder,
     limiter: RateLimiter,
     last_heard: Instant,

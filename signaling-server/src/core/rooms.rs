@@ -3,7 +3,7 @@
 //! Every input (a parsed client message, a connection coming or going, the clock
 //! ticking) is a method call that appends the messages to send to an [`Outbox`]. Who
 //! is in which room, who holds which name and which calls are ringing lives here and
-//! nowhere else; [`crate::hub::Hub`] wraps it in one mutex, which is what makes
+//! nowhere else; [`crate::state::hub::Hub`] wraps it in one mutex, which is what makes
 //! concurrent joins race-free, and delivers the outbox to the connections.
 //!
 //! Rooms come in two kinds. An ad-hoc room is created by the first `join` of its name;
@@ -30,9 +30,9 @@ use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 use tracing::{debug, info, warn};
 
-use crate::api::{RoomInfo, RoomState};
-use crate::clock::{Now, format_rfc3339};
+use crate::core::clock::{Now, format_rfc3339};
 use crate::ids;
+use crate::protocol::api::{RoomInfo, RoomState};
 use crate::protocol::{
     CallRejectReason, ClientMessage, ErrorCode, LeaveReason, PeerInfo, RoomEndReason,
     ServerMessage, validate_name,
