@@ -11,7 +11,8 @@
 //! - [`protocol`]: the wire types. The WebSocket messages as serde types (shared with the
 //!   Duet client) and [`protocol::api`], the HTTP API's request and response bodies.
 //! - [`core`]: the rules, without I/O, clocks passed in. [`core::rooms`] is the room,
-//!   meeting and direct-call state machine; [`core::clock`] the two clocks and RFC 3339; [`core::rate_limit`] the token
+//!   meeting and direct-call state machine, split by job (rooms; meetings; direct
+//!   calls; seats kept for `resume`); [`core::clock`] the two clocks and RFC 3339; [`core::rate_limit`] the token
 //!   bucket.
 //! - [`state`]: where the state lives and how messages reach connections.
 //!   [`state::hub`]: the in-process backend, the state machine behind one mutex plus each
