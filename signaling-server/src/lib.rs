@@ -7,24 +7,28 @@
 //! `docs/PROTOCOL.md`.
 //!
 //! # Layout
-//! One folder per layer.
+//! One folder per layer. Dependencies point one way: `server` builds each layer's narrow
+//! context and nothing imports it; `ws` and `http` use `state`, `state` uses `core`,
+//! `core` uses `protocol`, never the other way round.
 //! - [`protocol`]: the wire types. The WebSocket messages as serde types (shared with the
 //!   Duet client) and [`protocol::api`], the HTTP API's request and response bodies.
 //! - [`core`]: the rules, without I/O, clocks passed in. [`core::rooms`] is the room,
 //!   meeting and direct-call state machine, split by job (rooms; meetings; direct
 //!   calls; seats kept for `resume`); [`core::clock`] the two clocks and RFC 3339; [`core::rate_limit`] the token
-//!   bucket.
+//!   bucket and the per-address connection counts.
 //! - [`state`]: where the state lives and how messages reach connections.
 //!   [`state::hub`]: the in-process backend, the state machine behind one mutex plus each
 //!   connection's outgoing queue. [`state::cluster`]: the Redis backend (`--redis`):
 //!   rooms, meetings, names, calls and kept seats in Redis, changed by Lua scripts, with
 //!   delivery to other instances through pub/sub. [`state::store`]: SQLite persistence of
-//!   the in-process backend's meetings.
+//!   the in-process backend's meetings. Both backends answer the HTTP API through one
+//!   trait, [`state::Meetings`].
 //! - [`ws`]: the WebSocket: [`ws::framing`] (RFC 6455 frames, skipping oversized
-//!   messages) and the connection task (limits, pings, reading, writing).
+//!   messages) and the connection task (limits, pings, reading, writing), which sees only
+//!   its `WsContext`.
 //! - `http` (private): the routes, the HTTP API handlers, their JSON errors and
 //!   auth, the OpenAPI document, and the browser client (`/`, `/r/{room_id}`, `/app/...`)
-//!   served with a strict CSP.
+//!   served with a strict CSP; the handlers see only their `ApiContext`.
 //! - [`turn`]: TURN REST credentials and the `ice_servers` list, and [`turn::server`],
 //!   the optional embedded STUN/TURN server (UDP, with TCP and TLS fronts bridged to it)
 //!   with peer-address filtering, quotas and a relay port range; its `framing` module

@@ -8,7 +8,7 @@
 //! no-cache` makes browsers revalidate, so a new server version is picked up at once
 //! while unchanged files cost a `304`.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use axum::Router;
 use axum::extract::Path;
@@ -16,8 +16,6 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use sha2::{Digest, Sha256};
-
-use crate::server::Shared;
 
 /// One compiled-in file.
 struct Asset {
@@ -81,7 +79,7 @@ const ASSETS: &[Asset] = &[
 
 /// The routes of the web client (merged into the server's router). `/r/{room_id}` lives
 /// in `http::api`, which hands browsers to [`index_page`].
-pub(crate) fn routes() -> Router<Arc<Shared>> {
+pub(crate) fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
         .route("/", get(index))
         .route("/app/{file}", get(asset))

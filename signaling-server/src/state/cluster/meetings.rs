@@ -31,6 +31,7 @@ use crate::core::rooms::Meeting;
 use crate::ids;
 use crate::protocol::api::{RoomInfo, RoomState};
 use crate::protocol::{RoomEndReason, ServerMessage};
+use crate::state::{BackendError, EndRefused, Meetings};
 
 /// Key prefix of a meeting's hash.
 pub(super) const MEETING_PREFIX: &str = "duet:meeting:";
@@ -80,15 +81,6 @@ redis.call('HDEL', KEYS[1], 'empty_since')
 redis.call('ZADD', 'duet:meeting_due', now_ms + tonumber(retention), room)
 return cjson.encode({status = 'expired'})
 ";
-
-/// Why `DELETE /api/rooms/{id}` did not end a room, in cluster mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum EndRefused {
-    UnknownRoom,
-    /// No token, a wrong one, or an ad-hoc room (which has none).
-    WrongToken,
-    Ended,
-}
 
 /// A room's two hashes as read in one transaction.
 type Fields = Vec<(String, String)>;
@@ -258,7 +250,7 @@ impl Cluster {
 
     /// `DELETE /api/rooms/{room}` with `token`: ends the meeting for everybody in it
     /// (`room_ended/host_ended`, on whichever instance they are).
-    pub(crate) async fn end_meeting(
+    pub async fn end_meeting(
         &self,
         room: &str,
         token: Option<&str>,
@@ -354,6 +346,37 @@ impl Cluster {
                 Err(e) => warn!(error = %e, room = %room, "meeting sweep failed"),
             }
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl Meetings for Cluster {
+    async fn create(&self, room: &str, meeting: Meeting) -> Result<Option<RoomInfo>, BackendError> {
+        // One script checks the id is free and stores it.
+        if !self.create_meeting(room, &meeting).await? {
+            return Ok(None);
+        }
+        Ok(self.room_info(room).await?)
+    }
+
+    async fn info(&self, room: &str) -> Result<Option<RoomInfo>, BackendError> {
+        Ok(self.room_info(room).await?)
+    }
+
+    async fn list(
+        &self,
+        from: Option<OffsetDateTime>,
+        to: Option<OffsetDateTime>,
+    ) -> Result<Vec<RoomInfo>, BackendError> {
+        Ok(self.list_meetings(from, to).await?)
+    }
+
+    async fn end(
+        &self,
+        room: &str,
+        token: Option<&str>,
+    ) -> Result<Result<RoomInfo, EndRefused>, BackendError> {
+        Ok(self.end_meeting(room, token).await?)
     }
 }
 

@@ -51,7 +51,7 @@
 //! dropped connection (or a member of a dead instance) makes its seat *away*:
 //! `a:{peer_id}` = the deadline, and `"{room}\n{peer_id}"` in the sorted set
 //! `duet:away`; the partner hears `peer_reconnecting`, and what it sends meanwhile is
-//! queued in `duet:queue:{peer_id}` (last 64). A `resume` through any instance moves the
+//! queued in `duet:queue:{peer_id}` (the newest 64, at most 256 KiB, as on one instance). A `resume` through any instance moves the
 //! seat there in one script and hands over the queue. Every instance sweeps `duet:away`
 //! for deadlines that passed; removing the entry (`ZREM`) decides which one gives the
 //! seat up.
@@ -98,7 +98,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Secret;
 use crate::core::clock::format_rfc3339;
-use crate::core::rooms::ConnId;
+use crate::core::rooms::{AWAY_QUEUE_BYTES, AWAY_QUEUE_MESSAGES, ConnId};
 use crate::ids;
 use crate::protocol::{
     CallRejectReason, ClientMessage, ErrorCode, LeaveReason, PeerInfo, RoomEndReason,
@@ -107,8 +107,6 @@ use crate::protocol::{
 use crate::state::hub::Hub;
 
 mod meetings;
-
-pub(crate) use meetings::EndRefused;
 
 /// Longest wait for one Redis operation before the client hears `unavailable`.
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -325,7 +323,7 @@ if redis.call('GET', busy .. me) == room then
 end
 redis.call('HDEL', key, 't:' .. me, 'a:' .. me)
 redis.call('ZREM', 'duet:away', room .. '\n' .. me)
-redis.call('DEL', 'duet:queue:' .. me)
+redis.call('DEL', 'duet:queue:' .. me, 'duet:queue:' .. me .. ':bytes')
 if redis.call('HDEL', key, 'm:' .. me) == 0 then
   return cjson.encode({left = false})
 end
@@ -393,7 +391,7 @@ for i = 1, #fields, 2 do
                            name = string.sub(v, sep + 1)})
     redis.call('DEL', ARGV[4] .. string.sub(f, 3))
     redis.call('ZREM', 'duet:away', room .. '\n' .. string.sub(f, 3))
-    redis.call('DEL', 'duet:queue:' .. string.sub(f, 3))
+    redis.call('DEL', 'duet:queue:' .. string.sub(f, 3), 'duet:queue:' .. string.sub(f, 3) .. ':bytes')
   end
 end
 redis.call('DEL', key)
@@ -550,13 +548,22 @@ end
 return cjson.encode({status = 'away', others = (#others > 0) and others or nil})
 ";
 
-/// A message for `peer`: queued (at most 64) while it is away, else where it is now.
+/// A message for `peer`: queued while it is away (the newest 64, at most 256 KiB of
+/// envelopes, as on one instance; the size is kept in `{queue}:bytes`), else where it is
+/// now.
 const QUEUE: &str = r"
 local peer, envelope = ARGV[1], ARGV[2]
 if redis.call('HEXISTS', KEYS[1], 'a:' .. peer) == 1 then
+  local size_key = KEYS[2] .. ':bytes'
   redis.call('RPUSH', KEYS[2], envelope)
-  redis.call('LTRIM', KEYS[2], -64, -1)
+  local bytes = redis.call('INCRBY', size_key, #envelope)
+  while redis.call('LLEN', KEYS[2]) > AWAY_QUEUE_MESSAGES or bytes > AWAY_QUEUE_BYTES do
+    local oldest = redis.call('LPOP', KEYS[2])
+    if not oldest then break end
+    bytes = redis.call('DECRBY', size_key, #oldest)
+  end
   redis.call('PEXPIRE', KEYS[2], STATE_TTL_MS)
+  redis.call('PEXPIRE', size_key, STATE_TTL_MS)
   return cjson.encode({status = 'queued'})
 end
 local v = redis.call('HGET', KEYS[1], 'm:' .. peer)
@@ -603,7 +610,7 @@ redis.call('HSET', key, 'm:' .. peer, inst .. '\n' .. name, 't:' .. peer, fresh)
 redis.call('PEXPIRE', key, STATE_TTL_MS)
 redis.call('SET', busy .. peer, room, 'PX', STATE_TTL_MS)
 local queue = redis.call('LRANGE', 'duet:queue:' .. peer, 0, -1)
-redis.call('DEL', 'duet:queue:' .. peer)
+redis.call('DEL', 'duet:queue:' .. peer, 'duet:queue:' .. peer .. ':bytes')
 local fields = redis.call('HGETALL', key)
 local host = nil
 local others = {}
@@ -2414,7 +2421,9 @@ fn script(source: &str) -> Script {
     Script::new(
         &source
             .replace("NOW_MS", NOW_MS)
-            .replace("STATE_TTL_MS", &millis(STATE_TTL).to_string()),
+            .replace("STATE_TTL_MS", &millis(STATE_TTL).to_string())
+            .replace("AWAY_QUEUE_MESSAGES", &AWAY_QUEUE_MESSAGES.to_string())
+            .replace("AWAY_QUEUE_BYTES", &AWAY_QUEUE_BYTES.to_string()),
     )
 }
 
