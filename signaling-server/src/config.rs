@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::rate_limit::RateLimit;
+use crate::core::rate_limit::RateLimit;
+use crate::turn::server::TurnServerConfig;
 use crate::turn::{IceConfig, TurnCredentials};
-use crate::turn_server::TurnServerConfig;
 
 /// Duet signaling server: rooms of two, SDP/ICE relay, direct calls by name, and
 /// time-limited TURN credentials, over one WebSocket endpoint (`/ws`) plus a small
@@ -340,7 +340,7 @@ impl Config {
     pub fn ephemeral() -> Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            db: PathBuf::from(crate::store::IN_MEMORY),
+            db: PathBuf::from(crate::state::store::IN_MEMORY),
             ..Config::default()
         }
     }

@@ -17,11 +17,11 @@ use stun::message::{
 };
 
 use crate::protocol::{ClientMessage, ServerMessage};
-use crate::turn_server::auth::RestAuth;
-use crate::turn_server::gate::{Gate, Verdict};
-use crate::turn_server::peers::PeerPolicy;
-use crate::turn_server::relay::Registry;
-use crate::websocket::{Decoder, Event};
+use crate::turn::server::auth::RestAuth;
+use crate::turn::server::gate::{Gate, Verdict};
+use crate::turn::server::peers::PeerPolicy;
+use crate::turn::server::relay::Registry;
+use crate::ws::framing::{Decoder, Event};
 
 /// The WebSocket decoder, fed the input in chunks (the first byte is the chunk size):
 /// events come out or a violation ends it; a text message is never over the limit, and
@@ -68,7 +68,7 @@ pub fn protocol_json(data: &[u8]) {
 
 /// The HTTP API's create-room body, checked as `POST /api/rooms` does.
 pub fn create_room_body(data: &[u8]) {
-    let _ = crate::http_api::check_create_body(data);
+    let _ = crate::http::api::check_create_body(data);
 }
 
 const FUZZ_SECRET: &[u8] = b"fuzzing secret";
@@ -157,12 +157,12 @@ pub fn turn_gate(data: &[u8]) {
     }
 }
 
-/// TURN over a stream (`turn_server::framing`), fed the input in chunks (the first byte
+/// TURN over a stream (`turn::server::framing`), fed the input in chunks (the first byte
 /// is the chunk size) as a reader of the TCP/TLS front does: every message it cuts out is
 /// within the limit and within what was buffered, the buffer never holds more than one
 /// message and one chunk, and a message framed again takes the same bytes on the stream.
 pub fn turn_framing(data: &[u8]) {
-    use crate::turn_server::framing::{FrameError, encode, next_frame};
+    use crate::turn::server::framing::{FrameError, encode, next_frame};
     const MAX: usize = 1500;
     let Some((&step, rest)) = data.split_first() else {
         return;

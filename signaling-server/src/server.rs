@@ -1,8 +1,8 @@
 //! Starting and stopping a server: the database, the HTTP routes (axum; the API
-//! handlers are in `http_api.rs`), the WebSocket upgrade, and the background sweeper.
+//! handlers are in `http/api.rs`), the WebSocket upgrade, and the background sweeper.
 //!
 //! axum routes HTTP because the meetings API grows here; its `ws` extractor is not used
-//! because the server does its own framing (see `websocket.rs`). Connections are accepted
+//! because the server does its own framing (see `ws/framing.rs`). Connections are accepted
 //! by our own loop over hyper's HTTP/1 server (not `axum::serve`, whose protocol-sniffing
 //! wrapper hides the socket): after the RFC 6455 handshake the raw stream (TCP, or TLS over
 //! TCP) is taken back from hyper, so an idle plain-TCP connection can wait on readiness
@@ -11,7 +11,7 @@
 //! Every phase of an HTTP connection has a deadline, so that no client can hold a
 //! connection (and with it the server's shutdown) for ever: the request line and
 //! headers (hyper's header timer, which also runs while a kept-alive connection waits
-//! for its next request), the body (`http_api`, answered `408`), and no bytes moving
+//! for its next request), the body (`http::api`, answered `408`), and no bytes moving
 //! either way (a watchdog here; catches a client that never reads its answer). Shutdown
 //! lets connections finish for `shutdown_grace`, then drops the rest.
 //!
@@ -41,23 +41,28 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 use tracing::{debug, info, warn};
 
-use crate::cluster::{Cluster, ClusterConfig, ClusterError};
 use crate::config::{Config, ConfigError};
-use crate::http_api::{self, ApiState, ClientAddr};
-use crate::hub::Hub;
-use crate::rate_limit::RateLimit;
-use crate::rooms::{ENDED_RETENTION, RoomsConfig};
-use crate::store::{Store, StoreError, StoreThread};
+use crate::core::rate_limit::{PerAddress, Present, RateLimit};
+use crate::core::rooms::{ENDED_RETENTION, RoomsConfig};
+use crate::http::api::{self as http_api, ApiContext, ApiState, ClientAddr};
+use crate::state::cluster::{Cluster, ClusterConfig, ClusterError};
+use crate::state::hub::Hub;
+use crate::state::store::{Store, StoreError, StoreThread};
+use crate::state::{LocalMeetings, Meetings};
 use crate::tls::{ServerTls, Stream, TlsError};
-use crate::turn::IceConfig;
-use crate::turn_server::{TurnError, TurnServer};
-use crate::{connection, websocket};
+use crate::turn::server::{TurnError, TurnServer};
+use crate::ws::connection::{self, WsContext};
+use crate::ws::framing;
 
-/// What every request handler and connection task shares.
+/// What the accept loop, the upgrade and the sweeper share; each layer below gets only
+/// its own context ([`WsContext`], [`ApiContext`]), so none of them imports this module.
 #[derive(Debug)]
-pub(crate) struct Shared {
+struct Shared {
     pub config: Config,
-    pub ice: IceConfig,
+    /// For every WebSocket connection's task.
+    pub ws: Arc<WsContext>,
+    /// For the HTTP API handlers.
+    pub api: Arc<ApiContext>,
     pub hub: Arc<Hub>,
     /// Set in cluster mode (`--redis`): rooms live in Redis, and client messages go here.
     pub cluster: Option<Arc<Cluster>>,
@@ -71,9 +76,6 @@ pub(crate) struct Shared {
     pub per_ip: Arc<PerAddress>,
     /// Open TCP connections in their HTTP phase per peer address.
     pub tcp_per_ip: Arc<PerAddress>,
-    pub store: Store,
-    pub api: ApiState,
-    pub local_addr: SocketAddr,
     /// HTTPS/WSS settings when `--tls-cert` is set.
     pub tls: Option<Arc<ServerTls>>,
 }
@@ -199,6 +201,11 @@ impl Server {
                         ring_timeout: config.ring_timeout,
                         resume_grace: config.resume_grace,
                         sweep_interval: config.sweep_interval,
+                        early_join: config.early_join,
+                        ended_retention: ENDED_RETENTION,
+                        max_rooms: config.max_rooms,
+                        rooms_per_minute: config.rooms_per_minute,
+                        rooms_per_minute_per_address: config.rooms_per_minute_per_address,
                     },
                     Arc::clone(&hub),
                 )
@@ -206,17 +213,46 @@ impl Server {
             ),
             None => None,
         };
+        let ice = Arc::new(ice);
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let meetings: Arc<dyn Meetings> = match &cluster {
+            Some(cluster) => Arc::clone(cluster) as Arc<dyn Meetings>,
+            None => Arc::new(LocalMeetings {
+                hub: Arc::clone(&hub),
+                store: store.clone(),
+            }),
+        };
+        let api = Arc::new(ApiContext {
+            api,
+            meetings,
+            ice: Arc::clone(&ice),
+            scheme: if tls.is_some() { "https" } else { "http" },
+            local_addr,
+            body_timeout: config.http_body_timeout,
+            tasks: tasks.clone(),
+        });
+        let ws = Arc::new(WsContext {
+            max_message_bytes: config.max_message_bytes,
+            rate_limit: config.rate_limit(),
+            ping_interval: config.ping_interval,
+            ping_timeout: config.ping_timeout,
+            ice,
+            hub: Arc::clone(&hub),
+            cluster: cluster.clone(),
+            store,
+            shutdown: shutdown.clone(),
+            tasks: tasks.clone(),
+        });
         let shared = Arc::new(Shared {
+            ws,
+            api,
             hub,
             cluster,
-            store,
-            api,
-            local_addr,
             tls,
-            ice,
-            shutdown: CancellationToken::new(),
+            shutdown,
             force_close: CancellationToken::new(),
-            tasks: TaskTracker::new(),
+            tasks,
             connections: AtomicUsize::new(0),
             per_ip: Default::default(),
             tcp_per_ip: Default::default(),
@@ -555,14 +591,15 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 fn router(shared: Arc<Shared>) -> Router {
+    let api = http_api::routes().with_state(Arc::clone(&shared.api));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/ws", get(upgrade))
-        .merge(http_api::routes())
-        .merge(crate::web::routes())
+        .with_state(shared)
+        .merge(api)
+        .merge(crate::http::web::routes())
         .fallback(http_api::not_found)
         .method_not_allowed_fallback(http_api::method_not_allowed)
-        .with_state(shared)
 }
 
 /// `ok`, or 503 when this instance cannot serve (cluster mode: Redis unreachable).
@@ -577,44 +614,6 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
             format!("not ready: {why}\n"),
         )
             .into_response(),
-    }
-}
-
-/// How many connections each address holds; [`Present`] counts one while it lives.
-#[derive(Debug, Default)]
-pub(crate) struct PerAddress(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
-
-impl PerAddress {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<std::net::IpAddr, usize>> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Counts one more from `ip`; returns it with how many `ip` holds now, this one included.
-    pub(crate) fn enter(self: &Arc<Self>, ip: std::net::IpAddr) -> (Present, usize) {
-        let mut map = self.lock();
-        let n = map.entry(ip).or_insert(0);
-        *n += 1;
-        (Present(Arc::clone(self), ip), *n)
-    }
-}
-
-/// One connection counted in a [`PerAddress`] until dropped.
-#[derive(Debug)]
-pub(crate) struct Present(Arc<PerAddress>, std::net::IpAddr);
-
-impl Drop for Present {
-    fn drop(&mut self) {
-        let mut map = self.0.lock();
-        if let Some(n) = map.get_mut(&self.1) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                map.remove(&self.1);
-            }
-        }
     }
 }
 
@@ -728,7 +727,7 @@ async fn upgrade(State(shared): State<Arc<Shared>>, request: Request) -> Respons
     else {
         return plain(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
     };
-    let Ok(accept) = HeaderValue::from_str(&websocket::accept_key(key)) else {
+    let Ok(accept) = HeaderValue::from_str(&framing::accept_key(key)) else {
         return plain(StatusCode::BAD_REQUEST, "bad Sec-WebSocket-Key\n");
     };
     if !origin_allowed(headers, &shared.config.allowed_origins) {
@@ -774,7 +773,7 @@ async fn upgrade(State(shared): State<Arc<Shared>>, request: Request) -> Respons
                 let shared = Arc::clone(&slot.shared);
                 // From here the WebSocket's own deadlines apply (pings, write timeout).
                 let stream = parts.io.into_inner().stream;
-                connection::run(stream, parts.read_buf, shared, client).await;
+                connection::run(stream, parts.read_buf, Arc::clone(&shared.ws), client).await;
             }
             Err(_) => warn!("upgraded connection is not our stream; dropping it"),
         }

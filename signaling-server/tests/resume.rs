@@ -8,6 +8,7 @@ mod common;
 
 on_both_topologies!(
     a_dropped_member_resumes_its_seat_and_gets_what_was_sent_meanwhile,
+    the_away_queue_keeps_the_newest_within_its_bounds,
     a_wrong_token_is_refused_and_the_seat_stays_taken,
     when_the_grace_runs_out_the_member_is_gone_as_disconnected,
     a_resume_after_the_grace_fails_and_a_fresh_join_works,
@@ -263,5 +264,67 @@ async fn a_resume_takes_over_a_connection_not_yet_noticed_dead(t: Topology) {
     b2.send(json!({"type":"answer","sdp":"from it"})).await;
     assert_eq!(a.expect("answer").await["sdp"], "from it");
     b.expect_silence(Duration::from_millis(100)).await;
+    s.stop().await;
+}
+
+/// Returns once the server has handled everything `c` sent before (its messages are
+/// handled in order; the error for a bad join answers only after them).
+async fn queued(c: &mut Client) {
+    c.send(json!({"type":"join","room":""})).await;
+    c.expect_error("bad_field").await;
+}
+
+/// The `sdp` of the next `n` offers.
+async fn offers(c: &mut Client, n: usize) -> Vec<String> {
+    let mut got = Vec::new();
+    for _ in 0..n {
+        got.push(c.expect("offer").await["sdp"].as_str().unwrap().to_owned());
+    }
+    got
+}
+
+/// What waits for an away member is bounded in messages (64) and bytes (256 KiB), on one
+/// instance and in Redis alike: the oldest go first.
+async fn the_away_queue_keeps_the_newest_within_its_bounds(t: Topology) {
+    let Some(s) = Servers::start(t, |c| c.resume_grace = LONG_GRACE).await else {
+        return;
+    };
+    let mut a = s.client().await;
+    let mut b = s.client().await;
+    a.join("q").await;
+    let jb = b.join("q").await;
+    a.expect("peer_joined").await;
+    let b_id = jb["peer_id"].as_str().unwrap().to_owned();
+
+    // 70 small messages: the 6 oldest are dropped.
+    drop(b);
+    a.expect("peer_reconnecting").await;
+    for i in 0..70 {
+        a.send(json!({"type":"offer","sdp":format!("n{i}")})).await;
+    }
+    queued(&mut a).await;
+    let mut b2 = s.client().await;
+    resume(&mut b2, "q", &b_id, &token(&jb)).await;
+    let back = b2.expect("joined").await;
+    let got = offers(&mut b2, 64).await;
+    let want: Vec<String> = (6..70).map(|i| format!("n{i}")).collect();
+    assert_eq!(got, want);
+    b2.expect_silence(Duration::from_millis(100)).await;
+
+    // Six messages of 60 kB: only the newest four fit in 256 KiB.
+    drop(b2);
+    a.expect("peer_reconnecting").await;
+    for i in 0..6 {
+        let sdp = format!("{i}{}", "x".repeat(60_000));
+        a.send(json!({"type":"offer","sdp":sdp})).await;
+    }
+    queued(&mut a).await;
+    let mut b3 = s.client().await;
+    resume(&mut b3, "q", &b_id, &token(&back)).await;
+    b3.expect("joined").await;
+    let got = offers(&mut b3, 4).await;
+    let firsts: Vec<char> = got.iter().map(|g| g.chars().next().unwrap()).collect();
+    assert_eq!(firsts, ['2', '3', '4', '5']);
+    b3.expect_silence(Duration::from_millis(100)).await;
     s.stop().await;
 }

@@ -15,6 +15,7 @@ on_both_topologies!(
     nothing_crosses_rooms,
     ten_simultaneous_joins_give_two_joined_and_eight_room_full,
     bad_join_fields_are_refused,
+    room_caps_hold_across_instances,
 );
 
 use std::time::Duration;
@@ -292,6 +293,88 @@ async fn ten_simultaneous_joins_give_two_joined_and_eight_room_full(t: Topology)
         assert_eq!((joined, full), (2, 8), "round {round}");
         assert_eq!(s.members(&room).await, Some(2));
     }
+    s.stop().await;
+}
+
+/// `--max-rooms`, `--rooms-per-minute` and `--rooms-per-minute-per-address` on one
+/// server, and cluster-wide on two instances (checked and counted in one Redis script).
+async fn room_caps_hold_across_instances(t: Topology) {
+    // Ten joins racing for five free rooms through both instances: exactly five made.
+    let Some(s) = Servers::start(t, |c| c.max_rooms = 5).await else {
+        return;
+    };
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        clients.push(s.client().await);
+    }
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(10));
+    let mut tasks = Vec::new();
+    for (i, mut c) in clients.into_iter().enumerate() {
+        let barrier = barrier.clone();
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            c.send(json!({"type":"join","room":format!("cap-{i}")}))
+                .await;
+            let reply = c.recv().await;
+            (reply, c)
+        }));
+    }
+    let mut outcomes = Vec::new();
+    let mut held = Vec::new();
+    for t in tasks {
+        let (reply, client) = t.await.unwrap();
+        outcomes.push(match reply["type"].as_str().unwrap() {
+            "joined" => "joined".to_owned(),
+            "error" => reply["code"].as_str().unwrap().to_owned(),
+            other => panic!("unexpected {other}: {reply}"),
+        });
+        held.push(client);
+    }
+    let joined = outcomes.iter().filter(|o| *o == "joined").count();
+    let refused = outcomes.iter().filter(|o| *o == "rate_limited").count();
+    assert_eq!((joined, refused), (5, 5), "{outcomes:?}");
+    // Joining a room that exists creates nothing: still allowed at the cap.
+    let mut guest = s.client().await;
+    let room = held
+        .iter()
+        .zip(&outcomes)
+        .position(|(_, o)| o == "joined")
+        .unwrap();
+    guest.join(&format!("cap-{room}")).await;
+    s.stop().await;
+
+    // Per address: all these clients come from 127.0.0.1, on both instances.
+    let Some(s) = Servers::start(t, |c| c.rooms_per_minute_per_address = 3).await else {
+        return;
+    };
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let mut c = s.client().await;
+        c.join(&format!("addr-{i}")).await;
+        held.push(c);
+    }
+    let mut late = s.client().await;
+    late.send(json!({"type":"join","room":"addr-3"})).await;
+    let e = late.expect_error("rate_limited").await;
+    assert!(
+        e["message"].as_str().unwrap().contains("one address"),
+        "{e}"
+    );
+    late.join("addr-0").await;
+    s.stop().await;
+
+    // Per connection: its third new room in a minute is refused.
+    let Some(s) = Servers::start(t, |c| c.rooms_per_minute = 2).await else {
+        return;
+    };
+    let mut c = s.client().await;
+    c.join("conn-1").await;
+    c.join("conn-2").await;
+    c.send(json!({"type":"join","room":"conn-3"})).await;
+    let e = c.expect_error("rate_limited").await;
+    assert!(e["message"].as_str().unwrap().contains("at most 2"), "{e}");
+    // Another connection may.
+    s.client().await.join("conn-3").await;
     s.stop().await;
 }
 

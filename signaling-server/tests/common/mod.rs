@@ -70,31 +70,30 @@ impl Servers {
     /// Starts `topology` with `tweak` applied to every server's configuration; `None`
     /// (after a skip line) for a cluster when `redis-server` is not installed.
     pub async fn start(topology: Topology, tweak: impl Fn(&mut Config)) -> Option<Servers> {
-        match topology {
-            Topology::One => Some(Servers {
-                all: vec![start_server(tweak).await],
-                turn: Default::default(),
-                _redis: None,
-            }),
-            Topology::TwoWithRedis => {
-                let redis = redis::RedisServer::start().await?;
-                let mut all = Vec::new();
-                for _ in 0..2 {
-                    let server = start_server(|c| {
-                        tweak(c);
-                        c.redis = Some(signaling_server::config::Secret(redis.url()));
-                    })
-                    .await;
-                    wait_health(&server, 200).await;
-                    all.push(server);
-                }
-                Some(Servers {
-                    all,
-                    turn: Default::default(),
-                    _redis: Some(redis),
-                })
-            }
+        let redis = match topology {
+            Topology::One => None,
+            Topology::TwoWithRedis => Some(redis::RedisServer::start().await?),
+        };
+        let all = instances(redis.as_ref(), &tweak).await;
+        Some(Servers {
+            all,
+            turn: Default::default(),
+            _redis: redis,
+        })
+    }
+
+    /// Whether this is a cluster (instances sharing Redis).
+    pub fn clustered(&self) -> bool {
+        self._redis.is_some()
+    }
+
+    /// Stops every instance, then starts as many again (on the same Redis, for a
+    /// cluster) with `tweak`: what a restart of the whole service does.
+    pub async fn restart(&mut self, tweak: impl Fn(&mut Config)) {
+        for s in self.all.drain(..) {
+            s.stop().await;
         }
+        self.all = instances(self._redis.as_ref(), &tweak).await;
     }
 
     /// A client on the next server.
@@ -124,6 +123,27 @@ impl Servers {
             s.stop().await;
         }
     }
+}
+
+/// One server, or (with `redis`) two instances of a cluster, ready.
+async fn instances(
+    redis: Option<&redis::RedisServer>,
+    tweak: &impl Fn(&mut Config),
+) -> Vec<Server> {
+    let Some(redis) = redis else {
+        return vec![start_server(tweak).await];
+    };
+    let mut all = Vec::new();
+    for _ in 0..2 {
+        let server = start_server(|c| {
+            tweak(c);
+            c.redis = Some(signaling_server::config::Secret(redis.url()));
+        })
+        .await;
+        wait_health(&server, 200).await;
+        all.push(server);
+    }
+    all
 }
 
 /// How long a cluster instance may take to become ready (Redis answering, subscribed).

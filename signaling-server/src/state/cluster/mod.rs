@@ -9,7 +9,7 @@
 //! its slow-client rule), which this module delivers into with [`Hub::send`].
 //!
 //! This is a routing layer rather than a second implementation of the hub behind a
-//! trait: [`crate::rooms::Rooms`] is a synchronous state machine applied under one
+//! trait: [`crate::core::rooms::Rooms`] is a synchronous state machine applied under one
 //! mutex, and putting Redis round trips behind the same interface would either make
 //! the single-process path async (slower, for nothing) or hide network I/O inside a
 //! lock. Instead the state that must be shared lives in Redis and is changed only by
@@ -51,7 +51,7 @@
 //! dropped connection (or a member of a dead instance) makes its seat *away*:
 //! `a:{peer_id}` = the deadline, and `"{room}\n{peer_id}"` in the sorted set
 //! `duet:away`; the partner hears `peer_reconnecting`, and what it sends meanwhile is
-//! queued in `duet:queue:{peer_id}` (last 64). A `resume` through any instance moves the
+//! queued in `duet:queue:{peer_id}` (the newest 64, at most 256 KiB, as on one instance). A `resume` through any instance moves the
 //! seat there in one script and hands over the queue. Every instance sweeps `duet:away`
 //! for deadlines that passed; removing the entry (`ZREM`) decides which one gives the
 //! seat up.
@@ -61,10 +61,17 @@
 //! and resumed. Scripts that end or move a seat on behalf of a connection check that the
 //! seat is still where that connection is, so a late departure cannot undo a resume.
 //!
-//! # What is not clustered yet
-//! Meetings of the HTTP API (`POST /api/rooms` answers 503 `unavailable`) and the
-//! room caps (`--max-rooms`, `--rooms-per-minute*`) are not applied. `GET
-//! /api/rooms/{id}` reads Redis, so every instance answers the same.
+//! # Meetings and room caps
+//! Meetings of the HTTP API live in Redis too (see [`meetings`]); `GET
+//! /api/rooms/{id}` reads Redis, so every instance answers the same. The room caps hold
+//! cluster-wide, checked by the `JOIN` script when a join would create a room:
+//! `--max-rooms` counts `duet:rooms` (a sorted set of the rooms joins and calls
+//! created, by when they lapse unless renewed: live rooms are renewed with their keys,
+//! ended ones lapse after `--room-ttl`) plus the meetings; `--rooms-per-minute` and
+//! `--rooms-per-minute-per-address` keep the creation times of the last minute in lists
+//! `duet:created:c:{peer_id}` and `duet:created:a:{address}`. The connection limits
+//! (`--max-connections*`, the HTTP rate limits) stay per instance: they protect the
+//! instance's own sockets and memory.
 //!
 //! # A dead instance
 //! Its liveness key expires [`INSTANCE_TTL`] after its last heartbeat. Each instance's
@@ -74,6 +81,7 @@
 //! markers) has a ttl of [`STATE_TTL`] that only live instances renew.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
@@ -88,16 +96,17 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::api::{RoomInfo, RoomState};
-use crate::clock::format_rfc3339;
 use crate::config::Secret;
-use crate::hub::Hub;
+use crate::core::clock::format_rfc3339;
+use crate::core::rooms::{AWAY_QUEUE_BYTES, AWAY_QUEUE_MESSAGES, ConnId};
 use crate::ids;
 use crate::protocol::{
     CallRejectReason, ClientMessage, ErrorCode, LeaveReason, PeerInfo, RoomEndReason,
     ServerMessage, validate_name,
 };
-use crate::rooms::ConnId;
+use crate::state::hub::Hub;
+
+mod meetings;
 
 /// Longest wait for one Redis operation before the client hears `unavailable`.
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -124,6 +133,9 @@ const BUSY_PREFIX: &str = "duet:busy:";
 const CALL_PREFIX: &str = "duet:call:";
 /// Envelopes waiting for an away member (the scripts spell it out too).
 const QUEUE_PREFIX: &str = "duet:queue:";
+/// Sorted set of the rooms joins and calls created, by when each lapses unless renewed
+/// (spelled out in the scripts).
+const ROOMS_SET: &str = "duet:rooms";
 /// Sorted set of away seats, `"{room}\n{peer_id}"` by deadline (spelled out in the scripts).
 const AWAY_SET: &str = "duet:away";
 
@@ -135,6 +147,9 @@ if redis.call('ZREM', 'duet:away', room .. '\n' .. me) == 0 or redis.call('HEXIS
 end
 ";
 const CHANNEL_PREFIX: &str = "duet:to:";
+/// Lists of when rooms were created (Unix ms, newest first) per address (`a:{ip}`) and
+/// per connection (`c:{peer_id}`), for the per-minute caps.
+const CREATED_PREFIX: &str = "duet:created:";
 
 /// The cluster could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -160,15 +175,34 @@ pub enum Unreachable {
 /// instance is dead are removed first (returned as `gone`; when one was host, the
 /// remaining member, if any, becomes host and is returned as `new_host`).
 const JOIN: &str = r"
-local key = KEYS[1]
+local key, mkey = KEYS[1], KEYS[2]
 local me, inst, name, prefix, inst_ttl, busy = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+NOW_MS
 redis.call('SET', prefix .. inst, '1', 'PX', inst_ttl)
 if redis.call('HEXISTS', key, 'ended') == 1 then
   return cjson.encode({status = 'ended'})
 end
+local meeting, claims = false, false
+if redis.call('EXISTS', mkey) == 1 then
+  local m = redis.call('HMGET', mkey, 'ended', 'starts_at', 'token')
+  if m[1] then
+    return cjson.encode({status = 'ended'})
+  end
+  if now_ms < tonumber(m[2]) - tonumber(ARGV[12]) then
+    return cjson.encode({status = 'not_started', starts_at = m[2]})
+  end
+  if ARGV[11] ~= '' then
+    if ARGV[11] ~= m[3] then
+      return cjson.encode({status = 'not_host'})
+    end
+    claims = true
+  end
+  meeting = true
+end
 if redis.call('HEXISTS', key, 'ringing') == 1 then
   return cjson.encode({status = 'full', members = 2})
 end
+local exists = redis.call('EXISTS', key) == 1
 local fields = redis.call('HGETALL', key)
 local host = false
 local others = {}
@@ -204,24 +238,71 @@ local new_host = nil
 for _, g in ipairs(gone) do
   if g.peer == host then
     host = false
-    if #others > 0 then
+    -- A meeting's host is whoever presents its token: nobody inherits the role.
+    if #others > 0 and not meeting then
       host = others[1].peer
       new_host = host
     end
   end
 end
 if #others >= 2 then
-  if new_host then redis.call('HSET', key, 'host', new_host) end
+  if new_host then
+    redis.call('HSET', key, 'host', new_host)
+  elseif not host then
+    redis.call('HDEL', key, 'host')
+  end
   return cjson.encode({status = 'full', members = #others, gone = (#gone > 0) and gone or nil,
                        others = others, new_host = new_host})
 end
-if not host then host = me end
-redis.call('HSET', key, 'm:' .. me, inst .. '\n' .. name, 'host', host)
+if not exists and not meeting then
+  -- A new room: the cluster-wide caps (--max-rooms, --rooms-per-minute*).
+  redis.call('ZREMRANGEBYSCORE', 'duet:rooms', '-inf', now_ms)
+  local held = redis.call('ZCARD', 'duet:rooms') + redis.call('ZCARD', 'duet:meetings')
+  if held >= tonumber(ARGV[13]) then
+    return cjson.encode({status = 'rate_limited', why = 'rooms'})
+  end
+  local windows = {{KEYS[3], tonumber(ARGV[14]), 'address'}, {KEYS[4], tonumber(ARGV[15]), 'connection'}}
+  for _, w in ipairs(windows) do
+    if w[2] <= 0 then
+      return cjson.encode({status = 'rate_limited', why = w[3]})
+    end
+    if redis.call('LLEN', w[1]) >= w[2] then
+      local nth = tonumber(redis.call('LINDEX', w[1], w[2] - 1))
+      if nth and nth > now_ms - 60000 then
+        return cjson.encode({status = 'rate_limited', why = w[3]})
+      end
+    end
+  end
+  for _, w in ipairs(windows) do
+    redis.call('LPUSH', w[1], now_ms)
+    redis.call('LTRIM', w[1], 0, w[2] - 1)
+    redis.call('PEXPIRE', w[1], 60000)
+  end
+  redis.call('ZADD', 'duet:rooms', now_ms + STATE_TTL_MS, ARGV[7])
+end
+local deposed = nil
+if meeting then
+  if claims then
+    if host and host ~= me then deposed = host end
+    host = me
+  end
+  redis.call('HSET', key, 'meeting', '1')
+  redis.call('ZREM', 'duet:meeting_due', ARGV[7])
+  redis.call('HDEL', mkey, 'empty_since')
+elseif not host then
+  host = me
+end
+redis.call('HSET', key, 'm:' .. me, inst .. '\n' .. name)
+if host then
+  redis.call('HSET', key, 'host', host)
+else
+  redis.call('HDEL', key, 'host')
+end
 if ARGV[8] ~= '' then redis.call('HSET', key, 't:' .. me, ARGV[8]) end
 redis.call('PEXPIRE', key, STATE_TTL_MS)
 redis.call('SET', busy .. me, ARGV[7], 'PX', STATE_TTL_MS)
-return cjson.encode({status = 'joined', host = host, others = (#others > 0) and others or nil,
-                     gone = (#gone > 0) and gone or nil, new_host = new_host})
+return cjson.encode({status = 'joined', host = host or nil, others = (#others > 0) and others or nil,
+                     gone = (#gone > 0) and gone or nil, new_host = new_host, deposed = deposed})
 ";
 
 /// Takes `me` out of a room; the host role passes to the remaining member. An ad-hoc
@@ -242,7 +323,7 @@ if redis.call('GET', busy .. me) == room then
 end
 redis.call('HDEL', key, 't:' .. me, 'a:' .. me)
 redis.call('ZREM', 'duet:away', room .. '\n' .. me)
-redis.call('DEL', 'duet:queue:' .. me)
+redis.call('DEL', 'duet:queue:' .. me, 'duet:queue:' .. me .. ':bytes')
 if redis.call('HDEL', key, 'm:' .. me) == 0 then
   return cjson.encode({left = false})
 end
@@ -261,8 +342,9 @@ for i = 1, #fields, 2 do
   end
 end
 local new_host = nil
+local meeting = redis.call('HEXISTS', key, 'meeting') == 1
 if host == me then
-  if #rest > 0 then
+  if #rest > 0 and not meeting then
     new_host = rest[1].peer
     redis.call('HSET', key, 'host', new_host)
   else
@@ -271,6 +353,18 @@ if host == me then
 end
 if #rest == 0 and redis.call('HEXISTS', key, 'ended') == 0 then
   redis.call('DEL', key)
+  redis.call('ZREM', 'duet:rooms', room)
+  if meeting then
+    -- An empty meeting expires `ttl` after it emptied, not before `starts_at + ttl`.
+    local mkey = 'duet:meeting:' .. room
+    local m = redis.call('HMGET', mkey, 'ended', 'starts_at', 'ttl')
+    if m[2] and not m[1] then
+      NOW_MS
+      redis.call('HSET', mkey, 'empty_since', now_ms)
+      redis.call('ZADD', 'duet:meeting_due',
+                 math.max(tonumber(m[2]) + tonumber(m[3]), now_ms + tonumber(m[3])), room)
+    end
+  end
 end
 return cjson.encode({left = true, others = (#rest > 0) and rest or nil, new_host = new_host})
 ";
@@ -278,9 +372,13 @@ return cjson.encode({left = true, others = (#rest > 0) and rest or nil, new_host
 /// Ends a room if `me` is its host: every member out, `ended` (the time, Unix ms) kept
 /// for `ttl_ms`.
 const END: &str = r"
-local key = KEYS[1]
-local me, ttl, now_ms = ARGV[1], ARGV[2], ARGV[3]
-if redis.call('HGET', key, 'host') ~= me then
+local key, mkey = KEYS[1], KEYS[2]
+local me, ttl, now_ms, room, retention = ARGV[1], ARGV[2], ARGV[3], ARGV[5], ARGV[6]
+local meeting = redis.call('EXISTS', mkey) == 1
+if meeting and redis.call('HEXISTS', mkey, 'ended') == 1 then
+  return cjson.encode({status = 'ended_already'})
+end
+if me ~= '' and redis.call('HGET', key, 'host') ~= me then
   return cjson.encode({status = 'not_host'})
 end
 local fields = redis.call('HGETALL', key)
@@ -292,13 +390,21 @@ for i = 1, #fields, 2 do
     table.insert(members, {peer = string.sub(f, 3), instance = string.sub(v, 1, sep - 1),
                            name = string.sub(v, sep + 1)})
     redis.call('DEL', ARGV[4] .. string.sub(f, 3))
-    redis.call('ZREM', 'duet:away', string.sub(key, #'duet:room:' + 1) .. '\n' .. string.sub(f, 3))
-    redis.call('DEL', 'duet:queue:' .. string.sub(f, 3))
+    redis.call('ZREM', 'duet:away', room .. '\n' .. string.sub(f, 3))
+    redis.call('DEL', 'duet:queue:' .. string.sub(f, 3), 'duet:queue:' .. string.sub(f, 3) .. ':bytes')
   end
 end
 redis.call('DEL', key)
-redis.call('HSET', key, 'ended', now_ms)
-redis.call('PEXPIRE', key, ttl)
+if meeting then
+  -- Kept (refusing joins with room_ended) for the retention, then forgotten by a sweep.
+  redis.call('HSET', mkey, 'ended', now_ms, 'reason', 'host_ended')
+  redis.call('HDEL', mkey, 'empty_since')
+  redis.call('ZADD', 'duet:meeting_due', tonumber(now_ms) + tonumber(retention), room)
+else
+  redis.call('HSET', key, 'ended', now_ms)
+  redis.call('PEXPIRE', key, ttl)
+  redis.call('ZADD', 'duet:rooms', tonumber(now_ms) + tonumber(ttl), room)
+end
 return cjson.encode({status = 'ended', others = (#members > 0) and members or nil})
 ";
 
@@ -350,6 +456,8 @@ if redis.call('EXISTS', busy .. peer) == 1 then
   return cjson.encode({status = 'busy'})
 end
 redis.call('HSET', KEYS[2], 'm:' .. me, inst .. '\n' .. from, 'host', me, 'ringing', peer)
+NOW_MS
+redis.call('ZADD', 'duet:rooms', now_ms + STATE_TTL_MS, call_id)
 if ARGV[8] ~= '' then redis.call('HSET', KEYS[2], 't:' .. me, ARGV[8]) end
 redis.call('PEXPIRE', KEYS[2], STATE_TTL_MS)
 redis.call('SET', busy .. me, call_id, 'PX', STATE_TTL_MS)
@@ -369,6 +477,7 @@ end
 local c = cjson.decode(call)
 local busy, call_id = ARGV[1], ARGV[2]
 redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', 'duet:rooms', call_id)
 for _, p in ipairs({c.caller, c.callee}) do
   if redis.call('GET', busy .. p) == call_id then
     redis.call('DEL', busy .. p)
@@ -439,13 +548,22 @@ end
 return cjson.encode({status = 'away', others = (#others > 0) and others or nil})
 ";
 
-/// A message for `peer`: queued (at most 64) while it is away, else where it is now.
+/// A message for `peer`: queued while it is away (the newest 64, at most 256 KiB of
+/// envelopes, as on one instance; the size is kept in `{queue}:bytes`), else where it is
+/// now.
 const QUEUE: &str = r"
 local peer, envelope = ARGV[1], ARGV[2]
 if redis.call('HEXISTS', KEYS[1], 'a:' .. peer) == 1 then
+  local size_key = KEYS[2] .. ':bytes'
   redis.call('RPUSH', KEYS[2], envelope)
-  redis.call('LTRIM', KEYS[2], -64, -1)
+  local bytes = redis.call('INCRBY', size_key, #envelope)
+  while redis.call('LLEN', KEYS[2]) > AWAY_QUEUE_MESSAGES or bytes > AWAY_QUEUE_BYTES do
+    local oldest = redis.call('LPOP', KEYS[2])
+    if not oldest then break end
+    bytes = redis.call('DECRBY', size_key, #oldest)
+  end
   redis.call('PEXPIRE', KEYS[2], STATE_TTL_MS)
+  redis.call('PEXPIRE', size_key, STATE_TTL_MS)
   return cjson.encode({status = 'queued'})
 end
 local v = redis.call('HGET', KEYS[1], 'm:' .. peer)
@@ -492,7 +610,7 @@ redis.call('HSET', key, 'm:' .. peer, inst .. '\n' .. name, 't:' .. peer, fresh)
 redis.call('PEXPIRE', key, STATE_TTL_MS)
 redis.call('SET', busy .. peer, room, 'PX', STATE_TTL_MS)
 local queue = redis.call('LRANGE', 'duet:queue:' .. peer, 0, -1)
-redis.call('DEL', 'duet:queue:' .. peer)
+redis.call('DEL', 'duet:queue:' .. peer, 'duet:queue:' .. peer .. ':bytes')
 local fields = redis.call('HGETALL', key)
 local host = nil
 local others = {}
@@ -560,6 +678,15 @@ struct ScriptAnswer {
     /// Envelopes queued for an away member, oldest first.
     #[serde(default)]
     queue: Vec<String>,
+    /// `not_started`: when the meeting opens (Unix ms).
+    #[serde(default)]
+    starts_at: Option<String>,
+    /// `rate_limited`: which cap (`rooms`, `address`, `connection`).
+    #[serde(default)]
+    why: Option<String>,
+    /// A meeting's host that lost the role to a member presenting the host token.
+    #[serde(default)]
+    deposed: Option<String>,
 }
 
 /// Where a member's WebSocket is: its peer id on instance `instance` (or, `away`, the
@@ -596,6 +723,8 @@ struct Rung {
 #[derive(Debug)]
 struct Member {
     peer_id: String,
+    /// The client's address (for the per-address room-creation cap).
+    address: IpAddr,
     room: Option<String>,
     partner: Option<Seat>,
     /// The room a join under way may have put it in (left again if the connection ends
@@ -628,8 +757,18 @@ pub struct ClusterConfig {
     pub ring_timeout: Duration,
     /// How long a dropped member's seat waits for a `resume` (zero: resume off).
     pub resume_grace: Duration,
-    /// How often away seats whose grace ran out are looked for.
+    /// How often away seats whose grace ran out (and meetings due to expire) are looked for.
     pub sweep_interval: Duration,
+    /// How long before its `starts_at` a meeting can be joined.
+    pub early_join: Duration,
+    /// How long an ended meeting is remembered (refusing joins with `room_ended`).
+    pub ended_retention: Duration,
+    /// Most rooms held at once, cluster-wide (ad-hoc, calls and meetings).
+    pub max_rooms: usize,
+    /// Most rooms one connection may create in a minute.
+    pub rooms_per_minute: usize,
+    /// Most rooms all connections from one address may create in a minute, cluster-wide.
+    pub rooms_per_minute_per_address: usize,
 }
 
 /// This instance's part of the cluster.
@@ -658,6 +797,7 @@ pub struct Cluster {
     queue: Script,
     resume: Script,
     expire: Script,
+    scripts: meetings::MeetingScripts,
     /// Itself, for the ring timers' tasks.
     weak: Weak<Cluster>,
 }
@@ -699,6 +839,7 @@ impl Cluster {
             queue: script(QUEUE),
             resume: script(RESUME),
             expire: script(&LEAVE.replace("EXPIRE_CHECK", EXPIRE_CHECK)),
+            scripts: meetings::MeetingScripts::new(),
             weak: weak.clone(),
         });
         if let Err(e) = cluster.heartbeat().await {
@@ -757,13 +898,14 @@ impl Cluster {
     }
 
     /// A new connection (already registered with the hub as `conn`, `peer_id`).
-    pub fn connect(&self, conn: ConnId, peer_id: &str) {
+    pub fn connect(&self, conn: ConnId, peer_id: &str, address: IpAddr) {
         let mut local = self.lock();
         local.by_peer.insert(peer_id.to_owned(), conn);
         local.conns.insert(
             conn,
             Member {
                 peer_id: peer_id.to_owned(),
+                address,
                 room: None,
                 partner: None,
                 joining: None,
@@ -815,7 +957,14 @@ impl Cluster {
     /// One message from `conn`; replies go to its hub queue.
     pub async fn handle(&self, conn: ConnId, msg: ClientMessage) {
         let result = match msg {
-            ClientMessage::Join { room, name, .. } => self.join(conn, &room, name.as_deref()).await,
+            ClientMessage::Join {
+                room,
+                name,
+                host_token,
+            } => {
+                self.join(conn, &room, name.as_deref(), host_token.as_deref())
+                    .await
+            }
             ClientMessage::Offer { sdp } => {
                 self.relay(conn, |from| ServerMessage::Offer { from, sdp })
                     .await
@@ -854,19 +1003,20 @@ impl Cluster {
         conn: ConnId,
         room: &str,
         name: Option<&str>,
+        host_token: Option<&str>,
     ) -> Result<(), (ErrorCode, String)> {
         let room = validate_name("room", room).map_err(|e| (e.code, e.message))?;
         let display = match name.map(str::trim) {
             None | Some("") => None,
             Some(n) => Some(validate_name("name", n).map_err(|e| (e.code, e.message))?),
         };
-        let (peer_id, current) = {
+        let (peer_id, current, address) = {
             let local = self.lock();
             let member = local
                 .conns
                 .get(&conn)
                 .ok_or((ErrorCode::Internal, "unknown connection".to_owned()))?;
-            (member.peer_id.clone(), member.room.clone())
+            (member.peer_id.clone(), member.room.clone(), member.address)
         };
         if current.as_deref() == Some(room) {
             // Joining the room it is in: leave and join again, as on one instance.
@@ -880,6 +1030,9 @@ impl Cluster {
             .script(
                 self.join
                     .key(room_key(room))
+                    .key(meeting_key(room))
+                    .key(format!("{CREATED_PREFIX}a:{address}"))
+                    .key(format!("{CREATED_PREFIX}c:{peer_id}"))
                     .arg(&peer_id)
                     .arg(&self.instance)
                     .arg(display.unwrap_or(""))
@@ -896,7 +1049,12 @@ impl Cluster {
                     .arg(
                         unix_millis(OffsetDateTime::now_utc() + self.config.resume_grace)
                             .to_string(),
-                    ),
+                    )
+                    .arg(host_token.map_or_else(String::new, |t| hex(&ids::secret_hash(t))))
+                    .arg(millis(self.config.early_join).to_string())
+                    .arg(self.config.max_rooms)
+                    .arg(self.config.rooms_per_minute_per_address)
+                    .arg(self.config.rooms_per_minute),
             )
             .await;
         let answer = match answer {
@@ -935,6 +1093,52 @@ impl Cluster {
             "ended" => {
                 self.hold(conn, None);
                 Err((ErrorCode::RoomEnded, format!("room `{room}` has ended")))
+            }
+            "not_started" => {
+                self.hold(conn, None);
+                let starts_at = answer
+                    .starts_at
+                    .as_deref()
+                    .and_then(|ms| ms.parse::<i64>().ok())
+                    .and_then(|ms| from_unix_millis(ms.into()))
+                    .map(format_rfc3339)
+                    .unwrap_or_default();
+                self.hub.send(
+                    conn,
+                    ServerMessage::Error {
+                        code: ErrorCode::NotStarted,
+                        message: format!("the room opens at {starts_at}"),
+                        starts_at: Some(starts_at),
+                    },
+                );
+                Ok(())
+            }
+            "not_host" => {
+                self.hold(conn, None);
+                info!(room, peer = %peer_id, "wrong host token");
+                Err((
+                    ErrorCode::NotHost,
+                    "wrong `host_token` for this room".to_owned(),
+                ))
+            }
+            "rate_limited" => {
+                self.hold(conn, None);
+                let message = match answer.why.as_deref() {
+                    Some("address") => format!(
+                        "at most {} new rooms a minute from one address; join one that exists or wait",
+                        self.config.rooms_per_minute_per_address
+                    ),
+                    Some("connection") => format!(
+                        "at most {} new rooms a minute; join one that exists or wait",
+                        self.config.rooms_per_minute
+                    ),
+                    _ => {
+                        warn!("room limit reached (cluster-wide); refusing a new room");
+                        "the server holds as many rooms as it may; try again later".to_owned()
+                    }
+                };
+                info!(room, peer = %peer_id, why = ?answer.why, "new room refused");
+                Err((ErrorCode::RateLimited, message))
             }
             "full" => {
                 self.hold(conn, None);
@@ -986,6 +1190,16 @@ impl Cluster {
                         },
                     )
                     .await;
+                    if answer.deposed.as_deref() == Some(other.peer.as_str()) {
+                        self.send_to(
+                            &other.seat(),
+                            room,
+                            ServerMessage::HostChanged {
+                                peer_id: peer_id.clone(),
+                            },
+                        )
+                        .await;
+                    }
                 }
                 for envelope in held {
                     self.receive(envelope);
@@ -1524,17 +1738,19 @@ impl Cluster {
         }
     }
 
-    /// Gives up away seats whose grace ran out, every `sweep_interval`.
+    /// Gives up away seats whose grace ran out and expires meetings, every
+    /// `sweep_interval`.
     async fn sweep_loop(self: Arc<Self>) {
-        if self.config.resume_grace.is_zero() {
-            return;
-        }
         let mut every = tokio::time::interval(self.config.sweep_interval);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = self.stop.cancelled() => return,
                 _ = every.tick() => {}
+            }
+            self.sweep_meetings().await;
+            if self.config.resume_grace.is_zero() {
+                continue;
             }
             let now = unix_millis(OffsetDateTime::now_utc());
             let due: Result<Vec<String>, _> = self
@@ -1764,37 +1980,6 @@ impl Cluster {
         }
     }
 
-    /// A room as `GET /api/rooms/{room}` shows it (the same from every instance);
-    /// `None` when it does not exist (an empty room is forgotten at once).
-    pub async fn room_info(&self, room: &str) -> Result<Option<RoomInfo>, Unreachable> {
-        let fields: Vec<(String, String)> = self
-            .command(redis::cmd("HGETALL").arg(room_key(room)))
-            .await?;
-        if fields.is_empty() {
-            return Ok(None);
-        }
-        let members = fields.iter().filter(|(f, _)| f.starts_with("m:")).count();
-        let ended = fields.iter().find(|(f, _)| f == "ended").map(|(_, at)| {
-            let ms = at.parse::<i128>().unwrap_or(0);
-            OffsetDateTime::from_unix_timestamp_nanos(ms * 1_000_000)
-                .unwrap_or(OffsetDateTime::UNIX_EPOCH)
-        });
-        let state = match (ended, members) {
-            (Some(_), _) => RoomState::Ended,
-            (None, 0) => RoomState::Open,
-            (None, _) => RoomState::Active,
-        };
-        Ok(Some(RoomInfo {
-            room_id: room.to_owned(),
-            title: None,
-            starts_at: None,
-            expires_at: ended.map(format_rfc3339),
-            members,
-            state,
-            ttl_s: i64::try_from(self.config.room_ttl.as_secs()).unwrap_or(i64::MAX),
-        }))
-    }
-
     async fn end_room(&self, conn: ConnId) -> Result<(), (ErrorCode, String)> {
         let (peer_id, room) = {
             let local = self.lock();
@@ -1808,10 +1993,13 @@ impl Cluster {
             .script(
                 self.end
                     .key(room_key(&room))
+                    .key(meeting_key(&room))
                     .arg(&peer_id)
                     .arg(millis(self.config.room_ttl))
                     .arg(unix_millis(OffsetDateTime::now_utc()))
-                    .arg(BUSY_PREFIX),
+                    .arg(BUSY_PREFIX)
+                    .arg(&room)
+                    .arg(millis(self.config.ended_retention)),
             )
             .await
             .map_err(|e| unavailable(&e))?;
@@ -2119,6 +2307,7 @@ impl Cluster {
     async fn refresh_state(&self) -> Result<(), Unreachable> {
         let mut pipe = redis::pipe();
         let ttl = millis(STATE_TTL);
+        let lapse = (unix_millis(OffsetDateTime::now_utc()) + i128::from(ttl)).to_string();
         {
             let local = self.lock();
             for m in local.conns.values() {
@@ -2128,6 +2317,14 @@ impl Cluster {
                         .arg(room_key(room))
                         .arg(ttl)
                         .arg("GT")
+                        .ignore();
+                    // Counted for --max-rooms while it lives (XX: not one that is gone).
+                    pipe.cmd("ZADD")
+                        .arg(ROOMS_SET)
+                        .arg("XX")
+                        .arg("GT")
+                        .arg(&lapse)
+                        .arg(room)
                         .ignore();
                 }
                 if m.room.is_some() || m.rung_by.is_some() {
@@ -2221,8 +2418,18 @@ async fn publish_loop(
 
 /// A script with its placeholders filled in.
 fn script(source: &str) -> Script {
-    Script::new(&source.replace("STATE_TTL_MS", &millis(STATE_TTL).to_string()))
+    Script::new(
+        &source
+            .replace("NOW_MS", NOW_MS)
+            .replace("STATE_TTL_MS", &millis(STATE_TTL).to_string())
+            .replace("AWAY_QUEUE_MESSAGES", &AWAY_QUEUE_MESSAGES.to_string())
+            .replace("AWAY_QUEUE_BYTES", &AWAY_QUEUE_BYTES.to_string()),
+    )
 }
+
+/// `now_ms`: Redis's own clock (Unix ms), so that every instance's scripts agree on it.
+const NOW_MS: &str = "local now_t = redis.call('TIME')
+local now_ms = tonumber(now_t[1]) * 1000 + math.floor(tonumber(now_t[2]) / 1000)";
 
 fn name_key(name: &str) -> String {
     format!("{NAME_PREFIX}{name}")
@@ -2234,6 +2441,15 @@ fn call_key(call_id: &str) -> String {
 
 fn room_key(room: &str) -> String {
     format!("{ROOM_PREFIX}{room}")
+}
+
+fn meeting_key(room: &str) -> String {
+    format!("{}{room}", meetings::MEETING_PREFIX)
+}
+
+/// Unix ms as a time; `None` out of range.
+fn from_unix_millis(ms: i128) -> Option<OffsetDateTime> {
+    OffsetDateTime::from_unix_timestamp_nanos(ms * 1_000_000).ok()
 }
 
 fn millis(d: Duration) -> u64 {

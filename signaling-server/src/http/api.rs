@@ -26,21 +26,22 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
 use time::OffsetDateTime;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 
-use crate::api::{
+use crate::core::clock::{Now, format_rfc3339, parse_rfc3339};
+use crate::core::rate_limit::{RateLimit, RateLimiter, Verdict};
+use crate::core::rooms::Meeting;
+use crate::ids;
+use crate::protocol::IceServer;
+use crate::protocol::api::{
     ApiError, CreateRoomRequest, CreatedRoom, DEFAULT_TTL_S, IceServers, MAX_TITLE_CHARS,
     MAX_TTL_S, RoomInfo, RoomList, RoomState, join_url,
 };
-use crate::clock::{Now, format_rfc3339, parse_rfc3339};
-use crate::ids;
-use crate::protocol::{IceServer, RoomEndReason};
-use crate::rate_limit::{RateLimit, RateLimiter, Verdict};
-use crate::rooms::{HostCheck, Meeting};
-use crate::server::Shared;
-use crate::store::StoredMeeting;
+use crate::state::{BackendError, EndRefused, Meetings};
+use crate::turn::IceConfig;
 
 /// Largest request body; more is `413`.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -189,6 +190,23 @@ impl ApiState {
     }
 }
 
+/// What the HTTP API handlers need from the server, and nothing more (built by
+/// [`crate::server`], which this module does not know).
+#[derive(Debug)]
+pub(crate) struct ApiContext {
+    pub api: ApiState,
+    /// Where meetings live: the in-process backend or Redis.
+    pub meetings: Arc<dyn Meetings>,
+    pub ice: Arc<IceConfig>,
+    /// `https` with TLS, else `http` (for join URLs without `--public-url`).
+    pub scheme: &'static str,
+    pub local_addr: SocketAddr,
+    /// `--http-body-timeout`.
+    pub body_timeout: Duration,
+    /// Tasks the server's stop waits for (creating and ending rooms run in their own).
+    pub tasks: TaskTracker,
+}
+
 /// A JSON body ending in a newline (so `curl` output ends its line).
 pub(crate) struct Json<T>(pub T);
 
@@ -260,14 +278,22 @@ impl Failure {
         Failure::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
     }
 
-    /// 503: cluster mode cannot reach Redis.
-    fn unavailable(e: &crate::cluster::Unreachable) -> Self {
-        warn!(error = %e, "Redis operation for the HTTP API failed");
-        Failure::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "the service's shared state (Redis) is unreachable; try again shortly",
-        )
+    /// 503 when cluster mode cannot reach Redis; 500 when the database failed.
+    fn backend(e: &BackendError) -> Self {
+        match e {
+            BackendError::Unreachable(e) => {
+                warn!(error = %e, "Redis operation for the HTTP API failed");
+                Failure::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the service's shared state (Redis) is unreachable; try again shortly",
+                )
+            }
+            BackendError::Store(e) => {
+                error!(error = %e, "the database failed");
+                Failure::internal()
+            }
+        }
     }
 
     fn unknown_room(room: &str) -> Self {
@@ -324,7 +350,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
 }
 
 /// The routes of this module (merged into the server's router).
-pub(crate) fn routes() -> Router<Arc<Shared>> {
+pub(crate) fn routes() -> Router<Arc<ApiContext>> {
     Router::new()
         .route("/api/rooms", get(list_rooms).post(create_room))
         .route("/api/rooms/{room_id}", get(get_room).delete(delete_room))
@@ -358,8 +384,8 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .filter(|s| !s.is_empty())
 }
 
-fn require_api_key(shared: &Shared, headers: &HeaderMap) -> Result<(), Failure> {
-    let Some(hash) = &shared.api.key_hash else {
+fn require_api_key(ctx: &ApiContext, headers: &HeaderMap) -> Result<(), Failure> {
+    let Some(hash) = &ctx.api.key_hash else {
         return Ok(());
     };
     match bearer(headers) {
@@ -373,8 +399,8 @@ fn require_api_key(shared: &Shared, headers: &HeaderMap) -> Result<(), Failure> 
 
 /// `http://<Host>` (`https://` with TLS) when no `--public-url` is set (the Host header
 /// checked for shape).
-fn base_url(shared: &Shared, headers: &HeaderMap) -> String {
-    if let Some(url) = &shared.api.public_url {
+fn base_url(ctx: &ApiContext, headers: &HeaderMap) -> String {
+    if let Some(url) = &ctx.api.public_url {
         return url.clone();
     }
     let host = headers
@@ -387,8 +413,8 @@ fn base_url(shared: &Shared, headers: &HeaderMap) -> String {
                     .all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b))
         });
     match host {
-        Some(host) => format!("{}://{host}", shared.http_scheme()),
-        None => format!("{}://{}", shared.http_scheme(), shared.local_addr),
+        Some(host) => format!("{}://{host}", ctx.scheme),
+        None => format!("{}://{}", ctx.scheme, ctx.local_addr),
     }
 }
 
@@ -500,24 +526,17 @@ pub(crate) fn check_create_body(body: &[u8]) -> Result<(), ()> {
     security((), ("api_key" = [])),
 )]
 async fn create_room(
-    State(shared): State<Arc<Shared>>,
+    State(ctx): State<Arc<ApiContext>>,
     ClientAddr(addr): ClientAddr,
     request: Request,
 ) -> Result<Response, Failure> {
-    shared.api.admit(addr.ip())?;
+    ctx.api.admit(addr.ip())?;
     let headers = request.headers().clone();
-    require_api_key(&shared, &headers)?;
-    if shared.cluster.is_some() {
-        return Err(Failure::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "meetings are not available on a clustered server (--redis) yet",
-        ));
-    }
+    require_api_key(&ctx, &headers)?;
     // A client announcing a body and never sending it must not hold the connection
     // (and with it the server's shutdown) for ever.
-    let limit = shared.config.http_body_timeout;
-    let body = tokio::time::timeout(limit, Bytes::from_request(request, &shared))
+    let limit = ctx.body_timeout;
+    let body = tokio::time::timeout(limit, Bytes::from_request(request, &ctx))
         .await
         .map_err(|_| Failure::request_timeout(limit))?;
     let request: CreateRoomRequest = serde_json::from_value(json_object(body)?)
@@ -526,20 +545,20 @@ async fn create_room(
     let new = check_create(request, now)?;
     // Charged only for a room that would be created: bad requests cost the general
     // API limit only.
-    shared.api.admit_create(addr.ip())?;
+    ctx.api.admit_create(addr.ip())?;
     // Finished in a task of its own: a client that goes away mid-request must not leave
     // a stored room the state machine does not know.
-    let base = base_url(&shared, &headers);
-    let tasks = shared.tasks.clone();
+    let base = base_url(&ctx, &headers);
+    let tasks = ctx.tasks.clone();
     tasks
-        .spawn(store_new_room(shared, new, now, base))
+        .spawn(store_new_room(ctx, new, now, base))
         .await
         .map_err(|_| Failure::internal())?
 }
 
 /// Stores a new room, then adds it to the state machine; the `201` answer.
 async fn store_new_room(
-    shared: Arc<Shared>,
+    ctx: Arc<ApiContext>,
     new: NewRoom,
     now: Now,
     base: String,
@@ -547,9 +566,6 @@ async fn store_new_room(
     // 65 random bits make a collision practically impossible; retry anyway.
     for _ in 0..8 {
         let room_id = ids::room_id();
-        if shared.hub.room_info(&room_id).is_some() {
-            continue;
-        }
         let token = ids::host_token();
         let meeting = Meeting {
             token_hash: ids::secret_hash(&token),
@@ -559,28 +575,12 @@ async fn store_new_room(
             created_at: now.wall,
             ended: None,
         };
-        let stored = StoredMeeting {
-            room_id: room_id.clone(),
-            meeting: meeting.clone(),
+        let info = match ctx.meetings.create(&room_id, meeting).await {
+            Ok(Some(info)) => Some(info),
+            Ok(None) => continue,
+            Err(e) => return Err(Failure::backend(&e)),
         };
-        match shared.store.insert(stored).await {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) => {
-                error!(error = %e, "cannot store a new room");
-                return Err(Failure::internal());
-            }
-        }
-        if !shared.hub.add_meeting(&room_id, meeting) {
-            // An ad-hoc room took the name in between: give the stored one up.
-            shared
-                .store
-                .record(vec![crate::rooms::MeetingEvent::Forgotten {
-                    room: room_id,
-                }]);
-            continue;
-        }
-        let Some(info) = shared.hub.room_info(&room_id) else {
+        let Some(info) = info else {
             return Err(Failure::internal());
         };
         info!(
@@ -627,19 +627,17 @@ fn room_id_from(path: Result<Path<String>, PathRejection>) -> Result<String, Fai
     ),
 )]
 async fn get_room(
-    State(shared): State<Arc<Shared>>,
+    State(ctx): State<Arc<ApiContext>>,
     ClientAddr(addr): ClientAddr,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<RoomInfo>, Failure> {
-    shared.api.admit(addr.ip())?;
+    ctx.api.admit(addr.ip())?;
     let room_id = room_id_from(path)?;
-    let info = match &shared.cluster {
-        None => shared.hub.room_info(&room_id),
-        Some(cluster) => cluster
-            .room_info(&room_id)
-            .await
-            .map_err(|e| Failure::unavailable(&e))?,
-    };
+    let info = ctx
+        .meetings
+        .info(&room_id)
+        .await
+        .map_err(|e| Failure::backend(&e))?;
     info.map(Json)
         .ok_or_else(|| Failure::unknown_room(&room_id))
 }
@@ -681,15 +679,15 @@ fn window_bound(name: &str, value: Option<&str>) -> Result<Option<OffsetDateTime
     security(("api_key" = [])),
 )]
 async fn list_rooms(
-    State(shared): State<Arc<Shared>>,
+    State(ctx): State<Arc<ApiContext>>,
     ClientAddr(addr): ClientAddr,
     headers: HeaderMap,
     query: Result<Query<Window>, QueryRejection>,
 ) -> Result<Json<RoomList>, Failure> {
-    shared.api.admit(addr.ip())?;
+    ctx.api.admit(addr.ip())?;
     // Room ids are the guests' only credential: without a key to restrict it to, a
     // listing would hand every meeting to anyone.
-    if shared.api.key_hash.is_none() {
+    if ctx.api.key_hash.is_none() {
         return Err(Failure::new(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -698,7 +696,7 @@ async fn list_rooms(
              Authorization: Bearer <key>",
         ));
     }
-    require_api_key(&shared, &headers)?;
+    require_api_key(&ctx, &headers)?;
     let Query(window) = query.map_err(|r| Failure::bad_field(r.body_text()))?;
     let from = window_bound("from", window.from.as_deref())?;
     let to = window_bound("to", window.to.as_deref())?;
@@ -707,9 +705,12 @@ async fn list_rooms(
     {
         return Err(Failure::bad_field("`from` is after `to`"));
     }
-    Ok(Json(RoomList {
-        rooms: shared.hub.list_meetings(from, to),
-    }))
+    let rooms = ctx
+        .meetings
+        .list(from, to)
+        .await
+        .map_err(|e| Failure::backend(&e))?;
+    Ok(Json(RoomList { rooms }))
 }
 
 /// End a room: its members get `room_ended/host_ended`, later joins `error/room_ended`.
@@ -728,70 +729,44 @@ async fn list_rooms(
     security(("host_token" = [])),
 )]
 async fn delete_room(
-    State(shared): State<Arc<Shared>>,
+    State(ctx): State<Arc<ApiContext>>,
     ClientAddr(addr): ClientAddr,
     headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<RoomInfo>, Failure> {
-    shared.api.admit(addr.ip())?;
+    ctx.api.admit(addr.ip())?;
     let room_id = room_id_from(path)?;
-    if let Some(cluster) = &shared.cluster {
-        // Every room of a cluster is ad hoc: none has a host token.
-        return match cluster.room_info(&room_id).await {
-            Ok(None) => Err(Failure::unknown_room(&room_id)),
-            Ok(Some(_)) => Err(Failure::unauthorized(
-                "this room has no host token: only its host can end it (end_room)",
-            )),
-            Err(e) => Err(Failure::unavailable(&e)),
+    let wrong_token = || {
+        let message = if bearer(&headers).is_some() {
+            "wrong host token for this room"
+        } else {
+            "ending a room needs its host token: Authorization: Bearer <host_token>"
         };
-    }
-    match shared.hub.check_host(&room_id, bearer(&headers)) {
-        Ok(()) => {}
-        Err(HostCheck::UnknownRoom) => return Err(Failure::unknown_room(&room_id)),
-        Err(HostCheck::WrongToken) => {
-            let message = if bearer(&headers).is_some() {
-                "wrong host token for this room"
-            } else {
-                "ending a room needs its host token: Authorization: Bearer <host_token>"
-            };
-            return Err(Failure::unauthorized(message));
-        }
-        Err(HostCheck::Ended) => {
-            return Err(Failure::new(
-                StatusCode::CONFLICT,
-                "room_ended",
-                format!("room `{room_id}` has ended already"),
-            ));
-        }
-    }
-    // In a task of its own, like creating: stored and ended in memory, or neither.
-    let tasks = shared.tasks.clone();
-    tasks
-        .spawn(store_end(shared, room_id))
+        Failure::unauthorized(message)
+    };
+    let ended = || {
+        Failure::new(
+            StatusCode::CONFLICT,
+            "room_ended",
+            format!("room `{room_id}` has ended already"),
+        )
+    };
+    // In a task of its own, like creating: a client that goes away mid-request must not
+    // leave the end stored but not announced.
+    let tasks = ctx.tasks.clone();
+    let token = bearer(&headers).map(str::to_owned);
+    let room = room_id.clone();
+    let ended_room = tasks
+        .spawn(async move { ctx.meetings.end(&room, token.as_deref()).await })
         .await
-        .map_err(|_| Failure::internal())?
-}
-
-/// Stores the end first, so that members hear `room_ended` only once it is durable.
-async fn store_end(shared: Arc<Shared>, room_id: String) -> Result<Json<RoomInfo>, Failure> {
-    let now = Now::system();
-    if let Err(e) = shared
-        .store
-        .end(room_id.clone(), now.wall, RoomEndReason::HostEnded)
-        .await
-    {
-        error!(error = %e, room = %room_id, "cannot store the end of a room");
-        return Err(Failure::internal());
+        .map_err(|_| Failure::internal())?;
+    match ended_room {
+        Ok(Ok(info)) => Ok(Json(info)),
+        Ok(Err(EndRefused::UnknownRoom)) => Err(Failure::unknown_room(&room_id)),
+        Ok(Err(EndRefused::WrongToken)) => Err(wrong_token()),
+        Ok(Err(EndRefused::Ended)) => Err(ended()),
+        Err(e) => Err(Failure::backend(&e)),
     }
-    shared.hub.end_by_host(&room_id);
-    let info = shared
-        .hub
-        .room_info(&room_id)
-        .ok_or_else(|| Failure::unknown_room(&room_id))?;
-    if info.state != RoomState::Ended {
-        warn!(room = %room_id, "room not ended after DELETE");
-    }
-    Ok(Json(info))
 }
 
 /// The ICE servers (STUN/TURN) with freshly minted TURN credentials, as in `welcome`.
@@ -802,11 +777,11 @@ async fn store_end(shared: Arc<Shared>, room_id: String) -> Result<Json<RoomInfo
     responses((status = 200, body = IceServers), (status = 429, body = ApiError)),
 )]
 async fn ice_servers(
-    State(shared): State<Arc<Shared>>,
+    State(ctx): State<Arc<ApiContext>>,
     ClientAddr(addr): ClientAddr,
 ) -> Result<Json<IceServers>, Failure> {
-    shared.api.admit(addr.ip())?;
-    let ice_servers: Vec<IceServer> = shared
+    ctx.api.admit(addr.ip())?;
+    let ice_servers: Vec<IceServer> = ctx
         .ice
         .ice_servers(&ids::random_chars(13), SystemTime::now());
     Ok(Json(IceServers { ice_servers }))
@@ -877,17 +852,24 @@ async fn openapi() -> Response {
 /// A join URL: browsers get the web client (which joins the room); other clients a
 /// line of text with the room id and how to use it.
 async fn join_page(
-    State(shared): State<Arc<Shared>>,
+    State(ctx): State<Arc<ApiContext>>,
     headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Response {
-    if crate::web::wants_html(&headers) {
-        return crate::web::index_page(&headers);
+    if crate::http::web::wants_html(&headers) {
+        return crate::http::web::index_page(&headers);
     }
     let Ok(Path(room_id)) = path else {
         return (StatusCode::BAD_REQUEST, "bad room id\n").into_response();
     };
-    match shared.hub.room_info(&room_id) {
+    let info = match ctx.meetings.info(&room_id).await {
+        Ok(info) => info,
+        Err(e) => {
+            warn!(error = %e, "no answer for a join page");
+            return (StatusCode::SERVICE_UNAVAILABLE, "try again shortly\n").into_response();
+        }
+    };
+    match info {
         Some(info) => {
             let title = info.title.map(|t| format!(" ({t})")).unwrap_or_default();
             let when = match (info.state, info.starts_at) {

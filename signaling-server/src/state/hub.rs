@@ -21,12 +21,12 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::api::RoomInfo;
-use crate::clock::Now;
+use crate::core::clock::Now;
+use crate::core::rooms::{ConnId, HostCheck, Meeting, Outbox, Rooms, RoomsConfig};
 use crate::ids;
+use crate::protocol::api::RoomInfo;
 use crate::protocol::{ClientMessage, ServerMessage};
-use crate::rooms::{ConnId, HostCheck, Meeting, Outbox, Rooms, RoomsConfig};
-use crate::store::Store;
+use crate::state::store::Store;
 
 /// A registered connection: its id, public `peer_id` and the queue of JSON texts to send.
 #[derive(Debug)]

@@ -10,6 +10,8 @@
 //! right error code: text that is not a JSON object is `bad_json`, an unknown `type` is
 //! `unknown_type`, and a known type with a missing or invalid field is `bad_field`.
 
+pub mod api;
+
 use serde::{Deserialize, Serialize};
 
 /// Protocol version carried in `welcome`.

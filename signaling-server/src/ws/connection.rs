@@ -13,22 +13,49 @@ use std::time::{Instant, SystemTime};
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::time::{Duration, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, debug, error, info, info_span};
 
-use crate::clock::Now;
-use crate::cluster::Cluster;
-use crate::hub::Registration;
+use crate::core::clock::Now;
+use crate::core::rate_limit::{RateLimit, RateLimiter, Verdict};
+use crate::core::rooms::ConnId;
 use crate::protocol::{ClientMessage, ErrorCode, PROTOCOL_VERSION, RoomEndReason, ServerMessage};
-use crate::rate_limit::{RateLimiter, Verdict};
-use crate::rooms::ConnId;
-use crate::server::Shared;
+use crate::state::cluster::Cluster;
+use crate::state::hub::{Hub, Registration};
+use crate::state::store::Store;
 use crate::tls::Stream;
-use crate::websocket::{Decoder, Event, Opcode, close_code, encode_close, encode_frame};
+use crate::turn::IceConfig;
+use crate::ws::framing::{Decoder, Event, Opcode, close_code, encode_close, encode_frame};
 
 /// How much to ask the kernel for per read.
 const READ_CHUNK: usize = 4096;
 /// Most queued messages written in one batch.
 const WRITE_BATCH: usize = 64;
+
+/// What a connection's task needs from the server, and nothing more (built by
+/// [`crate::server`], which this module does not know).
+#[derive(Debug)]
+pub(crate) struct WsContext {
+    /// Largest message, in bytes (`--max-message-bytes`).
+    pub max_message_bytes: usize,
+    /// Messages (and pings) per connection (`--rate-*`).
+    pub rate_limit: RateLimit,
+    pub ping_interval: Duration,
+    /// Silence after which a connection is dropped; also the write deadline.
+    pub ping_timeout: Duration,
+    /// For the `ice_servers` of `welcome`.
+    pub ice: Arc<IceConfig>,
+    pub hub: Arc<Hub>,
+    /// Set in cluster mode (`--redis`): rooms live in Redis, and client messages go here.
+    pub cluster: Option<Arc<Cluster>>,
+    /// Where a host's `end_room` of a meeting is stored first (in-process backend).
+    pub store: Store,
+    /// Stop: connections close with 1001.
+    pub shutdown: CancellationToken,
+    /// Tasks the server's stop waits for.
+    pub tasks: TaskTracker,
+}
 
 /// Why the loop ended: close with this code and reason, or just drop the socket.
 enum Exit {
@@ -44,21 +71,21 @@ enum Exit {
 /// that the server's stop waits for it): an await here would enlarge every connection's
 /// task, also without `--redis`.
 struct Departure<'a> {
-    shared: &'a Shared,
+    ctx: &'a WsContext,
     conn: ConnId,
 }
 
 impl Drop for Departure<'_> {
     fn drop(&mut self) {
-        if let Some(cluster) = &self.shared.cluster
+        if let Some(cluster) = &self.ctx.cluster
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             let (cluster, conn) = (Arc::clone(cluster), self.conn);
-            self.shared
+            self.ctx
                 .tasks
                 .spawn_on(async move { cluster.disconnect(conn).await }, &runtime);
         }
-        self.shared.hub.disconnect(self.conn);
+        self.ctx.hub.disconnect(self.conn);
     }
 }
 
@@ -74,24 +101,21 @@ enum Pending {
 pub(crate) async fn run(
     stream: Stream,
     read_ahead: bytes::Bytes,
-    shared: Arc<Shared>,
+    ctx: Arc<WsContext>,
     client: std::net::IpAddr,
 ) {
-    let registration = shared.hub.connect(Some(client));
-    if let Some(cluster) = &shared.cluster {
-        cluster.connect(registration.conn, &registration.peer_id);
+    let registration = ctx.hub.connect(Some(client));
+    if let Some(cluster) = &ctx.cluster {
+        cluster.connect(registration.conn, &registration.peer_id, client);
     }
     let span = info_span!("ws", peer = %registration.peer_id);
     let conn = registration.conn;
     async move {
-        let departure = Departure {
-            shared: &shared,
-            conn,
-        };
+        let departure = Departure { ctx: &ctx, conn };
         let remote = stream.peer_addr().ok();
         info!(?remote, "connected");
-        let exit = Connection::new(stream, read_ahead, &shared, registration)
-            .serve(&shared, conn)
+        let exit = Connection::new(stream, read_ahead, &ctx, registration)
+            .serve(&ctx, conn)
             .await;
         match exit {
             Exit::Close(code, reason) if code != close_code::NORMAL => {
@@ -112,7 +136,7 @@ struct Connection {
     /// Frames to write (empty and unallocated when idle).
     outbox: Vec<u8>,
     /// What the hub queued for this connection.
-    outgoing: crate::hub::Outgoing,
+    outgoing: crate::state::hub::Outgoing,
     decoder: Decoder,
     limiter: RateLimiter,
     last_heard: Instant,
@@ -122,7 +146,7 @@ impl Connection {
     fn new(
         stream: Stream,
         read_ahead: bytes::Bytes,
-        shared: &Shared,
+        ctx: &WsContext,
         registration: Registration,
     ) -> Self {
         let now = Instant::now();
@@ -130,7 +154,7 @@ impl Connection {
         let welcome = ServerMessage::Welcome {
             protocol: PROTOCOL_VERSION,
             server: format!("signaling-server {}", env!("CARGO_PKG_VERSION")),
-            ice_servers: shared
+            ice_servers: ctx
                 .ice
                 .ice_servers(&registration.peer_id, SystemTime::now()),
         };
@@ -140,19 +164,19 @@ impl Connection {
             inbox: BytesMut::from(&read_ahead[..]),
             outbox,
             outgoing: registration.outgoing,
-            decoder: Decoder::new(shared.config.max_message_bytes),
-            limiter: RateLimiter::new(shared.config.rate_limit(), now),
+            decoder: Decoder::new(ctx.max_message_bytes),
+            limiter: RateLimiter::new(ctx.rate_limit, now),
             last_heard: now,
         }
     }
 
-    async fn serve(mut self, shared: &Shared, conn: ConnId) -> Exit {
-        let config = &shared.config;
+    async fn serve(mut self, ctx: &WsContext, conn: ConnId) -> Exit {
+        let config = ctx;
         let ping = sleep_until((Instant::now() + config.ping_interval).into());
         tokio::pin!(ping);
 
         // Anything the HTTP layer read ahead is processed before waiting for more.
-        if let Err(exit) = self.process_all(shared, conn).await {
+        if let Err(exit) = self.process_all(ctx, conn).await {
             return Box::pin(self.finish(exit)).await;
         }
         loop {
@@ -160,7 +184,7 @@ impl Connection {
                 return Box::pin(self.finish(exit)).await;
             }
             let step = tokio::select! {
-                _ = shared.shutdown.cancelled() => {
+                _ = ctx.shutdown.cancelled() => {
                     Err(Exit::Close(close_code::GOING_AWAY, "server shutting down"))
                 }
                 queued = self.outgoing.recv() => match queued {
@@ -176,7 +200,7 @@ impl Connection {
                 },
                 ready = self.stream.wait_readable(&mut self.inbox) => match ready {
                     Ok(already_read) => match self.read(already_read) {
-                        Ok(()) => self.process_all(shared, conn).await,
+                        Ok(()) => self.process_all(ctx, conn).await,
                         Err(exit) => Err(exit),
                     },
                     Err(_) => Err(Exit::Drop("socket error")),
@@ -220,18 +244,18 @@ impl Connection {
     /// Decodes and handles everything complete in the inbox. A host's `end_room` of a
     /// meeting is stored first (awaited, as `DELETE /api/rooms/{id}` does), so that a
     /// member who hears `room_ended` can rely on it surviving a restart.
-    async fn process_all(&mut self, shared: &Shared, conn: ConnId) -> Result<(), Exit> {
-        if let Some(cluster) = &shared.cluster {
+    async fn process_all(&mut self, ctx: &WsContext, conn: ConnId) -> Result<(), Exit> {
+        if let Some(cluster) = &ctx.cluster {
             // Boxed: inline, its future would enlarge every connection's task, also
             // without --redis.
-            return Box::pin(self.process_all_clustered(shared, cluster, conn)).await;
+            return Box::pin(self.process_all_clustered(ctx, cluster, conn)).await;
         }
-        while let Some(pending) = self.process_inbox(shared, conn)? {
+        while let Some(pending) = self.process_inbox(ctx, conn)? {
             let Pending::StoreEnd(room) = pending else {
                 continue; // only in cluster mode
             };
             let now = Now::system();
-            if let Err(e) = shared
+            if let Err(e) = ctx
                 .store
                 .end(room.clone(), now.wall, RoomEndReason::HostEnded)
                 .await
@@ -243,7 +267,7 @@ impl Connection {
                 );
                 continue;
             }
-            shared.hub.handle(conn, ClientMessage::EndRoom);
+            ctx.hub.handle(conn, ClientMessage::EndRoom);
             self.drain_outgoing();
         }
         if self.inbox.is_empty() {
@@ -255,11 +279,11 @@ impl Connection {
     /// [`Connection::process_all`] in cluster mode: every message goes to the cluster.
     async fn process_all_clustered(
         &mut self,
-        shared: &Shared,
+        ctx: &WsContext,
         cluster: &Cluster,
         conn: ConnId,
     ) -> Result<(), Exit> {
-        while let Some(pending) = self.process_inbox(shared, conn)? {
+        while let Some(pending) = self.process_inbox(ctx, conn)? {
             if let Pending::Cluster(msg) = pending {
                 cluster.handle(conn, *msg).await;
                 self.drain_outgoing();
@@ -275,8 +299,8 @@ impl Connection {
     /// host's `end_room` of a meeting (`Ok(Some(Pending::StoreEnd(room)))`: the caller
     /// stores the end, then applies it and calls again for the rest).
     /// In cluster mode every message is left to the caller (`Ok(Some(Pending::Cluster))`).
-    fn process_inbox(&mut self, shared: &Shared, conn: ConnId) -> Result<Option<Pending>, Exit> {
-        let hub = &shared.hub;
+    fn process_inbox(&mut self, ctx: &WsContext, conn: ConnId) -> Result<Option<Pending>, Exit> {
+        let hub = &ctx.hub;
         loop {
             let event = match self.decoder.decode(&mut self.inbox) {
                 Ok(Some(event)) => event,
@@ -307,7 +331,7 @@ impl Connection {
                 Event::Text(text) => {
                     if self.admit()? {
                         match ClientMessage::parse(&text) {
-                            Ok(msg) if shared.cluster.is_some() => {
+                            Ok(msg) if ctx.cluster.is_some() => {
                                 debug!(kind = msg.kind(), bytes = text.len(), "message");
                                 return Ok(Some(Pending::Cluster(Box::new(msg))));
                             }

@@ -2,7 +2,9 @@
 //!
 //! `username = "<unix expiry>:<id>"`, `credential = base64(HMAC-SHA1(secret, username))`.
 //! A TURN server that knows the same secret checks them without talking to us, so coturn
-//! (or the embedded relay in `turn_server`) can be swapped in freely.
+//! (or the embedded relay in [`server`]) can be swapped in freely.
+
+pub mod server;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

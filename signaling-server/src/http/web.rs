@@ -8,7 +8,7 @@
 //! no-cache` makes browsers revalidate, so a new server version is picked up at once
 //! while unchanged files cost a `304`.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use axum::Router;
 use axum::extract::Path;
@@ -16,8 +16,6 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use sha2::{Digest, Sha256};
-
-use crate::server::Shared;
 
 /// One compiled-in file.
 struct Asset {
@@ -32,7 +30,7 @@ const JS: &str = "text/javascript; charset=utf-8";
 const INDEX: Asset = Asset {
     name: "index.html",
     content_type: "text/html; charset=utf-8",
-    body: include_bytes!("../web/index.html"),
+    body: include_bytes!("../../web/index.html"),
 };
 
 /// What `/app/{file}` serves.
@@ -40,48 +38,48 @@ const ASSETS: &[Asset] = &[
     Asset {
         name: "style.css",
         content_type: "text/css; charset=utf-8",
-        body: include_bytes!("../web/style.css"),
+        body: include_bytes!("../../web/style.css"),
     },
     Asset {
         name: "main.js",
         content_type: JS,
-        body: include_bytes!("../web/main.js"),
+        body: include_bytes!("../../web/main.js"),
     },
     Asset {
         name: "signaling.js",
         content_type: JS,
-        body: include_bytes!("../web/signaling.js"),
+        body: include_bytes!("../../web/signaling.js"),
     },
     Asset {
         name: "call.js",
         content_type: JS,
-        body: include_bytes!("../web/call.js"),
+        body: include_bytes!("../../web/call.js"),
     },
     Asset {
         name: "media.js",
         content_type: JS,
-        body: include_bytes!("../web/media.js"),
+        body: include_bytes!("../../web/media.js"),
     },
     Asset {
         name: "words.js",
         content_type: JS,
-        body: include_bytes!("../web/words.js"),
+        body: include_bytes!("../../web/words.js"),
     },
     Asset {
         name: "ring.wav",
         content_type: "audio/wav",
-        body: include_bytes!("../../assets/ring.wav"),
+        body: include_bytes!("../../../assets/ring.wav"),
     },
     Asset {
         name: "icon.png",
         content_type: "image/png",
-        body: include_bytes!("../../assets/icon.png"),
+        body: include_bytes!("../../../assets/icon.png"),
     },
 ];
 
 /// The routes of the web client (merged into the server's router). `/r/{room_id}` lives
-/// in `http_api`, which hands browsers to [`index_page`].
-pub(crate) fn routes() -> Router<Arc<Shared>> {
+/// in `http::api`, which hands browsers to [`index_page`].
+pub(crate) fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
         .route("/", get(index))
         .route("/app/{file}", get(asset))
@@ -112,7 +110,7 @@ async fn asset(Path(file): Path<String>, headers: HeaderMap) -> Response {
         Some(i) => serve(&ASSETS[i], etag(i), &headers),
         None => {
             tracing::debug!(file, "unknown web client file");
-            crate::http_api::not_found().await.into_response()
+            crate::http::api::not_found().await.into_response()
         }
     }
 }

@@ -61,7 +61,7 @@ use turn::proto::lifetime::Lifetime;
 
 use super::auth::RestAuth;
 use super::framing::{self, FrameError, Kind};
-use crate::server::PerAddress;
+use crate::core::rate_limit::PerAddress;
 
 /// The largest message a stream client may send: what the crate reads of one datagram.
 pub const MAX_FRAME: usize = 1500;

@@ -20,9 +20,9 @@ use std::time::Duration;
 use rusqlite::{Connection, params};
 use tracing::{debug, info, warn};
 
-use crate::clock::from_unix;
+use crate::core::clock::from_unix;
+use crate::core::rooms::{Meeting, MeetingEvent};
 use crate::protocol::RoomEndReason;
-use crate::rooms::{Meeting, MeetingEvent};
 
 /// The path that means "keep it in memory only" (tests and throw-away servers).
 pub const IN_MEMORY: &str = ":memory:";
@@ -395,7 +395,7 @@ pub fn stored_room_ids(path: &Path) -> Result<Vec<String>, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::Now;
+    use crate::core::clock::Now;
     use crate::ids;
 
     fn meeting(now: Now) -> Meeting {

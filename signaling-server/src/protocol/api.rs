@@ -3,7 +3,7 @@
 //!
 //! The routes and rules are in `shared/spec/signaling-protocol.md` ("HTTP API") and, with
 //! every choice the spec leaves open, in `docs/PROTOCOL.md`. The handlers live in the
-//! server's private `http_api` module; the OpenAPI document is served at
+//! server's private `http::api` module; the OpenAPI document is served at
 //! [`OPENAPI_PATH`].
 
 use serde::{Deserialize, Serialize};

@@ -1,11 +1,14 @@
 //! Flood control: the protocol's token bucket (per WebSocket connection; the HTTP API
-//! keeps one per client address).
+//! keeps one per client address), and [`PerAddress`], the count of connections each
+//! client address holds (for the per-address connection limits of the server and of the
+//! TURN fronts).
 //!
 //! A bucket of `burst` messages refills at `per_second`. A message that finds it empty
 //! is dropped; the client hears `error/rate_limited` at most once a second; and more than
 //! `max_dropped` drops without a one-second pause close the connection with 1008.
 //! Time is passed in, so the rules are tested without sleeping.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What to do with one incoming message.
@@ -90,6 +93,44 @@ impl RateLimiter {
             return Duration::ZERO;
         }
         Duration::from_secs_f64((1.0 - self.tokens) / self.limit.per_second)
+    }
+}
+
+/// How many connections each address holds; [`Present`] counts one while it lives.
+#[derive(Debug, Default)]
+pub(crate) struct PerAddress(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+impl PerAddress {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<std::net::IpAddr, usize>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counts one more from `ip`; returns it with how many `ip` holds now, this one included.
+    pub(crate) fn enter(self: &Arc<Self>, ip: std::net::IpAddr) -> (Present, usize) {
+        let mut map = self.lock();
+        let n = map.entry(ip).or_insert(0);
+        *n += 1;
+        (Present(Arc::clone(self), ip), *n)
+    }
+}
+
+/// One connection counted in a [`PerAddress`] until dropped.
+#[derive(Debug)]
+pub(crate) struct Present(Arc<PerAddress>, std::net::IpAddr);
+
+impl Drop for Present {
+    fn drop(&mut self) {
+        let mut map = self.0.lock();
+        if let Some(n) = map.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.1);
+            }
+        }
     }
 }
 

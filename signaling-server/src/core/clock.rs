@@ -1,6 +1,6 @@
 //! Time as the state machine sees it: a monotonic instant for timers (ring timeouts,
 //! how long a room has been empty) and the wall clock for schedules (`starts_at`), which
-//! people set by the calendar. Both are passed in, never read inside [`crate::rooms`],
+//! people set by the calendar. Both are passed in, never read inside [`crate::core::rooms`],
 //! so the rules stay testable; this module also holds the RFC 3339 helpers of the API.
 
 use std::time::{Duration, Instant};
