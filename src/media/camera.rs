@@ -169,26 +169,41 @@ fn short(what: &str) -> MediaError {
     MediaError::Format(format!("camera frame shorter than its {what} size"))
 }
 
-/// Packed 4:2:2 `Y0 U Y1 V` to I420 (chroma of even rows).
+/// The three planes of an I420 frame, for the `yuv` crate to write into.
+fn planes(f: &mut VideoFrame) -> yuv::YuvPlanarImageMut<'_, u8> {
+    let (w, h) = (f.width, f.height);
+    let (y, chroma) = f.data.split_at_mut(w * h);
+    let (u, v) = chroma.split_at_mut(w * h / 4);
+    yuv::YuvPlanarImageMut {
+        y_plane: yuv::BufferStoreMut::Borrowed(y),
+        y_stride: w as u32,
+        u_plane: yuv::BufferStoreMut::Borrowed(u),
+        u_stride: (w / 2) as u32,
+        v_plane: yuv::BufferStoreMut::Borrowed(v),
+        v_stride: (w / 2) as u32,
+        width: w as u32,
+        height: h as u32,
+    }
+}
+
+fn conversion(what: &str, e: yuv::YuvError) -> MediaError {
+    MediaError::Format(format!("camera {what} frame: {e}"))
+}
+
+/// Packed 4:2:2 `Y0 U Y1 V` to I420 (the `yuv` crate: SIMD, chroma of two rows averaged).
 pub fn yuyv_to_i420(src: &[u8], width: usize, height: usize) -> Result<VideoFrame, MediaError> {
     if src.len() < width * height * 2 {
         return Err(short("YUYV"));
     }
     let mut f = VideoFrame::black(width, height);
     let (w, h) = (f.width, f.height);
-    let luma = w * h;
-    for row in 0..h {
-        let line = &src[row * width * 2..][..w * 2];
-        for col in 0..w {
-            f.data[row * w + col] = line[col * 2];
-        }
-        if row % 2 == 0 {
-            for cx in 0..w / 2 {
-                f.data[luma + (row / 2) * (w / 2) + cx] = line[cx * 4 + 1];
-                f.data[luma + luma / 4 + (row / 2) * (w / 2) + cx] = line[cx * 4 + 3];
-            }
-        }
-    }
+    let packed = yuv::YuvPackedImage {
+        yuy: &src[..width * height * 2],
+        yuy_stride: (width * 2) as u32,
+        width: w as u32,
+        height: h as u32,
+    };
+    yuv::yuyv422_to_yuv420(&mut planes(&mut f), &packed).map_err(|e| conversion("YUYV", e))?;
     Ok(f)
 }
 
@@ -213,33 +228,22 @@ pub fn nv12_to_i420(src: &[u8], width: usize, height: usize) -> Result<VideoFram
     Ok(f)
 }
 
-/// Packed RGB (8 bits each) to I420, BT.601 limited range.
+/// Packed RGB (8 bits each, a decoded MJPEG frame) to I420, BT.601 limited range (the
+/// `yuv` crate).
 pub fn rgb_to_i420(src: &[u8], width: usize, height: usize) -> Result<VideoFrame, MediaError> {
     if src.len() < width * height * 3 {
         return Err(short("RGB"));
     }
     let mut f = VideoFrame::black(width, height);
-    let (w, h) = (f.width, f.height);
-    let luma = w * h;
-    let px = |x: usize, y: usize| {
-        let p = &src[(y * width + x) * 3..][..3];
-        (i32::from(p[0]), i32::from(p[1]), i32::from(p[2]))
-    };
-    for y in 0..h {
-        for x in 0..w {
-            let (r, g, b) = px(x, y);
-            f.data[y * w + x] = (((66 * r + 129 * g + 25 * b + 128) >> 8) + 16) as u8;
-        }
-    }
-    for cy in 0..h / 2 {
-        for cx in 0..w / 2 {
-            let (r, g, b) = px(cx * 2, cy * 2);
-            f.data[luma + cy * (w / 2) + cx] =
-                (((-38 * r - 74 * g + 112 * b + 128) >> 8) + 128) as u8;
-            f.data[luma + luma / 4 + cy * (w / 2) + cx] =
-                (((112 * r - 94 * g - 18 * b + 128) >> 8) + 128) as u8;
-        }
-    }
+    yuv::rgb_to_yuv420(
+        &mut planes(&mut f),
+        &src[..width * height * 3],
+        (width * 3) as u32,
+        yuv::YuvRange::Limited,
+        yuv::YuvStandardMatrix::Bt601,
+        yuv::YuvConversionMode::Balanced,
+    )
+    .map_err(|e| conversion("RGB", e))?;
     Ok(f)
 }
 
