@@ -158,7 +158,7 @@ fn duration_text(d: Duration) -> String {
 impl App {
     pub(super) fn call_view(&mut self, root: &mut egui::Ui) {
         let ctx = root.ctx().clone();
-        let Some(c) = self.call.as_mut() else {
+        let super::Screen::InCall(c) = &mut self.screen else {
             egui::CentralPanel::default().show(root, |ui| {
                 ui.centered_and_justified(|ui| {
                     ui.horizontal_centered(|ui| {

@@ -88,6 +88,23 @@ impl Default for Lobby {
     }
 }
 
+impl Lobby {
+    /// What a call from this lobby asks of its session, through `server`, to `target`:
+    /// a pure function of the lobby's choices (the app adds its command-line settings).
+    pub fn session_config(&self, server: &str, target: Target) -> SessionConfig {
+        let mut config = SessionConfig::synthetic(server, "");
+        config.target = target;
+        config.name = Some(self.name.trim().to_owned()).filter(|n| !n.is_empty());
+        config.video = self.video.input();
+        config.audio = self.audio.input();
+        config.processing = self.processing;
+        config.play_audio = true;
+        config.speaker = self.speaker.clone();
+        config.show_video = true;
+        config
+    }
+}
+
 /// The camera picker's value.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum VideoChoice {
@@ -259,14 +276,22 @@ impl<C: Clone + PartialEq + Send + 'static, T: Send + 'static> Opened<C, T> {
     }
 }
 
+/// What the window shows: the lobby, a call being set up, or a call. One value, so a
+/// call on screen and a call still being set up cannot both exist.
+enum Screen {
+    Lobby,
+    /// A call being set up (server lookup, first connection); the call view shows
+    /// "Finding the server" meanwhile.
+    Connecting(JoinHandle<SetUp>),
+    InCall(Box<InCall>),
+}
+
 /// The app.
 pub struct App {
     pub lobby: Lobby,
     runtime: tokio::runtime::Handle,
     notify: Option<Notify>,
-    call: Option<InCall>,
-    /// A call being set up (server lookup), not yet on screen.
-    pending: Option<JoinHandle<SetUp>>,
+    screen: Screen,
     /// Shown in the lobby: why the last call ended or could not start.
     pub message: Option<String>,
     devices: Option<Devices>,
@@ -299,8 +324,7 @@ impl App {
             lobby,
             runtime,
             notify: None,
-            call: None,
-            pending: None,
+            screen: Screen::Lobby,
             message: None,
             devices: None,
             listing: None,
@@ -346,7 +370,7 @@ impl App {
 
     /// Whether the call view is showing.
     pub fn in_call(&self) -> bool {
-        self.call.is_some() || self.pending.is_some()
+        !matches!(self.screen, Screen::Lobby)
     }
 
     /// Whether a call is ringing us (the dialog is showing).
@@ -552,7 +576,7 @@ impl App {
         let gpu_video = self.gpu_video;
         let pattern_size = self.pattern_size;
         let (extra_ice_servers, relay_only) = (self.extra_ice_servers.clone(), self.relay_only);
-        self.pending = Some(self.runtime.spawn(async move {
+        self.screen = Screen::Connecting(self.runtime.spawn(async move {
             camera.await;
             mic.await;
             let (server, embedded) = if connection.is_some() {
@@ -562,20 +586,12 @@ impl App {
                     .await
                     .map_err(|e| format!("Cannot start a signaling server: {e}"))?
             };
-            let mut config = SessionConfig::synthetic(&server, "");
-            config.target = target;
-            config.name = Some(lobby.name.trim().to_owned()).filter(|n| !n.is_empty());
-            config.video = lobby.video.input();
+            let mut config = lobby.session_config(&server, target);
             if let (VideoInput::TestPattern { width, height, .. }, Some((w, h))) =
                 (&mut config.video, pattern_size)
             {
                 (*width, *height) = (w, h);
             }
-            config.audio = lobby.audio.input();
-            config.processing = lobby.processing;
-            config.play_audio = true;
-            config.speaker = lobby.speaker.clone();
-            config.show_video = true;
             config.extra_ice_servers = extra_ice_servers;
             config.relay_only = relay_only;
             config.notify = notify.clone();
@@ -589,11 +605,10 @@ impl App {
 
     /// Hangs up (the session finishes in the background) and returns to the lobby.
     pub fn hang_up(&mut self) {
-        if let Some(c) = self.call.take() {
-            c.finish(&self.runtime);
-        }
-        if let Some(p) = self.pending.take() {
-            p.abort();
+        match std::mem::replace(&mut self.screen, Screen::Lobby) {
+            Screen::InCall(c) => c.finish(&self.runtime),
+            Screen::Connecting(task) => task.abort(),
+            Screen::Lobby => {}
         }
         if std::mem::take(&mut self.resume_sign_in) {
             self.sign_in();
@@ -622,22 +637,30 @@ impl App {
 
     /// Picks up finished background work and news from the session and sign-in.
     fn poll(&mut self) {
-        if let Some(call) = take_finished(&mut self.pending) {
+        let set_up = match &mut self.screen {
+            Screen::Connecting(task) => finished(task),
+            _ => None,
+        };
+        if let Some(call) = set_up {
+            self.screen = Screen::Lobby;
             match call {
                 Ok(Ok((mut call, embedded))) => {
                     // The lobby's device lists, for choosing another one mid-call.
                     call.set_devices(self.devices.clone().unwrap_or_default());
-                    self.call = Some(call);
+                    self.screen = Screen::InCall(Box::new(call));
                     self.keep_server(embedded);
                 }
                 Ok(Err(e)) => self.message = Some(e),
                 Err(e) => self.message = Some(format!("Setting up the call failed: {e}")),
             }
         }
-        let ended = self.call.as_ref().and_then(|c| match c.state() {
-            CallState::Ended(reason) => Some(reason.to_string()),
+        let ended = match &self.screen {
+            Screen::InCall(c) => match c.state() {
+                CallState::Ended(reason) => Some(reason.to_string()),
+                _ => None,
+            },
             _ => None,
-        });
+        };
         if let Some(reason) = ended {
             self.message = Some(format!("Call ended: {reason}."));
             self.hang_up();
@@ -839,6 +862,45 @@ mod tests {
             room_from_input("http://127.0.0.1:8787/r/kxp-47qm-zt9-4fh/"),
             "kxp-47qm-zt9-4fh"
         );
+    }
+
+    #[test]
+    fn the_lobby_says_what_a_call_asks_of_its_session() {
+        let lobby = Lobby {
+            name: "  ada ".into(),
+            video: VideoChoice::TestPattern,
+            audio: AudioChoice::Tone,
+            speaker: Some("Desk speakers".into()),
+            ..Lobby::default()
+        };
+        let target = Target::Room {
+            room: "standup".into(),
+            host_token: None,
+        };
+        let config = lobby.session_config("ws://127.0.0.1:8787/ws", target.clone());
+        assert_eq!(config.server, "ws://127.0.0.1:8787/ws");
+        assert_eq!(config.target, target);
+        assert_eq!(config.name.as_deref(), Some("ada"));
+        assert!(matches!(
+            config.video,
+            VideoInput::TestPattern {
+                width: 640,
+                height: 360,
+                ..
+            }
+        ));
+        assert!(matches!(config.audio, AudioInput::Sine(_)));
+        assert_eq!(config.speaker.as_deref(), Some("Desk speakers"));
+        assert!(config.play_audio && config.show_video);
+        // A blank name is no name; a microphone gets the lobby's processing.
+        let lobby = Lobby {
+            name: "   ".into(),
+            ..Lobby::default()
+        };
+        let config = lobby.session_config("ws://x/ws", target);
+        assert_eq!(config.name, None);
+        assert!(matches!(config.audio, AudioInput::Microphone(None)));
+        assert_eq!(config.processing, lobby.processing);
     }
 
     #[test]
