@@ -57,7 +57,10 @@ async function launchChromium() {
       '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
       '--disable-background-networking', '--disable-component-update', '--disable-sync',
       '--use-fake-device-for-media-stream=fps=30', '--use-fake-ui-for-media-stream',
-      '--allow-loopback-in-peer-connection', '--autoplay-policy=no-user-gesture-required',
+      // No --allow-loopback-in-peer-connection here (Chromium is only Firefox's peer):
+      // with it Chromium gathers 127.0.0.1 and, controlling ICE, can nominate that
+      // pair, which Firefox (loopback off) never takes: the call stayed connecting.
+      '--autoplay-policy=no-user-gesture-required',
       `--disk-cache-dir=${joinPath(profile, 'cache')}`,
     ],
   });
