@@ -13,11 +13,15 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+
+#[path = "common/web.rs"]
+mod web;
+use web::{artifacts, native, num, scripts, wait_members, works};
 
 /// One browser scenario at a time: they share two cores with everything else. (An async
 /// mutex: each test holds it across its awaits, on its own runtime.)
@@ -27,27 +31,6 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const MIN_DECODED: f64 = 0.9;
 /// The native client's test pattern rate.
 const NATIVE_FPS: f64 = 30.0;
-
-fn scripts() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
-}
-
-fn artifacts() -> PathBuf {
-    let dir = std::env::var_os("DUET_BROWSER_ARTIFACTS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser-test"));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn works(program: &str, arg: &str) -> bool {
-    Command::new(program)
-        .arg(arg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
 
 /// Whether the browser tests can run here; panics instead of skipping when required.
 fn ready() -> bool {
@@ -103,32 +86,6 @@ fn scenario(name: &str, args: Value) -> Value {
     println!("{name}: {result:#}");
     assert_eq!(result["ok"], true, "{name} failed: {}", result["error"]);
     result
-}
-
-fn num(v: &Value) -> f64 {
-    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
-}
-
-/// A native headless client; `args` after the common ones.
-fn native(server: &signaling_server::Server, report: &Path, args: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_duet"))
-        .args(["call", "--headless", "--server", &server.ws_url()])
-        .args(["--audio", "sine:500", "--wait", "90s"])
-        .arg("--report")
-        .arg(report)
-        .args(args)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-/// Waits (up to 60 s) until `room` has `members` members.
-async fn wait_members(server: &signaling_server::Server, room: &str, members: usize) {
-    let end = Instant::now() + Duration::from_secs(60);
-    while server.room_members(room) != Some(members) {
-        assert!(Instant::now() < end, "{room} never had {members} members");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Copies a child's stderr to ours (prefixed), sending each line to `lines` as well.
