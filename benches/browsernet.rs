@@ -10,7 +10,8 @@
 //!   path's `availableOutgoingBitrate` over time say so.
 //!
 //! Both rows use the `home` impairments of netbench on each uplink: 1 Mbit/s (tbf), 2 %
-//! random loss, 40 ms one-way delay. Prints one JSON object per row: frames decoded by
+//! random loss, 40 ms one-way delay; with `--step`, netbench's `step` link instead:
+//! 3 Mbit/s, both uplinks down to 500 kbit/s for 15 s mid-call (give `--seconds 45`). Prints one JSON object per row: frames decoded by
 //! each receiver of those its peer sent, Chromium's send bitrate and target per second.
 //!
 //! Needs root, `ip`, `iptables`, `tc`, node and /usr/bin/chromium (playwright-core in
@@ -40,6 +41,16 @@ struct Args {
     /// Without the impairments (a clean link, to tell the network from the stacks).
     #[arg(long)]
     clean: bool,
+    /// netbench's `step` link: 3 Mbit/s, 500 kbit/s from `--step-at` for 15 s.
+    #[arg(long)]
+    step: bool,
+    /// Chromium's camera shows Duet's test pattern (a Y4M file made first) instead of its
+    /// own fake picture, which needs a third of the bitrate: the same content both ways.
+    #[arg(long)]
+    pattern: bool,
+    /// Seconds after the second peer starts (its page loads and connects first).
+    #[arg(long, default_value_t = 15)]
+    step_at: u64,
     #[arg(long, hide = true)]
     bench: bool,
 }
@@ -52,19 +63,36 @@ fn scripts() -> PathBuf {
 
 /// node + chromium running the `netpeer` scenario of duet.mjs inside the namespace of
 /// `side`; its stdout (the JSON line) and stderr go to files in `dir`.
-fn browser(t: &Topology, side: &str, dir: &Path, room: &str, seconds: u64, hang_up: bool) -> Child {
+fn browser(
+    t: &Topology,
+    side: &str,
+    dir: &Path,
+    room: &str,
+    seconds: u64,
+    hang_up: bool,
+    camera: Option<&Path>,
+) -> Child {
     let home = dir.join(format!("home-{side}"));
     std::fs::create_dir_all(&home).unwrap();
     // Chromium's singleton socket lives in TMPDIR, and a socket path has ~100 bytes.
     let tmp = short_tmp(t, side);
     std::fs::create_dir_all(&tmp).unwrap();
+    // Not localhost and not https: without this the page gets no camera.
+    let mut flags = vec![format!(
+        "--unsafely-treat-insecure-origin-as-secure={SERVER}"
+    )];
+    if let Some(file) = camera {
+        flags.push(format!(
+            "--use-file-for-fake-video-capture={}",
+            file.display()
+        ));
+    }
     let args = json!({
         "url": format!("{SERVER}/r/{room}"),
         "name": format!("Chromium {side}"),
         "seconds": seconds,
         "hang_up": hang_up,
-        // Not localhost and not https: without this the page gets no camera.
-        "chromium_flags": [format!("--unsafely-treat-insecure-origin-as-secure={SERVER}")],
+        "chromium_flags": flags,
     });
     Command::new("ip")
         .args(["netns", "exec", &t.ns(side), "node"])
@@ -141,6 +169,7 @@ fn chromium_summary(r: &Value) -> Value {
         "plis_received": totals["video_out"]["plis_received"],
         "key_frames_sent": totals["video_out"]["key_frames"],
         "freezes": totals["video_in"]["freezes"],
+        "freezes_ms": totals["video_in"]["freezes_ms"],
         "codec_out": totals["video_out"]["codec"],
         "codec_in": totals["video_in"]["codec"],
         "path": totals["path"],
@@ -206,9 +235,36 @@ fn tbf_stats(t: &Topology, side: &str) -> Value {
     json!({ "sent_packets": sent_pkts, "dropped": after("dropped"), "overlimits": after("overlimits") })
 }
 
-fn run_row(row: &str, args: &Args, tag: &str) -> Value {
+/// netbench's step, `at` seconds from now: both uplinks down to 500 kbit/s for 15 s.
+fn step_link(t: &Topology, at: u64) {
+    std::thread::sleep(Duration::from_secs(at));
+    eprintln!("step: uplinks at 500 kbit/s");
+    t.set_uplink_rate("a", 500);
+    t.set_uplink_rate("b", 500);
+    std::thread::sleep(Duration::from_secs(15));
+    eprintln!("step: uplinks at 3 Mbit/s again");
+    t.set_uplink_rate("a", 3000);
+    t.set_uplink_rate("b", 3000);
+}
+
+/// Ten seconds of Duet's 640x480 test pattern as a Y4M file (Chromium loops it).
+fn pattern_file() -> PathBuf {
+    use duet::media::video::{TestPattern, VideoSource, write_y4m};
+    let path = std::env::temp_dir().join("duet-browsernet-pattern-640x480.y4m");
+    let mut pattern = TestPattern::new(640, 480, 30.0, false);
+    let frames: Vec<_> = (0..300).map(|_| pattern.next_frame().unwrap()).collect();
+    let file = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    write_y4m(file, &frames, 30).unwrap();
+    path
+}
+
+fn run_row(row: &str, args: &Args, tag: &str, camera: Option<&Path>) -> Value {
     let t = Topology::build(tag, false);
-    if !args.clean {
+    if args.step {
+        for side in ["a", "b"] {
+            t.set_uplink_rate(side, 3000);
+        }
+    } else if !args.clean {
         for side in ["a", "b"] {
             t.set_uplink_rate(side, 1000);
             t.add_uplink_loss(side, 0.02);
@@ -224,11 +280,16 @@ fn run_row(row: &str, args: &Args, tag: &str) -> Value {
     let started = Instant::now();
     let mut result = match row {
         "chromium-chromium" => {
-            let mut a = browser(&t, "a", &dir, &room, args.seconds, true);
+            let mut a = browser(&t, "a", &dir, &room, args.seconds, true, camera);
             // b second: a is waiting in the room when b arrives.
             std::thread::sleep(Duration::from_secs(3));
-            let mut b = browser(&t, "b", &dir, &room, args.seconds, false);
-            let (sa, sb) = (a.wait().unwrap(), b.wait().unwrap());
+            let mut b = browser(&t, "b", &dir, &room, args.seconds, false, camera);
+            let (sa, sb) = std::thread::scope(|s| {
+                if args.step {
+                    s.spawn(|| step_link(&t, args.step_at));
+                }
+                (a.wait().unwrap(), b.wait().unwrap())
+            });
             let (ra, rb) = (browser_result(&dir, "a"), browser_result(&dir, "b"));
             json!({
                 "a": chromium_summary(&ra),
@@ -237,7 +298,7 @@ fn run_row(row: &str, args: &Args, tag: &str) -> Value {
             })
         }
         "chromium-duet" => {
-            let mut a = browser(&t, "a", &dir, &room, args.seconds, false);
+            let mut a = browser(&t, "a", &dir, &room, args.seconds, false, camera);
             std::thread::sleep(Duration::from_secs(3));
             let report = dir.join("b.json");
             let duration = format!("{}s", args.seconds);
@@ -267,11 +328,16 @@ fn run_row(row: &str, args: &Args, tag: &str) -> Value {
                 ],
                 &dir.join("b-duet.log"),
             );
-            let sa = a.wait().unwrap();
-            if !sa.success() {
-                let _ = b.kill(); // the browser failed: nobody to call
-            }
-            let sb = b.wait().unwrap();
+            let (sa, sb) = std::thread::scope(|s| {
+                if args.step {
+                    s.spawn(|| step_link(&t, args.step_at));
+                }
+                let sa = a.wait().unwrap();
+                if !sa.success() {
+                    let _ = b.kill(); // the browser failed: nobody to call
+                }
+                (sa, b.wait().unwrap())
+            });
             let ra = browser_result(&dir, "a");
             let rb: Value = std::fs::read_to_string(&report)
                 .ok()
@@ -295,6 +361,8 @@ fn run_row(row: &str, args: &Args, tag: &str) -> Value {
     result["wall_s"] = json!(started.elapsed().as_secs());
     result["logs"] = json!(dir.display().to_string());
     result["impaired"] = json!(!args.clean);
+    result["step"] = json!(args.step);
+    result["camera"] = json!(camera.map(|c| c.display().to_string()));
     result["uplink_tbf"] = tbf;
     drop(t);
     result
@@ -308,12 +376,13 @@ fn main() {
         "run npm ci in tests/browser first"
     );
     let pid = std::process::id() % 10_000;
+    let camera = args.pattern.then(pattern_file);
     for row in ["chromium-chromium", "chromium-duet"] {
         if args.only.as_deref().is_some_and(|o| o != row) {
             continue;
         }
         let tag = format!("{pid}{}", if row == "chromium-duet" { "cd" } else { "cc" });
-        let r = run_row(row, &args, &tag);
+        let r = run_row(row, &args, &tag, camera.as_deref());
         println!("{}", json!({ "row": row, "result": r }));
     }
 }

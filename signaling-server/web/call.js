@@ -266,7 +266,8 @@ export class PeerCall {
           frames_decoded: s.framesDecoded ?? 0, frames_received: s.framesReceived ?? 0,
           frames_dropped: s.framesDropped ?? 0, width: s.frameWidth ?? null, height: s.frameHeight ?? null,
           fps: s.framesPerSecond ?? null, bytes: s.bytesReceived ?? 0, packets: s.packetsReceived ?? 0,
-          packets_lost: s.packetsLost ?? 0, freezes: s.freezeCount ?? 0, key_frames: s.keyFramesDecoded ?? 0,
+          packets_lost: s.packetsLost ?? 0, freezes: s.freezeCount ?? 0,
+          freezes_ms: Math.round((s.totalFreezesDuration ?? 0) * 1000), key_frames: s.keyFramesDecoded ?? 0,
           nacks_sent: s.nackCount ?? 0, plis_sent: s.pliCount ?? 0,
           decoder: s.decoderImplementation ?? null, codec,
         };

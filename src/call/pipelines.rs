@@ -443,29 +443,46 @@ impl Pipelines {
                         Ladder::new(frame.height, settings.fps).starting_at(start.bitrate_bps)
                     });
                     for c in control.try_iter() {
-                        match c {
-                            EncoderControl::Keyframe => keyframes.request(now, *rtt.borrow()),
+                        let step = match c {
+                            EncoderControl::Keyframe => {
+                                keyframes.request(now, *rtt.borrow());
+                                None
+                            }
+                            // The receiver's "send at most": the ladder hears it at once
+                            // too (a keyframe it asks for with it takes the step down).
                             EncoderControl::Ceiling(bps) => {
                                 if bps < encoder.settings().bitrate_bps {
                                     encoder.set_bitrate(bps);
                                 }
+                                (bps < ladder.bitrate())
+                                    .then(|| ladder.update(bps, now))
+                                    .flatten()
                             }
                             // The configured bitrate is the ceiling.
                             EncoderControl::Bitrate { target, estimate } => {
-                                let bps = target.min(settings.bitrate_bps);
-                                encoder.set_bitrate(bps);
-                                let estimate = estimate.min(settings.bitrate_bps);
-                                if let Some(step) = ladder.update(estimate, now) {
-                                    tracing::info!(
-                                        ?step,
-                                        bps,
-                                        estimate,
-                                        "sending resolution/frame rate"
-                                    );
-                                    encoder.set_frame_rate(step.fps);
-                                }
+                                encoder.set_bitrate(target.min(settings.bitrate_bps));
+                                ladder.update(estimate.min(settings.bitrate_bps), now)
                             }
+                        };
+                        if let Some(step) = step {
+                            tracing::info!(
+                                ?step,
+                                bps = ladder.bitrate(),
+                                "sending resolution/frame rate"
+                            );
+                            encoder.set_frame_rate(step.fps);
                         }
+                    }
+                    // A keyframe is due anyway: a step down that waits comes with it.
+                    if keyframes.is_due(now)
+                        && let Some(step) = ladder.keyframe_coming()
+                    {
+                        tracing::info!(
+                            ?step,
+                            bps = ladder.bitrate(),
+                            "sending resolution/frame rate with the keyframe asked for"
+                        );
+                        encoder.set_frame_rate(step.fps);
                     }
                     // Below the source's frame rate, frames are dropped evenly.
                     let step = ladder.step();
@@ -1045,12 +1062,17 @@ impl KeyframePacer {
         self.answered
     }
 
-    /// Whether the next frame should be a keyframe (clears the request when it is).
-    pub fn take_due(&mut self, now: Instant) -> bool {
-        let due = self.requested
+    /// Whether a keyframe is asked for and may be made now.
+    pub fn is_due(&self, now: Instant) -> bool {
+        self.requested
             && self
                 .last
-                .is_none_or(|t| now.saturating_duration_since(t) >= Self::MIN_INTERVAL);
+                .is_none_or(|t| now.saturating_duration_since(t) >= Self::MIN_INTERVAL)
+    }
+
+    /// Whether the next frame should be a keyframe (clears the request when it is).
+    pub fn take_due(&mut self, now: Instant) -> bool {
+        let due = self.is_due(now);
         if due {
             self.requested = false;
         }

@@ -67,6 +67,13 @@ pub const FIRST_PACKET_REORDER: Duration = Duration::from_millis(20);
 /// Whichever completes first is decoded (a whole keyframe is jumped to, and the sender
 /// drops what waits before it).
 pub const BURST_PACKETS: usize = 20;
+/// A queue (one way) above which a frame that waits for a repair also asks for a keyframe,
+/// a round trip and a half into its wait, while the repairs go on: whichever completes
+/// first is decoded. On such a path (a link that just narrowed) a retransmission crosses
+/// the queue twice and the full queue drops it as often as the original, while the
+/// keyframe is made at the lowered rate and resolution. Random loss on an unqueued path
+/// (a retransmission comes in one round trip) never asks early.
+pub const QUEUED_PATH: Duration = Duration::from_millis(80);
 /// A hole of more packets than this is not repaired packet by packet.
 const MAX_NACK_HOLE: u64 = 300;
 /// Nor is one across which the RTP clock (90 kHz) jumps more than half a second: that was
@@ -191,6 +198,8 @@ pub struct FrameAssembler {
     /// Packets to ask for again, by extended sequence number.
     missing: BTreeMap<u64, Missing>,
     rtt: Duration,
+    /// The shortest round trip seen: the path without a queue.
+    min_rtt: Duration,
     loss: LossMeter,
     /// The queueing delay our direction has now ([`FrameAssembler::set_queue_delay`]).
     queue: Duration,
@@ -223,6 +232,7 @@ impl FrameAssembler {
             last_request: None,
             missing: BTreeMap::new(),
             rtt: Duration::from_millis(100),
+            min_rtt: Duration::from_millis(100),
             loss: LossMeter::default(),
             queue: Duration::ZERO,
             stats: AssemblerStats::default(),
@@ -232,6 +242,7 @@ impl FrameAssembler {
     /// The current round-trip time (from RTCP or ICE); sets how long a hole is waited for.
     pub fn set_rtt(&mut self, rtt: Duration) {
         self.rtt = rtt.min(Duration::from_secs(2));
+        self.min_rtt = self.min_rtt.min(self.rtt);
     }
 
     /// How much queue the packets of this stream sit in now (one way, measured on
@@ -243,10 +254,28 @@ impl FrameAssembler {
         self.queue = queue.min(Duration::from_secs(2));
     }
 
-    /// The round trip a repair takes now: the last measured one plus our queue (a queue
-    /// the round trip already saw counts twice, which only makes the wait longer).
+    /// The round trip a repair takes now: the last measured one, or the empty path's plus
+    /// our queue when that is longer (the measurement came before the queue).
     fn repair_rtt(&self) -> Duration {
-        self.rtt + self.queue
+        self.rtt.max(self.min_rtt + self.queue)
+    }
+
+    /// When a frame held for a repair on a queued path also asks for a keyframe (see
+    /// [`QUEUED_PATH`]): once, a round trip and a half after it started waiting.
+    fn queued_request_due(&self) -> Option<Instant> {
+        if self.awaiting_keyframe.is_some() || self.queue < QUEUED_PATH {
+            return None;
+        }
+        let since = self.incomplete_since?;
+        if self.last_request.is_some_and(|t| t >= since) {
+            return None;
+        }
+        let rtt = self.repair_rtt();
+        let due = since + rtt + rtt / 2 + Duration::from_millis(50);
+        Some(match self.last_request {
+            Some(t) => due.max(t + self.request_interval()),
+            None => due,
+        })
     }
 
     /// How long an incomplete frame waits for a retransmission: the NACK goes out at once,
@@ -350,6 +379,7 @@ impl FrameAssembler {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let repair = self.incomplete_since.map(|t| t + self.repair_wait());
         let request = self.keyframe_request_due();
+        let queued = self.queued_request_due();
         let echo = self.echo_gap();
         let nack = self
             .missing
@@ -363,7 +393,7 @@ impl FrameAssembler {
                 })
             })
             .min();
-        [repair, request, nack].into_iter().flatten().min()
+        [repair, request, queued, nack].into_iter().flatten().min()
     }
 
     /// The share of this stream's packets lost lately (one-second windows, smoothed).
@@ -467,6 +497,16 @@ impl FrameAssembler {
             tracing::debug!(
                 missing = self.missing.len(),
                 "a burst lost: keyframe asked for"
+            );
+            self.last_request = Some(now);
+            self.stats.keyframe_requests += 1;
+            self.burst_lost = true;
+            return Some(Assembled::BurstLost);
+        }
+        if self.queued_request_due().is_some_and(|due| now >= due) {
+            tracing::debug!(
+                queue = ?self.queue,
+                "a frame waits for a repair on a queued path: keyframe asked for too"
             );
             self.last_request = Some(now);
             self.stats.keyframe_requests += 1;
@@ -1188,6 +1228,50 @@ mod tests {
         let out = drain(&mut a, arrives);
         assert_eq!(requests(&out), 0, "repaired, not given up");
         assert_eq!(timestamps(&out), [3000, 6000, 9000]);
+    }
+
+    #[test]
+    fn on_a_queued_path_a_frame_waiting_for_a_repair_asks_for_a_keyframe_too() {
+        // Both uplinks narrowed: a 250 ms queue each way, the round trip measured 1 ms
+        // before it and 500 ms now.
+        let t = Instant::now();
+        let mut a = FrameAssembler::new();
+        a.set_rtt(Duration::from_millis(1));
+        a.set_rtt(Duration::from_millis(500));
+        a.set_queue_delay(Duration::from_millis(250));
+        let s = stream(5);
+        push_all(&mut a, &s[..2], t);
+        drain(&mut a, t);
+        push_all(&mut a, &s[3..], t); // 12 lost
+        assert_eq!(nacked(&drain(&mut a, t)), [12]);
+        // A round trip and a half (+ 50 ms) into the wait: the keyframe is asked for
+        // with "send less", once; the frame is still waited for.
+        let early = t + Duration::from_millis(800);
+        let before = drain(&mut a, early - Duration::from_millis(1));
+        assert_eq!(requests(&before), 0);
+        assert_eq!(
+            nacked(&before),
+            [12],
+            "asked again 1.5 round trips after the first"
+        );
+        assert_eq!(a.poll_timeout(), Some(early));
+        let out = drain(&mut a, early);
+        assert_eq!(
+            decisions(out),
+            [Assembled::BurstLost, Assembled::RequestKeyframe]
+        );
+        assert_eq!(
+            requests(&drain(&mut a, early + Duration::from_millis(250))),
+            0
+        );
+        // The retransmission wins the race (within the 1.35 s wait): decoded, nothing
+        // given up.
+        let repaired = early + Duration::from_millis(300);
+        push_all(&mut a, &s[2..3], repaired);
+        let out = drain(&mut a, repaired);
+        assert_eq!(timestamps(&out), [3000, 6000, 9000, 12000, 15000]);
+        assert_eq!(a.stats().frames_dropped, 0);
+        assert_eq!(a.stats().keyframe_requests, 1);
     }
 
     #[test]

@@ -11,6 +11,10 @@
 //!   asked for again, and two quick steps (480p -> 360p -> 270p as the estimate comes
 //!   down) are two of them. libwebrtc too scales down only after its quality scaler has
 //!   seen a high quantizer for a while.
+//! - At once when a keyframe is coming anyway (the receiver lost a frame and asked for
+//!   one): the wait only spares a keyframe, and this one is paid already. Sent at the
+//!   lower resolution it is also smaller, so it crosses the narrowed link sooner
+//!   ([`Ladder::keyframe_coming`]).
 //! - Up slowly: one step at a time, and only after the bitrate has stayed above the next
 //!   rung's (higher) threshold for [`Ladder::UP_AFTER`]; the gap between the two
 //!   thresholds and the wait are the hysteresis that keeps it from flapping.
@@ -83,6 +87,8 @@ pub struct Ladder {
     up_since: Option<Instant>,
     /// Since when it has been below what the current step needs.
     down_since: Option<Instant>,
+    /// The latest bitrate given to [`Ladder::update`].
+    bps: u32,
     source_fps: f32,
 }
 
@@ -107,6 +113,7 @@ impl Ladder {
             rate: 0,
             up_since: None,
             down_since: None,
+            bps: 0,
             source_fps,
         }
     }
@@ -121,6 +128,11 @@ impl Ladder {
             self.rung += 1;
         }
         self
+    }
+
+    /// The latest bitrate given to [`Ladder::update`] (bits per second, video).
+    pub fn bitrate(&self) -> u32 {
+        self.bps
     }
 
     /// What to send now.
@@ -139,6 +151,7 @@ impl Ladder {
     /// The video bitrate changed (or is the same, later): the new step if it changes.
     pub fn update(&mut self, bps: u32, now: Instant) -> Option<Step> {
         let before = self.step();
+        self.bps = bps;
         let below = if self.rung + 1 < RUNGS.len() {
             self.rate == 0 && bps < RUNGS[self.rung].stay_above
         } else {
@@ -152,19 +165,7 @@ impl Ladder {
             self.up_since = None;
             return None;
         }
-        // Down as far as needed now: the rungs (the frame rate is only lowered at the
-        // bottom rung), then the frame rate.
-        self.down_since = None;
-        while self.rate == 0 && self.rung + 1 < RUNGS.len() && bps < RUNGS[self.rung].stay_above {
-            self.rung += 1;
-            self.up_since = None;
-        }
-        if self.rung + 1 == RUNGS.len() {
-            while self.rate + 1 < FRAME_RATES.len() && bps < FRAME_RATES[self.rate].1 {
-                self.rate += 1;
-                self.up_since = None;
-            }
-        }
+        self.step_down(bps);
         // Up one step, after the bitrate has allowed it for a while.
         let can_go_up = if self.rate > 0 {
             bps >= FRAME_RATES[self.rate - 1].2
@@ -186,6 +187,36 @@ impl Ladder {
         }
         let after = self.step();
         (after != before).then_some(after)
+    }
+}
+
+impl Ladder {
+    /// A keyframe is about to be made for another reason (a receiver asked for one): a
+    /// step down the latest bitrate is waiting for is taken now, with that keyframe,
+    /// instead of costing one more later. The new step, if it changes.
+    pub fn keyframe_coming(&mut self) -> Option<Step> {
+        // Only while a step down waits.
+        self.down_since?;
+        let before = self.step();
+        self.step_down(self.bps);
+        let after = self.step();
+        (after != before).then_some(after)
+    }
+
+    /// Down as far as `bps` needs now: the rungs (the frame rate is only lowered at the
+    /// bottom rung), then the frame rate.
+    fn step_down(&mut self, bps: u32) {
+        self.down_since = None;
+        while self.rate == 0 && self.rung + 1 < RUNGS.len() && bps < RUNGS[self.rung].stay_above {
+            self.rung += 1;
+            self.up_since = None;
+        }
+        if self.rung + 1 == RUNGS.len() {
+            while self.rate + 1 < FRAME_RATES.len() && bps < FRAME_RATES[self.rate].1 {
+                self.rate += 1;
+                self.up_since = None;
+            }
+        }
     }
 }
 
@@ -279,6 +310,34 @@ mod tests {
             l.update(50_000, later(10.0 * wait)).map(|s| s.fps),
             Some(15.0)
         );
+    }
+
+    #[test]
+    fn a_keyframe_asked_for_takes_a_waiting_step_down_with_it() {
+        let t = Instant::now();
+        let mut l = Ladder::new(480, 30.0);
+        assert_eq!(l.update(1_500_000, t), None);
+        // Nothing waits: a keyframe changes nothing.
+        assert_eq!(l.keyframe_coming(), None);
+        // The link narrowed (a receiver's "send at most 370 kbit/s" with its keyframe
+        // request): no waiting for the step down, it comes with that keyframe, as far
+        // as the bitrate needs (480p holds like 540p: 600 kbit/s; 360p 300 kbit/s).
+        assert_eq!(l.update(370_000, t), None);
+        assert_eq!(
+            l.keyframe_coming(),
+            Some(Step {
+                height: 360,
+                fps: 30.0
+            })
+        );
+        // Taken: the next keyframe, and the wait's end, change nothing more.
+        assert_eq!(l.keyframe_coming(), None);
+        assert_eq!(l.update(370_000, t + Ladder::DOWN_AFTER * 2), None);
+        // A dip that is over by the time of the keyframe is not a step.
+        assert_eq!(l.update(200_000, t + Ladder::DOWN_AFTER * 3), None);
+        assert_eq!(l.update(400_000, t + Ladder::DOWN_AFTER * 3), None);
+        assert_eq!(l.keyframe_coming(), None);
+        assert_eq!(l.step().height, 360);
     }
 
     #[test]
