@@ -15,7 +15,7 @@ use crate::media::level::VoiceLevel;
 use crate::media::picture::PictureSlot;
 
 /// What the user can ask of a running session.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     HangUp,
     Chat(String),

@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 
 use eframe::egui;
 
-use super::App;
 use super::video::VideoTexture;
+use super::{App, UiCommand};
 use std::sync::Arc;
 
 use crate::call::{CallState, Command, SessionHandle, Snapshot};
@@ -17,14 +17,12 @@ pub struct InCall {
     started: Instant,
     remote: VideoTexture,
     local: VideoTexture,
-    microphone_on: bool,
-    camera_on: bool,
     show_chat: bool,
     show_stats: bool,
     /// The microphone and speaker pickers are open, with the devices to offer.
     show_devices: bool,
     devices: crate::media::Devices,
-    chat_input: String,
+    pub(super) chat_input: String,
     chat_seen: usize,
     rates: Rates,
     /// The call as this frame shows it (taken once per frame).
@@ -70,8 +68,6 @@ impl InCall {
             started: Instant::now(),
             remote: VideoTexture::new("remote", gpu),
             local: VideoTexture::new("self", gpu),
-            microphone_on: true,
-            camera_on: true,
             show_chat: false,
             show_stats,
             show_devices: false,
@@ -88,8 +84,31 @@ impl InCall {
         self.devices = devices;
     }
 
+    /// The update step's part: the call as it is now (the snapshot, the pictures into
+    /// textures, the per-second rates).
+    pub fn refresh(&mut self, ctx: &egui::Context) {
+        self.remote.update(ctx, self.session.remote_picture());
+        self.local.update(ctx, self.session.local_picture());
+        self.now = self.session.snapshot();
+        self.rates.sample(
+            self.now.media.video_frames_decoded,
+            self.now.live.peer.bytes_received,
+            self.now.live.peer.bytes_sent,
+        );
+    }
+
+    /// Passes a command on to the session.
+    pub fn command(&mut self, command: Command) {
+        if command == Command::Camera(false) {
+            // No last picture of the camera is shown once it is off, or when it is back.
+            self.local.clear();
+        }
+        self.session.command(command);
+    }
+
     /// Microphone and speaker pickers: a choice takes over at once (the call goes on).
-    fn device_pickers(&mut self, ui: &mut egui::Ui) {
+    fn device_pickers(&mut self, ui: &mut egui::Ui) -> Option<UiCommand> {
+        let mut command = None;
         let rows = [
             (
                 "Microphone",
@@ -122,14 +141,15 @@ impl InCall {
                         }
                     });
                 if let Some(name) = chosen {
-                    self.session.command(if label == "Microphone" {
+                    command = Some(UiCommand::Session(if label == "Microphone" {
                         Command::UseMicrophone(name)
                     } else {
                         Command::UseSpeaker(name)
-                    });
+                    }));
                 }
             });
         }
+        command
     }
 
     pub fn state(&self) -> CallState {
@@ -156,9 +176,17 @@ fn duration_text(d: Duration) -> String {
 }
 
 impl App {
-    pub(super) fn call_view(&mut self, root: &mut egui::Ui) {
+    /// The call view (or the call being set up); what the person asked for.
+    pub(super) fn call_view(&mut self, root: &mut egui::Ui) -> Vec<UiCommand> {
         let ctx = root.ctx().clone();
+        let mut commands = Vec::new();
         let super::Screen::InCall(c) = &mut self.screen else {
+            // Panels before the central one (egui lays them out in that order).
+            egui::Panel::bottom("controls").show(root, |ui| {
+                if ui.button("Hang up").clicked() {
+                    commands.push(UiCommand::HangUp);
+                }
+            });
             egui::CentralPanel::default().show(root, |ui| {
                 ui.centered_and_justified(|ui| {
                     ui.horizontal_centered(|ui| {
@@ -167,27 +195,14 @@ impl App {
                     });
                 });
             });
-            egui::Panel::bottom("controls").show(root, |ui| {
-                if ui.button("Hang up").clicked() {
-                    self.hang_up();
-                }
-            });
-            return;
+            return commands;
         };
-        c.remote.update(&ctx, c.session.remote_picture());
-        c.local.update(&ctx, c.session.local_picture());
-        c.now = c.session.snapshot();
         let state = c.now.state.clone();
         let (microphone, remote_voice) = (c.now.media.microphone_level, c.now.media.remote_voice);
-        c.rates.sample(
-            c.now.media.video_frames_decoded,
-            c.now.live.peer.bytes_received,
-            c.now.live.peer.bytes_sent,
-        );
+        let (microphone_on, camera_on) = (c.now.live.microphone_on, c.now.live.camera_on);
         // The microphone meter moves ten times a second (video repaints on its own).
         ctx.request_repaint_after(Duration::from_millis(100));
 
-        let mut hang_up = false;
         egui::Panel::bottom("controls").show(root, |ui| {
             // Laid out from the bottom up: the buttons keep their place whatever status
             // or warning line appears above them (a click is never moved from under).
@@ -199,28 +214,19 @@ impl App {
                     )
                     .fill(egui::Color32::from_rgb(200, 40, 40));
                     if ui.add(hang).clicked() {
-                        hang_up = true;
+                        commands.push(UiCommand::HangUp);
                     }
-                    let mic = if c.microphone_on {
+                    let mic = if microphone_on {
                         "Mute microphone"
                     } else {
                         "Unmute microphone"
                     };
                     if ui.button(mic).clicked() {
-                        c.microphone_on = !c.microphone_on;
-                        c.session.command(Command::Microphone(c.microphone_on));
+                        commands.push(UiCommand::Session(Command::Microphone(!microphone_on)));
                     }
-                    let cam = if c.camera_on {
-                        "Camera off"
-                    } else {
-                        "Camera on"
-                    };
+                    let cam = if camera_on { "Camera off" } else { "Camera on" };
                     if ui.button(cam).clicked() {
-                        c.camera_on = !c.camera_on;
-                        if !c.camera_on {
-                            c.local.clear();
-                        }
-                        c.session.command(Command::Camera(c.camera_on));
+                        commands.push(UiCommand::Session(Command::Camera(!camera_on)));
                     }
                     ui.toggle_value(&mut c.show_chat, "Chat");
                     ui.toggle_value(&mut c.show_stats, "Stats");
@@ -231,12 +237,12 @@ impl App {
                             .button("End meeting for both")
                             .on_hover_text("You are the host: this ends the room for both of you.");
                         if end.clicked() {
-                            c.session.command(Command::EndMeeting);
+                            commands.push(UiCommand::Session(Command::EndMeeting));
                         }
                     }
                 });
                 if c.show_devices {
-                    c.device_pickers(ui);
+                    commands.extend(c.device_pickers(ui));
                 }
                 for w in c.now.live.warnings.iter().rev() {
                     ui.colored_label(ui.visuals().warn_fg_color, w);
@@ -249,7 +255,7 @@ impl App {
                             .desired_height(8.0),
                     )
                     .on_hover_text(format!("{:.0} dBFS", microphone.dbfs));
-                    if !c.microphone_on && microphone.dbfs > crate::media::level::SPEAKING_ON_DBFS {
+                    if !microphone_on && microphone.dbfs > crate::media::level::SPEAKING_ON_DBFS {
                         ui.colored_label(
                             ui.visuals().warn_fg_color,
                             "you are speaking while muted",
@@ -281,7 +287,7 @@ impl App {
                         state.describe(),
                         duration_text(c.started.elapsed())
                     ));
-                    if !c.microphone_on {
+                    if !microphone_on {
                         ui.colored_label(ui.visuals().warn_fg_color, "· microphone muted");
                     }
                 });
@@ -292,7 +298,7 @@ impl App {
         if c.show_chat {
             egui::Panel::right("chat")
                 .min_size(240.0)
-                .show(root, |ui| chat_panel(ui, c));
+                .show(root, |ui| commands.extend(chat_panel(ui, c)));
         } else if c.now.live.chat.len() > c.chat_seen {
             // A message arrived while the chat was closed: open it.
             c.show_chat = true;
@@ -323,9 +329,9 @@ impl App {
                 ui.painter()
                     .rect_filled(pip_area, 4.0, egui::Color32::from_gray(30));
                 match c.local.fit(pip_area) {
-                    Some(r) if c.camera_on => c.local.paint(ui, r),
+                    Some(r) if camera_on => c.local.paint(ui, r),
                     _ => {
-                        let text = if c.camera_on { "…" } else { "camera off" };
+                        let text = if camera_on { "…" } else { "camera off" };
                         ui.painter().text(
                             pip_area.center(),
                             egui::Align2::CENTER_CENTER,
@@ -339,13 +345,13 @@ impl App {
                     stats_overlay(ui, area, c);
                 }
             });
-        if hang_up {
-            self.hang_up();
-        }
+        commands
     }
 }
 
-fn chat_panel(ui: &mut egui::Ui, c: &mut InCall) {
+/// The chat: the lines so far and a field to write one; a message to send.
+fn chat_panel(ui: &mut egui::Ui, c: &mut InCall) -> Option<UiCommand> {
+    let mut command = None;
     ui.heading("Chat");
     c.chat_seen = c.now.live.chat.len();
     let input_height = 36.0;
@@ -378,11 +384,14 @@ fn chat_panel(ui: &mut egui::Ui, c: &mut InCall) {
         );
         let enter = field.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
         if (ui.button("Send").clicked() || enter) && !c.chat_input.trim().is_empty() {
-            c.session.chat(c.chat_input.trim());
+            command = Some(UiCommand::Session(Command::Chat(
+                c.chat_input.trim().to_owned(),
+            )));
             c.chat_input.clear();
             field.request_focus();
         }
     });
+    command
 }
 
 fn stats_overlay(ui: &egui::Ui, area: egui::Rect, c: &InCall) {

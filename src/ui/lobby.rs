@@ -2,16 +2,15 @@
 
 use eframe::egui;
 
-use super::{App, AudioChoice, SignIn, VideoChoice};
+use super::{App, AudioChoice, SignIn, UiCommand, VideoChoice};
 use crate::media::Devices;
 use crate::media::capture::Capture;
 use crate::media::level::SourceMeter;
 
 impl App {
-    pub(super) fn lobby_view(&mut self, root: &mut egui::Ui) {
-        self.ensure_devices_listed();
-        self.update_preview(root.ctx());
-        self.update_mic_meter(root.ctx());
+    /// The lobby; what the person asked for.
+    pub(super) fn lobby_view(&mut self, root: &mut egui::Ui) -> Vec<UiCommand> {
+        let mut commands = Vec::new();
         egui::Panel::right("preview")
             .resizable(false)
             .min_size(340.0)
@@ -71,22 +70,24 @@ impl App {
             ui.add_space(8.0);
             let call = ui.add_sized([120.0, 32.0], egui::Button::new("Call"));
             if call.clicked() || enter {
-                self.start_call();
+                commands.push(UiCommand::Call);
             }
             ui.add_space(12.0);
             ui.separator();
-            self.meetings_section(ui);
+            commands.extend(self.meetings_section(ui));
             ui.add_space(8.0);
             ui.separator();
-            self.direct_calls(ui);
+            commands.extend(self.direct_calls(ui));
             if let Some(message) = &self.message {
                 ui.add_space(8.0);
                 ui.colored_label(ui.visuals().warn_fg_color, message);
             }
         });
+        commands
     }
 
-    fn ensure_devices_listed(&mut self) {
+    /// Lists the devices once, on a blocking thread.
+    pub(super) fn ensure_devices_listed(&mut self) {
         if self.devices.is_none() && self.listing.is_none() {
             let notify = self.notify.clone();
             self.listing = Some(self.runtime.spawn_blocking(move || {
@@ -164,7 +165,7 @@ impl App {
     }
 
     /// Starts, restarts (another camera picked) or stops the lobby's self-preview.
-    fn update_preview(&mut self, ctx: &egui::Context) {
+    pub(super) fn update_preview(&mut self, ctx: &egui::Context) {
         let want = self.lobby.preview.then(|| self.lobby.video.clone());
         let slot = self.preview.slot.clone();
         let notify = self.notify.clone();
@@ -191,7 +192,7 @@ impl App {
 
     /// Starts, restarts (another microphone picked) or stops the lobby's microphone meter:
     /// it runs with the self-preview, so a person sees and hears themselves before a call.
-    fn update_mic_meter(&mut self, ctx: &egui::Context) {
+    pub(super) fn update_mic_meter(&mut self, ctx: &egui::Context) {
         let want = self.lobby.preview.then(|| self.lobby.audio.clone());
         self.preview.mic.choose(&self.runtime, want, |choice| {
             let mut warnings = Vec::new();
@@ -256,7 +257,8 @@ impl App {
         }
     }
 
-    fn direct_calls(&mut self, ui: &mut egui::Ui) {
+    fn direct_calls(&mut self, ui: &mut egui::Ui) -> Option<UiCommand> {
+        let mut command = None;
         ui.strong("Direct calls");
         match &self.sign_in {
             SignIn::Out => {
@@ -267,7 +269,7 @@ impl App {
                         format!("Sign in as {}", self.lobby.name.trim())
                     };
                     if ui.button(label).clicked() {
-                        self.sign_in();
+                        command = Some(UiCommand::SignIn);
                     }
                     ui.weak("so others can call you by name");
                 });
@@ -283,7 +285,7 @@ impl App {
                 ui.horizontal(|ui| {
                     ui.label(format!("Signed in as {name}: others can call you."));
                     if ui.small_button("Sign out").clicked() {
-                        self.sign_out();
+                        command = Some(UiCommand::SignOut);
                     }
                 });
             }
@@ -300,12 +302,14 @@ impl App {
                 .labelled_by(label.id);
             let enter = field.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
             if ui.button("Ring").clicked() || enter {
-                self.dial();
+                command = Some(UiCommand::Dial);
             }
         });
+        command
     }
 
-    fn meetings_section(&mut self, ui: &mut egui::Ui) {
+    fn meetings_section(&mut self, ui: &mut egui::Ui) -> Option<UiCommand> {
+        let mut command = None;
         ui.strong("Meetings");
         let creating = self.meetings.creating.is_some();
         ui.horizontal(|ui| {
@@ -315,7 +319,7 @@ impl App {
                     .on_hover_text("A meeting id to share; you are its host")
                     .clicked()
                 {
-                    self.create_meeting(false);
+                    command = Some(UiCommand::CreateMeeting { scheduled: false });
                 }
                 ui.toggle_value(&mut self.meetings.schedule_open, "Schedule…");
             });
@@ -357,7 +361,7 @@ impl App {
                     .add_enabled(!creating, egui::Button::new("Create"))
                     .clicked()
                 {
-                    self.create_meeting(true);
+                    command = Some(UiCommand::CreateMeeting { scheduled: true });
                 }
             });
         }
@@ -384,6 +388,7 @@ impl App {
                 "starts {starts} · share the id or link · you are its host: press Call to join"
             ));
         }
+        command
     }
 }
 

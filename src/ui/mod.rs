@@ -1,18 +1,26 @@
 //! The desktop window (egui/eframe).
 //!
-//! - this module: [`App`], what the window knows (lobby values, the call, sign-in, the
-//!   incoming call) and the commands that change it (call, accept, hang up ...).
+//! - this module: [`App`], what the window knows (lobby values, the screen: lobby,
+//!   call being set up or call, sign-in, the incoming call), its update step and what
+//!   carries out each command (call, accept, hang up ...).
+//! - [`command`]: [`UiCommand`], what a person asks for in a view.
 //! - [`lobby`]: the lobby view: room or meeting id, name, server, device pickers with a
 //!   live self-preview, **Call**; signing in for direct calls; the incoming-call dialog.
 //! - [`in_call`]: the call view: remote video, picture-in-picture self-view, mute,
 //!   camera off, hang up, end meeting, chat, stats overlay.
 //! - [`video`]: pictures from the media threads into textures.
 //!
+//! Each frame is one update step, then drawing ([`App::ui`]). The update step carries out
+//! the commands the views returned in the last frame, picks up finished background work
+//! and keeps the lobby's devices (self-preview, microphone meter) open as chosen. Views
+//! only draw what is there and return [`UiCommand`]s.
+//!
 //! The UI never waits: calls, sign-in, device listing and opening the camera run on the
 //! tokio runtime or on blocking threads; each frame the UI looks at their results without
-//! blocking and sends commands. Sessions and media threads wake the UI when there is
+//! blocking. Sessions and media threads wake the UI when there is
 //! something new to draw, so an idle window does not redraw.
 
+mod command;
 mod in_call;
 mod lobby;
 pub mod video;
@@ -36,6 +44,7 @@ use crate::media::device::LoopPlayer;
 use crate::media::picture::{Notify, PictureSlot};
 use crate::meetings::{CreateRoomRequest, CreatedRoom, MeetingError};
 use crate::signaling::protocol::validate_name;
+pub use command::UiCommand;
 use in_call::InCall;
 use video::VideoTexture;
 
@@ -316,6 +325,8 @@ pub struct App {
     /// The signaling server this app started (nothing answered on the default port); it
     /// runs until the app closes, since the other person is connected to it too.
     embedded_server: Option<signaling_server::Server>,
+    /// What the views of the last frame asked for, carried out by the next update step.
+    commands: Vec<UiCommand>,
 }
 
 impl App {
@@ -353,6 +364,7 @@ impl App {
             gpu_video: false,
             pattern_size: None,
             embedded_server: None,
+            commands: Vec::new(),
         }
     }
 
@@ -615,23 +627,69 @@ impl App {
         }
     }
 
-    /// One frame of UI, drawn into the window's root `ui`.
+    /// One frame: the update step, then the views, drawn into the window's root `ui`.
     pub fn ui(&mut self, ui: &mut egui::Ui) {
+        self.update(ui.ctx());
+        self.commands = self.draw(ui);
+        if !self.commands.is_empty() {
+            // Carried out by the next frame's update step: let it come now.
+            ui.ctx().request_repaint();
+        }
+    }
+
+    /// The update step: the commands of the last frame, then the news of background work,
+    /// then the lobby's devices as chosen.
+    fn update(&mut self, ctx: &egui::Context) {
         if self.notify.is_none() {
-            let ctx = ui.ctx().clone();
+            let ctx = ctx.clone();
             self.notify = Some(Notify::new(move || ctx.request_repaint()));
         }
         if std::mem::take(&mut self.auto_call) {
-            self.start_call();
+            self.commands.push(UiCommand::Call);
+        }
+        for command in std::mem::take(&mut self.commands) {
+            self.apply(command);
         }
         self.poll();
-        if self.in_call() {
-            self.call_view(ui);
-        } else {
-            self.lobby_view(ui);
+        match &mut self.screen {
+            Screen::Lobby => {
+                self.ensure_devices_listed();
+                self.update_preview(ctx);
+                self.update_mic_meter(ctx);
+            }
+            Screen::InCall(call) => call.refresh(ctx),
+            Screen::Connecting(_) => {}
         }
+    }
+
+    /// Draws the screen and the incoming-call dialog; what the person asked for.
+    fn draw(&mut self, ui: &mut egui::Ui) -> Vec<UiCommand> {
+        let mut commands = if self.in_call() {
+            self.call_view(ui)
+        } else {
+            self.lobby_view(ui)
+        };
         if self.ringing.is_some() {
-            self.incoming_dialog(ui);
+            commands.extend(self.incoming_dialog(ui));
+        }
+        commands
+    }
+
+    /// Carries out one command.
+    pub fn apply(&mut self, command: UiCommand) {
+        match command {
+            UiCommand::Call => self.start_call(),
+            UiCommand::Dial => self.dial(),
+            UiCommand::Accept => self.accept(),
+            UiCommand::Decline => self.decline(),
+            UiCommand::CreateMeeting { scheduled } => self.create_meeting(scheduled),
+            UiCommand::SignIn => self.sign_in(),
+            UiCommand::SignOut => self.sign_out(),
+            UiCommand::HangUp => self.hang_up(),
+            UiCommand::Session(c) => match &mut self.screen {
+                Screen::InCall(call) => call.command(c),
+                _ => tracing::debug!(command = ?c, "no call for a session command"),
+            },
         }
     }
 
@@ -752,10 +810,8 @@ impl App {
         }
     }
 
-    fn incoming_dialog(&mut self, root: &mut egui::Ui) {
-        let Some(ringing) = &self.ringing else {
-            return;
-        };
+    fn incoming_dialog(&mut self, root: &mut egui::Ui) -> Option<UiCommand> {
+        let ringing = self.ringing.as_ref()?;
         let from = ringing.from.clone();
         let note = match &ringing.ring {
             Some(ring) => ring.problem().map(|p| format!("(ringing silently: {p})")),
@@ -784,11 +840,13 @@ impl App {
                     ui.weak(n);
                 }
             });
-        match answer {
-            Some(true) => self.accept(),
-            Some(false) => self.decline(),
-            None => {}
-        }
+        answer.map(|yes| {
+            if yes {
+                UiCommand::Accept
+            } else {
+                UiCommand::Decline
+            }
+        })
     }
 }
 
@@ -848,6 +906,122 @@ impl eframe::App for DesktopApp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use egui_kittest::Harness;
+    use egui_kittest::kittest::Queryable as _;
+
+    /// The app's views alone (no update step): what they ask for is kept, not done.
+    struct Drawn {
+        app: App,
+        asked: Vec<UiCommand>,
+    }
+
+    fn views(app: App) -> Harness<'static, Drawn> {
+        let mut harness = Harness::new_ui_state(
+            |ui, d: &mut Drawn| {
+                let asked = d.app.draw(ui);
+                d.asked.extend(asked);
+            },
+            Drawn {
+                app,
+                asked: Vec::new(),
+            },
+        );
+        harness.run_steps(2);
+        harness
+    }
+
+    /// Clicks `label` (after the layout settled) and returns what the views asked for.
+    fn click(harness: &mut Harness<'_, Drawn>, label: &str) -> Vec<UiCommand> {
+        harness.run_steps(1);
+        harness.state_mut().asked.clear();
+        harness.get_by_label(label).click();
+        harness.run_steps(1);
+        std::mem::take(&mut harness.state_mut().asked)
+    }
+
+    #[test]
+    fn each_lobby_control_asks_for_its_command_and_does_nothing_itself() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let mut harness = views(App::new(runtime.handle().clone(), Lobby::default()));
+        assert_eq!(click(&mut harness, "Call"), [UiCommand::Call]);
+        assert_eq!(click(&mut harness, "Ring"), [UiCommand::Dial]);
+        assert_eq!(
+            click(&mut harness, "Sign in (enter your name above)"),
+            [UiCommand::SignIn]
+        );
+        assert_eq!(
+            click(&mut harness, "New meeting"),
+            [UiCommand::CreateMeeting { scheduled: false }]
+        );
+        assert_eq!(click(&mut harness, "Schedule…"), []);
+        assert_eq!(
+            click(&mut harness, "Create"),
+            [UiCommand::CreateMeeting { scheduled: true }]
+        );
+        // Drawing alone started nothing: no call, no sign-in, no meeting, no listing.
+        let app = &harness.state().app;
+        assert!(matches!(app.screen, Screen::Lobby));
+        assert!(matches!(app.sign_in, SignIn::Out));
+        assert!(app.meetings.creating.is_none() && app.listing.is_none());
+        assert!(app.message.is_none());
+    }
+
+    #[test]
+    fn the_incoming_call_dialog_asks_to_accept_or_decline() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let mut app = App::new(runtime.handle().clone(), Lobby::default());
+        app.ringing = Some(Ringing {
+            call_id: "c1".into(),
+            from: "ann".into(),
+            ring: None,
+        });
+        let mut harness = views(app);
+        assert_eq!(click(&mut harness, "Accept"), [UiCommand::Accept]);
+        assert_eq!(click(&mut harness, "Decline"), [UiCommand::Decline]);
+        assert!(harness.state().app.ringing.is_some(), "nothing done yet");
+    }
+
+    #[test]
+    fn each_call_control_asks_for_its_command() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let mut app = App::new(runtime.handle().clone(), Lobby::default());
+        // A call being set up: only Hang up.
+        app.screen = Screen::Connecting(runtime.spawn(std::future::pending()));
+        let mut harness = views(app);
+        assert_eq!(click(&mut harness, "Hang up"), [UiCommand::HangUp]);
+        // A call on screen (its server does not answer: the view is what matters).
+        let session = {
+            let _in_runtime = runtime.enter();
+            call::start(SessionConfig::synthetic("127.0.0.1:9", "room"))
+        };
+        let call = InCall::new(session, "room".into(), false, false);
+        harness.state_mut().app.screen = Screen::InCall(Box::new(call));
+        harness.run_steps(2);
+        assert_eq!(click(&mut harness, "Hang up"), [UiCommand::HangUp]);
+        assert_eq!(
+            click(&mut harness, "Mute microphone"),
+            [UiCommand::Session(call::Command::Microphone(false))]
+        );
+        assert_eq!(
+            click(&mut harness, "Camera off"),
+            [UiCommand::Session(call::Command::Camera(false))]
+        );
+        // Chat, stats and devices open in the view itself.
+        assert_eq!(click(&mut harness, "Chat"), []);
+        harness.get_by_label("Send");
+        if let Screen::InCall(c) = &mut harness.state_mut().app.screen {
+            c.chat_input = " hello ".into();
+        }
+        assert_eq!(
+            click(&mut harness, "Send"),
+            [UiCommand::Session(call::Command::Chat("hello".into()))]
+        );
+        if let Screen::InCall(c) =
+            std::mem::replace(&mut harness.state_mut().app.screen, Screen::Lobby)
+        {
+            c.finish(runtime.handle());
+        }
+    }
 
     #[test]
     fn rooms_from_names_ids_and_links() {
