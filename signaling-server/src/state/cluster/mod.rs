@@ -30,8 +30,10 @@
 //! - `duet:instance:{id}`: exists while instance `id` is alive (a heartbeat refreshes its
 //!   ttl). A join finding a member whose instance key is gone removes that member (its
 //!   partner hears `peer_left/disconnected`), so a killed instance does not hold seats.
-//! - Channel `duet:to:{id}`: what instance `id` must deliver to its connections, as JSON
-//!   envelopes (recipient peer id, room, sender instance, the [`ServerMessage`]). Each
+//! - Channel `duet:to:{id}`: what instance `id` must deliver to its connections, as
+//!   frames of the `wire` module (recipient peer id, room, sender instance, and the message's JSON as
+//!   the recipient's client gets it, built once by the sender; the receiver parses only
+//!   the notices that change what it knows of its member). Each
 //!   instance publishes through one ordered queue and one Redis connection, and Redis
 //!   delivers one publisher's messages to a channel in order, so a member's messages
 //!   reach its partner in the order sent. A message is delivered only if its recipient
@@ -107,6 +109,7 @@ use crate::protocol::{
 use crate::state::hub::Hub;
 
 mod meetings;
+mod wire;
 
 /// Longest wait for one Redis operation before the client hears `unavailable`.
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -781,7 +784,8 @@ pub struct Cluster {
     hub: Arc<Hub>,
     config: ClusterConfig,
     local: Mutex<Local>,
-    publish: mpsc::Sender<(String, String)>,
+    /// (channel, frame) to publish, in order.
+    publish: mpsc::Sender<(String, Vec<u8>)>,
     subscribed: AtomicBool,
     stop: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -1572,15 +1576,7 @@ impl Cluster {
             self.receive(envelope);
             return;
         }
-        match serde_json::to_string(&envelope) {
-            Ok(payload) => {
-                let channel = format!("{CHANNEL_PREFIX}{}", old.instance);
-                if self.publish.try_send((channel, payload)).is_err() {
-                    warn!("publish queue full; a taken-over connection was not told");
-                }
-            }
-            Err(e) => warn!(error = %e, "cannot serialize a takeover"),
-        }
+        self.publish(&old.instance, &envelope);
     }
 
     /// [`Cluster::resume`]; `retried` after taking over a connection still open.
@@ -2076,21 +2072,34 @@ impl Cluster {
             self.receive(envelope);
             return;
         }
-        let payload = match serde_json::to_string(&envelope) {
-            Ok(p) => p,
-            Err(e) => {
-                warn!(error = %e, "cannot serialize a message for another instance");
-                return;
-            }
+        self.publish(&seat.instance, &envelope);
+    }
+
+    /// Sends `envelope` to `instance` through its channel: a [`wire`] frame with the
+    /// message's JSON as its recipient's client will receive it.
+    fn publish(&self, instance: &str, envelope: &Envelope) {
+        let mut flags = 0;
+        if envelope.taken_over {
+            flags |= wire::TAKEN_OVER;
+        }
+        if is_notice(&envelope.msg) {
+            flags |= wire::NOTICE;
+        }
+        let json = envelope.msg.to_json();
+        let Some(frame) = wire::encode(&envelope.to, &envelope.room, &envelope.from, flags, &json)
+        else {
+            warn!(to = %envelope.to, "message for another instance not sent: room name too long");
+            return;
         };
-        let channel = format!("{CHANNEL_PREFIX}{}", seat.instance);
-        if self.publish.try_send((channel, payload)).is_err() {
-            warn!(to = %seat.peer_id, "publish queue full (Redis unreachable?); message dropped");
+        let channel = format!("{CHANNEL_PREFIX}{instance}");
+        if self.publish.try_send((channel, frame)).is_err() {
+            warn!(to = %envelope.to, "publish queue full (Redis unreachable?); message dropped");
         }
     }
 
     /// Delivers an envelope to one of this instance's connections, keeping its room and
-    /// partner current from the notices it carries.
+    /// partner current from the notices it carries (the messages [`is_notice`] names:
+    /// keep the two in step).
     fn receive(&self, envelope: Envelope) {
         let mut local = self.lock();
         let Some(&conn) = local.by_peer.get(&envelope.to) else {
@@ -2172,10 +2181,70 @@ impl Cluster {
 
     /// A payload from this instance's channel.
     fn on_payload(&self, payload: &[u8]) {
-        match serde_json::from_slice::<Envelope>(payload) {
-            Ok(envelope) => self.receive(envelope),
-            Err(e) => warn!(error = %e, "unreadable message on this instance's channel"),
+        if wire::is_json_envelope(payload) {
+            match serde_json::from_slice::<Envelope>(payload) {
+                Ok(envelope) => self.receive(envelope),
+                Err(e) => warn!(error = %e, "unreadable message on this instance's channel"),
+            }
+            return;
         }
+        let frame = match wire::decode(payload) {
+            Ok(frame) => frame,
+            Err(e) => {
+                warn!(error = %e, "unreadable frame on this instance's channel");
+                return;
+            }
+        };
+        if frame.flags & (wire::NOTICE | wire::TAKEN_OVER) != 0 {
+            match serde_json::from_slice::<ServerMessage>(frame.json) {
+                Ok(msg) => self.receive(Envelope {
+                    to: frame.to.to_owned(),
+                    room: frame.room.to_owned(),
+                    from: frame.from.to_owned(),
+                    msg,
+                    taken_over: frame.flags & wire::TAKEN_OVER != 0,
+                }),
+                Err(e) => warn!(error = %e, "unreadable message on this instance's channel"),
+            }
+            return;
+        }
+        match std::str::from_utf8(frame.json) {
+            Ok(json) => self.receive_json(frame.to, frame.room, frame.from, json),
+            Err(_) => warn!("message on this instance's channel is not UTF-8"),
+        }
+    }
+
+    /// [`Cluster::receive`] of a message that is no notice (see [`is_notice`]), as the
+    /// JSON text its recipient gets: queued as it is, if the recipient is still in
+    /// `room`.
+    fn receive_json(&self, to: &str, room: &str, from: &str, json: &str) {
+        let mut local = self.lock();
+        let Some(&conn) = local.by_peer.get(to) else {
+            debug!(to, "message for a connection no longer here");
+            return;
+        };
+        let Some(member) = local.conns.get_mut(&conn) else {
+            return;
+        };
+        if let Some(held) = &mut member.held {
+            match serde_json::from_str::<ServerMessage>(json) {
+                Ok(msg) => held.push(Envelope {
+                    to: to.to_owned(),
+                    room: room.to_owned(),
+                    from: from.to_owned(),
+                    msg,
+                    taken_over: false,
+                }),
+                Err(e) => warn!(error = %e, "unreadable message on this instance's channel"),
+            }
+            return;
+        }
+        if member.room.as_deref() != Some(room) {
+            debug!(to, room, "recipient not in that room; dropped");
+            return;
+        }
+        // Under the cluster lock, as in `receive`.
+        self.hub.send_json(conn, json.to_owned());
     }
 
     async fn script(
@@ -2385,7 +2454,7 @@ impl Cluster {
 /// `stop`, publishes what is still queued and ends.
 async fn publish_loop(
     mut redis: ConnectionManager,
-    mut queue: mpsc::Receiver<(String, String)>,
+    mut queue: mpsc::Receiver<(String, Vec<u8>)>,
     stop: CancellationToken,
 ) {
     let mut batch = Vec::new();
@@ -2414,6 +2483,21 @@ async fn publish_loop(
             return;
         }
     }
+}
+
+/// Whether the instance that receives `msg` for one of its connections must read it
+/// ([`Cluster::receive`] looks into these); any other message is delivered as it is.
+fn is_notice(msg: &ServerMessage) -> bool {
+    matches!(
+        msg,
+        ServerMessage::IncomingCall { .. }
+            | ServerMessage::CallCancelled { .. }
+            | ServerMessage::CallRejected { .. }
+            | ServerMessage::PeerJoined { .. }
+            | ServerMessage::PeerReconnecting { .. }
+            | ServerMessage::PeerLeft { .. }
+            | ServerMessage::RoomEnded { .. }
+    )
 }
 
 /// A script with its placeholders filled in.
