@@ -181,6 +181,7 @@ const JOIN: &str = r"
 local key, mkey = KEYS[1], KEYS[2]
 local me, inst, name, prefix, inst_ttl, busy = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 NOW_MS
+SAME_HASH
 redis.call('SET', prefix .. inst, '1', 'PX', inst_ttl)
 if redis.call('HEXISTS', key, 'ended') == 1 then
   return cjson.encode({status = 'ended'})
@@ -195,7 +196,7 @@ if redis.call('EXISTS', mkey) == 1 then
     return cjson.encode({status = 'not_started', starts_at = m[2]})
   end
   if ARGV[11] ~= '' then
-    if ARGV[11] ~= m[3] then
+    if not same_hash(ARGV[11], m[3]) then
       return cjson.encode({status = 'not_host'})
     end
     claims = true
@@ -583,6 +584,7 @@ return cjson.encode({status = 'here', others = {{peer = peer, instance = string.
 const RESUME: &str = r"
 local key = KEYS[1]
 local peer, token, fresh, inst, now, busy, room = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+SAME_HASH
 if redis.call('EXISTS', key) == 0 then
   return cjson.encode({status = 'no_room'})
 end
@@ -593,7 +595,7 @@ local v = redis.call('HGET', key, 'm:' .. peer)
 if not v then
   return cjson.encode({status = 'not_member'})
 end
-if redis.call('HGET', key, 't:' .. peer) ~= token then
+if not same_hash(redis.call('HGET', key, 't:' .. peer), token) then
   return cjson.encode({status = 'wrong_token'})
 end
 local deadline = redis.call('HGET', key, 'a:' .. peer)
@@ -2505,11 +2507,27 @@ fn script(source: &str) -> Script {
     Script::new(
         &source
             .replace("NOW_MS", NOW_MS)
+            .replace("SAME_HASH", SAME_HASH)
             .replace("STATE_TTL_MS", &millis(STATE_TTL).to_string())
             .replace("AWAY_QUEUE_MESSAGES", &AWAY_QUEUE_MESSAGES.to_string())
             .replace("AWAY_QUEUE_BYTES", &AWAY_QUEUE_BYTES.to_string()),
     )
 }
+
+/// `same_hash(a, b)`: whether two hex digests (of a host or resume token) are equal,
+/// compared in constant time like [`ids::secret_matches`]: every character is looked at
+/// whatever the first difference, so the time a wrong guess takes tells nothing about
+/// how much of it was right. `false` when either is not a string (a missing field).
+const SAME_HASH: &str = "local function same_hash(a, b)
+  if type(a) ~= 'string' or type(b) ~= 'string' or #a ~= #b then
+    return false
+  end
+  local diff = 0
+  for i = 1, #a do
+    diff = bit.bor(diff, bit.bxor(string.byte(a, i), string.byte(b, i)))
+  end
+  return diff == 0
+end";
 
 /// `now_ms`: Redis's own clock (Unix ms), so that every instance's scripts agree on it.
 const NOW_MS: &str = "local now_t = redis.call('TIME')
