@@ -128,6 +128,8 @@ const STATE_REFRESH_BEATS: u32 = 10;
 const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(200);
 /// Most messages waiting to be published; beyond that they are dropped (Redis is gone).
 const PUBLISH_QUEUE: usize = 65_536;
+/// Most messages published in one pipeline.
+const PUBLISH_BATCH: usize = 256;
 
 const ROOM_PREFIX: &str = "duet:room:";
 const INSTANCE_PREFIX: &str = "duet:instance:";
@@ -2077,7 +2079,7 @@ impl Cluster {
         self.publish(&seat.instance, &envelope);
     }
 
-    /// Sends `envelope` to `instance` through its channel: a [`wire`] frame with the
+    /// Sends `envelope` to `instance` through its channel: a [`wire`] record with the
     /// message's JSON as its recipient's client will receive it.
     fn publish(&self, instance: &str, envelope: &Envelope) {
         let mut flags = 0;
@@ -2190,13 +2192,23 @@ impl Cluster {
             }
             return;
         }
-        let frame = match wire::decode(payload) {
-            Ok(frame) => frame,
+        let records = match wire::decode(payload) {
+            Ok(records) => records,
             Err(e) => {
-                warn!(error = %e, "unreadable frame on this instance's channel");
+                warn!(error = %e, "unreadable payload on this instance's channel");
                 return;
             }
         };
+        for record in records {
+            match record {
+                Ok(frame) => self.on_frame(&frame),
+                Err(e) => warn!(error = %e, "unreadable message on this instance's channel"),
+            }
+        }
+    }
+
+    /// One message from this instance's channel.
+    fn on_frame(&self, frame: &wire::Frame<'_>) {
         if frame.flags & (wire::NOTICE | wire::TAKEN_OVER) != 0 {
             match serde_json::from_slice::<ServerMessage>(frame.json) {
                 Ok(msg) => self.receive(Envelope {
@@ -2452,17 +2464,19 @@ impl Cluster {
     }
 }
 
-/// Publishes queued messages in order, in pipelines of what has queued up; after
-/// `stop`, publishes what is still queued and ends.
+/// Publishes queued messages in order: what has queued up is sent as one payload per
+/// instance (one `PUBLISH` each, in one pipeline), while the previous pipeline's answer
+/// is awaited more queues up. After `stop`, publishes what is still queued and ends.
 async fn publish_loop(
     mut redis: ConnectionManager,
     mut queue: mpsc::Receiver<(String, Vec<u8>)>,
     stop: CancellationToken,
 ) {
     let mut batch = Vec::new();
+    let mut payloads: Vec<(String, Vec<u8>)> = Vec::new();
     loop {
         let stopping = tokio::select! {
-            n = queue.recv_many(&mut batch, 256) => n == 0,
+            n = queue.recv_many(&mut batch, PUBLISH_BATCH) => n == 0,
             () = stop.cancelled() => true,
         };
         if stopping {
@@ -2470,9 +2484,15 @@ async fn publish_loop(
                 batch.push(item);
             }
         }
-        if !batch.is_empty() {
+        for (channel, payload) in batch.drain(..) {
+            match payloads.iter_mut().find(|(c, _)| *c == channel) {
+                Some((_, all)) => wire::append(all, &payload),
+                None => payloads.push((channel, payload)),
+            }
+        }
+        if !payloads.is_empty() {
             let mut pipe = redis::pipe();
-            for (channel, payload) in batch.drain(..) {
+            for (channel, payload) in payloads.drain(..) {
                 pipe.cmd("PUBLISH").arg(channel).arg(payload).ignore();
             }
             match tokio::time::timeout(OP_TIMEOUT, pipe.query_async::<()>(&mut redis)).await {

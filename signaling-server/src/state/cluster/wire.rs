@@ -1,18 +1,20 @@
-//! What travels on an instance's channel (`duet:to:{id}`): one frame per message, a
-//! small binary header followed by the JSON text its recipient's client receives, built
-//! once by the sending instance. The receiving instance reads the header, and only
-//! parses the JSON of a *notice* (a message that changes what it knows about its member:
-//! `peer_joined`, `peer_left`, `room_ended`, a call's ringing, ...); everything else
-//! (offers, answers, candidates) is queued for the connection as it came.
+//! What travels on an instance's channel (`duet:to:{id}`): payloads of one or more
+//! messages, each a small binary header followed by the JSON text its recipient's client
+//! receives, built once by the sending instance. The receiving instance reads the
+//! header, and only parses the JSON of a *notice* (a message that changes what it knows
+//! about its member: `peer_joined`, `peer_left`, `room_ended`, a call's ringing, ...);
+//! everything else (offers, answers, candidates) is queued for the connection as it came.
 //!
-//! Layout: byte 0 is [`VERSION`], byte 1 the flags ([`TAKEN_OVER`], [`NOTICE`]); then
-//! `to`, `room` and `from`, each a big-endian `u16` length and that many bytes of UTF-8;
-//! the rest is the message's JSON.
+//! Layout: byte 0 is [`VERSION`]; then one or more records, each: the flags byte
+//! ([`TAKEN_OVER`], [`NOTICE`]); `to`, `room` and `from`, each a big-endian `u16` length
+//! and that many bytes of UTF-8; the JSON, a big-endian `u32` length and its bytes. A
+//! publisher puts what it has queued for one instance into one payload ([`append`]):
+//! one `PUBLISH` for many messages, in order.
 //!
 //! A JSON envelope (the first version's format, which starts with `{`) is still read,
 //! so that instances of both versions can share a cluster during an upgrade.
 
-/// First byte of a frame (never `{`).
+/// First byte of a payload (never `{`).
 const VERSION: u8 = 1;
 /// The seat `to` holds in `room` was resumed on another connection: let go of it (the
 /// message is not delivered).
@@ -20,7 +22,7 @@ pub(super) const TAKEN_OVER: u8 = 1;
 /// The receiving instance must read the message (see [`super::Cluster::receive`]).
 pub(super) const NOTICE: u8 = 2;
 
-/// One decoded frame, borrowing the payload.
+/// One decoded record, borrowing the payload.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct Frame<'a> {
     pub to: &'a str,
@@ -31,21 +33,23 @@ pub(super) struct Frame<'a> {
     pub json: &'a [u8],
 }
 
-/// Why a frame could not be read.
+/// Why a payload could not be read (records before the damage were read).
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub(super) enum FrameError {
-    #[error("unknown frame version {0}")]
+    #[error("unknown payload version {0}")]
     Version(u8),
-    #[error("frame cut short")]
+    #[error("payload cut short")]
     Short,
-    #[error("frame header is not UTF-8")]
+    #[error("record header is not UTF-8")]
     NotUtf8,
 }
 
-/// The frame for `json` to `to` in `room` from instance `from`; `None` if a header field
-/// is longer than 65,535 bytes (ids and room names are far shorter).
+/// A payload of one record: `json` to `to` in `room` from instance `from`. `None` if a
+/// header field is longer than 65,535 bytes (ids and room names are far shorter) or the
+/// JSON longer than 4 GiB.
 pub(super) fn encode(to: &str, room: &str, from: &str, flags: u8, json: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(2 + 6 + to.len() + room.len() + from.len() + json.len());
+    let mut out =
+        Vec::with_capacity(1 + 1 + 6 + to.len() + room.len() + from.len() + 4 + json.len());
     out.push(VERSION);
     out.push(flags);
     for field in [to, room, from] {
@@ -53,8 +57,15 @@ pub(super) fn encode(to: &str, room: &str, from: &str, flags: u8, json: &str) ->
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(field.as_bytes());
     }
+    let len = u32::try_from(json.len()).ok()?;
+    out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(json.as_bytes());
     Some(out)
+}
+
+/// Adds the records of `more` (a payload made by [`encode`]) to the end of `payload`.
+pub(super) fn append(payload: &mut Vec<u8>, more: &[u8]) {
+    payload.extend_from_slice(more.get(1..).unwrap_or_default());
 }
 
 /// Whether `payload` is a JSON envelope of the first version.
@@ -62,65 +73,136 @@ pub(super) fn is_json_envelope(payload: &[u8]) -> bool {
     payload.first() == Some(&b'{')
 }
 
-/// Reads a frame made by [`encode`].
-pub(super) fn decode(payload: &[u8]) -> Result<Frame<'_>, FrameError> {
+/// The records of a payload, in order.
+pub(super) fn decode(payload: &[u8]) -> Result<Records<'_>, FrameError> {
     let (&version, rest) = payload.split_first().ok_or(FrameError::Short)?;
     if version != VERSION {
         return Err(FrameError::Version(version));
     }
-    let (&flags, mut rest) = rest.split_first().ok_or(FrameError::Short)?;
+    Ok(Records { rest })
+}
+
+/// Iterator over a payload's records; stops after the first damaged one.
+#[derive(Debug)]
+pub(super) struct Records<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for Records<'a> {
+    type Item = Result<Frame<'a>, FrameError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let record = read_record(self.rest);
+        match &record {
+            Ok((_, rest)) => self.rest = rest,
+            Err(_) => self.rest = &[],
+        }
+        Some(record.map(|(frame, _)| frame))
+    }
+}
+
+fn read_record(bytes: &[u8]) -> Result<(Frame<'_>, &[u8]), FrameError> {
+    let (&flags, mut rest) = bytes.split_first().ok_or(FrameError::Short)?;
     let mut fields = [""; 3];
     for field in &mut fields {
         let (len, after) = rest.split_first_chunk::<2>().ok_or(FrameError::Short)?;
         let len = usize::from(u16::from_be_bytes(*len));
-        let (bytes, after) = after.split_at_checked(len).ok_or(FrameError::Short)?;
-        *field = std::str::from_utf8(bytes).map_err(|_| FrameError::NotUtf8)?;
+        let (text, after) = after.split_at_checked(len).ok_or(FrameError::Short)?;
+        *field = std::str::from_utf8(text).map_err(|_| FrameError::NotUtf8)?;
         rest = after;
     }
+    let (len, after) = rest.split_first_chunk::<4>().ok_or(FrameError::Short)?;
+    let len = usize::try_from(u32::from_be_bytes(*len)).map_err(|_| FrameError::Short)?;
+    let (json, rest) = after.split_at_checked(len).ok_or(FrameError::Short)?;
     let [to, room, from] = fields;
-    Ok(Frame {
-        to,
-        room,
-        from,
-        flags,
-        json: rest,
-    })
+    Ok((
+        Frame {
+            to,
+            room,
+            from,
+            flags,
+            json,
+        },
+        rest,
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn all(payload: &[u8]) -> Result<Vec<Frame<'_>>, FrameError> {
+        decode(payload)?.collect()
+    }
+
     #[test]
     fn round_trip() {
         let json = r#"{"type":"candidate","from":"p1"}"#;
         let bytes = encode("p2", "room é", "inst", NOTICE, json).unwrap();
         assert!(!is_json_envelope(&bytes));
-        let frame = decode(&bytes).unwrap();
         assert_eq!(
-            frame,
-            Frame {
+            all(&bytes).unwrap(),
+            [Frame {
                 to: "p2",
                 room: "room é",
                 from: "inst",
                 flags: NOTICE,
                 json: json.as_bytes(),
-            }
+            }]
         );
     }
 
     #[test]
-    fn damaged_frames_are_refused() {
-        let bytes = encode("p2", "room", "inst", 0, "{}").unwrap();
-        for cut in 0..bytes.len() - 2 {
-            assert!(decode(&bytes[..cut]).is_err(), "cut at {cut}");
+    fn several_records_in_one_payload_keep_their_order() {
+        let mut payload = encode("a", "r1", "i", 0, "{\"n\":1}").unwrap();
+        append(
+            &mut payload,
+            &encode("b", "r2", "i", TAKEN_OVER, "").unwrap(),
+        );
+        append(
+            &mut payload,
+            &encode("c", "r3", "i", 0, "{\"n\":3}").unwrap(),
+        );
+        let frames = all(&payload).unwrap();
+        let summary: Vec<_> = frames
+            .iter()
+            .map(|f| (f.to, f.room, f.flags, f.json))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("a", "r1", 0, &b"{\"n\":1}"[..]),
+                ("b", "r2", TAKEN_OVER, &b""[..]),
+                ("c", "r3", 0, &b"{\"n\":3}"[..]),
+            ]
+        );
+    }
+
+    #[test]
+    fn damaged_payloads_are_refused() {
+        let one = encode("p2", "room", "inst", 0, "{}").unwrap();
+        // Every cut inside the record fails (a cut after the version byte is no record).
+        for cut in 2..one.len() {
+            assert!(all(&one[..cut]).is_err(), "cut at {cut}");
         }
-        let mut other = bytes.clone();
+        assert_eq!(all(&one[..1]).unwrap(), []);
+        assert_eq!(all(&[]).unwrap_err(), FrameError::Short);
+        let mut other = one.clone();
         other[0] = 9;
-        assert_eq!(decode(&other), Err(FrameError::Version(9)));
-        let mut bad = bytes;
-        bad[4] = 0xff; // inside `to`
-        assert_eq!(decode(&bad), Err(FrameError::NotUtf8));
+        assert_eq!(all(&other).unwrap_err(), FrameError::Version(9));
+        let mut bad = one.clone();
+        bad[5] = 0xff; // inside `to`
+        assert_eq!(all(&bad).unwrap_err(), FrameError::NotUtf8);
+        // The records before a damaged one are read.
+        let mut two = one.clone();
+        append(&mut two, &one[..one.len() - 1]);
+        let mut records = decode(&two).unwrap();
+        assert!(records.next().unwrap().is_ok());
+        assert_eq!(records.next().unwrap().unwrap_err(), FrameError::Short);
+        assert!(records.next().is_none());
         assert!(encode(&"x".repeat(70_000), "room", "inst", 0, "{}").is_none());
     }
 
