@@ -1580,7 +1580,7 @@ impl Cluster {
             self.receive(envelope);
             return;
         }
-        self.publish(&old.instance, &envelope);
+        self.publish(&old.instance, &envelope.to, room, &envelope.msg, true);
     }
 
     /// [`Cluster::resume`]; `retried` after taking over a connection still open.
@@ -2065,39 +2065,43 @@ impl Cluster {
     /// Sends `msg` to the member at `seat` in `room`: directly when it is connected
     /// here, else through its instance's channel.
     fn route(&self, seat: &Seat, room: &str, msg: ServerMessage) {
-        let envelope = Envelope {
-            to: seat.peer_id.clone(),
-            room: room.to_owned(),
-            from: self.instance.clone(),
-            msg,
-            taken_over: false,
-        };
         if seat.instance == self.instance {
-            self.receive(envelope);
+            self.receive(Envelope {
+                to: seat.peer_id.clone(),
+                room: room.to_owned(),
+                from: self.instance.clone(),
+                msg,
+                taken_over: false,
+            });
             return;
         }
-        self.publish(&seat.instance, &envelope);
+        self.publish(&seat.instance, &seat.peer_id, room, &msg, false);
     }
 
-    /// Sends `envelope` to `instance` through its channel: a [`wire`] record with the
-    /// message's JSON as its recipient's client will receive it.
-    fn publish(&self, instance: &str, envelope: &Envelope) {
+    /// Sends `msg` for `to` in `room` to `instance` through its channel: a [`wire`]
+    /// record with the message's JSON as its recipient's client will receive it.
+    fn publish(&self, instance: &str, to: &str, room: &str, msg: &ServerMessage, taken_over: bool) {
         let mut flags = 0;
-        if envelope.taken_over {
+        if taken_over {
             flags |= wire::TAKEN_OVER;
         }
-        if is_notice(&envelope.msg) {
+        if is_notice(msg) {
             flags |= wire::NOTICE;
         }
-        let json = envelope.msg.to_json();
-        let Some(frame) = wire::encode(&envelope.to, &envelope.room, &envelope.from, flags, &json)
-        else {
-            warn!(to = %envelope.to, "message for another instance not sent: room name too long");
+        let json = msg.to_json();
+        let Some(record) = wire::encode(to, room, &self.instance, flags, &json) else {
+            warn!(
+                to,
+                "message for another instance not sent: room name too long"
+            );
             return;
         };
         let channel = format!("{CHANNEL_PREFIX}{instance}");
-        if self.publish.try_send((channel, frame)).is_err() {
-            warn!(to = %envelope.to, "publish queue full (Redis unreachable?); message dropped");
+        if self.publish.try_send((channel, record)).is_err() {
+            warn!(
+                to,
+                "publish queue full (Redis unreachable?); message dropped"
+            );
         }
     }
 
