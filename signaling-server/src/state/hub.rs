@@ -104,11 +104,16 @@ impl Outgoing {
     }
 
     fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<Queued>> {
+        // Takes from the task's budget as tokio's channels do, so that a connection
+        // always fed by others still yields to the scheduler now and then.
+        let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
         let mut state = lock_queue(&self.0);
         if let Some(msg) = state.take() {
+            coop.made_progress();
             return Poll::Ready(Some(msg));
         }
         if state.sender_gone {
+            coop.made_progress();
             return Poll::Ready(None);
         }
         match &mut state.waker {
