@@ -12,7 +12,8 @@
 //! one `PUBLISH` for many messages, in order.
 //!
 //! A JSON envelope (the first version's format, which starts with `{`) is still read,
-//! so that instances of both versions can share a cluster during an upgrade.
+//! so that what older instances send during an upgrade is delivered (they cannot read
+//! these payloads, though: `docs/DEPLOY.md`, *Upgrading*).
 
 /// First byte of a payload (never `{`).
 const VERSION: u8 = 1;
