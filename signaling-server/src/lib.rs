@@ -20,9 +20,10 @@
 //!   [`state::hub`]: the in-process backend, the state machine behind one mutex plus each
 //!   connection's outgoing queue. [`state::cluster`]: the Redis backend (`--redis`):
 //!   rooms, meetings, names, calls and kept seats in Redis, changed by Lua scripts, with
-//!   delivery to other instances through pub/sub. [`state::store`]: SQLite persistence of
-//!   the in-process backend's meetings. Both backends answer the HTTP API through one
-//!   trait, [`state::Meetings`].
+//!   delivery to other instances through pub/sub (its `wire` module: batched binary
+//!   records carrying each message's JSON as built once by the sender).
+//!   [`state::store`]: SQLite persistence of the in-process backend's meetings. Both
+//!   backends answer the HTTP API through one trait, [`state::Meetings`].
 //! - [`ws`]: the WebSocket: [`ws::framing`] (RFC 6455 frames, skipping oversized
 //!   messages) and the connection task (limits, pings, reading, writing), which sees only
 //!   its `WsContext`.

@@ -381,13 +381,39 @@ fn spawn_connection<F>(shared: &Shared, task: F)
 where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
-    let force = shared.force_close.clone();
-    shared.tasks.spawn(async move {
-        tokio::select! {
-            () = task => {}
-            () = force.cancelled() => debug!("connection closed by the shutdown"),
-        }
+    shared.tasks.spawn(UntilForced {
+        task,
+        force: shared.force_close.clone().cancelled_owned(),
     });
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's task that ends when `force` is cancelled. Written out rather than
+    /// an `async move` block around `select!`: such a block keeps the task it captured
+    /// and the copy `select!` polls side by side in its state, which doubled every idle
+    /// connection's task (3.6 kB instead of 1.8 kB).
+    struct UntilForced<F> {
+        #[pin]
+        task: F,
+        #[pin]
+        force: tokio_util::sync::WaitForCancellationFutureOwned,
+    }
+}
+
+impl<F: std::future::Future<Output = ()>> std::future::Future for UntilForced<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        if this.task.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        if this.force.poll(cx).is_ready() {
+            debug!("connection closed by the shutdown");
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
 }
 
 /// When bytes last moved on a connection, for the idle deadline.
@@ -751,9 +777,9 @@ async fn upgrade(State(shared): State<Arc<Shared>>, request: Request) -> Respons
 
     let on_upgrade = hyper::upgrade::on(request);
     let handshake_limit = shared.config.http_idle_timeout;
+    // `slot` is held (counted) for as long as this task runs. (Not moved again inside:
+    // each move of a captured value leaves a second copy in the future's state.)
     let fut = async move {
-        // Held (counted) for as long as this task runs.
-        let slot = slot;
         // The 101 is written by the HTTP connection's task; a client that does not take
         // it in time is dropped there, which ends this wait too. The timeout is a second
         // line, so this task can never outlive a lost connection.
@@ -770,10 +796,10 @@ async fn upgrade(State(shared): State<Arc<Shared>>, request: Request) -> Respons
         };
         match upgraded.downcast::<TokioIo<Watched>>() {
             Ok(parts) => {
-                let shared = Arc::clone(&slot.shared);
                 // From here the WebSocket's own deadlines apply (pings, write timeout).
                 let stream = parts.io.into_inner().stream;
-                connection::run(stream, parts.read_buf, Arc::clone(&shared.ws), client).await;
+                let ctx = Arc::clone(&slot.shared.ws);
+                connection::run(stream, parts.read_buf, ctx, client).await;
             }
             Err(_) => warn!("upgraded connection is not our stream; dropping it"),
         }

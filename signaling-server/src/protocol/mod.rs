@@ -260,19 +260,22 @@ pub enum ServerMessage {
 }
 
 impl ServerMessage {
+    /// The fixed part of [`ServerMessage::weight`].
+    pub const WEIGHT_BASE: usize = 256;
+
     /// About the bytes this message takes while queued (its JSON is built only when it is
     /// sent): its long strings plus a fixed allowance for the rest. What bounds each
     /// connection's queue in bytes (`--send-queue-bytes`).
     pub fn weight(&self) -> usize {
-        const REST: usize = 256;
-        REST + match self {
-            ServerMessage::Offer { sdp, .. } | ServerMessage::Answer { sdp, .. } => sdp.len(),
-            ServerMessage::Candidate {
-                candidate: Some(c), ..
-            } => c.candidate.len(),
-            ServerMessage::Error { message, .. } => message.len(),
-            _ => 0,
-        }
+        Self::WEIGHT_BASE
+            + match self {
+                ServerMessage::Offer { sdp, .. } | ServerMessage::Answer { sdp, .. } => sdp.len(),
+                ServerMessage::Candidate {
+                    candidate: Some(c), ..
+                } => c.candidate.len(),
+                ServerMessage::Error { message, .. } => message.len(),
+                _ => 0,
+            }
     }
 
     /// An `error` message without extra fields.

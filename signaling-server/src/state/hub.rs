@@ -5,7 +5,7 @@
 //! That one lock is the whole concurrency story: ten simultaneous joins are simply
 //! applied one after another, and messages to one connection are queued in the order
 //! they were produced. The critical section is a few hash-map operations, never I/O and
-//! never JSON: delivery is a non-blocking `try_send` of the message itself, and each
+//! never JSON: delivery is a non-blocking push of the message itself, and each
 //! connection's task serializes what it takes out of its queue (a 6 kB offer's SDP is
 //! escaped there, in parallel, not while every other connection waits for the lock).
 //! A client whose queue is full (in messages or in bytes) is too slow to keep up; it is
@@ -14,11 +14,11 @@
 //! Meeting changes the state machine makes on its own (a host's `end_room`, expiry) are
 //! handed to the [`Store`] thread under the same lock, so they are recorded in order.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 use time::OffsetDateTime;
-use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::core::clock::Now;
@@ -36,45 +36,171 @@ pub struct Registration {
     pub outgoing: Outgoing,
 }
 
-/// The receiving end of one connection's queue, which keeps count of the bytes in it.
+/// The receiving end of one connection's queue.
 #[derive(Debug)]
-pub struct Outgoing {
-    rx: mpsc::Receiver<Box<ServerMessage>>,
-    bytes: Arc<AtomicUsize>,
+pub struct Outgoing(Arc<Mutex<QueueState>>);
+
+/// One connection's queue: the hub (the only sender) pushes under its lock, the
+/// connection's task takes. Not a tokio channel: that allocates its shared part and a
+/// first block of slots up front (about 0.8 kB per connection, idle or not); here an
+/// idle queue is one small allocation, its buffer freed whenever it runs empty.
+#[derive(Debug, Default)]
+struct QueueState {
+    messages: VecDeque<Queued>,
+    /// Sum of the queued messages' [`Queued::weight`].
+    bytes: usize,
+    /// The connection's task, waiting in [`Outgoing::recv`].
+    waker: Option<Waker>,
+    /// The hub let go of this connection ([`Queue`] dropped).
+    sender_gone: bool,
+    /// The connection's task ended ([`Outgoing`] dropped).
+    receiver_gone: bool,
+}
+
+/// What waits in a connection's queue.
+#[derive(Debug)]
+enum Queued {
+    Message(ServerMessage),
+    /// A message's JSON text as another instance built it (cluster mode).
+    Json(String),
+}
+
+impl Queued {
+    /// What it counts against the queue's byte bound: as [`ServerMessage::weight`], a
+    /// fixed part plus the long text.
+    fn weight(&self) -> usize {
+        match self {
+            Queued::Message(msg) => msg.weight(),
+            Queued::Json(json) => ServerMessage::WEIGHT_BASE + json.len(),
+        }
+    }
+
+    fn into_json(self) -> String {
+        match self {
+            Queued::Message(msg) => msg.to_json(),
+            Queued::Json(json) => json,
+        }
+    }
+}
+
+fn lock_queue(queue: &Mutex<QueueState>) -> MutexGuard<'_, QueueState> {
+    // Every change is a few field updates that cannot be left half done.
+    queue.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Outgoing {
-    /// The next message's JSON (None: the hub dropped this connection). Cancel-safe.
+    /// The next message's JSON (None: the hub dropped this connection and nothing is
+    /// left). Cancel-safe.
     pub async fn recv(&mut self) -> Option<String> {
-        let msg = self.rx.recv().await?;
-        Some(self.taken(&msg))
+        std::future::poll_fn(|cx| self.poll_next(cx))
+            .await
+            .map(Queued::into_json)
     }
 
     /// The next message's JSON if one is queued.
     pub fn try_recv(&mut self) -> Option<String> {
-        let msg = self.rx.try_recv().ok()?;
-        Some(self.taken(&msg))
+        let next = lock_queue(&self.0).take();
+        next.map(Queued::into_json)
     }
 
-    fn taken(&self, msg: &ServerMessage) -> String {
-        self.bytes.fetch_sub(msg.weight(), Ordering::Relaxed);
-        msg.to_json()
+    fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<Queued>> {
+        // Takes from the task's budget as tokio's channels do, so that a connection
+        // always fed by others still yields to the scheduler now and then.
+        let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+        let mut state = lock_queue(&self.0);
+        if let Some(msg) = state.take() {
+            coop.made_progress();
+            return Poll::Ready(Some(msg));
+        }
+        if state.sender_gone {
+            coop.made_progress();
+            return Poll::Ready(None);
+        }
+        match &mut state.waker {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            slot => *slot = Some(cx.waker().clone()),
+        }
+        Poll::Pending
     }
 }
 
-/// The sending end of one connection's queue. Boxed: a channel allocates its slots in
-/// blocks, and a slot of the whole enum would make every idle connection's queue
-/// kilobytes larger.
+impl QueueState {
+    fn take(&mut self) -> Option<Queued> {
+        let msg = self.messages.pop_front()?;
+        self.bytes = self.bytes.saturating_sub(msg.weight());
+        if self.messages.is_empty() {
+            // An idle connection holds no buffer.
+            self.messages = VecDeque::new();
+        }
+        Some(msg)
+    }
+}
+
+impl Drop for Outgoing {
+    fn drop(&mut self) {
+        let mut state = lock_queue(&self.0);
+        state.receiver_gone = true;
+        state.messages = VecDeque::new();
+    }
+}
+
+/// The sending end of one connection's queue, held by the hub.
 #[derive(Debug)]
-struct Queue {
-    tx: mpsc::Sender<Box<ServerMessage>>,
-    bytes: Arc<AtomicUsize>,
+struct Queue(Arc<Mutex<QueueState>>);
+
+/// Why a message was not queued.
+enum Refused {
+    /// The queue holds its most messages or bytes: the client is too slow.
+    Full,
+    /// The connection's task ended (it takes itself out of the hub).
+    Closed,
+}
+
+impl Queue {
+    /// Queues `msg` unless that would pass `max_len` messages or `max_bytes` bytes.
+    fn push(&self, msg: Queued, max_len: usize, max_bytes: usize) -> Result<(), Refused> {
+        let weight = msg.weight();
+        let waker = {
+            let mut state = lock_queue(&self.0);
+            if state.bytes + weight > max_bytes {
+                return Err(Refused::Full);
+            }
+            if state.receiver_gone {
+                return Err(Refused::Closed);
+            }
+            if state.messages.len() >= max_len {
+                return Err(Refused::Full);
+            }
+            state.messages.push_back(msg);
+            state.bytes += weight;
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        let waker = {
+            let mut state = lock_queue(&self.0);
+            state.sender_gone = true;
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
 }
 
 #[derive(Debug)]
 struct Inner {
     rooms: Rooms,
     queues: HashMap<ConnId, Queue>,
+    /// Most messages queued for one connection.
+    queue_len: usize,
     /// Most bytes queued for one connection.
     queue_bytes: usize,
 }
@@ -84,7 +210,6 @@ struct Inner {
 pub struct Hub {
     inner: Mutex<Inner>,
     next_conn: AtomicU64,
-    queue_len: usize,
     store: Option<Store>,
 }
 
@@ -101,10 +226,10 @@ impl Hub {
             inner: Mutex::new(Inner {
                 rooms: Rooms::new(config),
                 queues: HashMap::new(),
+                queue_len: queue_len.max(1),
                 queue_bytes,
             }),
             next_conn: AtomicU64::new(1),
-            queue_len: queue_len.max(1),
             store,
         }
     }
@@ -120,21 +245,14 @@ impl Hub {
     pub fn connect(&self, address: Option<std::net::IpAddr>) -> Registration {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let peer_id = ids::peer_id();
-        let (tx, rx) = mpsc::channel(self.queue_len);
-        let bytes = Arc::new(AtomicUsize::new(0));
+        let state = Arc::new(Mutex::new(QueueState::default()));
         let mut inner = self.lock();
         inner.rooms.connect(conn, peer_id.clone(), address);
-        inner.queues.insert(
-            conn,
-            Queue {
-                tx,
-                bytes: Arc::clone(&bytes),
-            },
-        );
+        inner.queues.insert(conn, Queue(Arc::clone(&state)));
         Registration {
             conn,
             peer_id,
-            outgoing: Outgoing { rx, bytes },
+            outgoing: Outgoing(state),
         }
     }
 
@@ -150,9 +268,23 @@ impl Hub {
     /// Queues `msg` for `conn` (cluster mode delivers through here); a connection that
     /// is gone is skipped, one too slow to keep up is disconnected as for any message.
     pub fn send(&self, conn: ConnId, msg: ServerMessage) {
-        let now = Now::system();
+        self.send_queued(conn, Queued::Message(msg));
+    }
+
+    /// [`Hub::send`] of a message's JSON text as another instance built it.
+    pub fn send_json(&self, conn: ConnId, json: String) {
+        self.send_queued(conn, Queued::Json(json));
+    }
+
+    fn send_queued(&self, conn: ConnId, item: Queued) {
         let mut inner = self.lock();
-        self.finish(&mut inner, vec![(conn, msg)], now);
+        if inner.push(conn, item) {
+            return;
+        }
+        let now = Now::system();
+        let mut out = Outbox::new();
+        inner.kick(conn, now, &mut out);
+        self.finish(&mut inner, out, now);
     }
 
     /// The live meeting `conn` hosts, if any ([`Rooms::hosted_meeting`]).
@@ -240,32 +372,38 @@ impl Inner {
         while !out.is_empty() {
             let mut too_slow = Vec::new();
             for (conn, msg) in out.drain(..) {
-                let Some(queue) = self.queues.get(&conn) else {
-                    continue; // already gone; its own task is cleaning up
-                };
-                let len = msg.weight();
-                if queue.bytes.load(Ordering::Relaxed) + len > self.queue_bytes {
+                if !self.push(conn, Queued::Message(msg)) {
                     too_slow.push(conn);
-                    continue;
-                }
-                match queue.tx.try_send(Box::new(msg)) {
-                    Ok(()) => {
-                        queue.bytes.fetch_add(len, Ordering::Relaxed);
-                    }
-                    Err(mpsc::error::TrySendError::Full(_)) => too_slow.push(conn),
-                    // The connection task ended and will call `disconnect` itself.
-                    Err(mpsc::error::TrySendError::Closed(_)) => {}
                 }
             }
             for conn in too_slow {
-                if self.queues.remove(&conn).is_some() {
-                    warn!(
-                        conn,
-                        "client too slow to read its messages; disconnecting it"
-                    );
-                    self.rooms.disconnect(conn, now, &mut out);
-                }
+                self.kick(conn, now, &mut out);
             }
+        }
+    }
+
+    /// Queues `item` for `conn`; `false` when `conn` is too slow to keep up.
+    fn push(&self, conn: ConnId, item: Queued) -> bool {
+        let Some(queue) = self.queues.get(&conn) else {
+            return true; // already gone; its own task is cleaning up
+        };
+        match queue.push(item, self.queue_len, self.queue_bytes) {
+            Ok(()) => true,
+            Err(Refused::Full) => false,
+            // The connection task ended and will call `disconnect` itself.
+            Err(Refused::Closed) => true,
+        }
+    }
+
+    /// Disconnects `conn`, too slow to read its messages; what that tells others is
+    /// added to `out`.
+    fn kick(&mut self, conn: ConnId, now: Now, out: &mut Outbox) {
+        if self.queues.remove(&conn).is_some() {
+            warn!(
+                conn,
+                "client too slow to read its messages; disconnecting it"
+            );
+            self.rooms.disconnect(conn, now, out);
         }
     }
 }

@@ -63,19 +63,17 @@ enum Exit {
     Drop(&'static str),
 }
 
-/// Runs the connection until it ends; `read_ahead` is what the HTTP layer had already
-/// read past the upgrade request.
 /// Takes `conn` out of the hub when dropped: at the end of its task, and also when the
 /// task panics or is cancelled, so a member is never left behind in a room.
 /// In cluster mode the member also leaves in Redis, in a task of its own (tracked, so
 /// that the server's stop waits for it): an await here would enlarge every connection's
 /// task, also without `--redis`.
-struct Departure<'a> {
-    ctx: &'a WsContext,
+struct Departure {
+    ctx: Arc<WsContext>,
     conn: ConnId,
 }
 
-impl Drop for Departure<'_> {
+impl Drop for Departure {
     fn drop(&mut self) {
         if let Some(cluster) = &self.ctx.cluster
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
@@ -98,35 +96,42 @@ enum Pending {
     Cluster(Box<ClientMessage>),
 }
 
-pub(crate) async fn run(
+/// The connection's task: runs it until it ends; `read_ahead` is what the HTTP layer
+/// had already read past the upgrade request. The connection joins the hub (and its
+/// `welcome` is prepared) when this is called.
+///
+/// A plain function around one `async` block that borrows the connection, not an
+/// `async fn`: those keep their arguments in their state next to what the arguments
+/// are moved into, and every byte of this future is paid by every idle connection.
+pub(crate) fn run(
     stream: Stream,
     read_ahead: bytes::Bytes,
     ctx: Arc<WsContext>,
     client: std::net::IpAddr,
-) {
+) -> impl Future<Output = ()> + Send + use<> {
     let registration = ctx.hub.connect(Some(client));
     if let Some(cluster) = &ctx.cluster {
         cluster.connect(registration.conn, &registration.peer_id, client);
     }
     let span = info_span!("ws", peer = %registration.peer_id);
     let conn = registration.conn;
+    // From here on, whatever happens to this future, `conn` leaves the hub.
+    let departure = Departure { ctx, conn };
+    let mut connection = Connection::new(stream, read_ahead, &departure.ctx, registration);
+    let remote = connection.stream.peer_addr().ok();
+    span.in_scope(|| info!(?remote, "connected"));
     async move {
-        let departure = Departure { ctx: &ctx, conn };
-        let remote = stream.peer_addr().ok();
-        info!(?remote, "connected");
-        let exit = Connection::new(stream, read_ahead, &ctx, registration)
-            .serve(&ctx, conn)
-            .await;
+        let exit = connection.serve(&departure.ctx, conn).await;
         match exit {
             Exit::Close(code, reason) if code != close_code::NORMAL => {
                 info!(code, reason, "closed by the server");
             }
             Exit::Close(_, reason) | Exit::Drop(reason) => info!(reason, "disconnected"),
         }
+        drop(connection);
         drop(departure);
     }
     .instrument(span)
-    .await;
 }
 
 struct Connection {
@@ -170,7 +175,7 @@ impl Connection {
         }
     }
 
-    async fn serve(mut self, ctx: &WsContext, conn: ConnId) -> Exit {
+    async fn serve(&mut self, ctx: &WsContext, conn: ConnId) -> Exit {
         let config = ctx;
         let ping = sleep_until((Instant::now() + config.ping_interval).into());
         tokio::pin!(ping);
@@ -254,26 +259,32 @@ impl Connection {
             let Pending::StoreEnd(room) = pending else {
                 continue; // only in cluster mode
             };
-            let now = Now::system();
-            if let Err(e) = ctx
-                .store
-                .end(room.clone(), now.wall, RoomEndReason::HostEnded)
-                .await
-            {
-                error!(error = %e, %room, "cannot store the end of a meeting");
-                self.queue_error(
-                    ErrorCode::Internal,
-                    "the meeting could not be ended; try again",
-                );
-                continue;
-            }
-            ctx.hub.handle(conn, ClientMessage::EndRoom);
-            self.drain_outgoing();
+            // Boxed: rare, and inline its future would enlarge every connection's task.
+            Box::pin(self.end_meeting(ctx, conn, room)).await;
         }
         if self.inbox.is_empty() {
             self.inbox = BytesMut::new();
         }
         Ok(())
+    }
+
+    /// A host's `end_room` of a meeting: the end is stored, then applied.
+    async fn end_meeting(&mut self, ctx: &WsContext, conn: ConnId, room: String) {
+        let now = Now::system();
+        if let Err(e) = ctx
+            .store
+            .end(room.clone(), now.wall, RoomEndReason::HostEnded)
+            .await
+        {
+            error!(error = %e, %room, "cannot store the end of a meeting");
+            self.queue_error(
+                ErrorCode::Internal,
+                "the meeting could not be ended; try again",
+            );
+            return;
+        }
+        ctx.hub.handle(conn, ClientMessage::EndRoom);
+        self.drain_outgoing();
     }
 
     /// [`Connection::process_all`] in cluster mode: every message goes to the cluster.
@@ -452,7 +463,7 @@ impl Connection {
     }
 
     /// Sends what is still queued plus a close frame, then shuts the socket.
-    async fn finish(mut self, exit: Exit) -> Exit {
+    async fn finish(&mut self, exit: Exit) -> Exit {
         if let Exit::Close(code, reason) = exit {
             self.drain_outgoing();
             encode_close(&mut self.outbox, code, reason);

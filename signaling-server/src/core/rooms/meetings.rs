@@ -79,7 +79,7 @@ impl Rooms {
             Room {
                 empty_since: Some(now.mono),
                 ended_at: ended.then_some(now.mono),
-                meeting: Some(meeting),
+                meeting: Some(Box::new(meeting)),
                 ..Room::default()
             },
         );

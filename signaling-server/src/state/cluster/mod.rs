@@ -30,8 +30,10 @@
 //! - `duet:instance:{id}`: exists while instance `id` is alive (a heartbeat refreshes its
 //!   ttl). A join finding a member whose instance key is gone removes that member (its
 //!   partner hears `peer_left/disconnected`), so a killed instance does not hold seats.
-//! - Channel `duet:to:{id}`: what instance `id` must deliver to its connections, as JSON
-//!   envelopes (recipient peer id, room, sender instance, the [`ServerMessage`]). Each
+//! - Channel `duet:to:{id}`: what instance `id` must deliver to its connections, as
+//!   frames of the `wire` module (recipient peer id, room, sender instance, and the message's JSON as
+//!   the recipient's client gets it, built once by the sender; the receiver parses only
+//!   the notices that change what it knows of its member). Each
 //!   instance publishes through one ordered queue and one Redis connection, and Redis
 //!   delivers one publisher's messages to a channel in order, so a member's messages
 //!   reach its partner in the order sent. A message is delivered only if its recipient
@@ -107,6 +109,7 @@ use crate::protocol::{
 use crate::state::hub::Hub;
 
 mod meetings;
+mod wire;
 
 /// Longest wait for one Redis operation before the client hears `unavailable`.
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -125,6 +128,8 @@ const STATE_REFRESH_BEATS: u32 = 10;
 const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(200);
 /// Most messages waiting to be published; beyond that they are dropped (Redis is gone).
 const PUBLISH_QUEUE: usize = 65_536;
+/// Most messages published in one pipeline.
+const PUBLISH_BATCH: usize = 256;
 
 const ROOM_PREFIX: &str = "duet:room:";
 const INSTANCE_PREFIX: &str = "duet:instance:";
@@ -178,6 +183,7 @@ const JOIN: &str = r"
 local key, mkey = KEYS[1], KEYS[2]
 local me, inst, name, prefix, inst_ttl, busy = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 NOW_MS
+SAME_HASH
 redis.call('SET', prefix .. inst, '1', 'PX', inst_ttl)
 if redis.call('HEXISTS', key, 'ended') == 1 then
   return cjson.encode({status = 'ended'})
@@ -192,7 +198,7 @@ if redis.call('EXISTS', mkey) == 1 then
     return cjson.encode({status = 'not_started', starts_at = m[2]})
   end
   if ARGV[11] ~= '' then
-    if ARGV[11] ~= m[3] then
+    if not same_hash(ARGV[11], m[3]) then
       return cjson.encode({status = 'not_host'})
     end
     claims = true
@@ -580,6 +586,7 @@ return cjson.encode({status = 'here', others = {{peer = peer, instance = string.
 const RESUME: &str = r"
 local key = KEYS[1]
 local peer, token, fresh, inst, now, busy, room = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+SAME_HASH
 if redis.call('EXISTS', key) == 0 then
   return cjson.encode({status = 'no_room'})
 end
@@ -590,7 +597,7 @@ local v = redis.call('HGET', key, 'm:' .. peer)
 if not v then
   return cjson.encode({status = 'not_member'})
 end
-if redis.call('HGET', key, 't:' .. peer) ~= token then
+if not same_hash(redis.call('HGET', key, 't:' .. peer), token) then
   return cjson.encode({status = 'wrong_token'})
 end
 local deadline = redis.call('HGET', key, 'a:' .. peer)
@@ -781,7 +788,8 @@ pub struct Cluster {
     hub: Arc<Hub>,
     config: ClusterConfig,
     local: Mutex<Local>,
-    publish: mpsc::Sender<(String, String)>,
+    /// (channel, frame) to publish, in order.
+    publish: mpsc::Sender<(String, Vec<u8>)>,
     subscribed: AtomicBool,
     stop: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -1572,15 +1580,7 @@ impl Cluster {
             self.receive(envelope);
             return;
         }
-        match serde_json::to_string(&envelope) {
-            Ok(payload) => {
-                let channel = format!("{CHANNEL_PREFIX}{}", old.instance);
-                if self.publish.try_send((channel, payload)).is_err() {
-                    warn!("publish queue full; a taken-over connection was not told");
-                }
-            }
-            Err(e) => warn!(error = %e, "cannot serialize a takeover"),
-        }
+        self.publish(&old.instance, &envelope.to, room, &envelope.msg, true);
     }
 
     /// [`Cluster::resume`]; `retried` after taking over a connection still open.
@@ -2065,32 +2065,49 @@ impl Cluster {
     /// Sends `msg` to the member at `seat` in `room`: directly when it is connected
     /// here, else through its instance's channel.
     fn route(&self, seat: &Seat, room: &str, msg: ServerMessage) {
-        let envelope = Envelope {
-            to: seat.peer_id.clone(),
-            room: room.to_owned(),
-            from: self.instance.clone(),
-            msg,
-            taken_over: false,
-        };
         if seat.instance == self.instance {
-            self.receive(envelope);
+            self.receive(Envelope {
+                to: seat.peer_id.clone(),
+                room: room.to_owned(),
+                from: self.instance.clone(),
+                msg,
+                taken_over: false,
+            });
             return;
         }
-        let payload = match serde_json::to_string(&envelope) {
-            Ok(p) => p,
-            Err(e) => {
-                warn!(error = %e, "cannot serialize a message for another instance");
-                return;
-            }
+        self.publish(&seat.instance, &seat.peer_id, room, &msg, false);
+    }
+
+    /// Sends `msg` for `to` in `room` to `instance` through its channel: a [`wire`]
+    /// record with the message's JSON as its recipient's client will receive it.
+    fn publish(&self, instance: &str, to: &str, room: &str, msg: &ServerMessage, taken_over: bool) {
+        let mut flags = 0;
+        if taken_over {
+            flags |= wire::TAKEN_OVER;
+        }
+        if is_notice(msg) {
+            flags |= wire::NOTICE;
+        }
+        let json = msg.to_json();
+        let Some(record) = wire::encode(to, room, &self.instance, flags, &json) else {
+            warn!(
+                to,
+                "message for another instance not sent: room name too long"
+            );
+            return;
         };
-        let channel = format!("{CHANNEL_PREFIX}{}", seat.instance);
-        if self.publish.try_send((channel, payload)).is_err() {
-            warn!(to = %seat.peer_id, "publish queue full (Redis unreachable?); message dropped");
+        let channel = format!("{CHANNEL_PREFIX}{instance}");
+        if self.publish.try_send((channel, record)).is_err() {
+            warn!(
+                to,
+                "publish queue full (Redis unreachable?); message dropped"
+            );
         }
     }
 
     /// Delivers an envelope to one of this instance's connections, keeping its room and
-    /// partner current from the notices it carries.
+    /// partner current from the notices it carries (the messages [`is_notice`] names:
+    /// keep the two in step).
     fn receive(&self, envelope: Envelope) {
         let mut local = self.lock();
         let Some(&conn) = local.by_peer.get(&envelope.to) else {
@@ -2172,10 +2189,80 @@ impl Cluster {
 
     /// A payload from this instance's channel.
     fn on_payload(&self, payload: &[u8]) {
-        match serde_json::from_slice::<Envelope>(payload) {
-            Ok(envelope) => self.receive(envelope),
-            Err(e) => warn!(error = %e, "unreadable message on this instance's channel"),
+        if wire::is_json_envelope(payload) {
+            match serde_json::from_slice::<Envelope>(payload) {
+                Ok(envelope) => self.receive(envelope),
+                Err(e) => warn!(error = %e, "unreadable message on this instance's channel"),
+            }
+            return;
         }
+        let records = match wire::decode(payload) {
+            Ok(records) => records,
+            Err(e) => {
+                warn!(error = %e, "unreadable payload on this instance's channel");
+                return;
+            }
+        };
+        for record in records {
+            match record {
+                Ok(frame) => self.on_frame(&frame),
+                Err(e) => warn!(error = %e, "unreadable message on this instance's channel"),
+            }
+        }
+    }
+
+    /// One message from this instance's channel.
+    fn on_frame(&self, frame: &wire::Frame<'_>) {
+        if frame.flags & (wire::NOTICE | wire::TAKEN_OVER) != 0 {
+            match serde_json::from_slice::<ServerMessage>(frame.json) {
+                Ok(msg) => self.receive(Envelope {
+                    to: frame.to.to_owned(),
+                    room: frame.room.to_owned(),
+                    from: frame.from.to_owned(),
+                    msg,
+                    taken_over: frame.flags & wire::TAKEN_OVER != 0,
+                }),
+                Err(e) => warn!(error = %e, "unreadable message on this instance's channel"),
+            }
+            return;
+        }
+        match std::str::from_utf8(frame.json) {
+            Ok(json) => self.receive_json(frame.to, frame.room, frame.from, json),
+            Err(_) => warn!("message on this instance's channel is not UTF-8"),
+        }
+    }
+
+    /// [`Cluster::receive`] of a message that is no notice (see [`is_notice`]), as the
+    /// JSON text its recipient gets: queued as it is, if the recipient is still in
+    /// `room`.
+    fn receive_json(&self, to: &str, room: &str, from: &str, json: &str) {
+        let mut local = self.lock();
+        let Some(&conn) = local.by_peer.get(to) else {
+            debug!(to, "message for a connection no longer here");
+            return;
+        };
+        let Some(member) = local.conns.get_mut(&conn) else {
+            return;
+        };
+        if let Some(held) = &mut member.held {
+            match serde_json::from_str::<ServerMessage>(json) {
+                Ok(msg) => held.push(Envelope {
+                    to: to.to_owned(),
+                    room: room.to_owned(),
+                    from: from.to_owned(),
+                    msg,
+                    taken_over: false,
+                }),
+                Err(e) => warn!(error = %e, "unreadable message on this instance's channel"),
+            }
+            return;
+        }
+        if member.room.as_deref() != Some(room) {
+            debug!(to, room, "recipient not in that room; dropped");
+            return;
+        }
+        // Under the cluster lock, as in `receive`.
+        self.hub.send_json(conn, json.to_owned());
     }
 
     async fn script(
@@ -2381,17 +2468,19 @@ impl Cluster {
     }
 }
 
-/// Publishes queued messages in order, in pipelines of what has queued up; after
-/// `stop`, publishes what is still queued and ends.
+/// Publishes queued messages in order: what has queued up is sent as one payload per
+/// instance (one `PUBLISH` each, in one pipeline), while the previous pipeline's answer
+/// is awaited more queues up. After `stop`, publishes what is still queued and ends.
 async fn publish_loop(
     mut redis: ConnectionManager,
-    mut queue: mpsc::Receiver<(String, String)>,
+    mut queue: mpsc::Receiver<(String, Vec<u8>)>,
     stop: CancellationToken,
 ) {
     let mut batch = Vec::new();
+    let mut payloads: Vec<(String, Vec<u8>)> = Vec::new();
     loop {
         let stopping = tokio::select! {
-            n = queue.recv_many(&mut batch, 256) => n == 0,
+            n = queue.recv_many(&mut batch, PUBLISH_BATCH) => n == 0,
             () = stop.cancelled() => true,
         };
         if stopping {
@@ -2399,9 +2488,15 @@ async fn publish_loop(
                 batch.push(item);
             }
         }
-        if !batch.is_empty() {
+        for (channel, payload) in batch.drain(..) {
+            match payloads.iter_mut().find(|(c, _)| *c == channel) {
+                Some((_, all)) => wire::append(all, &payload),
+                None => payloads.push((channel, payload)),
+            }
+        }
+        if !payloads.is_empty() {
             let mut pipe = redis::pipe();
-            for (channel, payload) in batch.drain(..) {
+            for (channel, payload) in payloads.drain(..) {
                 pipe.cmd("PUBLISH").arg(channel).arg(payload).ignore();
             }
             match tokio::time::timeout(OP_TIMEOUT, pipe.query_async::<()>(&mut redis)).await {
@@ -2416,16 +2511,47 @@ async fn publish_loop(
     }
 }
 
+/// Whether the instance that receives `msg` for one of its connections must read it
+/// ([`Cluster::receive`] looks into these); any other message is delivered as it is.
+fn is_notice(msg: &ServerMessage) -> bool {
+    matches!(
+        msg,
+        ServerMessage::IncomingCall { .. }
+            | ServerMessage::CallCancelled { .. }
+            | ServerMessage::CallRejected { .. }
+            | ServerMessage::PeerJoined { .. }
+            | ServerMessage::PeerReconnecting { .. }
+            | ServerMessage::PeerLeft { .. }
+            | ServerMessage::RoomEnded { .. }
+    )
+}
+
 /// A script with its placeholders filled in.
 fn script(source: &str) -> Script {
     Script::new(
         &source
             .replace("NOW_MS", NOW_MS)
+            .replace("SAME_HASH", SAME_HASH)
             .replace("STATE_TTL_MS", &millis(STATE_TTL).to_string())
             .replace("AWAY_QUEUE_MESSAGES", &AWAY_QUEUE_MESSAGES.to_string())
             .replace("AWAY_QUEUE_BYTES", &AWAY_QUEUE_BYTES.to_string()),
     )
 }
+
+/// `same_hash(a, b)`: whether two hex digests (of a host or resume token) are equal,
+/// compared in constant time like [`ids::secret_matches`]: every character is looked at
+/// whatever the first difference, so the time a wrong guess takes tells nothing about
+/// how much of it was right. `false` when either is not a string (a missing field).
+const SAME_HASH: &str = "local function same_hash(a, b)
+  if type(a) ~= 'string' or type(b) ~= 'string' or #a ~= #b then
+    return false
+  end
+  local diff = 0
+  for i = 1, #a do
+    diff = bit.bor(diff, bit.bxor(string.byte(a, i), string.byte(b, i)))
+  end
+  return diff == 0
+end";
 
 /// `now_ms`: Redis's own clock (Unix ms), so that every instance's scripts agree on it.
 const NOW_MS: &str = "local now_t = redis.call('TIME')
