@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use duet::media::audio::Resampler;
 use duet::media::camera::{nv12_to_i420, rgb_to_i420, yuyv_to_i420};
+use duet::media::scale::Scaler;
 use duet::media::video::TestPattern;
+use fast_image_resize::{FilterType, ResizeAlg};
 use serde_json::json;
 
 /// Milliseconds per call of `f`, after a warm-up.
@@ -22,6 +24,36 @@ fn ms_per_call(mut f: impl FnMut()) -> f64 {
         f();
     }
     t.elapsed().as_secs_f64() * 1000.0 / f64::from(n)
+}
+
+/// The sender's ladder steps from 720p, with the scaler's algorithm and others.
+fn scaling(frame: &duet::media::video::VideoFrame) -> serde_json::Value {
+    let algorithms = [
+        (
+            "convolution_bilinear",
+            ResizeAlg::Convolution(FilterType::Bilinear),
+        ),
+        (
+            "interpolation_bilinear",
+            ResizeAlg::Interpolation(FilterType::Bilinear),
+        ),
+        (
+            "super_sampling_bilinear_2",
+            ResizeAlg::SuperSampling(FilterType::Bilinear, 2),
+        ),
+        ("nearest", ResizeAlg::Nearest),
+    ];
+    let mut out = serde_json::Map::new();
+    for (name, algorithm) in algorithms {
+        let mut per_size = serde_json::Map::new();
+        for (w, h) in [(960, 540), (640, 360), (480, 270), (320, 180)] {
+            let mut scaler = Scaler::with_algorithm(algorithm);
+            let ms = ms_per_call(|| drop(scaler.scale(frame.clone(), w, h)));
+            per_size.insert(format!("to_{h}p"), json!((ms * 1000.0).round() / 1000.0));
+        }
+        out.insert(name.to_owned(), per_size.into());
+    }
+    out.into()
 }
 
 fn main() {
@@ -39,6 +71,7 @@ fn main() {
         "nv12_to_i420_ms": ms_per_call(|| drop(nv12_to_i420(&nv12, w, h))),
         "rgb_to_i420_ms": ms_per_call(|| drop(rgb_to_i420(&rgb, w, h))),
         "i420_to_rgba_cpu_fallback_ms": ms_per_call(|| drop(frame.to_rgba())),
+        "scale_720p_ms": scaling(&frame),
         "resample_1s_44100_to_48000_ms": ms_per_call(|| {
             let mut r = Resampler::new(44_100, 48_000).expect("resampler");
             let mut out = Vec::new();

@@ -24,9 +24,14 @@ impl Default for Scaler {
 
 impl Scaler {
     pub fn new() -> Scaler {
+        Scaler::with_algorithm(ResizeAlg::Convolution(FilterType::Bilinear))
+    }
+
+    /// A scaler with another of `fast_image_resize`'s algorithms (benches compare them).
+    pub fn with_algorithm(algorithm: ResizeAlg) -> Scaler {
         Scaler {
             resizer: Resizer::new(),
-            options: ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)),
+            options: ResizeOptions::new().resize_alg(algorithm),
         }
     }
 
@@ -65,11 +70,17 @@ impl Scaler {
             let err = |e: &dyn std::fmt::Display| MediaError::Codec(format!("scaling: {e}"));
             let src =
                 ImageRef::new(sw as u32, sh as u32, src, PixelType::U8).map_err(|e| err(&e))?;
-            let mut dst = Image::new(dw as u32, dh as u32, PixelType::U8);
+            // Straight into the output frame's plane.
+            let mut dst = Image::from_slice_u8(
+                dw as u32,
+                dh as u32,
+                &mut out.data[offset..offset + dw * dh],
+                PixelType::U8,
+            )
+            .map_err(|e| err(&e))?;
             self.resizer
                 .resize(&src, &mut dst, &self.options)
                 .map_err(|e| err(&e))?;
-            out.data[offset..offset + dw * dh].copy_from_slice(dst.buffer());
         }
         if let Some(strip) = read_strip(&frame) {
             write_strip(&mut out, strip);

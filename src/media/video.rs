@@ -273,21 +273,19 @@ impl TestPattern {
         let top = strip_height(w).min(h);
         {
             let y = f.y_mut();
-            // Smooth diagonal gradient drifting 2 px per frame; one triangle-wave lookup
-            // table instead of arithmetic per pixel (this runs for every 720p frame).
-            let wave: Vec<u8> = (0..512usize)
+            // Smooth diagonal gradient drifting 2 px per frame: each row is a window of
+            // one triangle wave (period 512) laid out longer than a row, so a row is one
+            // copy (this runs for every 720p frame).
+            let wave: Vec<u8> = (0..512 + w)
                 .map(|g| {
+                    let g = g % 512;
                     let g = if g < 256 { g } else { 511 - g };
                     (16 + g * 219 / 255) as u8
                 })
                 .collect();
             for row in top..h {
-                let line = &mut y[row * w..(row + 1) * w];
-                let mut g = (row + 2 * n) % 512;
-                for p in line.iter_mut() {
-                    *p = wave[g];
-                    g = (g + 1) & 511;
-                }
+                let g = (row + 2 * n) % 512;
+                y[row * w..(row + 1) * w].copy_from_slice(&wave[g..g + w]);
             }
             // A 64x64 white box bouncing around.
             let bw = 64.min(w / 4);
