@@ -454,7 +454,7 @@ impl Pipelines {
                                 if bps < encoder.settings().bitrate_bps {
                                     encoder.set_bitrate(bps);
                                 }
-                                (bps < ladder.bitrate())
+                                (ladder.bitrate() == 0 || bps < ladder.bitrate())
                                     .then(|| ladder.update(bps, now))
                                     .flatten()
                             }
@@ -814,12 +814,14 @@ impl Pipelines {
                     Some(()) = failed_rx.recv() => assembler.decoder_failed(Instant::now()),
                     _ = sleep_until(wake), if wake.is_some() => {}
                 }
-                // Measurements only (the watch starts with a guess) for the arrival monitor.
+                // Measurements only (the watch starts with a guess) for the arrival monitor
+                // and the assembler's empty-path round trip.
                 let measured = rtt.has_changed().unwrap_or(false);
                 let now_rtt = *rtt.borrow_and_update();
                 assembler.set_rtt(now_rtt);
                 if measured {
                     arrival.set_rtt(now_rtt);
+                    assembler.rtt_measured(now_rtt);
                 }
                 let now = Instant::now();
                 while let Some(out) = assembler.poll(now) {

@@ -455,7 +455,14 @@ impl Session {
             live: self.live.clone(),
             media: self.stats.lock().view(),
         };
-        let changed = self.snapshot_tx.borrow().state != snapshot.state;
+        // The UI is woken for what it shows at once: the state, and the microphone and
+        // camera switches (their buttons read the snapshot).
+        let changed = {
+            let last = self.snapshot_tx.borrow();
+            last.state != snapshot.state
+                || last.live.microphone_on != snapshot.live.microphone_on
+                || last.live.camera_on != snapshot.live.camera_on
+        };
         self.snapshot_tx.send_replace(Arc::new(snapshot));
         if changed {
             self.notify();

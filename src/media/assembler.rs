@@ -198,8 +198,8 @@ pub struct FrameAssembler {
     /// Packets to ask for again, by extended sequence number.
     missing: BTreeMap<u64, Missing>,
     rtt: Duration,
-    /// The shortest round trip seen: the path without a queue.
-    min_rtt: Duration,
+    /// The shortest round trip measured: the path without a queue (None: none yet).
+    min_rtt: Option<Duration>,
     loss: LossMeter,
     /// The queueing delay our direction has now ([`FrameAssembler::set_queue_delay`]).
     queue: Duration,
@@ -232,7 +232,7 @@ impl FrameAssembler {
             last_request: None,
             missing: BTreeMap::new(),
             rtt: Duration::from_millis(100),
-            min_rtt: Duration::from_millis(100),
+            min_rtt: None,
             loss: LossMeter::default(),
             queue: Duration::ZERO,
             stats: AssemblerStats::default(),
@@ -242,7 +242,12 @@ impl FrameAssembler {
     /// The current round-trip time (from RTCP or ICE); sets how long a hole is waited for.
     pub fn set_rtt(&mut self, rtt: Duration) {
         self.rtt = rtt.min(Duration::from_secs(2));
-        self.min_rtt = self.min_rtt.min(self.rtt);
+    }
+
+    /// A round trip that was measured (not the starting guess): the shortest one is the
+    /// path without a queue.
+    pub fn rtt_measured(&mut self, rtt: Duration) {
+        self.min_rtt = Some(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
     }
 
     /// How much queue the packets of this stream sit in now (one way, measured on
@@ -255,9 +260,13 @@ impl FrameAssembler {
     }
 
     /// The round trip a repair takes now: the last measured one, or the empty path's plus
-    /// our queue when that is longer (the measurement came before the queue).
+    /// our queue when that is longer (the measurement came before the queue). Before any
+    /// measurement of the empty path, their sum.
     fn repair_rtt(&self) -> Duration {
-        self.rtt.max(self.min_rtt + self.queue)
+        match self.min_rtt {
+            Some(min) => self.rtt.max(min + self.queue),
+            None => self.rtt + self.queue,
+        }
     }
 
     /// When a frame held for a repair on a queued path also asks for a keyframe (see
@@ -1236,7 +1245,8 @@ mod tests {
         // before it and 500 ms now.
         let t = Instant::now();
         let mut a = FrameAssembler::new();
-        a.set_rtt(Duration::from_millis(1));
+        a.rtt_measured(Duration::from_millis(1));
+        a.rtt_measured(Duration::from_millis(500));
         a.set_rtt(Duration::from_millis(500));
         a.set_queue_delay(Duration::from_millis(250));
         let s = stream(5);

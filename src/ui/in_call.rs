@@ -88,8 +88,14 @@ impl InCall {
     /// textures, the per-second rates).
     pub fn refresh(&mut self, ctx: &egui::Context) {
         self.remote.update(ctx, self.session.remote_picture());
-        self.local.update(ctx, self.session.local_picture());
         self.now = self.session.snapshot();
+        if self.now.live.camera_on {
+            self.local.update(ctx, self.session.local_picture());
+        } else {
+            // Pictures the camera made before it stopped are not kept for when it is back.
+            let _ = self.session.local_picture().take();
+            self.local.clear();
+        }
         self.rates.sample(
             self.now.media.video_frames_decoded,
             self.now.live.peer.bytes_received,
@@ -99,10 +105,6 @@ impl InCall {
 
     /// Passes a command on to the session.
     pub fn command(&mut self, command: Command) {
-        if command == Command::Camera(false) {
-            // No last picture of the camera is shown once it is off, or when it is back.
-            self.local.clear();
-        }
         self.session.command(command);
     }
 
