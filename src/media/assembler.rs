@@ -74,6 +74,12 @@ pub const BURST_PACKETS: usize = 20;
 /// keyframe is made at the lowered rate and resolution. Random loss on an unqueued path
 /// (a retransmission comes in one round trip) never asks early.
 pub const QUEUED_PATH: Duration = Duration::from_millis(80);
+/// On a queued path a keyframe request is sent twice, this long apart: the request crosses
+/// the receiver's own uplink, full too when both narrowed, whose tail drops take one
+/// request in two or three (seen: a lost first request cost 0.86 s more). A second copy
+/// a moment later is dropped on its own; the sender makes one keyframe for both (the
+/// second finds it on its way).
+pub const REQUEST_ECHO_GAP: Duration = Duration::from_millis(40);
 /// A hole of more packets than this is not repaired packet by packet.
 const MAX_NACK_HOLE: u64 = 300;
 /// Nor is one across which the RTP clock (90 kHz) jumps more than half a second: that was
@@ -117,6 +123,8 @@ pub struct AssemblerStats {
     /// Frames given up (a packet never came) or dropped while waiting for a keyframe.
     pub frames_dropped: u64,
     pub keyframe_requests: u64,
+    /// Of those, sent a second time on a queued path ([`REQUEST_ECHO_GAP`]).
+    pub keyframe_requests_echoed: u64,
     /// NACK messages sent, and packets asked for in them.
     pub nacks: u64,
     pub nacked_packets: u64,
@@ -188,6 +196,8 @@ pub struct FrameAssembler {
     next: Option<u64>,
     /// A burst was reported ([`Assembled::BurstLost`]); its keyframe request is next.
     burst_lost: bool,
+    /// When the last keyframe request is sent again ([`REQUEST_ECHO_GAP`]).
+    request_echo: Option<Instant>,
     /// Packets below this number are done with (handed out, given up or dropped).
     floor: Option<u64>,
     /// Since when the frame at `next` has been incomplete while later packets wait.
@@ -229,6 +239,7 @@ impl FrameAssembler {
             incomplete_since: None,
             awaiting_keyframe: None,
             burst_lost: false,
+            request_echo: None,
             last_request: None,
             missing: BTreeMap::new(),
             rtt: Duration::from_millis(100),
@@ -402,7 +413,10 @@ impl FrameAssembler {
                 })
             })
             .min();
-        [repair, request, queued, nack].into_iter().flatten().min()
+        [repair, request, queued, nack, self.request_echo]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// The share of this stream's packets lost lately (one-second windows, smoothed).
@@ -495,6 +509,11 @@ impl FrameAssembler {
             }
         }
         if std::mem::take(&mut self.burst_lost) {
+            return Some(self.request_keyframe(now));
+        }
+        if self.request_echo.is_some_and(|t| now >= t) {
+            self.request_echo = None;
+            self.stats.keyframe_requests_echoed += 1;
             return Some(Assembled::RequestKeyframe);
         }
         let burst = self.awaiting_keyframe.is_none()
@@ -525,9 +544,15 @@ impl FrameAssembler {
         if self.keyframe_request_due().is_some_and(|due| now >= due) {
             self.last_request = Some(now);
             self.stats.keyframe_requests += 1;
-            return Some(Assembled::RequestKeyframe);
+            return Some(self.request_keyframe(now));
         }
         None
+    }
+
+    /// A keyframe request going out now; on a queued path its echo is due a moment later.
+    fn request_keyframe(&mut self, now: Instant) -> Assembled {
+        self.request_echo = (self.queue >= QUEUED_PATH).then(|| now + REQUEST_ECHO_GAP);
+        Assembled::RequestKeyframe
     }
 
     /// The next complete frame, giving up on one whose repair wait has run out.
@@ -655,6 +680,7 @@ impl FrameAssembler {
         if keyframe {
             self.awaiting_keyframe = None;
             self.last_request = None;
+            self.request_echo = None;
         }
         self.stats.frames += 1;
         self.stats.frames_repaired += u64::from(repaired);
@@ -1270,6 +1296,11 @@ mod tests {
             decisions(out),
             [Assembled::BurstLost, Assembled::RequestKeyframe]
         );
+        // Sent once more a moment later (the first may be dropped on a full uplink),
+        // then not again.
+        let echo = early + REQUEST_ECHO_GAP;
+        assert_eq!(requests(&drain(&mut a, echo - Duration::from_millis(1))), 0);
+        assert_eq!(decisions(drain(&mut a, echo)), [Assembled::RequestKeyframe]);
         assert_eq!(
             requests(&drain(&mut a, early + Duration::from_millis(250))),
             0
@@ -1282,6 +1313,7 @@ mod tests {
         assert_eq!(timestamps(&out), [3000, 6000, 9000, 12000, 15000]);
         assert_eq!(a.stats().frames_dropped, 0);
         assert_eq!(a.stats().keyframe_requests, 1);
+        assert_eq!(a.stats().keyframe_requests_echoed, 1);
     }
 
     #[test]
