@@ -249,12 +249,13 @@ fn step_link(t: &Topology, at: u64) {
 
 /// Ten seconds of Duet's 640x480 test pattern as a Y4M file (Chromium loops it).
 fn pattern_file() -> PathBuf {
-    use duet::media::video::{TestPattern, VideoSource, write_y4m};
+    use duet::media::video::{TestPattern, VideoSource, Y4mWriter};
     let path = std::env::temp_dir().join("duet-browsernet-pattern-640x480.y4m");
     let mut pattern = TestPattern::new(640, 480, 30.0, false);
-    let frames: Vec<_> = (0..300).map(|_| pattern.next_frame().unwrap()).collect();
-    let file = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
-    write_y4m(file, &frames, 30).unwrap();
+    let mut file = Y4mWriter::new(&path, 30);
+    for _ in 0..300 {
+        file.write(&pattern.next_frame().unwrap()).unwrap();
+    }
     path
 }
 

@@ -12,23 +12,22 @@
 //! missing. Screenshots go to `target/browser-test/` (CI keeps them as artifacts).
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 #[path = "common/web.rs"]
 mod web;
-use web::{artifacts, native, num, scripts, wait_members, works};
+use web::{
+    MIN_DECODED, artifacts, assert_decoded, forward_stderr, install_node_packages, native,
+    native_best_fps, nothing_missing, num, wait_members, wait_native, works,
+};
 
 /// One browser scenario at a time: they share two cores with everything else. (An async
 /// mutex: each test holds it across its awaits, on its own runtime.)
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// The fraction of the sender's frames the receiver must decode.
-const MIN_DECODED: f64 = 0.9;
 /// The native client's test pattern rate.
 const NATIVE_FPS: f64 = 30.0;
 
@@ -43,72 +42,16 @@ fn ready() -> bool {
     .into_iter()
     .flatten()
     .collect();
-    if !missing.is_empty() {
-        assert!(
-            std::env::var("DUET_REQUIRE_BROWSER_TEST").is_err(),
-            "the browser tests need: {}",
-            missing.join(", ")
-        );
-        eprintln!("skipped: missing {}", missing.join(", "));
+    if !nothing_missing("the browser tests", &missing) {
         return false;
     }
-    let modules = scripts().join("node_modules/playwright-core");
-    if !modules.exists() {
-        let status = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund"])
-            .current_dir(scripts())
-            .status()
-            .unwrap();
-        assert!(status.success(), "npm ci in tests/browser failed");
-    }
+    install_node_packages(&["playwright-core"]);
     true
 }
 
 /// Runs one scenario of duet.mjs and returns its JSON (asserting it succeeded).
 fn scenario(name: &str, args: Value) -> Value {
-    let out = Command::new("node")
-        .arg(scripts().join("duet.mjs"))
-        .arg(name)
-        .arg(args.to_string())
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().rev().find(|l| l.starts_with('{'));
-    let result: Value = line
-        .and_then(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "{name}: no JSON result ({:?}); stdout: {stdout}",
-                out.status
-            )
-        });
-    println!("{name}: {result:#}");
-    assert_eq!(result["ok"], true, "{name} failed: {}", result["error"]);
-    result
-}
-
-/// Copies a child's stderr to ours (prefixed), sending each line to `lines` as well.
-fn forward_stderr(child: &mut Child, who: &'static str) -> std::sync::mpsc::Receiver<String> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("  {who}: {line}");
-            let _ = tx.send(line);
-        }
-    });
-    rx
-}
-
-fn wait_native(mut child: Child, report: &Path) -> Value {
-    let status = child.wait().unwrap();
-    let text = std::fs::read_to_string(report)
-        .unwrap_or_else(|e| panic!("native client ({status:?}) left no report: {e}"));
-    let report: Value = serde_json::from_str(&text).unwrap();
-    println!("native report: {report:#}");
-    assert!(status.success(), "native client: {status:?}");
-    report
+    web::scenario("duet.mjs", name, args)
 }
 
 /// The native side decoded what the browser sent: over its best stretch of at least 8 s
@@ -118,20 +61,7 @@ fn wait_native(mut child: Child, report: &Path) -> Value {
 fn assert_native_decoded(web: &Value, report: &Value) {
     let window = &web["window"];
     let browser_fps = num(&window["frames_sent"]) / num(&window["seconds"]);
-    let samples: Vec<(f64, f64)> = report["timeline"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| (num(&s["t_s"]), num(&s["frames_decoded"])))
-        .collect();
-    let best_fps = samples
-        .iter()
-        .enumerate()
-        .filter_map(|(i, &(t0, d0))| {
-            let &(t1, d1) = samples[i..].iter().find(|(t, _)| t - t0 >= 8.0)?;
-            Some((d1 - d0) / (t1 - t0))
-        })
-        .fold(0.0, f64::max);
+    let best_fps = native_best_fps(report);
     println!("native decoded {best_fps:.1} fps over 8 s; the browser sent {browser_fps:.1} fps");
     assert!(
         best_fps >= MIN_DECODED * browser_fps,
@@ -322,21 +252,6 @@ async fn browser_rings_the_native_client_by_name() {
     assert_eq!(report["chat_received"][0], "hello from the browser");
     assert_eq!(report["end_reason"], "peer left");
     server.stop().await;
-}
-
-/// Frames decoded by one page over the window, against what the other page sent.
-fn assert_decoded(receiver: &Value, sender: &Value, who: &str) {
-    let decoded = num(&receiver["frames_decoded"]);
-    let sent = num(&sender["frames_sent"]);
-    assert!(
-        sent > 5.0 * num(&sender["seconds"]),
-        "{who}: only {sent} frames sent"
-    );
-    assert!(
-        decoded >= MIN_DECODED * sent,
-        "{who} decoded {decoded} of {sent} frames"
-    );
-    assert!(num(&receiver["audio_energy"]) > 0.0, "{who} heard nothing");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,21 +12,20 @@
 //! (no browser download) when it is missing from tests/browser/node_modules.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 
 use serde_json::{Value, json};
 
 #[path = "common/web.rs"]
 mod web;
-use web::{artifacts, native, num, scripts, wait_members, works};
+use web::{
+    MIN_DECODED, artifacts, forward_stderr, install_node_packages, native, native_best_fps,
+    nothing_missing, num, wait_members, wait_native, works,
+};
 
 /// One browser scenario at a time: they share two cores with everything else.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// The fraction of the sender's frames the receiver must decode.
-const MIN_DECODED: f64 = 0.9;
 /// The native client's test pattern rate.
 const NATIVE_FPS: f64 = 30.0;
 
@@ -46,78 +45,22 @@ fn ready(chromium: bool) -> bool {
     .into_iter()
     .flatten()
     .collect();
-    if !missing.is_empty() {
-        assert!(
-            std::env::var("DUET_REQUIRE_BROWSER_TEST").is_err(),
-            "the Firefox tests need: {}",
-            missing.join(", ")
-        );
-        eprintln!("skipped: missing {}", missing.join(", "));
+    if !nothing_missing("the Firefox tests", &missing) {
         return false;
     }
-    let modules = scripts().join("node_modules");
-    if !modules.join("puppeteer-core").exists() || !modules.join("playwright-core").exists() {
-        let status = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund"])
-            // puppeteer-core downloads nothing; these make sure no browser ever is.
-            .env("PUPPETEER_SKIP_DOWNLOAD", "1")
-            .env("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
-            .current_dir(scripts())
-            .status()
-            .unwrap();
-        assert!(status.success(), "npm ci in tests/browser failed");
-    }
+    install_node_packages(&["puppeteer-core", "playwright-core"]);
     true
 }
 
 /// Runs one scenario of firefox.mjs and returns its JSON (asserting it succeeded).
 fn scenario(name: &str, args: Value) -> Value {
-    let out = Command::new("node")
-        .arg(scripts().join("firefox.mjs"))
-        .arg(name)
-        .arg(args.to_string())
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().rev().find(|l| l.starts_with('{'));
-    let result: Value = line
-        .and_then(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "{name}: no JSON result ({:?}); stdout: {stdout}",
-                out.status
-            )
-        });
-    println!("{name}: {result:#}");
-    assert_eq!(result["ok"], true, "{name} failed: {}", result["error"]);
-    result
+    web::scenario("firefox.mjs", name, args)
 }
 
 /// The server's pages as Firefox must see them: on `localhost` (a secure context, so
 /// the camera may open).
 fn base(server: &signaling_server::Server) -> String {
     server.http_url().replace("127.0.0.1", "localhost")
-}
-
-/// Copies a child's stderr to ours, prefixed.
-fn forward_stderr(child: &mut Child, who: &'static str) {
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("  {who}: {line}");
-        }
-    });
-}
-
-fn wait_native(mut child: Child, report: &Path) -> Value {
-    let status = child.wait().unwrap();
-    let text = std::fs::read_to_string(report)
-        .unwrap_or_else(|e| panic!("native client ({status:?}) left no report: {e}"));
-    let report: Value = serde_json::from_str(&text).unwrap();
-    println!("native report: {report:#}");
-    assert!(status.success(), "native client: {status:?}");
-    report
 }
 
 /// Both sides of a Firefox <-> native call decoded each other's video (>= 90 % of the
@@ -147,20 +90,7 @@ fn assert_vp8_native_call(web: &Value, report: &Value, web_hung_up: bool) {
     // once a second), at least 90 % of Firefox's frame rate; and audio.
     let browser_fps = num(&window["frames_sent"]) / seconds;
     assert!(browser_fps > 10.0, "Firefox sent {browser_fps:.1} fps");
-    let samples: Vec<(f64, f64)> = report["timeline"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| (num(&s["t_s"]), num(&s["frames_decoded"])))
-        .collect();
-    let best_fps = samples
-        .iter()
-        .enumerate()
-        .filter_map(|(i, &(t0, d0))| {
-            let &(t1, d1) = samples[i..].iter().find(|(t, _)| t - t0 >= 8.0)?;
-            Some((d1 - d0) / (t1 - t0))
-        })
-        .fold(0.0, f64::max);
+    let best_fps = native_best_fps(report);
     println!(
         "Firefox decoded {decoded} frames in {seconds:.1} s ({:.1} fps), sent {browser_fps:.1} fps; \
          native decoded {best_fps:.1} fps over 8 s",
@@ -263,22 +193,8 @@ async fn firefox_and_the_native_client_call_on_vp8_each_offering() {
 
 /// Frames decoded by one page over the window, against what the other page sent; audio
 /// heard; the video codec the one sent.
-fn assert_decoded(receiver: &Value, sender: &Value, who: &str) {
-    let decoded = num(&receiver["frames_decoded"]);
-    let sent = num(&sender["frames_sent"]);
-    println!(
-        "{who} decoded {decoded} of {sent} frames ({})",
-        receiver["codec_in"]
-    );
-    assert!(
-        sent > 5.0 * num(&sender["seconds"]),
-        "{who}: only {sent} frames sent"
-    );
-    assert!(
-        decoded >= MIN_DECODED * sent,
-        "{who} decoded {decoded} of {sent} frames"
-    );
-    assert!(num(&receiver["audio_energy"]) > 0.0, "{who} heard nothing");
+fn assert_vp8_decoded(receiver: &Value, sender: &Value, who: &str) {
+    web::assert_decoded(receiver, sender, who);
     let codec = receiver["codec_in"].as_str().unwrap();
     assert!(codec.starts_with("video/VP8"), "{who} received {codec}");
 }
@@ -298,8 +214,8 @@ async fn firefox_and_chromium_call_each_offering() {
         let r = tokio::task::spawn_blocking(move || scenario("mixed", args))
             .await
             .unwrap();
-        assert_decoded(&r["firefox"], &r["chromium"], "firefox");
-        assert_decoded(&r["chromium"], &r["firefox"], "chromium");
+        assert_vp8_decoded(&r["firefox"], &r["chromium"], "firefox");
+        assert_vp8_decoded(&r["chromium"], &r["firefox"], "chromium");
         assert!(
             r["ended_first"].as_str().unwrap().contains("hung up"),
             "{}",
