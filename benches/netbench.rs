@@ -26,9 +26,13 @@ struct Args {
     /// Only this row: clean, lossy, home, bad, step, flap, move, signaling.
     #[arg(long)]
     only: Option<String>,
-    /// Length of each call (the step row takes 45 s whatever this says).
+    /// Length of each call (the step row takes `--step-at` + 35 s whatever this says).
     #[arg(long, default_value_t = 20)]
     seconds: u64,
+    /// When the step row's link narrows (it widens again 15 s later). Later than the
+    /// default 10 s, the senders have climbed further above the new rate.
+    #[arg(long, default_value_t = 10)]
+    step_at: u64,
     #[arg(long, hide = true)]
     bench: bool,
 }
@@ -96,7 +100,11 @@ fn main() {
         t.client_args = ["--width", "640", "--height", "480", "--fps", "30"]
             .map(String::from)
             .to_vec();
-        let secs = if row == "step" { 45 } else { args.seconds };
+        let secs = if row == "step" {
+            args.step_at + 35
+        } else {
+            args.seconds
+        };
         let duration = format!("{secs}s");
         for side in ["a", "b"] {
             match row {
@@ -123,10 +131,12 @@ fn main() {
             let at = Instant::now();
             match row {
                 "step" => {
-                    std::thread::sleep(Duration::from_secs(10));
+                    std::thread::sleep(Duration::from_secs(args.step_at));
                     t.set_uplink_rate("a", 500);
                     t.set_uplink_rate("b", 500);
-                    std::thread::sleep(Duration::from_secs(25).saturating_sub(at.elapsed()));
+                    std::thread::sleep(
+                        Duration::from_secs(args.step_at + 15).saturating_sub(at.elapsed()),
+                    );
                     t.set_uplink_rate("a", 3000);
                     t.set_uplink_rate("b", 3000);
                 }

@@ -33,12 +33,17 @@
 //!   narrowed, that queue is what keeps the bottleneck full; the keyframe asked for to
 //!   end a freeze would otherwise wait behind it (or be dropped at its tail).
 //!
+//! - a REMB far below the rate sent is a cut of the path under us ([`DrainPause`]): video
+//!   is held (and the encoder makes none) for a moment, so the bottleneck's queue, full
+//!   of what was sent at the old rate, drains before the next frame, the keyframe the
+//!   receiver asks for included.
+//!
 //! Packets leave with their release instant as `now`, so the congestion controller's send
 //! history records when they really left.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rtc::interceptor::{Attribute, Interceptor, Packet, StreamInfo, TaggedPacket};
@@ -153,6 +158,8 @@ pub struct PacerHandle {
     target: Arc<AtomicU64>,
     ceiling: Arc<AtomicU64>,
     remb: Arc<AtomicU64>,
+    /// Until when video is held ([`DrainPause`]).
+    paused_until: Arc<Mutex<Option<Instant>>>,
 }
 
 impl PacerHandle {
@@ -171,11 +178,71 @@ impl PacerHandle {
             .map(|b| b as f64)
     }
 
+    /// Whether video is held at `now` ([`DrainPause`]): a frame made now could not leave.
+    pub fn video_paused(&self, now: Instant) -> bool {
+        self.paused_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some_and(|until| now < until)
+    }
+
     /// The ceiling put on the target, if any.
     pub fn ceiling_bps(&self) -> Option<f64> {
         Some(self.ceiling.load(Ordering::Relaxed))
             .filter(|&b| b > 0)
             .map(|b| b as f64)
+    }
+}
+
+/// A pause of the video after a sudden cut of the path's rate, so that the bottleneck's
+/// queue drains before the next frame (see PERFORMANCE.md, the `step` row).
+///
+/// When a link narrows under a sender, its queue fills within a fraction of a second and
+/// tail-drops until feedback arrives (the receiver's REMB and keyframe request, which
+/// cross the receiver's own uplink first). By then the queue is full of what was sent at
+/// the old rate, and whatever is sent next waits behind it or is dropped at its tail, the
+/// keyframe asked for to end the freeze included; a sender that only slows to the new
+/// rate keeps that queue standing for seconds. So when a REMB comes in far below the rate
+/// sent ([`DrainPause::SHARE`]), video is held for [`DrainPause::HOLD`] (about what a
+/// bottleneck's buffer holds) and the encoder makes none; audio still passes. A keyframe
+/// asked for meanwhile is made when the pause ends, into an emptied queue, and arrives no
+/// later than it would have behind the full one. The cost when nothing was lost: a gap
+/// of [`DrainPause::HOLD`] in frames that the queue delayed anyway.
+#[derive(Debug, Default)]
+pub struct DrainPause {
+    until: Option<Instant>,
+}
+
+impl DrainPause {
+    /// A REMB below this share of the rate sent is a cut (not an estimate's jitter or a
+    /// gentle correction: those come with a queue that the rate sent has just built).
+    pub const SHARE: f64 = 0.4;
+    pub const HOLD: Duration = Duration::from_millis(300);
+    /// No second pause this soon after one: the receiver repeats its REMB while its queue
+    /// drains, and the rate sent still counts the time before the cut.
+    pub const REARM: Duration = Duration::from_secs(2);
+
+    /// A REMB of `remb_bps` arrived at `now`; `sent_bps` is the rate sent over the last
+    /// [`SENT_RATE_WINDOW`] (None: not known yet). True when it starts a pause.
+    pub fn remb(&mut self, now: Instant, remb_bps: f64, sent_bps: Option<f64>) -> bool {
+        let rearmed = self
+            .until
+            .is_none_or(|until| now.saturating_duration_since(until) >= Self::REARM);
+        let cut = sent_bps.is_some_and(|sent| remb_bps < sent * Self::SHARE);
+        if rearmed && cut {
+            self.until = Some(now + Self::HOLD);
+        }
+        rearmed && cut
+    }
+
+    /// When the pause ends, if one was ever started.
+    pub fn until(&self) -> Option<Instant> {
+        self.until
+    }
+
+    /// Whether video is held at `now`.
+    pub fn holds(&self, now: Instant) -> bool {
+        self.until.is_some_and(|until| now < until)
     }
 }
 
@@ -305,6 +372,7 @@ pub struct MediaPacer {
     sent: SentRate,
     /// The receiver's last REMB and until when it holds.
     remb: Option<(f64, Instant)>,
+    drain: DrainPause,
     handle: PacerHandle,
     audio_ssrcs: HashSet<u32>,
     /// Video streams (H.264, VP8) by their SSRC, and the RTX SSRC of each.
@@ -346,6 +414,7 @@ impl MediaPacer {
             cut_until: None,
             sent: SentRate::default(),
             remb: None,
+            drain: DrainPause::default(),
             handle: PacerHandle::default(),
             audio_ssrcs: HashSet::new(),
             h264: HashMap::new(),
@@ -493,7 +562,22 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for MediaPacer {
             && remb.bitrate.is_finite()
             && remb.bitrate > 0.0
         {
-            self.remb = Some((f64::from(remb.bitrate), msg.now + REMB_HOLD));
+            let bps = f64::from(remb.bitrate);
+            let sent = self.sent.bps(msg.now);
+            if self.drain.remb(msg.now, bps, sent) {
+                tracing::info!(
+                    remb_bps = bps.round(),
+                    sent_bps = sent.unwrap_or(0.0).round(),
+                    pause_ms = DrainPause::HOLD.as_millis(),
+                    "video paused: the path was cut, its queue drains"
+                );
+                *self
+                    .handle
+                    .paused_until
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = self.drain.until();
+            }
+            self.remb = Some((bps, msg.now + REMB_HOLD));
             self.update_target(msg.now);
         }
         self.read.push_back(msg);
@@ -541,6 +625,12 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for MediaPacer {
 
     fn poll_timeout(&mut self) -> Option<Instant> {
         let head = self.video.front()?;
+        // Nothing leaves before a pause ends (not even an overdue packet).
+        if let Some(until) = self.drain.until()
+            && self.bucket.at.is_none_or(|at| at < until)
+        {
+            return Some(until);
+        }
         let deadline = head.now + MAX_QUEUE_TIME;
         Some(
             self.bucket
@@ -559,6 +649,9 @@ impl MediaPacer {
         self.update_target(now);
         self.bucket.rate_bps = self.target_bps * self.pacing_factor(now);
         self.bucket.refill(now);
+        if self.drain.holds(now) {
+            return;
+        }
         while let Some(head) = self.video.front() {
             let bits = Self::bits_of(head);
             let overdue = now >= head.now + MAX_QUEUE_TIME;
@@ -920,6 +1013,78 @@ mod tests {
         p.handle_write(rtp(1, 0, 100, t)).ok();
         assert_eq!(drain(&mut p), [1], "audio does not wait behind video");
         assert!(p.queued() > 0);
+    }
+
+    #[test]
+    fn a_remb_far_below_the_rate_sent_pauses_once() {
+        let t = Instant::now();
+        let mut d = DrainPause::default();
+        // Not known yet how much is sent: no pause.
+        assert!(!d.remb(t, 100_000.0, None));
+        // A correction, not a cut.
+        assert!(!d.remb(t, 900_000.0, Some(1_500_000.0)));
+        assert!(!d.remb(t, 700_000.0, Some(1_500_000.0)));
+        assert!(!d.holds(t));
+        // The link went from 3 Mbit/s to 500 kbit/s under a sender at 1.5 Mbit/s.
+        assert!(d.remb(t, 420_000.0, Some(1_500_000.0)));
+        assert!(d.holds(t + DrainPause::HOLD / 2));
+        assert!(!d.holds(t + DrainPause::HOLD));
+        // The receiver repeats its REMB while the queue drains: no second pause.
+        let again = t + DrainPause::HOLD + Duration::from_millis(200);
+        assert!(!d.remb(again, 380_000.0, Some(1_200_000.0)));
+        assert!(!d.holds(again));
+        // Long after, a new cut pauses again.
+        let later = t + DrainPause::HOLD + DrainPause::REARM;
+        assert!(d.remb(later, 400_000.0, Some(1_500_000.0)));
+        assert!(d.holds(later));
+    }
+
+    #[test]
+    fn a_cut_holds_video_but_not_audio_until_the_pause_ends() {
+        let t = Instant::now();
+        let mut p = MediaPacer::new(2_000_000.0);
+        let handle = p.handle();
+        bind(&mut p, 1, "audio/opus");
+        bind(&mut p, 2, "video/H264");
+        // 1.2 s of video at about 1.5 Mbit/s: 4 packets of 1,200 bytes every 25 ms.
+        let mut now = t;
+        let mut seq = 0u16;
+        for _ in 0..48 {
+            for _ in 0..4 {
+                p.handle_write(rtp(2, seq, 1200, now)).ok();
+                seq += 1;
+            }
+            p.handle_timeout(now).ok();
+            drain(&mut p);
+            now += Duration::from_millis(25);
+        }
+        assert!(!handle.video_paused(now));
+        // The path was cut to 500 kbit/s: the receiver's REMB says 420 kbit/s.
+        let remb = ReceiverEstimatedMaximumBitrate {
+            sender_ssrc: 0,
+            bitrate: 420_000.0,
+            ssrcs: vec![2],
+        };
+        p.handle_read(TaggedPacket {
+            now,
+            transport: Default::default(),
+            message: AttributedPacket::new(Packet::Rtcp(vec![Box::new(remb)])),
+        })
+        .ok();
+        assert!(handle.video_paused(now));
+        // Video written during the pause waits, however long it waited; audio passes.
+        let end = now + DrainPause::HOLD;
+        p.handle_write(rtp(2, seq, 1200, now)).ok();
+        p.handle_write(rtp(1, 7, 160, now)).ok();
+        assert_eq!(drain(&mut p), vec![1]);
+        assert_eq!(p.poll_timeout(), Some(end));
+        p.handle_timeout(end - Duration::from_millis(1)).ok();
+        assert!(drain(&mut p).is_empty());
+        assert!(handle.video_paused(end - Duration::from_millis(1)));
+        // At its end the video leaves.
+        assert!(!handle.video_paused(end));
+        p.handle_timeout(end).ok();
+        assert_eq!(drain(&mut p), vec![2]);
     }
 
     #[test]

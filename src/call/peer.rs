@@ -699,6 +699,11 @@ impl Peer {
         self.chain.pacer.set_ceiling(bps);
     }
 
+    /// The send pacer seen from outside (its target, whether video is paused).
+    pub fn pacer(&self) -> PacerHandle {
+        self.chain.pacer.clone()
+    }
+
     /// The share of FEC repair packets to send with the video (0: none).
     pub fn set_fec_overhead(&self, overhead: f64) {
         self.chain.fec.set(overhead);

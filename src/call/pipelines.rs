@@ -34,6 +34,7 @@ use tokio::sync::mpsc;
 use webrtc::media_stream::track_local::{TrackLocal as _, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 
+use super::pacer::PacerHandle;
 use super::peer::{LocalTrack, PeerStats, is_keyframe_request};
 use super::sleep_until;
 use crate::media::arrival::ArrivalMonitor;
@@ -389,6 +390,7 @@ impl Pipelines {
         frames: std::sync::mpsc::Receiver<CapturedFrame>,
         settings: EncoderSettings,
         track: LocalTrack,
+        pacer: PacerHandle,
         stats: StatsHandle,
     ) {
         let (tx, mut rx) = mpsc::channel::<(Bytes, Duration)>(8);
@@ -483,6 +485,11 @@ impl Pipelines {
                             "sending resolution/frame rate with the keyframe asked for"
                         );
                         encoder.set_frame_rate(step.fps);
+                    }
+                    // The pacer holds video while the cut path's queue drains: nothing
+                    // made meanwhile could leave (a keyframe asked for waits for the end).
+                    if pacer.video_paused(now) {
+                        continue;
                     }
                     // Below the source's frame rate, frames are dropped evenly.
                     let step = ladder.step();

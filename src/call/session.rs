@@ -790,6 +790,7 @@ impl Session {
                 frames,
                 self.config.encoder,
                 video,
+                peer.pacer(),
                 self.stats.clone(),
             );
         }

@@ -148,4 +148,48 @@ mod tests {
         assert_eq!(VideoCodec::from_mime("VP8"), Some(VideoCodec::Vp8));
         assert_eq!(VideoCodec::from_mime("video/VP9"), None);
     }
+
+    #[test]
+    fn the_bitrate_follows_the_target_both_ways_without_a_keyframe() {
+        use crate::media::video::{TestPattern, VideoSource as _};
+        for codec in [VideoCodec::H264, VideoCodec::Vp8] {
+            let mut pattern = TestPattern::new(640, 360, 30.0, true);
+            let mut enc = codec
+                .new_encoder(EncoderSettings {
+                    bitrate_bps: 2_000_000,
+                    ..EncoderSettings::default()
+                })
+                .unwrap();
+            // Two seconds at each rate; bits per second and keyframes per stretch.
+            let mut stretch = |enc: &mut Box<dyn VideoEncoder>| {
+                let (mut bytes, mut keyframes) = (0usize, 0);
+                for _ in 0..60 {
+                    if let Some(f) = enc.encode(&pattern.next_frame().unwrap()).unwrap() {
+                        bytes += f.data.len();
+                        keyframes += usize::from(f.keyframe);
+                    }
+                }
+                (bytes * 8 / 2, keyframes)
+            };
+            let (high, first_keyframes) = stretch(&mut enc);
+            assert_eq!(
+                first_keyframes, 1,
+                "{codec}: the stream starts with one keyframe"
+            );
+            enc.set_bitrate(300_000);
+            let (low, keyframes) = stretch(&mut enc);
+            assert_eq!(
+                keyframes, 0,
+                "{codec}: lowering the bitrate costs no keyframe"
+            );
+            enc.set_bitrate(2_000_000);
+            let (again, keyframes) = stretch(&mut enc);
+            assert_eq!(keyframes, 0, "{codec}: raising it neither");
+            eprintln!("{codec} bps: {high} -> {low} -> {again}");
+            assert!(low < 450_000, "{codec}: {low} bit/s at a 300 kbit/s target");
+            assert!(low * 2 < high, "{codec}: {high} then {low}");
+            assert!(again > low * 2, "{codec}: back up: {low} then {again}");
+            assert_eq!(enc.settings().bitrate_bps, 2_000_000, "{codec}");
+        }
+    }
 }
