@@ -63,6 +63,7 @@ fn summary(me: &Value, other: &Value) -> Value {
         "fec_recovered": u(me, "fec_recovered"),
         "freeze_count": u(me, "freeze_count"),
         "freeze_total_ms": me["freeze_total_ms"],
+        "freeze_longest_ms": me["freeze_longest_ms"],
         "audio_frames_concealed": u(me, "audio_frames_concealed"),
         "audio_jitter_target_ms": u(me, "audio_jitter_target_ms"),
         "audio_late_packets": u(me, "audio_late_packets"),

@@ -297,6 +297,8 @@ pub struct FreezeDetector {
     recent: VecDeque<Duration>,
     pub count: u64,
     pub total: Duration,
+    /// The longest single freeze.
+    pub longest: Duration,
 }
 
 impl FreezeDetector {
@@ -311,6 +313,7 @@ impl FreezeDetector {
                 if delay > (average * 3).max(average + Duration::from_millis(150)) {
                     self.count += 1;
                     self.total += delay;
+                    self.longest = self.longest.max(delay);
                     freeze = Some(delay);
                 }
             }
@@ -1270,6 +1273,15 @@ mod tests {
         f.frame(at);
         assert_eq!(f.count, 1);
         assert_eq!(f.total, Duration::from_millis(400));
+        for _ in 0..30 {
+            at += Duration::from_millis(33);
+            f.frame(at);
+        }
+        at += Duration::from_millis(250);
+        f.frame(at);
+        assert_eq!(f.count, 2);
+        assert_eq!(f.total, Duration::from_millis(650));
+        assert_eq!(f.longest, Duration::from_millis(400));
     }
 
     #[test]

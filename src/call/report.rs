@@ -39,9 +39,11 @@ pub struct Report {
     pub frames_with_strip: u64,
     pub frames_out_of_order: u64,
     pub frozen_frames: u64,
-    /// Freezes as WebRTC statistics define them: count and total duration.
+    /// Freezes as WebRTC statistics define them: count and total duration; and the
+    /// longest single one.
     pub freeze_count: u64,
     pub freeze_total_ms: f64,
+    pub freeze_longest_ms: f64,
     pub lost_frames: u64,
     pub psnr_db_mean: Option<f64>,
     pub psnr_db_min: Option<f64>,
@@ -191,6 +193,7 @@ impl Report {
             frozen_frames: s.frozen_frames,
             freeze_count: s.freezes.count,
             freeze_total_ms: ms(s.freezes.total),
+            freeze_longest_ms: ms(s.freezes.longest),
             lost_frames: s.lost_frames,
             psnr_db_mean: (!s.psnr_db.is_empty())
                 .then(|| s.psnr_db.iter().sum::<f64>() / s.psnr_db.len() as f64),
