@@ -21,15 +21,20 @@ use clap::Parser;
 use netns::{Topology, able, call_with};
 use serde_json::{Value, json};
 
+/// How long the step row's link stays narrowed, and how long its call goes on after.
+const STEP_LASTS: u64 = 15;
+const AFTER_STEP: u64 = 20;
+
 #[derive(Debug, Parser)]
 struct Args {
     /// Only this row: clean, lossy, home, bad, step, flap, move, signaling.
     #[arg(long)]
     only: Option<String>,
-    /// Length of each call (the step row takes `--step-at` + 35 s whatever this says).
+    /// Length of each call (the step row takes `--step-at` + 35 s whatever this says:
+    /// [`STEP_LASTS`] narrowed, then [`AFTER_STEP`] to climb back).
     #[arg(long, default_value_t = 20)]
     seconds: u64,
-    /// When the step row's link narrows (it widens again 15 s later). Later than the
+    /// When the step row's link narrows (it widens again [`STEP_LASTS`] later). Later than the
     /// default 10 s, the senders have climbed further above the new rate.
     #[arg(long, default_value_t = 10)]
     step_at: u64,
@@ -102,7 +107,7 @@ fn main() {
             .map(String::from)
             .to_vec();
         let secs = if row == "step" {
-            args.step_at + 35
+            args.step_at + STEP_LASTS + AFTER_STEP
         } else {
             args.seconds
         };
@@ -136,7 +141,7 @@ fn main() {
                     t.set_uplink_rate("a", 500);
                     t.set_uplink_rate("b", 500);
                     std::thread::sleep(
-                        Duration::from_secs(args.step_at + 15).saturating_sub(at.elapsed()),
+                        Duration::from_secs(args.step_at + STEP_LASTS).saturating_sub(at.elapsed()),
                     );
                     t.set_uplink_rate("a", 3000);
                     t.set_uplink_rate("b", 3000);

@@ -625,7 +625,9 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for MediaPacer {
 
     fn poll_timeout(&mut self) -> Option<Instant> {
         let head = self.video.front()?;
-        // Nothing leaves before a pause ends (not even an overdue packet).
+        // Nothing leaves before a pause ends (not even an overdue packet). The bucket's
+        // last refill is the latest time the pacer was given: once that reached the end,
+        // the pause is over (returning its end again would wake the pacer for nothing).
         if let Some(until) = self.drain.until()
             && self.bucket.at.is_none_or(|at| at < until)
         {
@@ -729,6 +731,21 @@ mod tests {
             mime_type: mime.into(),
             ..Default::default()
         });
+    }
+
+    /// The receiver's REMB of `bps` arrives at `now`.
+    fn receive_remb(p: &mut MediaPacer, bps: f32, now: Instant) {
+        let remb = ReceiverEstimatedMaximumBitrate {
+            sender_ssrc: 0,
+            bitrate: bps,
+            ssrcs: vec![2],
+        };
+        p.handle_read(TaggedPacket {
+            now,
+            transport: Default::default(),
+            message: AttributedPacket::new(Packet::Rtcp(vec![Box::new(remb)])),
+        })
+        .ok();
     }
 
     fn drain(p: &mut MediaPacer) -> Vec<u32> {
@@ -919,17 +936,7 @@ mod tests {
         let t = Instant::now();
         let mut p = MediaPacer::new(2_000_000.0);
         let handle = p.handle();
-        let remb = ReceiverEstimatedMaximumBitrate {
-            sender_ssrc: 0,
-            bitrate: 450_000.0,
-            ssrcs: vec![2],
-        };
-        p.handle_read(TaggedPacket {
-            now: t,
-            transport: Default::default(),
-            message: AttributedPacket::new(Packet::Rtcp(vec![Box::new(remb)])),
-        })
-        .ok();
+        receive_remb(&mut p, 450_000.0, t);
         assert_eq!(p.target_bps(), 450_000.0);
         assert_eq!(handle.remb_bps(), Some(450_000.0));
         // Not repeated: it lapses.
@@ -1060,17 +1067,7 @@ mod tests {
         }
         assert!(!handle.video_paused(now));
         // The path was cut to 500 kbit/s: the receiver's REMB says 420 kbit/s.
-        let remb = ReceiverEstimatedMaximumBitrate {
-            sender_ssrc: 0,
-            bitrate: 420_000.0,
-            ssrcs: vec![2],
-        };
-        p.handle_read(TaggedPacket {
-            now,
-            transport: Default::default(),
-            message: AttributedPacket::new(Packet::Rtcp(vec![Box::new(remb)])),
-        })
-        .ok();
+        receive_remb(&mut p, 420_000.0, now);
         assert!(handle.video_paused(now));
         // Video written during the pause waits, however long it waited; audio passes.
         let end = now + DrainPause::HOLD;
