@@ -473,6 +473,7 @@ async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
         ),
         chat: args.chat.clone(),
         hold_description: None,
+        corrupt_first_fingerprint: false,
     };
     let session = call::start_on(config, connection);
     let mut snapshots = session.watch();

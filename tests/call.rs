@@ -266,6 +266,68 @@ async fn candidates_that_arrive_before_the_description_are_not_lost() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_dtls_handshake_is_retried_on_a_fresh_connection() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let s = server().await;
+    // One side's first description names a wrong certificate (as if changed in
+    // transit): the other side's handshake fails, while this side's may succeed and
+    // start its media. Both must end up on fresh connections, with everything working.
+    for corrupt_offerer in [true, false] {
+        let room = format!("fresh-{corrupt_offerer}");
+        let mut ca = config(&s, &room, 440.0, "hello from a");
+        let mut cb = config(&s, &room, 660.0, "hello from b");
+        if corrupt_offerer {
+            ca.corrupt_first_fingerprint = true;
+        } else {
+            cb.corrupt_first_fingerprint = true;
+        }
+        let a = call::start(ca);
+        assert!(
+            a.wait_for(Duration::from_secs(5), |st| matches!(
+                st,
+                CallState::WaitingForPeer { .. }
+            ))
+            .await
+        );
+        let b = call::start(cb);
+        // Media flows once both are in the call on the fresh connection.
+        // (The failed handshake is noticed 5 s after ICE found its path.)
+        let deadline = std::time::Instant::now() + Duration::from_secs(40);
+        while std::time::Instant::now() < deadline
+            && [&a, &b].iter().any(|side| {
+                !matches!(side.state(), CallState::InCall { .. })
+                    || side.stats().lock().video_frames_decoded < 30
+            })
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        a.hang_up();
+        let (ra, rb) = (a.finished().await, b.finished().await);
+        println!(
+            "corrupt offerer {corrupt_offerer}: fresh connections {} / {}, decoded {} / {}, connected after {:?} / {:?} ms",
+            ra.fresh_connections,
+            rb.fresh_connections,
+            ra.frames_decoded,
+            rb.frames_decoded,
+            ra.time_to_connected_ms,
+            rb.time_to_connected_ms
+        );
+        assert_eq!(ra.ended, Some(EndReason::HungUp));
+        for r in [&ra, &rb] {
+            assert_eq!(
+                r.fresh_connections, 1,
+                "each side replaced its connection once"
+            );
+            assert!(r.frames_decoded >= 30, "decoded {}", r.frames_decoded);
+            assert!(r.audio_frames_decoded > 10);
+        }
+        assert_eq!(ra.chat_received, vec!["hello from b".to_owned()]);
+        assert_eq!(rb.chat_received, vec!["hello from a".to_owned()]);
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_server_and_full_room_end_with_clear_reasons() {
     let _serial = ONE_AT_A_TIME.lock().await;
     // A port nobody listens on.

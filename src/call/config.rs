@@ -110,6 +110,9 @@ pub struct SessionConfig {
     pub chat: Vec<String>,
     /// Testing aid: hold our offer/answer back this long (candidates go first).
     pub hold_description: Option<Duration>,
+    /// Testing aid: the first offer or answer we send names a wrong DTLS fingerprint (as
+    /// if changed in transit), so that connection's handshake fails.
+    pub corrupt_first_fingerprint: bool,
 }
 
 impl SessionConfig {
@@ -141,6 +144,7 @@ impl SessionConfig {
             reference_pattern: None,
             chat: Vec::new(),
             hold_description: None,
+            corrupt_first_fingerprint: false,
         }
     }
 }

@@ -40,8 +40,8 @@ use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
 use webrtc::media_stream::track_remote::TrackRemote;
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
-    RTCConfigurationBuilder, RTCIceCandidateInit, RTCIceGatheringState, RTCIceServer,
-    RTCIceTransportPolicy, RTCPeerConnectionIceEvent, RTCPeerConnectionState,
+    RTCConfigurationBuilder, RTCIceCandidateInit, RTCIceConnectionState, RTCIceGatheringState,
+    RTCIceServer, RTCIceTransportPolicy, RTCPeerConnectionIceEvent, RTCPeerConnectionState,
     RTCSessionDescription, Registry, SettingEngineBuilder,
 };
 use webrtc::rtp_transceiver::RtpSender;
@@ -70,6 +70,8 @@ pub enum PeerEvent {
     /// A local candidate to send (`None`: gathering complete).
     LocalCandidate(Option<IceCandidate>),
     State(RTCPeerConnectionState),
+    /// ICE found a path (connected or completed); the DTLS handshake runs next.
+    PathFound,
     Track(Arc<dyn TrackRemote>),
     DataChannel(Arc<dyn DataChannel>),
 }
@@ -79,6 +81,7 @@ impl std::fmt::Debug for PeerEvent {
         match self {
             PeerEvent::LocalCandidate(c) => write!(f, "LocalCandidate({c:?})"),
             PeerEvent::State(s) => write!(f, "State({s})"),
+            PeerEvent::PathFound => write!(f, "PathFound"),
             PeerEvent::Track(_) => write!(f, "Track"),
             PeerEvent::DataChannel(_) => write!(f, "DataChannel"),
         }
@@ -120,6 +123,15 @@ impl PeerConnectionEventHandler for Handler {
     async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
         if state == RTCIceGatheringState::Complete {
             let _ = self.events.send(PeerEvent::LocalCandidate(None));
+        }
+    }
+
+    async fn on_ice_connection_state_change(&self, state: RTCIceConnectionState) {
+        if matches!(
+            state,
+            RTCIceConnectionState::Connected | RTCIceConnectionState::Completed
+        ) {
+            let _ = self.events.send(PeerEvent::PathFound);
         }
     }
 

@@ -62,6 +62,8 @@ pub struct MediaStats {
     pub rate_requests_sent: u64,
     /// ICE restarts we made, and signaling connections that got our seat back.
     pub ice_restarts: u64,
+    /// Peer connections replaced by fresh ones before they carried media (ours or theirs).
+    pub fresh_connections: u64,
     pub signaling_resumes: u64,
     pub connected_after: Option<Duration>,
     pub both_in_room_at: Option<Instant>,
@@ -137,6 +139,7 @@ impl MediaStats {
             started: Instant::now(),
             rate_requests_sent: 0,
             ice_restarts: 0,
+            fresh_connections: 0,
             signaling_resumes: 0,
             connected_after: None,
             both_in_room_at: None,
@@ -353,6 +356,9 @@ pub struct Pipelines {
     /// To the audio encoder thread: the loss (percent) the other side reports.
     audio_loss: Option<std::sync::mpsc::Sender<u8>>,
     threads: Vec<JoinHandle<()>>,
+    /// The video encoder thread, which hands the frames channel back when it ends (a
+    /// fresh peer connection starts another encoder on the same source).
+    video_thread: Option<JoinHandle<std::sync::mpsc::Receiver<CapturedFrame>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -366,20 +372,30 @@ impl Pipelines {
         self.rtt.0.send_replace(rtt);
     }
 
-    /// Stops every thread and task and waits for them.
-    pub async fn stop(&mut self) {
+    /// Stops every thread and task and waits for them. Returns the video frames channel
+    /// (when a video sender ran and ended cleanly), so pipelines can start again.
+    pub async fn stop(&mut self) -> Option<std::sync::mpsc::Receiver<CapturedFrame>> {
         self.stop.store(true, Ordering::SeqCst);
         for task in self.tasks.drain(..) {
             task.abort();
             let _ = task.await;
         }
         let threads = std::mem::take(&mut self.threads);
-        let _ = tokio::task::spawn_blocking(move || {
+        let video = self.video_thread.take();
+        let frames = tokio::task::spawn_blocking(move || {
             for t in threads {
                 let _ = t.join();
             }
+            video.and_then(|t| t.join().ok())
         })
-        .await;
+        .await
+        .ok()
+        .flatten();
+        // Whatever starts next runs until its own stop.
+        self.stop = Arc::new(AtomicBool::new(false));
+        self.encoder_control = None;
+        self.audio_loss = None;
+        frames
     }
 
     /// Video: encode on a thread, write samples from a task; keyframe requests (PLI/FIR)
@@ -420,7 +436,7 @@ impl Pipelines {
                     Ok(e) => e,
                     Err(e) => {
                         tracing::error!(error = %e, "video encoder");
-                        return;
+                        return frames;
                     }
                 };
                 // Frames captured before the call connected are stale: skip them.
@@ -538,16 +554,17 @@ impl Pipelines {
                             let duration = captured_at.saturating_duration_since(last_capture);
                             last_capture = last_capture.max(captured_at);
                             if tx.blocking_send((Bytes::from(au.data), duration)).is_err() {
-                                return;
+                                return frames;
                             }
                         }
                         Ok(None) => thread_stats.lock().video_frames_skipped += 1,
                         Err(e) => tracing::warn!(error = %e, "encoding a frame failed"),
                     }
                 }
+                frames
             });
         match spawned {
-            Ok(t) => self.threads.push(t),
+            Ok(t) => self.video_thread = Some(t),
             Err(e) => tracing::error!(error = %e, "cannot start the video thread"),
         }
         let writer_track = track.clone();

@@ -81,6 +81,9 @@ pub struct Report {
     pub rate_requests_sent: u64,
     /// ICE restarts this side made; signaling connections that resumed our seat.
     pub ice_restarts: u64,
+    /// Peer connections replaced by fresh ones (one failed before it carried media: a
+    /// DTLS handshake that failed, or one that never came up), started by either side.
+    pub fresh_connections: u64,
     pub signaling_resumes: u64,
     /// The congestion controller's last estimate (all media), kbit/s.
     pub estimate_bitrate_kbps: Option<f64>,
@@ -228,6 +231,7 @@ impl Report {
             fec_recovered: peer.fec_recovered,
             rate_requests_sent: s.rate_requests_sent,
             ice_restarts: s.ice_restarts,
+            fresh_connections: s.fresh_connections,
             signaling_resumes: s.signaling_resumes,
             estimate_bitrate_kbps: peer
                 .estimate_bitrate_bps

@@ -32,6 +32,7 @@ use crate::media::processing::AudioProcessor;
 use crate::media::sources::{Tee, open_audio, open_video};
 use crate::media::video::Y4mWriter;
 use crate::signaling::protocol::ClientMessage;
+use crate::signaling::protocol::IceServer;
 use crate::signaling::{Client, Incoming};
 
 /// Starts a session on the current tokio runtime, on a new signaling connection.
@@ -72,6 +73,8 @@ pub fn start_on(config: SessionConfig, connection: Option<Connection>) -> Sessio
         speaker: DeviceSwitch::default(),
         client: None,
         peer: None,
+        peer_number: 0,
+        fingerprint_corrupted: false,
         pipelines: Pipelines::new(),
         chat: None,
         held: std::collections::VecDeque::new(),
@@ -102,9 +105,13 @@ pub fn start_on(config: SessionConfig, connection: Option<Connection>) -> Sessio
     }
 }
 
+/// Where every peer connection's events arrive, tagged with the connection's number:
+/// a replaced connection's late events (its `closed`) must not reach the call.
+type PeerEvents = mpsc::UnboundedSender<(u64, PeerEvent)>;
+
 enum Input {
     Signal(Incoming),
-    Peer(PeerEvent),
+    Peer(u64, PeerEvent),
     Command(Command),
     ChatOpen,
     ChatMessage(String),
@@ -143,6 +150,10 @@ struct Session {
     speaker: DeviceSwitch,
     client: Option<Client>,
     peer: Option<Peer>,
+    /// The number of the current peer connection (see [`PeerEvents`]).
+    peer_number: u64,
+    /// The wrong fingerprint of `corrupt_first_fingerprint` has been sent.
+    fingerprint_corrupted: bool,
     pipelines: Pipelines,
     chat: Option<Arc<dyn DataChannel>>,
     /// Where a new signaling connection (resuming the seat) delivers.
@@ -244,7 +255,7 @@ impl Session {
             let release = self.held.front().map(|(at, _)| *at);
             let input = tokio::select! {
                 Some(i) = signal_rx.recv() => Input::Signal(i),
-                Some(e) = peer_rx.recv() => Input::Peer(e),
+                Some((n, e)) = peer_rx.recv() => Input::Peer(n, e),
                 Some(i) = chat_rx.recv() => i,
                 c = commands.recv() => Input::Command(c.unwrap_or(Command::HangUp)),
                 _ = stats_tick.tick(), if self.peer.is_some() => Input::StatsTick,
@@ -262,10 +273,13 @@ impl Session {
     async fn input(
         &mut self,
         input: Input,
-        peer_tx: &mpsc::UnboundedSender<PeerEvent>,
+        peer_tx: &PeerEvents,
         chat_tx: &mpsc::UnboundedSender<Input>,
     ) {
         match input {
+            Input::Peer(number, event) if number != self.peer_number => {
+                tracing::debug!(?event, "from a replaced peer connection; ignored");
+            }
             Input::Signal(Incoming::Message(msg)) => {
                 self.apply(Event::Server(msg), peer_tx, chat_tx).await;
             }
@@ -273,10 +287,10 @@ impl Session {
                 self.apply(Event::ServerClosed { detail }, peer_tx, chat_tx)
                     .await;
             }
-            Input::Peer(PeerEvent::LocalCandidate(c)) => {
+            Input::Peer(_, PeerEvent::LocalCandidate(c)) => {
                 self.apply(Event::LocalCandidate(c), peer_tx, chat_tx).await;
             }
-            Input::Peer(PeerEvent::State(state)) => {
+            Input::Peer(_, PeerEvent::State(state)) => {
                 tracing::info!(%state, "peer connection");
                 match state {
                     RTCPeerConnectionState::Connected => {
@@ -294,11 +308,15 @@ impl Session {
                     _ => {}
                 }
             }
-            Input::Peer(PeerEvent::Track(track)) => {
+            Input::Peer(_, PeerEvent::PathFound) => {
+                self.apply(Event::Peer(PeerState::PathFound), peer_tx, chat_tx)
+                    .await;
+            }
+            Input::Peer(_, PeerEvent::Track(track)) => {
                 let sinks = self.receive_sinks();
                 self.pipelines.start_receiver(track, sinks).await;
             }
-            Input::Peer(PeerEvent::DataChannel(channel)) => {
+            Input::Peer(_, PeerEvent::DataChannel(channel)) => {
                 self.attach_chat(channel, chat_tx);
             }
             Input::ChatOpen => self.apply(Event::ChatOpen, peer_tx, chat_tx).await,
@@ -415,7 +433,7 @@ impl Session {
     async fn apply(
         &mut self,
         event: Event,
-        peer_tx: &mpsc::UnboundedSender<PeerEvent>,
+        peer_tx: &PeerEvents,
         chat_tx: &mpsc::UnboundedSender<Input>,
     ) {
         let mut pending = std::collections::VecDeque::from([event]);
@@ -499,7 +517,7 @@ impl Session {
     async fn act(
         &mut self,
         action: Action,
-        peer_tx: &mpsc::UnboundedSender<PeerEvent>,
+        peer_tx: &PeerEvents,
         chat_tx: &mpsc::UnboundedSender<Input>,
     ) -> Option<Event> {
         match action {
@@ -508,36 +526,22 @@ impl Session {
                 None
             }
             Action::StartPeer { role, ice_servers } => {
-                let mut servers = ice_servers;
-                servers.extend(self.config.extra_ice_servers.iter().cloned());
-                let config = PeerConfig {
-                    ice_servers: servers,
-                    relay_only: self.config.relay_only,
-                    loopback: self.config.loopback,
-                };
-                let mut peer = match Peer::new(role, &config, peer_tx.clone()).await {
-                    Ok(p) => p,
-                    Err(e) => {
-                        return Some(Event::PeerFailed {
-                            detail: format!("cannot create the peer connection: {e}"),
-                        });
-                    }
-                };
-                if let Some(chat) = peer.chat.clone() {
-                    self.attach_chat(chat, chat_tx);
+                self.start_peer(role, ice_servers, peer_tx, chat_tx).await
+            }
+            Action::FreshPeer { offer, ice_servers } => {
+                tracing::info!(offer, "replacing the peer connection by a fresh one");
+                self.stats.lock().fresh_connections += 1;
+                // The devices, the received pictures' sinks (and recordings) stay; the
+                // pipelines start again once the fresh connection is up.
+                if let Some(peer) = self.peer.take() {
+                    peer.close().await;
                 }
-                let next = if role == Role::Offerer {
-                    match peer.create_offer().await {
-                        Ok(sdp) => Some(Event::LocalDescription { sdp, role }),
-                        Err(e) => Some(Event::PeerFailed {
-                            detail: format!("creating the offer: {e}"),
-                        }),
-                    }
-                } else {
-                    None
-                };
-                self.peer = Some(peer);
-                next
+                self.chat = None;
+                if let Some(frames) = self.pipelines.stop().await {
+                    self.frames_rx = Some(frames);
+                }
+                let role = if offer { Role::Offerer } else { Role::Answerer };
+                self.start_peer(role, ice_servers, peer_tx, chat_tx).await
             }
             Action::RemoteOffer(sdp) => {
                 let peer = self.peer.as_mut()?;
@@ -657,9 +661,81 @@ impl Session {
         }
     }
 
+    /// Builds a peer connection (the offerer's also makes its offer, and the chat
+    /// channel); its events arrive tagged with a new number.
+    async fn start_peer(
+        &mut self,
+        role: Role,
+        ice_servers: Vec<IceServer>,
+        peer_tx: &PeerEvents,
+        chat_tx: &mpsc::UnboundedSender<Input>,
+    ) -> Option<Event> {
+        let mut servers = ice_servers;
+        servers.extend(self.config.extra_ice_servers.iter().cloned());
+        let config = PeerConfig {
+            ice_servers: servers,
+            relay_only: self.config.relay_only,
+            loopback: self.config.loopback,
+        };
+        self.peer_number += 1;
+        let (number, events, tagged) =
+            (self.peer_number, peer_tx.clone(), mpsc::unbounded_channel());
+        let (events_tx, mut events_rx) = tagged;
+        // Ends when the connection is dropped (its handler holds the sender).
+        tokio::spawn(async move {
+            while let Some(event) = events_rx.recv().await {
+                if events.send((number, event)).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut peer = match Peer::new(role, &config, events_tx).await {
+            Ok(p) => p,
+            Err(e) => {
+                return Some(Event::PeerFailed {
+                    detail: format!("cannot create the peer connection: {e}"),
+                });
+            }
+        };
+        if let Some(chat) = peer.chat.clone() {
+            self.attach_chat(chat, chat_tx);
+        }
+        let next = if role == Role::Offerer {
+            match peer.create_offer().await {
+                Ok(sdp) => Some(Event::LocalDescription { sdp, role }),
+                Err(e) => Some(Event::PeerFailed {
+                    detail: format!("creating the offer: {e}"),
+                }),
+            }
+        } else {
+            None
+        };
+        self.peer = Some(peer);
+        next
+    }
+
     fn send(&mut self, msg: ClientMessage) {
         let Some(client) = self.client.clone() else {
             return;
+        };
+        let msg = match msg {
+            ClientMessage::Offer { sdp }
+                if self.config.corrupt_first_fingerprint && !self.fingerprint_corrupted =>
+            {
+                self.fingerprint_corrupted = true;
+                ClientMessage::Offer {
+                    sdp: corrupt_fingerprint(&sdp),
+                }
+            }
+            ClientMessage::Answer { sdp }
+                if self.config.corrupt_first_fingerprint && !self.fingerprint_corrupted =>
+            {
+                self.fingerprint_corrupted = true;
+                ClientMessage::Answer {
+                    sdp: corrupt_fingerprint(&sdp),
+                }
+            }
+            other => other,
         };
         let hold = self.config.hold_description;
         match (&msg, hold) {
@@ -821,7 +897,9 @@ impl Session {
         }
         self.peer = None;
         self.chat = None;
-        self.pipelines.stop().await;
+        if let Some(frames) = self.pipelines.stop().await {
+            self.frames_rx = Some(frames);
+        }
         self.sinks = None;
     }
 
@@ -848,6 +926,32 @@ impl Session {
             processing,
         )
     }
+}
+
+/// The description with its DTLS fingerprint changed (the testing aid
+/// `corrupt_first_fingerprint`): every hex digit of each fingerprint inverted.
+fn corrupt_fingerprint(sdp: &str) -> String {
+    sdp.split_inclusive('\n')
+        .map(|line| {
+            let parts = line
+                .strip_prefix("a=fingerprint:")
+                .and_then(|rest| rest.split_once(' '));
+            match parts {
+                Some((algorithm, hex)) => {
+                    let flipped: String = hex
+                        .chars()
+                        .map(|c| {
+                            c.to_digit(16)
+                                .and_then(|d| char::from_digit(15 - d, 16))
+                                .map_or(c, |h| h.to_ascii_uppercase())
+                        })
+                        .collect();
+                    format!("a=fingerprint:{algorithm} {flipped}")
+                }
+                None => line.to_owned(),
+            }
+        })
+        .collect()
 }
 
 /// The chat keeps this many lines on screen (older ones scroll away for good).

@@ -20,6 +20,17 @@ pub const ICE_RESTART_AFTER: Duration = Duration::from_secs(2);
 pub const ICE_RESTART_RETRY: Duration = Duration::from_secs(2);
 /// A connection that has not come back after this long ends the call.
 pub const RECONNECT_GIVE_UP: Duration = Duration::from_secs(30);
+/// A new connection that is not up after this long is given up for a fresh one (a DTLS
+/// handshake can stall with ICE up: webrtc-rs then stays `connecting` for good).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// ICE found a path but the DTLS handshake has not finished this long after: it failed
+/// (webrtc-rs reports a failed handshake only in its log; the connection stays
+/// `connecting`). A handshake takes a few round trips; this leaves room for two of its
+/// retransmissions (after 1 s and 2 s).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection that fails before it ever carried media (a DTLS handshake that failed,
+/// or ICE that found no path) is replaced by a fresh one at most this many times.
+pub const MAX_FRESH_CONNECTIONS: u32 = 2;
 /// After the signaling connection drops mid-call, reconnecting is tried after these
 /// waits (then every 5 s), for as long as the server keeps our seat.
 const SIGNALING_BACKOFF_MS: [u64; 5] = [250, 500, 1000, 2000, 5000];
@@ -184,6 +195,8 @@ pub enum PeerState {
     Disconnected,
     /// ICE failed or the connection closed under us.
     Failed,
+    /// ICE found a path (the DTLS handshake runs on it next).
+    PathFound,
 }
 
 /// Something that happened.
@@ -268,6 +281,14 @@ pub enum Action {
     StartMedia,
     /// Restart ICE (new credentials, candidates gathered again) and offer again.
     RestartIce,
+    /// Replace the peer connection by a fresh one (new DTLS certificate and ICE
+    /// credentials, same call, devices and encoder settings); media, if it ran, starts
+    /// again with [`Action::StartMedia`] once the new connection is up. `offer`: we start
+    /// it (make the offer now); else the other side's offer follows.
+    FreshPeer {
+        offer: bool,
+        ice_servers: Vec<IceServer>,
+    },
     /// Take back our outstanding offer (the other side's crossed it and wins).
     RollbackOffer,
     /// Send this chat line over the data channel.
@@ -321,6 +342,18 @@ pub struct Call {
     restart_on_resume: bool,
     /// We sent an offer and have no answer yet (perfect negotiation's "glare" check).
     offer_outstanding: bool,
+    /// The DTLS fingerprint of the other side's description our connection holds: an
+    /// offer with another one comes from a fresh connection of theirs.
+    remote_fingerprint: Option<String>,
+    /// The other side's fingerprint on the connection we replaced last: descriptions that
+    /// name it were meant for that connection (e.g. its ICE restart) and are dropped.
+    stale_fingerprint: Option<String>,
+    /// When the current connection was started (until it is first up).
+    connecting_since: Option<Instant>,
+    /// When ICE found a path for the connection that is not up yet.
+    path_found_at: Option<Instant>,
+    /// Fresh connections we started after one failed before carrying media.
+    fresh_connections: u32,
     /// Signaling connections that got our seat back.
     resumes: u64,
     host: bool,
@@ -356,6 +389,11 @@ impl Call {
             restarted_at: None,
             restart_on_resume: false,
             offer_outstanding: false,
+            remote_fingerprint: None,
+            stale_fingerprint: None,
+            connecting_since: None,
+            path_found_at: None,
+            fresh_connections: 0,
             resumes: 0,
             host: false,
             own_peer_id: None,
@@ -394,7 +432,14 @@ impl Call {
             Signaling::Resuming { since } => Some(since + RESUME_FOR),
             _ => None,
         };
-        [self.media_timeout(), signaling]
+        let (connecting, handshake) = match self.state {
+            CallState::Connecting { .. } => (
+                self.connecting_since.map(|t| t + CONNECT_TIMEOUT),
+                self.path_found_at.map(|t| t + HANDSHAKE_TIMEOUT),
+            ),
+            _ => (None, None),
+        };
+        [self.media_timeout(), signaling, connecting, handshake]
             .into_iter()
             .flatten()
             .min()
@@ -461,6 +506,11 @@ impl Call {
     /// How many times a new signaling connection got our seat back.
     pub fn resumes(&self) -> u64 {
         self.resumes
+    }
+
+    /// How many fresh connections we started after one failed before carrying media.
+    pub fn fresh_connections(&self) -> u32 {
+        self.fresh_connections
     }
 
     /// ICE servers from `welcome` (the session adds its own configured ones).
@@ -560,6 +610,12 @@ impl Call {
                 self.connection_lost();
                 Vec::new()
             }
+            Event::Peer(PeerState::PathFound) => {
+                if matches!(self.state, CallState::Connecting { .. }) {
+                    self.path_found_at = self.path_found_at.or(self.now);
+                }
+                Vec::new()
+            }
             Event::Peer(PeerState::Connected) => {
                 if let CallState::Connecting { room, role }
                 | CallState::Reconnecting { room, role } = &self.state
@@ -572,6 +628,8 @@ impl Call {
                 self.down_since = None;
                 self.restarted_at = None;
                 self.restart_on_resume = false;
+                self.connecting_since = None;
+                self.path_found_at = None;
                 if self.media_started || !matches!(self.state, CallState::InCall { .. }) {
                     Vec::new()
                 } else {
@@ -595,7 +653,8 @@ impl Call {
                         Vec::new()
                     }
                 } else {
-                    self.end(EndReason::ConnectionFailed, true)
+                    // It never carried media: nothing of it is worth keeping.
+                    self.fresh_connection("the connection failed before it was up")
                 }
             }
             Event::PeerFailed { detail } => {
@@ -763,7 +822,62 @@ impl Call {
     fn timeout(&mut self) -> Vec<Action> {
         let mut actions = self.signaling_timeout();
         actions.extend(self.media_timeout_due());
+        if let (CallState::Connecting { .. }, Some(now)) = (&self.state, self.now) {
+            if self
+                .path_found_at
+                .is_some_and(|t| now >= t + HANDSHAKE_TIMEOUT)
+            {
+                actions.extend(self.fresh_connection("the DTLS handshake did not finish"));
+            } else if self
+                .connecting_since
+                .is_some_and(|t| now >= t + CONNECT_TIMEOUT)
+            {
+                actions.extend(self.fresh_connection("the connection did not come up"));
+            }
+        }
         actions
+    }
+
+    /// Our connection failed (or stalled) before it ever carried media. A fresh one (new
+    /// DTLS certificate, new ICE credentials) is offered to the other side, which sees
+    /// the new fingerprint and builds a fresh one too: a handshake that failed once
+    /// (a lost flight that was never answered, a mangled description) is not repeated.
+    /// After [`MAX_FRESH_CONNECTIONS`], or without signaling to offer it, the call ends.
+    fn fresh_connection(&mut self, why: &str) -> Vec<Action> {
+        if self.fresh_connections >= MAX_FRESH_CONNECTIONS || self.signaling != Signaling::Up {
+            tracing::warn!(why, "the media connection could not be set up");
+            return self.end(EndReason::ConnectionFailed, true);
+        }
+        self.fresh_connections += 1;
+        tracing::warn!(
+            why,
+            attempt = self.fresh_connections,
+            "starting a fresh media connection"
+        );
+        self.renew_peer();
+        self.offer_outstanding = false;
+        vec![Action::FreshPeer {
+            offer: true,
+            ice_servers: self.ice_servers.clone(),
+        }]
+    }
+
+    /// Forgets the replaced connection: the call is connecting again (media, if it ran,
+    /// starts again when the fresh one is up).
+    fn renew_peer(&mut self) {
+        if let Some((room, role)) = self.room().zip(self.role()) {
+            self.state = CallState::Connecting { room, role };
+        }
+        self.media_started = false;
+        self.chat_open = false;
+        self.down_since = None;
+        self.restarted_at = None;
+        self.restart_on_resume = false;
+        if let Some(old) = self.remote_fingerprint.take() {
+            self.stale_fingerprint = Some(old);
+        }
+        self.connecting_since = self.now;
+        self.path_found_at = None;
     }
 
     fn signaling_timeout(&mut self) -> Vec<Action> {
@@ -847,6 +961,8 @@ impl Call {
     fn start_peer(&mut self, room: String, role: Role) -> Vec<Action> {
         self.state = CallState::Connecting { room, role };
         self.peer_started = true;
+        self.connecting_since = self.now;
+        self.path_found_at = None;
         vec![Action::StartPeer {
             role,
             ice_servers: self.ice_servers.clone(),
@@ -966,22 +1082,58 @@ impl Call {
             },
             ServerMessage::RoomFull { .. } => self.end(EndReason::RoomFull, false),
             ServerMessage::Offer { sdp, .. } if self.peer_started => {
-                // Both sides offered at once (both restarting ICE): the polite peer (the
-                // newcomer, our answerer) takes its offer back and answers theirs; the
-                // impolite one ignores theirs and waits for the answer to its own.
-                if std::mem::take(&mut self.offer_outstanding) {
-                    if self.role() == Some(Role::Offerer) {
-                        tracing::info!("offers crossed: ours stands");
-                        self.offer_outstanding = true;
-                        return Vec::new();
-                    }
+                let fingerprint = dtls_fingerprint(&sdp).map(str::to_owned);
+                if fingerprint.is_some() && fingerprint == self.stale_fingerprint {
+                    tracing::info!("an offer for the connection we replaced; dropped");
+                    return Vec::new();
+                }
+                if self.remote_fingerprint.is_some()
+                    && fingerprint.is_some()
+                    && fingerprint != self.remote_fingerprint
+                {
+                    // The other side replaced its connection (ours cannot take a new
+                    // DTLS certificate): a fresh one of ours answers it.
+                    tracing::info!("the other side started a fresh connection");
+                    self.renew_peer();
+                    self.offer_outstanding = false;
+                    self.remote_fingerprint = fingerprint;
+                    return vec![
+                        Action::FreshPeer {
+                            offer: false,
+                            ice_servers: self.ice_servers.clone(),
+                        },
+                        Action::RemoteOffer(sdp),
+                    ];
+                }
+                // Both sides offered at once (both restarting ICE, or both starting a
+                // fresh connection): the polite peer (the newcomer, our answerer) takes
+                // its offer back and answers theirs; the impolite one ignores theirs and
+                // waits for the answer to its own.
+                let crossed = std::mem::take(&mut self.offer_outstanding);
+                if crossed && self.role() == Some(Role::Offerer) {
+                    tracing::info!("offers crossed: ours stands");
+                    self.offer_outstanding = true;
+                    return Vec::new();
+                }
+                if fingerprint.is_some() {
+                    self.remote_fingerprint = fingerprint;
+                }
+                if crossed {
                     tracing::info!("offers crossed: taking ours back");
                     return vec![Action::RollbackOffer, Action::RemoteOffer(sdp)];
                 }
                 vec![Action::RemoteOffer(sdp)]
             }
             ServerMessage::Answer { sdp, .. } if self.peer_started => {
+                let fingerprint = dtls_fingerprint(&sdp).map(str::to_owned);
+                if fingerprint.is_some() && fingerprint == self.stale_fingerprint {
+                    tracing::info!("an answer for the connection we replaced; dropped");
+                    return Vec::new();
+                }
                 self.offer_outstanding = false;
+                if fingerprint.is_some() {
+                    self.remote_fingerprint = fingerprint;
+                }
                 vec![Action::RemoteAnswer(sdp)]
             }
             ServerMessage::Candidate { candidate, .. } if self.peer_started => {
@@ -1032,6 +1184,16 @@ impl Call {
         self.down_since = None;
         actions
     }
+}
+
+/// The DTLS certificate fingerprint a description names (`a=fingerprint:sha-256 AB:..`,
+/// session or media level; the first one), without its algorithm.
+pub fn dtls_fingerprint(sdp: &str) -> Option<&str> {
+    sdp.lines()
+        .find_map(|line| line.trim_end().strip_prefix("a=fingerprint:"))
+        .and_then(|value| value.split_once(' '))
+        .map(|(_, hex)| hex.trim())
+        .filter(|hex| !hex.is_empty())
 }
 
 /// Cuts a chat line to [`MAX_CHAT_BYTES`] (at a character boundary).
@@ -1181,15 +1343,7 @@ mod tests {
             CallState::Ended(EndReason::Refused { .. })
         ));
 
-        // Failing before it ever connected ends the call (nothing to restart).
-        let mut call = Call::new();
-        start(&mut call);
-        call.handle(joined(2));
-        let a = call.handle(Event::Peer(PeerState::Failed));
-        assert_eq!(a.len(), 3);
-        assert_eq!(call.state(), &CallState::Ended(EndReason::ConnectionFailed));
-
-        // So does an error creating or negotiating the connection.
+        // An error creating or negotiating the connection ends the call.
         let mut call = Call::new();
         start(&mut call);
         call.handle(joined(2));
@@ -1354,6 +1508,258 @@ mod tests {
         );
         assert_eq!(call.state().describe(), "connected");
         assert_eq!(call.poll_timeout(), None);
+    }
+
+    /// A description naming DTLS fingerprint `fp`.
+    fn sdp(fp: &str) -> String {
+        format!("v=0\r\na=group:BUNDLE 0\r\na=fingerprint:sha-256 {fp}\r\nm=video 9\r\n")
+    }
+
+    fn offer_from_peer(fp: &str) -> Event {
+        Event::Server(ServerMessage::Offer {
+            from: "p".into(),
+            sdp: sdp(fp),
+        })
+    }
+
+    fn fresh(offer: bool) -> Action {
+        Action::FreshPeer {
+            offer,
+            ice_servers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_dtls_fingerprint_is_read_from_a_description() {
+        assert_eq!(dtls_fingerprint(&sdp("AB:CD")), Some("AB:CD"));
+        assert_eq!(dtls_fingerprint("v=0\r\nm=audio 9\r\n"), None);
+        assert_eq!(dtls_fingerprint("a=fingerprint:sha-256 \r\n"), None);
+        assert_eq!(dtls_fingerprint("a=fingerprint:garbage"), None);
+    }
+
+    #[test]
+    fn a_connection_that_fails_before_it_is_up_is_replaced_twice_then_the_call_ends() {
+        let t = Instant::now();
+        let mut call = Call::new();
+        call.handle_at(t, Event::IceServers(Vec::new()));
+        start(&mut call);
+        call.handle(joined(2));
+        call.handle(offer_from_peer("AA"));
+        for attempt in 1..=MAX_FRESH_CONNECTIONS {
+            // A failed handshake: a fresh connection of ours offers (whatever our role).
+            assert_eq!(call.handle(Event::Peer(PeerState::Failed)), [fresh(true)]);
+            assert!(matches!(call.state(), CallState::Connecting { .. }));
+            assert_eq!(call.fresh_connections(), attempt);
+            assert!(matches!(
+                &call.handle(Event::LocalDescription {
+                    sdp: sdp("BB"),
+                    role: Role::Offerer,
+                })[..],
+                [Action::Send(ClientMessage::Offer { .. })]
+            ));
+        }
+        let a = call.handle(Event::Peer(PeerState::Failed));
+        assert_eq!(
+            a,
+            [
+                Action::Send(ClientMessage::Leave),
+                Action::ClosePeer,
+                Action::Disconnect
+            ]
+        );
+        assert_eq!(call.state(), &CallState::Ended(EndReason::ConnectionFailed));
+    }
+
+    #[test]
+    fn a_connection_that_never_comes_up_is_replaced_after_the_connect_timeout() {
+        let t = Instant::now();
+        let mut call = Call::new();
+        call.handle_at(t, Event::IceServers(Vec::new()));
+        start(&mut call);
+        call.handle(joined(1));
+        call.handle(Event::Server(ServerMessage::PeerJoined {
+            peer_id: "p".into(),
+            name: None,
+        }));
+        assert_eq!(call.poll_timeout(), Some(t + CONNECT_TIMEOUT));
+        assert!(
+            call.handle_at(t + CONNECT_TIMEOUT / 2, Event::Timeout)
+                .is_empty()
+        );
+        let later = t + CONNECT_TIMEOUT;
+        assert_eq!(call.handle_at(later, Event::Timeout), [fresh(true)]);
+        // The fresh one has its own deadline; once up, there is none.
+        assert_eq!(call.poll_timeout(), Some(later + CONNECT_TIMEOUT));
+        assert_eq!(
+            call.handle(Event::Peer(PeerState::Connected)),
+            [Action::StartMedia]
+        );
+        assert_eq!(call.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_handshake_that_does_not_finish_once_ice_found_a_path_is_replaced() {
+        let t = Instant::now();
+        let mut call = Call::new();
+        call.handle_at(t, Event::IceServers(Vec::new()));
+        start(&mut call);
+        call.handle(joined(2));
+        call.handle(offer_from_peer("AA"));
+        let found = t + Duration::from_millis(300);
+        assert!(
+            call.handle_at(found, Event::Peer(PeerState::PathFound))
+                .is_empty()
+        );
+        assert_eq!(call.poll_timeout(), Some(found + HANDSHAKE_TIMEOUT));
+        // ICE reporting again (completed after connected) does not move the deadline.
+        call.handle_at(
+            found + Duration::from_secs(1),
+            Event::Peer(PeerState::PathFound),
+        );
+        assert_eq!(call.poll_timeout(), Some(found + HANDSHAKE_TIMEOUT));
+        assert_eq!(
+            call.handle_at(found + HANDSHAKE_TIMEOUT, Event::Timeout),
+            [fresh(true)]
+        );
+        // The fresh connection's handshake gets its own deadline, once its path is found.
+        let later = found + HANDSHAKE_TIMEOUT;
+        assert_eq!(call.poll_timeout(), Some(later + CONNECT_TIMEOUT));
+        call.handle_at(later, Event::Peer(PeerState::PathFound));
+        assert_eq!(
+            call.handle(Event::Peer(PeerState::Connected)),
+            [Action::StartMedia]
+        );
+        assert_eq!(call.poll_timeout(), None);
+        // Mid-call, ICE finding a path again (after a restart) sets no deadline.
+        call.handle(Event::Peer(PeerState::PathFound));
+        assert_eq!(call.poll_timeout(), None);
+    }
+
+    #[test]
+    fn an_offer_with_a_new_fingerprint_gets_a_fresh_connection_and_media_starts_again() {
+        // The offerer's handshake succeeded and media started; the answerer's failed, and
+        // its fresh connection's offer names a new certificate.
+        let t = Instant::now();
+        let mut call = offerer_in_call(t);
+        call.handle(Event::Server(ServerMessage::Answer {
+            from: "p".into(),
+            sdp: sdp("AA"),
+        }));
+        // An ICE restart keeps the certificate: answered on the same connection.
+        assert_eq!(
+            call.handle(offer_from_peer("AA")),
+            [Action::RemoteOffer(sdp("AA"))]
+        );
+        let a = call.handle(offer_from_peer("CC"));
+        assert_eq!(a, [fresh(false), Action::RemoteOffer(sdp("CC"))]);
+        assert!(matches!(
+            call.state(),
+            CallState::Connecting {
+                role: Role::Offerer,
+                ..
+            }
+        ));
+        assert_eq!(call.fresh_connections(), 0, "not ours: no attempt used");
+        assert_eq!(
+            call.handle(Event::Peer(PeerState::Connected)),
+            [Action::StartMedia],
+            "media starts again on the fresh connection"
+        );
+    }
+
+    #[test]
+    fn fresh_connections_started_by_both_sides_at_once_settle_like_crossing_offers() {
+        let t = Instant::now();
+        // The offerer (impolite): its fresh offer stands; theirs is ignored.
+        let mut offerer = Call::new();
+        offerer.handle_at(t, Event::IceServers(Vec::new()));
+        start(&mut offerer);
+        offerer.handle(joined(1));
+        offerer.handle(Event::Server(ServerMessage::PeerJoined {
+            peer_id: "p".into(),
+            name: None,
+        }));
+        offerer.handle(Event::Server(ServerMessage::Answer {
+            from: "p".into(),
+            sdp: sdp("AA"),
+        }));
+        assert_eq!(
+            offerer.handle(Event::Peer(PeerState::Failed)),
+            [fresh(true)]
+        );
+        offerer.handle(Event::LocalDescription {
+            sdp: sdp("OO"),
+            role: Role::Offerer,
+        });
+        assert!(offerer.handle(offer_from_peer("BB")).is_empty());
+        assert_eq!(
+            offerer.handle(Event::Server(ServerMessage::Answer {
+                from: "p".into(),
+                sdp: sdp("BB"),
+            })),
+            [Action::RemoteAnswer(sdp("BB"))]
+        );
+
+        // The answerer (polite): takes its fresh offer back and answers theirs on the
+        // fresh connection it already has.
+        let mut answerer = Call::new();
+        answerer.handle_at(t, Event::IceServers(Vec::new()));
+        start(&mut answerer);
+        answerer.handle(joined(2));
+        answerer.handle(offer_from_peer("AA"));
+        assert_eq!(
+            answerer.handle(Event::Peer(PeerState::Failed)),
+            [fresh(true)]
+        );
+        answerer.handle(Event::LocalDescription {
+            sdp: sdp("BB"),
+            role: Role::Offerer,
+        });
+        assert_eq!(
+            answerer.handle(offer_from_peer("OO")),
+            [Action::RollbackOffer, Action::RemoteOffer(sdp("OO"))]
+        );
+        assert_eq!(answerer.fresh_connections(), 1);
+    }
+
+    #[test]
+    fn descriptions_for_the_replaced_connection_are_dropped() {
+        // The answerer's handshake failed; the offerer, connected, lost the path meanwhile
+        // and restarts ICE on its old connection: that offer crosses the fresh one.
+        let t = Instant::now();
+        let mut answerer = Call::new();
+        answerer.handle_at(t, Event::IceServers(Vec::new()));
+        start(&mut answerer);
+        answerer.handle(joined(2));
+        answerer.handle(offer_from_peer("AA"));
+        assert_eq!(
+            answerer.handle(Event::Peer(PeerState::Failed)),
+            [fresh(true)]
+        );
+        answerer.handle(Event::LocalDescription {
+            sdp: sdp("BB"),
+            role: Role::Offerer,
+        });
+        assert!(
+            answerer.handle(offer_from_peer("AA")).is_empty(),
+            "the old connection's ICE restart is not for the fresh one"
+        );
+        assert!(
+            answerer
+                .handle(Event::Server(ServerMessage::Answer {
+                    from: "p".into(),
+                    sdp: sdp("AA"),
+                }))
+                .is_empty()
+        );
+        // The answer from their fresh connection is.
+        assert_eq!(
+            answerer.handle(Event::Server(ServerMessage::Answer {
+                from: "p".into(),
+                sdp: sdp("CC"),
+            })),
+            [Action::RemoteAnswer(sdp("CC"))]
+        );
     }
 
     /// An offerer in a call, connected at `t`.
