@@ -158,6 +158,10 @@ struct CallArgs {
     /// The expected pattern is the noisy one.
     #[arg(long)]
     expect_noisy: bool,
+    /// Testing aid: the first offer or answer names a wrong DTLS fingerprint, so that
+    /// connection's handshake fails and a fresh one must take over.
+    #[arg(long, hide = true)]
+    corrupt_first_fingerprint: bool,
     #[command(flatten)]
     network: NetworkArgs,
 }
@@ -473,7 +477,7 @@ async fn run_call(args: CallArgs) -> anyhow::Result<ExitCode> {
         ),
         chat: args.chat.clone(),
         hold_description: None,
-        corrupt_first_fingerprint: false,
+        corrupt_first_fingerprint: args.corrupt_first_fingerprint,
     };
     let session = call::start_on(config, connection);
     let mut snapshots = session.watch();

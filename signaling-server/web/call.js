@@ -5,6 +5,12 @@
 // Like the desktop app, only the offerer starts negotiations: the first offer and, when
 // the media path is lost, ICE restarts. The answerer attaches its camera and
 // microphone to the transceivers of the offer it receives, so it never needs to offer.
+//
+// A connection that fails before it ever connected (a DTLS handshake that failed, say) is
+// replaced by a fresh one (new certificate, new ICE credentials), at most twice, by
+// whichever side notices: its offer names a new DTLS fingerprint, and the other side,
+// seeing it, builds a fresh connection too and answers. Descriptions naming the replaced
+// connection's fingerprint are dropped.
 
 import { preferCodecs } from './media.js';
 
@@ -16,6 +22,14 @@ const RESTART_RETRY_MS = 2000;
 const GIVE_UP_MS = 30000;
 /** Chat lines longer than this are cut (as the desktop app does). */
 const MAX_CHAT_CHARS = 4096;
+/** At most this many fresh connections after failed ones (desktop: the same). */
+const MAX_FRESH = 2;
+
+/** The DTLS fingerprint a description names (the first one), or null. */
+export function dtlsFingerprint(sdp) {
+  const m = /^a=fingerprint:\S+ ([0-9A-Fa-f:]+)\s*$/m.exec(sdp ?? '');
+  return m ? m[1].toUpperCase() : null;
+}
 
 export class PeerCall {
   /**
@@ -37,9 +51,32 @@ export class PeerCall {
     this.downSince = null;
     this.restartTimer = null;
     this.closed = false;
-    this.remote = new MediaStream();
+    this.iceServers = iceServers;
+    /** This connection's offers are ours to make (the offerer's, or our fresh one's). */
+    this.offers = offerer;
+    this.fresh = 0;
+    this.remoteFingerprint = null;
+    this.staleFingerprint = null;
+    this.pc = null;
+    this.remote = null;
+    this.connect();
+  }
 
-    const pc = new RTCPeerConnection({ iceServers, bundlePolicy: 'max-bundle' });
+  /** A new peer connection, its events wired (the old one, if any, closed first). */
+  connect() {
+    if (this.pc) {
+      const old = this.pc;
+      old.onicecandidate = old.ontrack = old.ondatachannel = null;
+      old.onnegotiationneeded = old.onconnectionstatechange = null;
+      if (this.chat) this.chat.onopen = this.chat.onmessage = null;
+      old.close();
+    }
+    this.chat = null;
+    this.makingOffer = false;
+    this.ignoreOffer = false;
+    this.pendingCandidates = [];
+    this.remote = new MediaStream();
+    const pc = new RTCPeerConnection({ iceServers: this.iceServers, bundlePolicy: 'max-bundle' });
     this.pc = pc;
     pc.onicecandidate = ({ candidate }) => {
       this.signaling.send({
@@ -68,7 +105,7 @@ export class PeerCall {
   /** The offerer adds its media and the chat channel (which starts the negotiation). */
   start() {
     this.events.media('connecting');
-    if (!this.offerer) return;
+    if (!this.offers) return;
     const pc = this.pc;
     for (const kind of ['audio', 'video']) {
       const track = this.stream.getTracks().find((t) => t.kind === kind);
@@ -81,7 +118,7 @@ export class PeerCall {
   }
 
   async negotiate() {
-    if (!this.offerer || this.closed) return;
+    if (!this.offers || this.closed) return;
     try {
       this.makingOffer = true;
       await this.pc.setLocalDescription();
@@ -104,6 +141,17 @@ export class PeerCall {
 
   async apply(msg) {
     if (this.closed) return;
+    const fingerprint = msg.type === 'candidate' ? null : dtlsFingerprint(msg.sdp);
+    if (fingerprint && fingerprint === this.staleFingerprint) {
+      console.info(`${msg.type} for the replaced connection; dropped`);
+      return;
+    }
+    if (msg.type === 'offer' && fingerprint && this.remoteFingerprint
+        && fingerprint !== this.remoteFingerprint) {
+      // The other side replaced its connection: a fresh one of ours answers it.
+      console.info('the other side started a fresh connection');
+      this.renew(false);
+    }
     const pc = this.pc;
     if (msg.type === 'offer') {
       const collision = this.makingOffer || pc.signalingState !== 'stable';
@@ -113,6 +161,7 @@ export class PeerCall {
         return;
       }
       await pc.setRemoteDescription({ type: 'offer', sdp: msg.sdp });
+      if (fingerprint) this.remoteFingerprint = fingerprint;
       await this.attachLocalTracks();
       await this.flushCandidates();
       await pc.setLocalDescription();
@@ -123,6 +172,7 @@ export class PeerCall {
         return;
       }
       await pc.setRemoteDescription({ type: 'answer', sdp: msg.sdp });
+      if (fingerprint) this.remoteFingerprint = fingerprint;
       await this.flushCandidates();
     } else if (msg.type === 'candidate') {
       const c = msg.candidate;
@@ -212,7 +262,18 @@ export class PeerCall {
       this.events.media('connected');
     } else if (state === 'disconnected' || state === 'failed') {
       if (!this.wasConnected) {
-        if (state === 'failed') this.fail();
+        if (state !== 'failed') return;
+        if (this.fresh >= MAX_FRESH || !this.signaling.open) {
+          this.fail();
+          return;
+        }
+        // It never carried media: a fresh connection of ours offers.
+        this.fresh += 1;
+        console.info(`the connection failed before it was up: fresh connection ${this.fresh}`);
+        this.work = this.work.then(() => this.renew(true)).catch((e) => {
+          console.warn('a fresh connection', e);
+          this.fail();
+        });
         return;
       }
       if (this.downSince === null) this.downSince = Date.now();
@@ -237,6 +298,20 @@ export class PeerCall {
       }
       this.scheduleRestart(RESTART_RETRY_MS);
     }, delay);
+  }
+
+  /**
+   * Replaces the connection by a fresh one; `offer`: ours makes the offer (with our media
+   * and a chat channel), else the other side's offer follows.
+   */
+  renew(offer) {
+    if (this.closed) return;
+    if (this.remoteFingerprint) this.staleFingerprint = this.remoteFingerprint;
+    this.remoteFingerprint = null;
+    this.offers = offer;
+    this.connect();
+    this.start();
+    this.events.remoteStream(this.remote);
   }
 
   /** Signaling is back after a drop: a restart that was waiting for it can go now. */
