@@ -1,6 +1,9 @@
 //! The call as a plain state machine: events in, actions out, no I/O.
 //!
-//! `idle -> joining -> waiting for peer -> connecting -> in call -> ended(reason)`.
+//! `idle -> joining -> waiting for peer -> connecting -> in call -> ended(reason)`;
+//! `in call <-> reconnecting` while the media path is lost (ICE restarts), and
+//! `connecting -> connecting` on a fresh peer connection when one fails before it ever
+//! carried media (a failed or stalled DTLS handshake).
 //! The machine decides *what* happens (send `join`, start the peer connection as the
 //! offerer, forward a candidate, hang up); [`super::Session`] does it with sockets and
 //! the peer connection. Because it knows nothing of either, every path, including the
