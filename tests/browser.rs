@@ -154,33 +154,26 @@ async fn browser_offers_to_the_native_client() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn native_client_offers_to_the_browser() {
-    let _serial = SERIAL.lock().await;
-    if !ready() {
-        return;
-    }
+/// The native client joins `room` first, so it offers (with `extra` arguments); the
+/// browser answers, chats and hangs up. Returns the page's JSON and the native report.
+async fn native_offers_to_the_browser(room: &str, extra: &[&str]) -> (Value, Value) {
     let server = signaling_server::Server::start(signaling_server::Config::ephemeral())
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("native.json");
-    let room = "native-offers";
-    // The native client joins first, so it offers; the browser answers and hangs up.
-    let mut child = native(
-        &server,
-        &report,
-        &[
-            "--room",
-            room,
-            "--name",
-            "Native",
-            "--duration",
-            "120s",
-            "--chat",
-            "hello from native",
-        ],
-    );
+    let mut args = vec![
+        "--room",
+        room,
+        "--name",
+        "Native",
+        "--duration",
+        "120s",
+        "--chat",
+        "hello from native",
+    ];
+    args.extend_from_slice(extra);
+    let mut child = native(&server, &report, &args);
     let _lines = forward_stderr(&mut child, "native");
     wait_members(&server, room, 1).await;
     let args = json!({
@@ -193,8 +186,18 @@ async fn native_client_offers_to_the_browser() {
     let report = tokio::task::spawn_blocking(move || wait_native(child, &report))
         .await
         .unwrap();
-    assert_native_call(&web, &report, true);
     server.stop().await;
+    (web, report)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_client_offers_to_the_browser() {
+    let _serial = SERIAL.lock().await;
+    if !ready() {
+        return;
+    }
+    let (web, report) = native_offers_to_the_browser("native-offers", &[]).await;
+    assert_native_call(&web, &report, true);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,49 +206,17 @@ async fn a_failed_dtls_handshake_with_the_browser_is_retried_on_a_fresh_connecti
     if !ready() {
         return;
     }
-    let server = signaling_server::Server::start(signaling_server::Config::ephemeral())
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let report = dir.path().join("native.json");
-    let room = "native-fresh";
     // The native client offers a wrong certificate fingerprint (as if changed in transit):
     // Chromium's handshake fails, its page starts a fresh connection and offers it, and
     // the native client answers that on a fresh connection of its own.
-    let mut child = native(
-        &server,
-        &report,
-        &[
-            "--room",
-            room,
-            "--name",
-            "Native",
-            "--duration",
-            "120s",
-            "--chat",
-            "hello from native",
-            "--corrupt-first-fingerprint",
-        ],
-    );
-    let _lines = forward_stderr(&mut child, "native");
-    wait_members(&server, room, 1).await;
-    let args = json!({
-        "base": server.http_url(), "room": room, "chat_out": "hello from the browser",
-        "chat_in": "hello from native", "hang_up": "browser", "window_ms": 10_000,
-    });
-    let web = tokio::task::spawn_blocking(move || scenario("native", args))
-        .await
-        .unwrap();
-    let report = tokio::task::spawn_blocking(move || wait_native(child, &report))
-        .await
-        .unwrap();
+    let (web, report) =
+        native_offers_to_the_browser("native-fresh", &["--corrupt-first-fingerprint"]).await;
     println!(
         "fresh connections {}, connected after {} ms",
         report["fresh_connections"], report["time_to_connected_ms"]
     );
     assert_eq!(report["fresh_connections"], 1, "one fresh connection");
     assert_native_call(&web, &report, true);
-    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

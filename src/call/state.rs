@@ -1532,6 +1532,27 @@ mod tests {
         }
     }
 
+    /// An answerer connecting at `t`: the offer it answered names fingerprint "AA".
+    fn answerer_connecting(t: Instant) -> Call {
+        let mut call = Call::new();
+        call.handle_at(t, Event::IceServers(Vec::new()));
+        start(&mut call);
+        call.handle(joined(2));
+        call.handle(offer_from_peer("AA"));
+        call
+    }
+
+    /// An answerer whose first connection failed: its fresh one has offered ("BB").
+    fn answerer_on_a_fresh_connection(t: Instant) -> Call {
+        let mut call = answerer_connecting(t);
+        assert_eq!(call.handle(Event::Peer(PeerState::Failed)), [fresh(true)]);
+        call.handle(Event::LocalDescription {
+            sdp: sdp("BB"),
+            role: Role::Offerer,
+        });
+        call
+    }
+
     #[test]
     fn a_dtls_fingerprint_is_read_from_a_description() {
         assert_eq!(dtls_fingerprint(&sdp("AB:CD")), Some("AB:CD"));
@@ -1543,11 +1564,7 @@ mod tests {
     #[test]
     fn a_connection_that_fails_before_it_is_up_is_replaced_twice_then_the_call_ends() {
         let t = Instant::now();
-        let mut call = Call::new();
-        call.handle_at(t, Event::IceServers(Vec::new()));
-        start(&mut call);
-        call.handle(joined(2));
-        call.handle(offer_from_peer("AA"));
+        let mut call = answerer_connecting(t);
         for attempt in 1..=MAX_FRESH_CONNECTIONS {
             // A failed handshake: a fresh connection of ours offers (whatever our role).
             assert_eq!(call.handle(Event::Peer(PeerState::Failed)), [fresh(true)]);
@@ -1603,11 +1620,7 @@ mod tests {
     #[test]
     fn a_handshake_that_does_not_finish_once_ice_found_a_path_is_replaced() {
         let t = Instant::now();
-        let mut call = Call::new();
-        call.handle_at(t, Event::IceServers(Vec::new()));
-        start(&mut call);
-        call.handle(joined(2));
-        call.handle(offer_from_peer("AA"));
+        let mut call = answerer_connecting(t);
         let found = t + Duration::from_millis(300);
         assert!(
             call.handle_at(found, Event::Peer(PeerState::PathFound))
@@ -1705,19 +1718,7 @@ mod tests {
 
         // The answerer (polite): takes its fresh offer back and answers theirs on the
         // fresh connection it already has.
-        let mut answerer = Call::new();
-        answerer.handle_at(t, Event::IceServers(Vec::new()));
-        start(&mut answerer);
-        answerer.handle(joined(2));
-        answerer.handle(offer_from_peer("AA"));
-        assert_eq!(
-            answerer.handle(Event::Peer(PeerState::Failed)),
-            [fresh(true)]
-        );
-        answerer.handle(Event::LocalDescription {
-            sdp: sdp("BB"),
-            role: Role::Offerer,
-        });
+        let mut answerer = answerer_on_a_fresh_connection(t);
         assert_eq!(
             answerer.handle(offer_from_peer("OO")),
             [Action::RollbackOffer, Action::RemoteOffer(sdp("OO"))]
@@ -1730,19 +1731,7 @@ mod tests {
         // The answerer's handshake failed; the offerer, connected, lost the path meanwhile
         // and restarts ICE on its old connection: that offer crosses the fresh one.
         let t = Instant::now();
-        let mut answerer = Call::new();
-        answerer.handle_at(t, Event::IceServers(Vec::new()));
-        start(&mut answerer);
-        answerer.handle(joined(2));
-        answerer.handle(offer_from_peer("AA"));
-        assert_eq!(
-            answerer.handle(Event::Peer(PeerState::Failed)),
-            [fresh(true)]
-        );
-        answerer.handle(Event::LocalDescription {
-            sdp: sdp("BB"),
-            role: Role::Offerer,
-        });
+        let mut answerer = answerer_on_a_fresh_connection(t);
         assert!(
             answerer.handle(offer_from_peer("AA")).is_empty(),
             "the old connection's ICE restart is not for the fresh one"
