@@ -9,6 +9,10 @@
 //!   signaling reconnects and resumes the seat, ICE restarts on the new address, and
 //!   video comes back.
 //!
+//! - Lost handshake: every DTLS packet through one router dropped until a client gives
+//!   the stalled handshake up (5 s after ICE found its path). A fresh peer connection
+//!   takes over and the call goes on.
+//!
 //! Pass/fail with generous margins; the numbers themselves are measured by the network
 //! benchmark (docs/PERFORMANCE.md). Needs root, `ip` and `iptables`; without them the test
 //! says so and passes, unless `DUET_REQUIRE_NAT_TEST=1` (set by `make test`).
@@ -18,7 +22,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::netns::{Topology, able, call_with};
+use common::netns::{Topology, able, call_with, out_dir};
 use serde_json::Value;
 
 fn u(r: &Value, key: &str) -> u64 {
@@ -162,5 +166,56 @@ fn a_client_that_changes_address_gets_its_video_back() {
             decoded_in_last(r, 5.0) >= 90,
             "video came back after the move: {r}"
         );
+    }
+}
+
+#[test]
+fn a_handshake_whose_flights_are_lost_gets_a_fresh_connection() {
+    if !runnable() {
+        return;
+    }
+    let pid = std::process::id() % 10_000;
+    let topology = Topology::build(&format!("{pid}d"), false);
+    let dir = out_dir("dtls-lost");
+    let logs = [dir.join("a.log"), dir.join("b.log")];
+    for log in &logs {
+        let _ = std::fs::remove_file(log);
+    }
+    topology.set_dtls_drop("a", true);
+    let (ra, rb) = std::thread::scope(|scope| {
+        // The flights pass again once a client has given the first handshake up: the
+        // fresh connection's handshake must then finish (the first one's is closed).
+        scope.spawn(|| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(40);
+            while std::time::Instant::now() < deadline
+                && !logs.iter().any(|log| {
+                    std::fs::read_to_string(log)
+                        .is_ok_and(|text| text.contains("starting a fresh media connection"))
+                })
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            topology.set_dtls_drop("a", false);
+        });
+        call_with(&topology, "dtls-lost", "6s", |_, _| {})
+    });
+    drop(topology);
+    for r in [&ra, &rb] {
+        eprintln!(
+            "dtls lost: ended {}, fresh connections {}, connected after {} ms, decoded {}, audio {}",
+            r["ended"],
+            r["fresh_connections"],
+            r["time_to_connected_ms"],
+            u(r, "frames_decoded"),
+            u(r, "audio_frames_decoded"),
+        );
+        assert_outlived(r, "lost handshake");
+        let fresh = u(r, "fresh_connections");
+        assert!(
+            (1..=2).contains(&fresh),
+            "a fresh connection took over: {r}"
+        );
+        assert!(u(r, "frames_decoded") >= 60, "{r}");
+        assert!(u(r, "audio_frames_decoded") >= 100, "{r}");
     }
 }

@@ -481,6 +481,29 @@ impl Topology {
         );
     }
 
+    /// Drops (or passes again) every DTLS packet through the router of `side`, both ways:
+    /// UDP whose first payload byte is 20-63 (RFC 7983's demultiplexing; STUN, TURN
+    /// channel data and SRTP pass).
+    pub fn set_dtls_drop(&self, side: &str, drop: bool) {
+        let op = if drop { "-I" } else { "-D" };
+        self.router(
+            side,
+            &[
+                "iptables",
+                op,
+                "FORWARD",
+                "-p",
+                "udp",
+                "-m",
+                "u32",
+                "--u32",
+                "0>>22&0x3C@8>>24&0xFF=20:63",
+                "-j",
+                "DROP",
+            ],
+        );
+    }
+
     /// Cuts (or allows again) the signaling WebSocket of `side`: its TCP is answered with
     /// resets both ways at the router (media, UDP, passes).
     pub fn set_signaling_cut(&self, side: &str, cut: bool) {
