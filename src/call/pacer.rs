@@ -274,6 +274,10 @@ const RECOVERY_USE: f64 = 0.75;
 /// - It is gone: the ceiling stays at the rate that drained it and climbs while used:
 ///   slowly up to a little above the rate that built the queue (the knee), faster beyond
 ///   (above the congestion controller's estimate it no longer matters).
+/// - A receiver's REMB below the ceiling (a link cut under us: the REMB, not the ceiling,
+///   drained that queue) lowers it: when the REMB lapses, the target climbs from what
+///   drained the queue instead of jumping back to a ceiling the cut link never carried
+///   and filling its queue again.
 #[derive(Debug, Default)]
 pub struct QueueGuard {
     samples: VecDeque<Duration>,
@@ -294,9 +298,25 @@ pub struct QueueGuard {
 const CUT_EVERY: Duration = Duration::from_secs(1);
 
 impl QueueGuard {
-    /// A new round-trip sample at `now` and the bytes sent so far (all media); returns the
-    /// ceiling to apply (None: none).
-    pub fn update(&mut self, now: Instant, rtt: Duration, bytes_sent: u64) -> Option<f64> {
+    /// A new round-trip sample at `now`, the bytes sent so far (all media) and the
+    /// receiver's REMB while it holds; returns the ceiling to apply (None: none).
+    pub fn update(
+        &mut self,
+        now: Instant,
+        rtt: Duration,
+        bytes_sent: u64,
+        remb_bps: Option<f64>,
+    ) -> Option<f64> {
+        let ceiling = self.follow_rtt(now, rtt, bytes_sent);
+        if let (Some(c), Some(remb)) = (ceiling, remb_bps)
+            && remb < c
+        {
+            self.ceiling = Some(remb.max(APP_LIMITED_FLOOR_BPS / 3.0));
+        }
+        self.ceiling
+    }
+
+    fn follow_rtt(&mut self, now: Instant, rtt: Duration, bytes_sent: u64) -> Option<f64> {
         self.sent.push_back((now, bytes_sent));
         while self
             .sent
@@ -862,6 +882,45 @@ mod tests {
     }
 
     #[test]
+    fn a_remb_below_the_ceiling_lowers_it_so_the_target_climbs_from_there_when_it_lapses() {
+        let ms = Duration::from_millis;
+        let t = Instant::now();
+        let mut guard = QueueGuard::default();
+        let (mut at, mut bytes) = (t, 0u64);
+        let mut step = |guard: &mut QueueGuard, rtt: u64, kbps: u64, remb: Option<f64>| {
+            at += ms(250);
+            bytes += kbps * 1000 / 8 / 4;
+            guard.update(at, ms(rtt), bytes, remb)
+        };
+        // No ceiling yet: a REMB alone sets none (it is a ceiling itself while it holds).
+        for _ in 0..8 {
+            assert_eq!(step(&mut guard, 80, 1600, Some(2_000_000.0)), None);
+            assert_eq!(step(&mut guard, 80, 1600, Some(900_000.0)), None);
+        }
+        // The link is cut under 1.6 Mbit/s: a queue (ceiling 0.7 x 1.6 M), and the
+        // receiver's REMB says 350 kbit/s.
+        let first = step(&mut guard, 500, 1600, None).unwrap_or(0.0);
+        assert!((first - 1_120_000.0).abs() < 1.0, "{first}");
+        assert_eq!(step(&mut guard, 450, 400, Some(350_000.0)), Some(350_000.0));
+        // A REMB above the ceiling changes nothing.
+        assert_eq!(step(&mut guard, 300, 350, Some(900_000.0)), Some(350_000.0));
+        // Drained, the REMB lapsed: the ceiling climbs from 350 kbit/s, slowly.
+        let mut c = 350_000.0;
+        for _ in 0..8 {
+            c = step(&mut guard, 85, (c / 1000.0) as u64, None).unwrap_or(0.0);
+        }
+        assert!(
+            c > 350_000.0 && c <= 350_000.0 + 2.0 * RECOVERY_BPS_PER_SEC + 1.0,
+            "{c}"
+        );
+        // Never below the floor.
+        assert_eq!(
+            step(&mut guard, 85, 100, Some(1_000.0)),
+            Some(APP_LIMITED_FLOOR_BPS / 3.0)
+        );
+    }
+
+    #[test]
     fn a_standing_queue_puts_a_ceiling_on_the_target_until_it_drains() {
         let ms = Duration::from_millis;
         let t = Instant::now();
@@ -872,7 +931,7 @@ mod tests {
         let mut step = |guard: &mut QueueGuard, rtt: u64, kbps: u64| {
             at += ms(250);
             bytes += kbps * 1000 / 8 / 4;
-            guard.update(at, ms(rtt), bytes)
+            guard.update(at, ms(rtt), bytes, None)
         };
         for _ in 0..8 {
             assert_eq!(step(&mut guard, 80, 1000), None);

@@ -384,7 +384,8 @@ impl Session {
                         self.pipelines.set_rtt(rtt);
                         // A new round-trip sample (they come about once a second).
                         if self.last_rtt != Some(rtt) {
-                            let ceiling = self.queue_guard.update(now, rtt, stats.bytes_sent);
+                            let remb = peer.pacer().remb_bps();
+                            let ceiling = self.queue_guard.update(now, rtt, stats.bytes_sent, remb);
                             peer.set_send_ceiling(ceiling.map(|c| c.round() as u64));
                         }
                         self.last_rtt = Some(rtt);
