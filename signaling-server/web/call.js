@@ -118,7 +118,9 @@ export class PeerCall {
   }
 
   async negotiate() {
-    if (!this.offers || this.closed) return;
+    // The offerer's ICE restarts are offers too, on a fresh connection the other side
+    // started as well.
+    if (!(this.offers || this.offerer) || this.closed) return;
     try {
       this.makingOffer = true;
       await this.pc.setLocalDescription();
