@@ -314,9 +314,12 @@ async fn a_failed_dtls_handshake_is_retried_on_a_fresh_connection() {
         );
         assert_eq!(ra.ended, Some(EndReason::HungUp));
         for r in [&ra, &rb] {
-            assert_eq!(
-                r.fresh_connections, 1,
-                "each side replaced its connection once"
+            // Once each; twice on the polite side when both gave up at once (its own
+            // fresh offer crossed theirs, and another fresh one answered it).
+            assert!(
+                (1..=2).contains(&r.fresh_connections),
+                "each side replaced its connection: {}",
+                r.fresh_connections
             );
             assert!(r.frames_decoded >= 30, "decoded {}", r.frames_decoded);
             assert!(r.audio_frames_decoded > 10);

@@ -154,6 +154,14 @@ export class PeerCall {
       console.info('the other side started a fresh connection');
       this.renew(false);
     }
+    if (msg.type === 'offer' && this.polite && this.offers && !this.remoteFingerprint
+        && (this.makingOffer || this.pc.signalingState !== 'stable')) {
+      // Our fresh connection's offer crossed theirs: it was never negotiated, so rather
+      // than roll it back (its transceivers would not take their offer's media), a fresh
+      // one answers theirs.
+      console.info('fresh offers crossed: answering theirs on a fresh connection');
+      this.renew(false);
+    }
     const pc = this.pc;
     if (msg.type === 'offer') {
       const collision = this.makingOffer || pc.signalingState !== 'stable';
@@ -269,10 +277,15 @@ export class PeerCall {
           this.fail();
           return;
         }
-        // It never carried media: a fresh connection of ours offers.
-        this.fresh += 1;
-        console.info(`the connection failed before it was up: fresh connection ${this.fresh}`);
-        this.work = this.work.then(() => this.renew(true)).catch((e) => {
+        // It never carried media: a fresh connection of ours offers (unless the other
+        // side's fresh offer, queued meanwhile, has replaced it already).
+        const failed = this.pc;
+        this.work = this.work.then(() => {
+          if (this.pc !== failed) return;
+          this.fresh += 1;
+          console.info(`the connection failed before it was up: fresh connection ${this.fresh}`);
+          this.renew(true);
+        }).catch((e) => {
           console.warn('a fresh connection', e);
           this.fail();
         });
@@ -311,6 +324,10 @@ export class PeerCall {
     if (this.remoteFingerprint) this.staleFingerprint = this.remoteFingerprint;
     this.remoteFingerprint = null;
     this.offers = offer;
+    this.wasConnected = false;
+    this.downSince = null;
+    clearTimeout(this.restartTimer);
+    this.restartTimer = null;
     this.connect();
     this.start();
     this.events.remoteStream(this.remote);

@@ -541,6 +541,11 @@ impl Session {
                 if let Some(frames) = self.pipelines.stop().await {
                     self.frames_rx = Some(frames);
                 }
+                // What was learnt of the old path (its round trip, its queue, its loss)
+                // is not the new one's.
+                self.queue_guard = QueueGuard::default();
+                self.fec_policy = FecPolicy::default();
+                self.last_rtt = None;
                 let role = if offer { Role::Offerer } else { Role::Answerer };
                 self.start_peer(role, ice_servers, peer_tx, chat_tx).await
             }

@@ -357,6 +357,10 @@ pub struct Call {
     path_found_at: Option<Instant>,
     /// Fresh connections we started after one failed before carrying media.
     fresh_connections: u32,
+    /// Our fresh connection's offer has no answer yet.
+    fresh_offer_outstanding: bool,
+    /// A fresh connection is due but signaling is away: it starts once our seat is back.
+    fresh_on_resume: bool,
     /// Signaling connections that got our seat back.
     resumes: u64,
     host: bool,
@@ -397,6 +401,8 @@ impl Call {
             connecting_since: None,
             path_found_at: None,
             fresh_connections: 0,
+            fresh_offer_outstanding: false,
+            fresh_on_resume: false,
             resumes: 0,
             host: false,
             own_peer_id: None,
@@ -847,9 +853,18 @@ impl Call {
     /// (a lost flight that was never answered, a mangled description) is not repeated.
     /// After [`MAX_FRESH_CONNECTIONS`], or without signaling to offer it, the call ends.
     fn fresh_connection(&mut self, why: &str) -> Vec<Action> {
-        if self.fresh_connections >= MAX_FRESH_CONNECTIONS || self.signaling != Signaling::Up {
+        if self.fresh_connections >= MAX_FRESH_CONNECTIONS || self.signaling == Signaling::Gone {
             tracing::warn!(why, "the media connection could not be set up");
             return self.end(EndReason::ConnectionFailed, true);
+        }
+        if self.signaling != Signaling::Up {
+            // Its offer could not get through: it starts once our seat is back (and the
+            // call ends if it does not come back).
+            tracing::info!(why, "a fresh media connection waits for signaling");
+            self.fresh_on_resume = true;
+            self.connecting_since = None;
+            self.path_found_at = None;
+            return Vec::new();
         }
         self.fresh_connections += 1;
         tracing::warn!(
@@ -859,6 +874,7 @@ impl Call {
         );
         self.renew_peer();
         self.offer_outstanding = false;
+        self.fresh_offer_outstanding = true;
         vec![Action::FreshPeer {
             offer: true,
             ice_servers: self.ice_servers.clone(),
@@ -881,6 +897,8 @@ impl Call {
         }
         self.connecting_since = self.now;
         self.path_found_at = None;
+        self.fresh_offer_outstanding = false;
+        self.fresh_on_resume = false;
     }
 
     fn signaling_timeout(&mut self) -> Vec<Action> {
@@ -992,6 +1010,9 @@ impl Call {
                     if self.down_since.is_some() && (self.restarts() || moved) {
                         self.restarted_at = self.now;
                         actions.push(Action::RestartIce);
+                    }
+                    if std::mem::take(&mut self.fresh_on_resume) {
+                        actions.extend(self.fresh_connection("it waited for signaling"));
                     }
                     return actions;
                 }
@@ -1118,6 +1139,20 @@ impl Call {
                     self.offer_outstanding = true;
                     return Vec::new();
                 }
+                if crossed && self.fresh_offer_outstanding {
+                    // Our fresh connection has never been negotiated: rather than roll
+                    // its offer back, a fresh one answers theirs.
+                    tracing::info!("fresh offers crossed: answering theirs on a fresh connection");
+                    self.renew_peer();
+                    self.remote_fingerprint = fingerprint;
+                    return vec![
+                        Action::FreshPeer {
+                            offer: false,
+                            ice_servers: self.ice_servers.clone(),
+                        },
+                        Action::RemoteOffer(sdp),
+                    ];
+                }
                 if fingerprint.is_some() {
                     self.remote_fingerprint = fingerprint;
                 }
@@ -1134,6 +1169,7 @@ impl Call {
                     return Vec::new();
                 }
                 self.offer_outstanding = false;
+                self.fresh_offer_outstanding = false;
                 if fingerprint.is_some() {
                     self.remote_fingerprint = fingerprint;
                 }
@@ -1652,6 +1688,41 @@ mod tests {
     }
 
     #[test]
+    fn a_fresh_connection_due_while_signaling_is_away_starts_once_the_seat_is_back() {
+        let t = Instant::now();
+        let mut call = answerer_connecting(t);
+        call.handle_at(t, Event::Peer(PeerState::PathFound));
+        call.handle_at(
+            t,
+            Event::ServerClosed {
+                detail: "gone".into(),
+            },
+        );
+        // The handshake deadline passes while signaling is away: nothing to offer over.
+        let due = t + HANDSHAKE_TIMEOUT;
+        let a = call.handle_at(due, Event::Timeout);
+        assert!(
+            a.iter().all(|a| matches!(a, Action::ConnectSignaling)),
+            "{a:?}"
+        );
+        assert!(matches!(call.state(), CallState::Connecting { .. }));
+        call.handle_at(due, Event::SignalingConnected);
+        let resumed = call.handle_at(
+            due,
+            Event::Server(ServerMessage::Joined {
+                room: "r".into(),
+                peer_id: "me".into(),
+                members: 2,
+                host: false,
+                peers: Vec::new(),
+                resume_token: Some("token-2".into()),
+            }),
+        );
+        assert_eq!(resumed, [fresh(true)]);
+        assert_eq!(call.fresh_connections(), 1);
+    }
+
+    #[test]
     fn an_offer_with_a_new_fingerprint_gets_a_fresh_connection_and_media_starts_again() {
         // The offerer's handshake succeeded and media started; the answerer's failed, and
         // its fresh connection's offer names a new certificate.
@@ -1716,12 +1787,12 @@ mod tests {
             [Action::RemoteAnswer(sdp("BB"))]
         );
 
-        // The answerer (polite): takes its fresh offer back and answers theirs on the
-        // fresh connection it already has.
+        // The answerer (polite): its fresh connection was never negotiated; rather than
+        // roll its offer back, another fresh one answers theirs (not counted: theirs).
         let mut answerer = answerer_on_a_fresh_connection(t);
         assert_eq!(
             answerer.handle(offer_from_peer("OO")),
-            [Action::RollbackOffer, Action::RemoteOffer(sdp("OO"))]
+            [fresh(false), Action::RemoteOffer(sdp("OO"))]
         );
         assert_eq!(answerer.fresh_connections(), 1);
     }
