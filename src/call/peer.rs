@@ -88,6 +88,10 @@ impl std::fmt::Debug for PeerEvent {
     }
 }
 
+/// Where every peer connection's events arrive, tagged with the connection's number: a
+/// replaced connection's late events (its `closed`) must not reach the call.
+pub type PeerEvents = mpsc::UnboundedSender<(u64, PeerEvent)>;
+
 /// How to set up the connection.
 #[derive(Debug, Clone, Default)]
 pub struct PeerConfig {
@@ -100,7 +104,9 @@ pub struct PeerConfig {
 
 /// Callbacks run on webrtc-rs's driver task: forward, never block.
 struct Handler {
-    events: mpsc::UnboundedSender<PeerEvent>,
+    events: PeerEvents,
+    /// Which connection this is (see [`PeerEvents`]).
+    number: u64,
     /// Relays reached over TCP/TLS bridges: signaled with a lower priority.
     bridged: BridgedRelays,
 }
@@ -116,13 +122,17 @@ impl PeerConnectionEventHandler for Handler {
                 sdp_mline_index: Some(0),
                 username_fragment: init.username_fragment,
             };
-            let _ = self.events.send(PeerEvent::LocalCandidate(Some(candidate)));
+            let _ = self
+                .events
+                .send((self.number, PeerEvent::LocalCandidate(Some(candidate))));
         }
     }
 
     async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
         if state == RTCIceGatheringState::Complete {
-            let _ = self.events.send(PeerEvent::LocalCandidate(None));
+            let _ = self
+                .events
+                .send((self.number, PeerEvent::LocalCandidate(None)));
         }
     }
 
@@ -131,20 +141,22 @@ impl PeerConnectionEventHandler for Handler {
             state,
             RTCIceConnectionState::Connected | RTCIceConnectionState::Completed
         ) {
-            let _ = self.events.send(PeerEvent::PathFound);
+            let _ = self.events.send((self.number, PeerEvent::PathFound));
         }
     }
 
     async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
-        let _ = self.events.send(PeerEvent::State(state));
+        let _ = self.events.send((self.number, PeerEvent::State(state)));
     }
 
     async fn on_track(&self, track: Arc<dyn TrackRemote>) {
-        let _ = self.events.send(PeerEvent::Track(track));
+        let _ = self.events.send((self.number, PeerEvent::Track(track)));
     }
 
     async fn on_data_channel(&self, channel: Arc<dyn DataChannel>) {
-        let _ = self.events.send(PeerEvent::DataChannel(channel));
+        let _ = self
+            .events
+            .send((self.number, PeerEvent::DataChannel(channel)));
     }
 }
 
@@ -519,10 +531,12 @@ fn ice_servers(list: &[IceServer]) -> Vec<RTCIceServer> {
 
 impl Peer {
     /// Builds the connection with both tracks (and, for the offerer, the data channel).
+    /// Its events arrive on `events` tagged with `number`.
     pub async fn new(
         role: Role,
         config: &PeerConfig,
-        events: mpsc::UnboundedSender<PeerEvent>,
+        number: u64,
+        events: PeerEvents,
     ) -> Result<Peer, PeerError> {
         let mut media = MediaEngine::default();
         media
@@ -638,6 +652,7 @@ impl Peer {
             .with_setting_engine(settings)
             .with_handler(Arc::new(Handler {
                 events,
+                number,
                 bridged: BridgedRelays::of(&bridges),
             }))
             .with_udp_addrs(addrs)
@@ -1294,7 +1309,7 @@ mod tests {
             let config = config.clone();
             async move {
                 let (tx, _rx) = mpsc::unbounded_channel();
-                Peer::new(role, &config, tx).await.unwrap()
+                Peer::new(role, &config, 1, tx).await.unwrap()
             }
         };
 

@@ -17,7 +17,7 @@ use webrtc::peer_connection::RTCPeerConnectionState;
 use super::config::{AudioInput, Connection, SessionConfig, Target};
 use super::handle::{ChatLine, Command, Live, SessionHandle, Snapshot};
 use super::pacer::QueueGuard;
-use super::peer::{Peer, PeerConfig, PeerEvent, PeerStats};
+use super::peer::{Peer, PeerConfig, PeerEvent, PeerEvents, PeerStats};
 use super::pipelines::{Pipelines, ReceiveSinks, StatsHandle};
 use super::repair::FecPolicy;
 use super::report::Report;
@@ -104,10 +104,6 @@ pub fn start_on(config: SessionConfig, connection: Option<Connection>) -> Sessio
         task,
     }
 }
-
-/// Where every peer connection's events arrive, tagged with the connection's number:
-/// a replaced connection's late events (its `closed`) must not reach the call.
-type PeerEvents = mpsc::UnboundedSender<(u64, PeerEvent)>;
 
 enum Input {
     Signal(Incoming),
@@ -534,13 +530,7 @@ impl Session {
                 self.stats.lock().fresh_connections += 1;
                 // The devices, the received pictures' sinks (and recordings) stay; the
                 // pipelines start again once the fresh connection is up.
-                if let Some(peer) = self.peer.take() {
-                    peer.close().await;
-                }
-                self.chat = None;
-                if let Some(frames) = self.pipelines.stop().await {
-                    self.frames_rx = Some(frames);
-                }
+                self.drop_peer().await;
                 // What was learnt of the old path (its round trip, its queue, its loss)
                 // is not the new one's.
                 self.queue_guard = QueueGuard::default();
@@ -684,18 +674,7 @@ impl Session {
             loopback: self.config.loopback,
         };
         self.peer_number += 1;
-        let (number, events, tagged) =
-            (self.peer_number, peer_tx.clone(), mpsc::unbounded_channel());
-        let (events_tx, mut events_rx) = tagged;
-        // Ends when the connection is dropped (its handler holds the sender).
-        tokio::spawn(async move {
-            while let Some(event) = events_rx.recv().await {
-                if events.send((number, event)).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut peer = match Peer::new(role, &config, events_tx).await {
+        let mut peer = match Peer::new(role, &config, self.peer_number, peer_tx.clone()).await {
             Ok(p) => p,
             Err(e) => {
                 return Some(Event::PeerFailed {
@@ -724,25 +703,14 @@ impl Session {
         let Some(client) = self.client.clone() else {
             return;
         };
-        let msg = match msg {
-            ClientMessage::Offer { sdp }
-                if self.config.corrupt_first_fingerprint && !self.fingerprint_corrupted =>
-            {
-                self.fingerprint_corrupted = true;
-                ClientMessage::Offer {
-                    sdp: corrupt_fingerprint(&sdp),
-                }
-            }
-            ClientMessage::Answer { sdp }
-                if self.config.corrupt_first_fingerprint && !self.fingerprint_corrupted =>
-            {
-                self.fingerprint_corrupted = true;
-                ClientMessage::Answer {
-                    sdp: corrupt_fingerprint(&sdp),
-                }
-            }
-            other => other,
-        };
+        let mut msg = msg;
+        if self.config.corrupt_first_fingerprint
+            && !self.fingerprint_corrupted
+            && let ClientMessage::Offer { sdp } | ClientMessage::Answer { sdp } = &mut msg
+        {
+            self.fingerprint_corrupted = true;
+            *sdp = corrupt_fingerprint(sdp);
+        }
         let hold = self.config.hold_description;
         match (&msg, hold) {
             (ClientMessage::Offer { .. } | ClientMessage::Answer { .. }, Some(delay)) => {
@@ -899,14 +867,21 @@ impl Session {
     async fn close_peer(&mut self) {
         if let Some(peer) = self.peer.as_ref() {
             self.last_peer_stats = peer.stats(&self.addresses).await;
+        }
+        self.drop_peer().await;
+        self.sinks = None;
+    }
+
+    /// Closes the peer connection and stops the pipelines; the video frames channel is
+    /// kept for the next ones.
+    async fn drop_peer(&mut self) {
+        if let Some(peer) = self.peer.take() {
             peer.close().await;
         }
-        self.peer = None;
         self.chat = None;
         if let Some(frames) = self.pipelines.stop().await {
             self.frames_rx = Some(frames);
         }
-        self.sinks = None;
     }
 
     async fn shut_down(&mut self) {

@@ -881,6 +881,20 @@ impl Call {
         }]
     }
 
+    /// Their offer (naming `fingerprint`) is answered on a fresh connection of ours.
+    fn answer_on_a_fresh_peer(&mut self, fingerprint: Option<String>, sdp: String) -> Vec<Action> {
+        self.renew_peer();
+        self.offer_outstanding = false;
+        self.remote_fingerprint = fingerprint;
+        vec![
+            Action::FreshPeer {
+                offer: false,
+                ice_servers: self.ice_servers.clone(),
+            },
+            Action::RemoteOffer(sdp),
+        ]
+    }
+
     /// Forgets the replaced connection: the call is connecting again (media, if it ran,
     /// starts again when the fresh one is up).
     fn renew_peer(&mut self) {
@@ -1118,16 +1132,7 @@ impl Call {
                     // The other side replaced its connection (ours cannot take a new
                     // DTLS certificate): a fresh one of ours answers it.
                     tracing::info!("the other side started a fresh connection");
-                    self.renew_peer();
-                    self.offer_outstanding = false;
-                    self.remote_fingerprint = fingerprint;
-                    return vec![
-                        Action::FreshPeer {
-                            offer: false,
-                            ice_servers: self.ice_servers.clone(),
-                        },
-                        Action::RemoteOffer(sdp),
-                    ];
+                    return self.answer_on_a_fresh_peer(fingerprint, sdp);
                 }
                 // Both sides offered at once (both restarting ICE, or both starting a
                 // fresh connection): the polite peer (the newcomer, our answerer) takes
@@ -1143,15 +1148,7 @@ impl Call {
                     // Our fresh connection has never been negotiated: rather than roll
                     // its offer back, a fresh one answers theirs.
                     tracing::info!("fresh offers crossed: answering theirs on a fresh connection");
-                    self.renew_peer();
-                    self.remote_fingerprint = fingerprint;
-                    return vec![
-                        Action::FreshPeer {
-                            offer: false,
-                            ice_servers: self.ice_servers.clone(),
-                        },
-                        Action::RemoteOffer(sdp),
-                    ];
+                    return self.answer_on_a_fresh_peer(fingerprint, sdp);
                 }
                 if fingerprint.is_some() {
                     self.remote_fingerprint = fingerprint;
@@ -1629,14 +1626,7 @@ mod tests {
     #[test]
     fn a_connection_that_never_comes_up_is_replaced_after_the_connect_timeout() {
         let t = Instant::now();
-        let mut call = Call::new();
-        call.handle_at(t, Event::IceServers(Vec::new()));
-        start(&mut call);
-        call.handle(joined(1));
-        call.handle(Event::Server(ServerMessage::PeerJoined {
-            peer_id: "p".into(),
-            name: None,
-        }));
+        let mut call = offerer_connecting(t);
         assert_eq!(call.poll_timeout(), Some(t + CONNECT_TIMEOUT));
         assert!(
             call.handle_at(t + CONNECT_TIMEOUT / 2, Event::Timeout)
@@ -1758,14 +1748,7 @@ mod tests {
     fn fresh_connections_started_by_both_sides_at_once_settle_like_crossing_offers() {
         let t = Instant::now();
         // The offerer (impolite): its fresh offer stands; theirs is ignored.
-        let mut offerer = Call::new();
-        offerer.handle_at(t, Event::IceServers(Vec::new()));
-        start(&mut offerer);
-        offerer.handle(joined(1));
-        offerer.handle(Event::Server(ServerMessage::PeerJoined {
-            peer_id: "p".into(),
-            name: None,
-        }));
+        let mut offerer = offerer_connecting(t);
         offerer.handle(Event::Server(ServerMessage::Answer {
             from: "p".into(),
             sdp: sdp("AA"),
@@ -1825,8 +1808,8 @@ mod tests {
         );
     }
 
-    /// An offerer in a call, connected at `t`.
-    fn offerer_in_call(t: Instant) -> Call {
+    /// An offerer at `t`, its peer just arrived (the connection is starting).
+    fn offerer_connecting(t: Instant) -> Call {
         let mut call = Call::new();
         call.handle_at(t, Event::IceServers(Vec::new()));
         start(&mut call);
@@ -1835,6 +1818,12 @@ mod tests {
             peer_id: "p".into(),
             name: None,
         }));
+        call
+    }
+
+    /// An offerer in a call, connected at `t`.
+    fn offerer_in_call(t: Instant) -> Call {
+        let mut call = offerer_connecting(t);
         assert_eq!(
             call.handle(Event::Peer(PeerState::Connected)),
             [Action::StartMedia]

@@ -474,54 +474,39 @@ impl Topology {
     /// Cuts (or restores) all UDP through the router of `side`: media and TURN, not the
     /// signaling WebSocket.
     pub fn set_outage(&self, side: &str, down: bool) {
-        let op = if down { "-I" } else { "-D" };
-        self.router(
-            side,
-            &["iptables", op, "FORWARD", "-p", "udp", "-j", "DROP"],
-        );
+        self.forward_rule(side, down, &["-p", "udp", "-j", "DROP"]);
+    }
+
+    /// Inserts (`on`) or deletes a FORWARD rule at the router of `side`.
+    fn forward_rule(&self, side: &str, on: bool, rule: &[&str]) {
+        let mut full = vec!["iptables", if on { "-I" } else { "-D" }, "FORWARD"];
+        full.extend_from_slice(rule);
+        self.router(side, &full);
     }
 
     /// Drops (or passes again) every DTLS packet through the router of `side`, both ways:
     /// UDP whose first payload byte is 20-63 (RFC 7983's demultiplexing; STUN, TURN
     /// channel data and SRTP pass).
     pub fn set_dtls_drop(&self, side: &str, drop: bool) {
-        let op = if drop { "-I" } else { "-D" };
-        self.router(
-            side,
-            &[
-                "iptables",
-                op,
-                "FORWARD",
-                "-p",
-                "udp",
-                "-m",
-                "u32",
-                "--u32",
-                "0>>22&0x3C@8>>24&0xFF=20:63",
-                "-j",
-                "DROP",
-            ],
-        );
+        let first_payload_byte = "0>>22&0x3C@8>>24&0xFF=20:63";
+        let rule = [
+            "-p",
+            "udp",
+            "-m",
+            "u32",
+            "--u32",
+            first_payload_byte,
+            "-j",
+            "DROP",
+        ];
+        self.forward_rule(side, drop, &rule);
     }
 
     /// Cuts (or allows again) the signaling WebSocket of `side`: its TCP is answered with
     /// resets both ways at the router (media, UDP, passes).
     pub fn set_signaling_cut(&self, side: &str, cut: bool) {
-        let op = if cut { "-I" } else { "-D" };
-        self.router(
-            side,
-            &[
-                "iptables",
-                op,
-                "FORWARD",
-                "-p",
-                "tcp",
-                "-j",
-                "REJECT",
-                "--reject-with",
-                "tcp-reset",
-            ],
-        );
+        let rule = ["-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"];
+        self.forward_rule(side, cut, &rule);
     }
 }
 
