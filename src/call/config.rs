@@ -48,7 +48,7 @@ pub enum Target {
     },
     /// Ring the person signed in as `to`.
     Dial { to: String },
-    /// Take the call `call_id` that rang on the [`Connection`] given to [`start_on`].
+    /// Take the call `call_id` that rang on the [`Connection`] given to [`start_on`](super::start_on).
     Accept { call_id: String },
 }
 
@@ -99,8 +99,9 @@ pub struct SessionConfig {
     pub audio_processing: Option<bool>,
     /// Which clean-up stages run when it is on (all by default).
     pub processing: ProcessingSettings,
-    /// Fill [`SessionHandle::local_picture`] and [`SessionHandle::remote_picture`] with
-    /// RGBA pictures for a window (headless runs skip the conversion).
+    /// Fill [`SessionHandle::local_picture`](super::SessionHandle::local_picture) and
+    /// [`SessionHandle::remote_picture`](super::SessionHandle::remote_picture) with the
+    /// pictures (I420) for a window (headless runs hand none out).
     pub show_video: bool,
     /// Called when there is something new to show (picture, state, chat).
     pub notify: Option<Notify>,

@@ -5,7 +5,7 @@
 //! Opus packets over a channel to an async writer that puts them on the WebRTC track.
 //!
 //! Receiving video: an async reader feeds RTP packets to a
-//! [`FrameAssembler`](crate::media::assembler::FrameAssembler), which hands out complete
+//! [`FrameAssembler`], which hands out complete
 //! access units in order (waiting up to two and a half round trips for retransmitted
 //! packets) and decides what to NACK and when to send a keyframe request; a decoder
 //! thread decodes and feeds the sinks.

@@ -27,6 +27,8 @@
 //!   and replaced (default device, else silence) when one is lost.
 //! - [`camera`]: the real camera (nokhwa) as a `VideoSource`, and pixel format conversion.
 //! - [`capture`]: a video source on its own thread, feeding the encoder and a self-view.
+//! - [`sources`]: opening the configured sources, falling back to the test pattern or a
+//!   tone (with a warning) when a camera, microphone or file is missing; `Tee`.
 //! - [`picture`]: RGBA pictures for a display and the slot the newest one waits in.
 
 pub mod arrival;

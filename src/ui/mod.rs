@@ -9,6 +9,8 @@
 //! - [`in_call`]: the call view: remote video, picture-in-picture self-view, mute,
 //!   camera off, hang up, end meeting, chat, stats overlay.
 //! - [`video`]: pictures from the media threads into textures.
+//! - `yuv_gl`: I420 planes as three textures, converted to RGB by a shader while egui
+//!   draws (the desktop window's path; the CPU conversion stays for tests).
 //!
 //! Each frame is one update step, then drawing ([`App::ui`]). The update step carries out
 //! the commands the views returned in the last frame, picks up finished background work

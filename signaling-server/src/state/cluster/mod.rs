@@ -415,7 +415,7 @@ return cjson.encode({status = 'ended', others = (#members > 0) and members or ni
 ";
 
 /// Claims a name for `me` (`"{peer_id}\n{instance}"`) unless a live connection holds
-/// it (a holder whose instance is dead loses it); frees `me`'s previous name (KEYS[2]).
+/// it (a holder whose instance is dead loses it); frees `me`'s previous name (`KEYS[2]`).
 const REGISTER: &str = r"
 local me, prefix = ARGV[1], ARGV[2]
 local holder = redis.call('GET', KEYS[1])
@@ -442,7 +442,7 @@ return cjson.encode({status = 'released'})
 
 /// Rings `callee`'s name for `me` (`from` its registered name): offline (no live holder),
 /// self, busy (in a room or rung), or ringing: the call room is created with `me` in it
-/// (closed to joins while it rings), both marked busy, and the call recorded (KEYS[3],
+/// (closed to joins while it rings), both marked busy, and the call recorded (`KEYS[3]`,
 /// the arbiter of how it ends).
 const CALL: &str = r"
 local me, inst, from, prefix, busy, call_id, ring_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]

@@ -49,7 +49,7 @@ pub struct TurnServerConfig {
     pub listen: Option<SocketAddr>,
 
     /// Public IP of this host: announced as the relay address and in the URLs. Needed when
-    /// --turn-listen is a wildcard address (0.0.0.0 or [::]).
+    /// --turn-listen is a wildcard address (`0.0.0.0` or `[::]`).
     #[arg(id = "turn_public_ip", long = "turn-public-ip", value_name = "IP")]
     pub public_ip: Option<IpAddr>,
 
