@@ -7,6 +7,7 @@
 #   benches/call_cpu.sh [FROM_SECONDS [TO_SECONDS]]   (defaults 20 and 35)
 # NOISY=1 sends callbench's noisy pattern (random noise on every pixel) instead.
 BIN=${DUET_BIN:-$(dirname "$0")/../target/release/duet}
+. "$(dirname "$0")/proc_cpu.sh"
 FROM=${1:-20}
 TO=${2:-35}
 PORT=18798
@@ -26,16 +27,13 @@ A=$!
 sleep 0.5
 client b
 B=$!
-t() { awk '{print $14+$15}' "/proc/$1/stat"; }
 sleep "$FROM"
-a0=$(t $A) b0=$(t $B) s0=$(date +%s.%N)
+a0=$(cpu_ticks $A) b0=$(cpu_ticks $B) s0=$(date +%s.%N)
 sleep $((TO - FROM))
-a1=$(t $A) b1=$(t $B) s1=$(date +%s.%N)
-hz=$(getconf CLK_TCK)
-pct() { echo "($2-$1)/$hz/($s1-$s0)*100" | bc -l | cut -c1-5; }
+a1=$(cpu_ticks $A) b1=$(cpu_ticks $B) s1=$(date +%s.%N)
 wait $A $B
 kill $S 2>/dev/null
 wait 2>/dev/null
 # The sent picture heights over the window, where the report has a timeline.
 heights() { python3 -c "import json,sys; t=json.load(open(sys.argv[1])).get('timeline',[]); print(sorted({s['sent_height'] for s in t if $FROM<=s['t_s']<=$TO}) or '-')" "$1" 2>/dev/null; }
-echo "$DIR: $BIN from ${FROM}s to ${TO}s: a $(pct "$a0" "$a1") % (heights $(heights "$DIR/a.json")), b $(pct "$b0" "$b1") % (heights $(heights "$DIR/b.json"))"
+echo "$DIR: $BIN from ${FROM}s to ${TO}s: a $(cpu_percent "$a0" "$a1" "$s0" "$s1") % (heights $(heights "$DIR/a.json")), b $(cpu_percent "$b0" "$b1" "$s0" "$s1") % (heights $(heights "$DIR/b.json"))"

@@ -48,7 +48,8 @@ pub enum Target {
     },
     /// Ring the person signed in as `to`.
     Dial { to: String },
-    /// Take the call `call_id` that rang on the [`Connection`] given to [`start_on`](super::start_on).
+    /// Take the call `call_id` that rang on the [`Connection`] given to
+    /// [`start_on`](super::start_on).
     Accept { call_id: String },
 }
 

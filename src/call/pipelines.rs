@@ -4,11 +4,10 @@
 //! frames come from a [`crate::media::capture::Capture`] thread) and hands access units /
 //! Opus packets over a channel to an async writer that puts them on the WebRTC track.
 //!
-//! Receiving video: an async reader feeds RTP packets to a
-//! [`FrameAssembler`], which hands out complete
-//! access units in order (waiting up to two and a half round trips for retransmitted
-//! packets) and decides what to NACK and when to send a keyframe request; a decoder
-//! thread decodes and feeds the sinks.
+//! Receiving video: an async reader feeds RTP packets to a [`FrameAssembler`], which
+//! hands out complete access units in order (waiting up to two and a half round trips
+//! for retransmitted packets) and decides what to NACK and when to send a keyframe
+//! request; a decoder thread decodes and feeds the sinks.
 //! Receiving audio: one async task puts packets through the jitter buffer and Opus decoder
 //! (both cheap) into the audio sink. Every stage records into [`MediaStats`], including
 //! the voice meters of what is sent and received (`media::level`).

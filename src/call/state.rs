@@ -5,8 +5,8 @@
 //! `connecting -> connecting` on a fresh peer connection when one fails before it ever
 //! carried media (a failed or stalled DTLS handshake).
 //! The machine decides *what* happens (send `join`, start the peer connection as the
-//! offerer, forward a candidate, hang up); the session ([`super::session`]) does it with sockets and
-//! the peer connection. Because it knows nothing of either, every path, including the
+//! offerer, forward a candidate, hang up); the session ([`super::session`]) does it with
+//! sockets and the peer connection. Because it knows nothing of either, every path, including the
 //! odd ones (peer leaves while connecting, server error while joining), is unit-tested
 //! here in microseconds.
 

@@ -29,7 +29,8 @@
 //! - [`capture`]: a video source on its own thread, feeding the encoder and a self-view.
 //! - [`sources`]: opening the configured sources, falling back to the test pattern or a
 //!   tone (with a warning) when a camera, microphone or file is missing; `Tee`.
-//! - [`picture`]: RGBA pictures for a display and the slot the newest one waits in.
+//! - [`picture`]: pictures (I420) on their way to a display, and the slot the newest one
+//!   waits in.
 
 pub mod arrival;
 pub mod assembler;

@@ -10,7 +10,7 @@
 //!   camera off, hang up, end meeting, chat, stats overlay.
 //! - [`video`]: pictures from the media threads into textures.
 //! - `yuv_gl`: I420 planes as three textures, converted to RGB by a shader while egui
-//!   draws (the desktop window's path; the CPU conversion stays for tests).
+//!   draws (the desktop window's path; `--video-on-cpu` and the tests convert on the CPU).
 //!
 //! Each frame is one update step, then drawing ([`App::ui`]). The update step carries out
 //! the commands the views returned in the last frame, picks up finished background work
